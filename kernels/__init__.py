@@ -1,0 +1,1 @@
+"""Triton kernels of tuco-peft, installed as ``tuco_peft.kernels``."""

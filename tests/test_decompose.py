@@ -1,0 +1,143 @@
+"""decompose/tuco against the paper's two-pass Algorithm 1 (tests/oracle.py), family by family."""
+
+import pytest
+import torch
+
+import tuco_peft
+from models import FAMILIES, base_model, lora_model, model_pair, padded_batch
+from oracle import decoder_blocks, last_index, tuco_at_last, two_pass
+
+
+def _assert_components_close(actual, expected, rel=1e-4):
+    scale = expected.abs().max().clamp_min(1e-6)
+    assert (actual - expected).abs().max() <= rel * scale
+
+
+def _oracle(pretrained, model, ids, mask):
+    with torch.no_grad():
+        return two_pass(model, decoder_blocks(pretrained), ids, mask)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_last_token_matches_two_model_oracle(family):
+    pretrained, model = model_pair(family)
+    ids, mask = padded_batch(side="left")
+    ptc, ftc, x0, xL = _oracle(pretrained, model, ids, mask)
+    with torch.no_grad():
+        d = tuco_peft.decompose(model, ids, mask)
+    t, rows = last_index(mask), torch.arange(ids.shape[0])
+    assert d.ptc.shape == (3, 3, 64) and d.ptc.dtype == torch.float32
+    _assert_components_close(d.ptc, ptc[rows, :, t])
+    _assert_components_close(d.ftc, ftc[rows, :, t])
+    torch.testing.assert_close(d.x0, x0[rows, t])
+    torch.testing.assert_close(d.xL, xL[rows, t])
+    expected = tuco_at_last(ptc, ftc, mask)
+    assert (d.tuco - expected).abs().max() < 1e-5
+    assert 0.05 < float(d.tuco.min()) and float(d.tuco.max()) < 0.999  # a non-degenerate check
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "phi3", "gpt2", "qwen2"])
+def test_all_positions_match_oracle_and_zero_padding(family):
+    pretrained, model = model_pair(family)
+    ids, mask = padded_batch(side="right")
+    ptc, ftc, _, _ = _oracle(pretrained, model, ids, mask)
+    with torch.no_grad():
+        d = tuco_peft.decompose(model, ids, mask, positions="all")
+    real = mask.bool()[:, None, :, None]
+    _assert_components_close(d.ptc, ptc * real)
+    _assert_components_close(d.ftc, ftc * real)
+    assert torch.all(d.ptc[~mask.bool()[:, None, :, None].expand_as(d.ptc)] == 0)
+    assert d.tuco.shape == ids.shape
+
+
+def test_explicit_positions_select_the_same_rows_as_all():
+    _, model = model_pair("llama")
+    ids, mask = padded_batch(lengths=(12, 12, 12))
+    with torch.no_grad():
+        every = tuco_peft.decompose(model, ids, mask, positions="all")
+        some = tuco_peft.decompose(model, ids, mask, positions=[2, -1, 7])
+    torch.testing.assert_close(some.ptc, every.ptc[:, :, [2, 11, 7]])
+    torch.testing.assert_close(some.tuco, every.tuco[:, [2, 11, 7]])
+    assert some.positions.tolist() == [[2, 11, 7]] * 3
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
+def test_replay_path_equals_one_pass_path(family):
+    _, model = model_pair(family)
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        fast = tuco_peft.decompose(model, ids, mask, positions="all")
+        replay = tuco_peft.decompose(model, ids, mask, positions="all", replay=True)
+    _assert_components_close(fast.ptc, replay.ptc)
+    _assert_components_close(fast.ftc, replay.ftc)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma", "gpt2"])
+def test_identity_x0_plus_components_is_last_block_output(family):
+    _, model = model_pair(family)
+    ids, mask = padded_batch()
+    captured = {}
+    last = decoder_blocks(model)[-1]
+    handle = last.register_forward_hook(lambda m, a, o: captured.setdefault("xL", o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad():
+        d = tuco_peft.decompose(model, ids, mask)
+    handle.remove()
+    xL = captured["xL"][torch.arange(3), last_index(mask)].float()
+    torch.testing.assert_close(d.x0 + d.ptc.sum(1) + d.ftc.sum(1), xL, atol=1e-5, rtol=1e-5)
+    embeddings = model.get_input_embeddings().weight[ids[torch.arange(3), last_index(mask)]]
+    if family == "gpt2":  # x0 includes the learned absolute position embedding
+        embeddings = embeddings + model.get_base_model().transformer.wpe(mask.sum(-1) - 1)
+    if family == "gemma":  # and Gemma's sqrt(d) scale
+        embeddings = embeddings * 64**0.5
+    torch.testing.assert_close(d.x0, embeddings, atol=1e-4, rtol=1e-5)
+
+
+def test_zero_adapter_gives_zero_tuco():
+    model = lora_model(base_model("qwen3"), init_lora_weights=True)  # B = 0: the fine-tune changes nothing
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        d = tuco_peft.decompose(model, ids, mask)
+    assert d.tuco.abs().max() < 1e-5
+    assert d.ptc.abs().sum() > 1
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "mistral"])
+def test_padded_batch_equals_each_prompt_alone(family, side):
+    _, model = model_pair(family)
+    ids, mask = padded_batch(side=side)
+    with torch.no_grad():
+        batched = tuco_peft.decompose(model, ids, mask)
+        for row in range(ids.shape[0]):
+            alone = tuco_peft.decompose(model, ids[row][mask[row].bool()][None])
+            torch.testing.assert_close(batched.ptc[row], alone.ptc[0], atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(batched.ftc[row], alone.ftc[0], atol=2e-5, rtol=1e-4)
+            assert abs(float(batched.tuco[row] - alone.tuco[0])) < 1e-5
+
+
+def test_sdpa_attention_gives_the_same_numbers_as_eager():
+    _, model = model_pair("llama")
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        eager = tuco_peft.tuco(model, ids, mask)
+        model.get_base_model().set_attn_implementation("sdpa")
+        sdpa = tuco_peft.tuco(model, ids, mask)
+    torch.testing.assert_close(eager, sdpa, atol=1e-5, rtol=0)
+
+
+def test_paper_appendix_a_example_gives_one_half():
+    h = torch.tensor([1.0, -2.0, 0.5, 3.0])
+    ptc = torch.stack([0 * h, 0 * h, h, -h / 2])[None]
+    ftc = torch.stack([h, -h / 2, 0 * h, 0 * h])[None]
+    d = tuco_peft.Decomposition(ptc=ptc, ftc=ftc, x0=torch.zeros(1, 4), xL=h[None], positions=torch.tensor([0]))
+    assert float(d.tuco) == pytest.approx(0.5)
+    assert float(d.preco) == pytest.approx(0.5)
+    # Layers are summed before the norm: the per-layer shares differ from the final TuCo.
+    assert d.cumulative_tuco()[0].tolist() == pytest.approx([1.0, 1.0, 0.5 / 1.5, 0.5])
+
+
+def test_tuco_is_the_decomposition_tuco():
+    _, model = model_pair("llama")
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(tuco_peft.tuco(model, ids, mask), tuco_peft.decompose(model, ids, mask).tuco)

@@ -1,0 +1,45 @@
+"""Causal self-attention for a few query rows against every key of the sequence."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def key_visibility(attention_mask: torch.Tensor, rows: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
+    """[batch, 1, n_rows, seq] bool: which keys each query row may attend to.
+
+    Keys must be real tokens, not after the query, and (with a sliding window) fewer than
+    ``sliding_window`` positions before it, as in transformers' masks. A query always sees itself, which
+    keeps padding rows finite (their values are discarded).
+    """
+    keys = torch.arange(attention_mask.shape[1], device=rows.device)
+    distance = rows[:, :, None] - keys
+    visible = (distance >= 0) & attention_mask[:, None, :].bool()
+    if sliding_window is not None:
+        visible &= distance < sliding_window
+    visible |= distance == 0
+    return visible[:, None]
+
+
+def attend_rows(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    visible: torch.Tensor,
+    scaling: float,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Attention in fp32. query [b, heads, rows, hd]; key/value [b, kv_heads, seq, hd] → [b, rows, heads·hd]."""
+    batch, heads, n_rows, head_dim = query.shape
+    query, key, value = query.float(), key.float(), value.float()
+    if softcap is None:
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=visible, scale=scaling, enable_gqa=key.shape[1] != heads
+        )
+    else:
+        groups = heads // key.shape[1]
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+        scores = torch.tanh(query @ key.transpose(-1, -2) * (scaling / softcap)) * softcap
+        out = scores.masked_fill(~visible, float("-inf")).softmax(-1) @ value
+    return out.transpose(1, 2).reshape(batch, n_rows, heads * head_dim)

@@ -1,0 +1,136 @@
+"""One-pass TuCo decomposition of a LoRA/QLoRA model: ``decompose`` and ``tuco``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapters import check_adapters
+from .blocks import PretrainedPath, block_output, gather_rows, pretrained_path
+from .decomposition import Decomposition
+from .errors import UnsupportedModelError
+from .inputs import Batch, Positions, prepare_batch
+from .introspection import ModelParts, model_parts
+from .state import analysis_state, check_deterministic
+
+
+class _BlockProbe:
+    """Hooks on one decoder block: records its input, then splits its update into PTC and FTC."""
+
+    def __init__(self, index: int, layer: nn.Module, path: PretrainedPath, batch: Batch):
+        self.index = index
+        self.layer = layer
+        self.path = path
+        self.batch = batch
+        self.x_rows: torch.Tensor | None = None
+        self.out_rows: torch.Tensor | None = None
+        self.ptc: torch.Tensor | None = None
+        self.ftc: torch.Tensor | None = None
+        self._input: tuple[torch.Tensor, tuple, dict[str, Any]] | None = None
+
+    @contextmanager
+    def attached(self) -> Iterator[None]:
+        handles = [
+            self.layer.register_forward_pre_hook(self._before, with_kwargs=True),
+            self.layer.register_forward_hook(self._after, with_kwargs=True),
+        ]
+        handles += [m.register_forward_hook(self.path.capture) for m in self.path.hook_targets()]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _before(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        self._input = (hidden, args, kwargs)
+
+    def _after(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+        x, args, kwargs = self._input
+        self._input = None
+        rows = self.batch.rows
+        self.x_rows = gather_rows(x, rows).float()
+        self.out_rows = gather_rows(block_output(output), rows).float()
+        self.ptc = self.path.pretrained_update(x, args, kwargs, self.batch)
+        self.ftc = (self.out_rows - self.x_rows) - self.ptc
+
+
+def _input_device(parts: ModelParts) -> torch.device:
+    return parts.causal_lm.get_input_embeddings().weight.device
+
+
+def _assemble(probes: list[_BlockProbe], batch: Batch) -> Decomposition:
+    for previous, probe in zip(probes, probes[1:]):
+        if probe.x_rows is None or not torch.equal(previous.out_rows, probe.x_rows):
+            raise UnsupportedModelError(
+                f"the residual stream changes between blocks {previous.index} and {probe.index} (or a block "
+                "was skipped), so x_L ≠ x_0 + ΣPTC + ΣFTC for this architecture."
+            )
+    ptc = torch.stack([p.ptc for p in probes], dim=1)
+    ftc = torch.stack([p.ftc for p in probes], dim=1)
+    x0, xL = probes[0].x_rows, probes[-1].out_rows
+    real = batch.row_is_real
+    if not bool(real.all()):
+        ptc, ftc = ptc * real[:, None, :, None], ftc * real[:, None, :, None]
+        x0, xL = x0 * real[..., None], xL * real[..., None]
+    positions = batch.rows
+    if batch.squeeze_positions:
+        ptc, ftc, x0, xL, positions = ptc[:, :, 0], ftc[:, :, 0], x0[:, 0], xL[:, 0], positions[:, 0]
+    return Decomposition(ptc=ptc, ftc=ftc, x0=x0, xL=xL, positions=positions)
+
+
+def decompose(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    positions: Positions = "last",
+    replay: bool = False,
+) -> Decomposition:
+    """Split every block's update of a LoRA/QLoRA model into pre-trained and fine-tuning components.
+
+    One forward pass of the fine-tuned model and one copy of the weights: the pre-trained block is the
+    same block with its adapters off, evaluated on the fine-tuned hidden states. Under ``torch.no_grad()``
+    this is an analysis; with grad mode on, the outputs are differentiable w.r.t. the adapter weights.
+
+    Args:
+        model: a ``peft.PeftModel`` with LoRA adapters on a transformers causal LM (4-bit/8-bit base too).
+        input_ids: ``[batch, seq]`` token ids, left- or right-padded.
+        attention_mask: ``[batch, seq]`` 1 for tokens, 0 for padding; all ones if omitted.
+        positions: ``"last"`` (the last real token of each row, TuCo's definition), ``"all"``, or token
+            indices (a list for every row, or a ``[batch, k]`` tensor).
+        replay: run every block's pre-trained path as a second pass through the block (the generic path),
+            even where the one-pass path applies; for cross-checks.
+    """
+    parts = model_parts(model)
+    check_adapters(parts.causal_lm)
+    check_deterministic(parts.layers)
+    batch = prepare_batch(input_ids, attention_mask, positions, _input_device(parts))
+    probes = [
+        _BlockProbe(i, layer, pretrained_path(layer, parts.config, replay_only=replay), batch)
+        for i, layer in enumerate(parts.layers)
+    ]
+    with ExitStack() as stack:
+        stack.enter_context(analysis_state(parts.layers))
+        for probe in probes:
+            stack.enter_context(probe.attached())
+        parts.decoder(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=False,
+        )
+    return _assemble(probes, batch)
+
+
+def tuco(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """TuCo of each prompt at its last real token: float32 ``[batch]``, in [0, 1]."""
+    return decompose(model, input_ids, attention_mask).tuco

@@ -1,0 +1,13 @@
+"""Exceptions raised by tuco-peft. Each message names the problem and the way out."""
+
+
+class TuCoError(Exception):
+    """Base class of every error raised by tuco-peft."""
+
+
+class UnsupportedModelError(TuCoError, TypeError):
+    """The model (or its adapters) cannot be decomposed exactly as it stands."""
+
+
+class InputError(TuCoError, ValueError):
+    """input_ids, attention_mask or positions are malformed."""

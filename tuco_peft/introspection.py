@@ -1,0 +1,99 @@
+"""Find the parts of a (PEFT-wrapped) transformers causal LM that the decomposition works on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from .errors import UnsupportedModelError
+
+_LAYER_LIST_NAMES = ("layers", "h", "blocks")
+
+
+@dataclass(frozen=True)
+class ModelParts:
+    """A causal LM split into the pieces TuCo talks about.
+
+    ``decoder`` runs the embeddings, the blocks and the final norm (never the LM head: TuCo needs no
+    logits); ``layers`` are the decoder blocks in order, each one TuCo "layer".
+    """
+
+    causal_lm: PreTrainedModel
+    decoder: nn.Module
+    layers: nn.ModuleList
+    config: PretrainedConfig
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def d_model(self) -> int:
+        return self.config.hidden_size
+
+
+def _causal_lm_class_names() -> set[str]:
+    names: set[str] = set()
+    for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        names.update((value,) if isinstance(value, str) else value)
+    return names
+
+
+def _is_causal_lm(model: PreTrainedModel) -> bool:
+    name = type(model).__name__
+    return name in _causal_lm_class_names() or name.endswith(("ForCausalLM", "LMHeadModel"))
+
+
+def _find_layers(decoder: nn.Module, config: PretrainedConfig) -> nn.ModuleList | None:
+    for name in _LAYER_LIST_NAMES:
+        candidate = getattr(decoder, name, None)
+        if isinstance(candidate, nn.ModuleList) and len(candidate) > 0:
+            return candidate
+    n_layers = getattr(config, "num_hidden_layers", None)
+    for module in decoder.modules():
+        if isinstance(module, nn.ModuleList) and n_layers and len(module) == n_layers:
+            return module
+    return None
+
+
+def unwrap_causal_lm(model: nn.Module) -> PreTrainedModel:
+    """The transformers model inside a PeftModel (or the model itself when LoRA was injected directly)."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        for name in model.active_adapters:
+            config = model.peft_config[name]
+            if config.is_prompt_learning:
+                raise UnsupportedModelError(
+                    f"adapter {name!r} is {config.peft_type.value} (prompt learning): it adds virtual tokens, "
+                    "not a per-block update, so TuCo is not defined block by block. Use a LoRA adapter."
+                )
+        return model.get_base_model()
+    if isinstance(model, PreTrainedModel):
+        return model
+    raise UnsupportedModelError(
+        f"expected a peft.PeftModel wrapping a transformers causal LM, got {type(model).__name__}; "
+        "load one with PeftModel.from_pretrained(base_model, adapter_path)."
+    )
+
+
+def model_parts(model: nn.Module) -> ModelParts:
+    """Locate the decoder stack and its blocks, refusing what is not a decoder-only causal LM."""
+    causal_lm = unwrap_causal_lm(model)
+    config = causal_lm.config
+    if getattr(config, "is_encoder_decoder", False) or not _is_causal_lm(causal_lm):
+        raise UnsupportedModelError(
+            f"{type(causal_lm).__name__} is not a decoder-only causal LM; TuCo decomposes the residual "
+            "stream of a causal decoder (load the model with AutoModelForCausalLM)."
+        )
+    decoder = getattr(causal_lm, causal_lm.base_model_prefix, None)
+    layers = _find_layers(decoder, config) if isinstance(decoder, nn.Module) else None
+    if layers is None:
+        raise UnsupportedModelError(
+            f"could not find the decoder blocks of {type(causal_lm).__name__} "
+            f"(looked for {', '.join(_LAYER_LIST_NAMES)} under .{causal_lm.base_model_prefix})."
+        )
+    return ModelParts(causal_lm=causal_lm, decoder=decoder, layers=layers, config=config)
