@@ -7,4 +7,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # The Triton interpreter must be chosen before any @triton.jit runs (CPU-only CI).
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-sys.path.insert(0, os.path.dirname(__file__))
+# The repository's kernels/ folder is installed as tuco_peft.kernels. With the repository root on sys.path
+# (as `python -m pytest` puts it) it would pose as Hugging Face's unrelated top-level "kernels" package,
+# which transformers and bitsandbytes probe for.
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _REPO_ROOT]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
