@@ -40,7 +40,7 @@ def family_config(family: str):
             attn_logit_softcapping=5.0, final_logit_softcapping=30.0,
         )
     if family == "phi3":
-        return Phi3Config(**_COMMON, num_key_value_heads=2, pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0)
+        return Phi3Config(**_COMMON, num_key_value_heads=2, pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, partial_rotary_factor=0.5, bos_token_id=1, eos_token_id=2)
     if family == "gpt2":
         return GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, n_positions=64)
     raise KeyError(family)

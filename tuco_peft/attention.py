@@ -6,6 +6,20 @@ import torch
 import torch.nn.functional as F
 
 
+def apply_rope(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, rotate-half convention. states [b, heads, seq, hd]; cos/sin [b, seq, rot_dim].
+
+    ``rot_dim`` may be smaller than ``hd`` (partial rotary, e.g. Phi-3): the remaining dims pass through.
+    """
+    cos, sin = cos[:, None], sin[:, None]
+    rot_dim = cos.shape[-1]
+    rotary, passthrough = states[..., :rot_dim], states[..., rot_dim:]
+    half = rot_dim // 2
+    rotated = torch.cat((-rotary[..., half:], rotary[..., :half]), dim=-1)
+    embedded = rotary * cos + rotated * sin
+    return torch.cat((embedded, passthrough), dim=-1) if passthrough.shape[-1] else embedded
+
+
 def key_visibility(attention_mask: torch.Tensor, rows: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
     """[batch, 1, n_rows, seq] bool: which keys each query row may attend to.
 

@@ -13,16 +13,15 @@ Two strategies, chosen per block:
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import PretrainedConfig
 
 from .adapters import adapters_disabled, is_additive_lora, is_switchable
-from .attention import attend_rows, key_visibility
+from .attention import apply_rope, attend_rows, key_visibility
 from .inputs import Batch
 
 
@@ -112,7 +111,6 @@ class SharedProjectionBlock:
         self.softcap = getattr(self.attention, "attn_logit_softcapping", None)
         self.q_norm = getattr(self.attention, "q_norm", None)
         self.k_norm = getattr(self.attention, "k_norm", None)
-        self.rotary: Callable | None = getattr(sys.modules[type(self.attention).__module__], "apply_rotary_pos_emb", None)
         self.switchable = [m for m in layer.modules() if is_switchable(m)]
         self._captured: list[torch.Tensor] = []
 
@@ -166,8 +164,8 @@ class SharedProjectionBlock:
         position_embeddings = kwargs.get("position_embeddings")
         if position_embeddings is not None:
             cos, sin = (t.expand(bsz, -1, -1) for t in position_embeddings)
-            query = self.rotary(query, query, gather_rows(cos, batch.rows), gather_rows(sin, batch.rows))[0]
-            key = self.rotary(key, key, cos, sin)[1]
+            query = apply_rope(query, gather_rows(cos, batch.rows), gather_rows(sin, batch.rows))
+            key = apply_rope(key, cos, sin)
         visible = key_visibility(batch.attention_mask, batch.rows, self.sliding_window)
         return attend_rows(query, key, value, visible, self.attention.scaling, self.softcap).to(value.dtype)
 

@@ -1,0 +1,146 @@
+"""Time and peak memory of TuCo computations: tuco-peft's one pass against the paper's two passes."""
+
+from __future__ import annotations
+
+import ctypes
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from .baselines import disable_adapter_tuco, two_model_tuco
+from .decompose import decompose
+from .inputs import last_real_index
+
+_PAGE_SIZE = 4096
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * _PAGE_SIZE
+
+
+def _return_freed_memory_to_the_os() -> None:
+    """Make glibc hand large freed blocks back at once, so resident memory tracks live tensors."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_mmap_threshold = -3
+    libc.mallopt(m_mmap_threshold, 64 * 1024)
+    libc.malloc_trim(0)
+
+
+@contextmanager
+def _peak_resident_sampler(interval_s: float = 2e-4):
+    """Peak resident memory of this process while the block runs (CPU), sampled by a thread."""
+    peak = {"bytes": _resident_bytes()}
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak["bytes"] = max(peak["bytes"], _resident_bytes())
+            time.sleep(interval_s)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield peak
+    finally:
+        done.set()
+        thread.join()
+        peak["bytes"] = max(peak["bytes"], _resident_bytes())
+
+
+def peak_extra_memory(fn: Callable[[], Any], device: torch.device) -> int:
+    """Bytes allocated at the peak of ``fn()`` above what was allocated before it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    _return_freed_memory_to_the_os()
+    before = _resident_bytes()
+    with _peak_resident_sampler() as peak:
+        fn()
+    return peak["bytes"] - before
+
+
+def _timed(fn: Callable[[], Any], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def compare_methods(
+    model: nn.Module,
+    pretrained: nn.Module | None,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    repeats: int = 3,
+) -> dict[str, Any]:
+    """Median time and peak extra memory of each method on one batch, with ratios to a plain forward.
+
+    Methods: ``plain_forward`` (the PeftModel's own forward, the yardstick), ``decompose_last`` and
+    ``decompose_all`` (tuco-peft), ``two_model_two_pass`` (the paper's Algorithm 1; needs ``pretrained``, a
+    second copy of the base model) and ``disable_adapter_two_pass`` (the same on one copy via PEFT). Runs
+    are interleaved round-robin so that machine noise hits every method alike. ``max_tuco_disagreement``
+    checks that every method computed the same TuCo.
+    """
+    device = input_ids.device
+    last = last_real_index(attention_mask)[:, None]
+    methods: dict[str, Callable[[], Any]] = {
+        "plain_forward": lambda: model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False),
+        "decompose_last": lambda: decompose(model, input_ids, attention_mask).tuco,
+        "decompose_all": lambda: decompose(model, input_ids, attention_mask, positions="all").tuco.gather(1, last)[:, 0],
+        "disable_adapter_two_pass": lambda: disable_adapter_tuco(model, input_ids, attention_mask),
+    }
+    if pretrained is not None:
+        methods["two_model_two_pass"] = lambda: two_model_tuco(model, pretrained, input_ids, attention_mask)
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    with torch.no_grad():
+        reference = methods["decompose_last"]()
+        disagreement = max(float((methods[name]() - reference).abs().max()) for name in methods if name != "plain_forward")
+        for _ in range(repeats):
+            for name, fn in methods.items():
+                times[name].append(_timed(fn, device))
+        memory = {name: peak_extra_memory(fn, device) for name, fn in methods.items()}
+    weights = {name: _weight_bytes(model) for name in methods}
+    if pretrained is not None:
+        weights["two_model_two_pass"] += _weight_bytes(pretrained)
+    plain_time = statistics.median(times["plain_forward"])
+    plain_total = weights["plain_forward"] + memory["plain_forward"]
+    return {
+        "batch": list(input_ids.shape),
+        "device": str(device),
+        "repeats": repeats,
+        "model_weight_bytes": _weight_bytes(model),
+        "max_tuco_disagreement": disagreement,
+        "methods": {
+            name: {
+                "median_s": statistics.median(times[name]),
+                "time_ratio": statistics.median(times[name]) / plain_time,
+                "peak_extra_bytes": memory[name],
+                "peak_total_bytes": weights[name] + memory[name],
+                "peak_total_ratio": (weights[name] + memory[name]) / plain_total,
+            }
+            for name in methods
+        },
+    }
+
+
+def _weight_bytes(model: nn.Module) -> int:
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
