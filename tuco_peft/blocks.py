@@ -1,14 +1,19 @@
 """The pre-trained path of one decoder block, evaluated on the fine-tuned hidden states.
 
-Two strategies, chosen per block:
+The pre-trained block at a query row needs its query there and its keys/values at every position;
+everything after attention is position-wise. Three strategies, chosen per block:
 
-- ``SharedProjectionBlock`` (known layouts: Llama, Mistral, Qwen2/3, Gemma/Gemma2, Phi-3, GPT-2). The
-  pre-trained block at a query row needs its query there and its keys/values at every position. Those are
-  the *base* projections of the same normed hidden states, which every LoRA linear computes before adding
-  its low-rank delta: they are captured during the fine-tuned forward, for free. Everything after attention
-  is position-wise, so the rest of the block runs on the requested rows only.
-- ``ReplayBlock`` (any other block): the block runs a second time with its adapters off, on the inputs the
-  fine-tuned forward gave it. Exact for any architecture, at the cost of a second pass through the block.
+- ``SharedProjectionBlock`` (adapter fine-tunes, known layouts: Llama, Mistral, Qwen2/3, Gemma/Gemma2,
+  Phi-3, GPT-2). The pre-trained q/k/v are the *base* projections of the same normed hidden states, which
+  every LoRA linear computes before adding its low-rank delta: captured during the fine-tuned forward, for
+  free. The rest of the block runs on the requested rows only.
+- ``OwnProjectionBlock`` (a separate pre-trained model, known layouts): the pre-trained block computes its
+  own keys/values at every position and everything else on the requested rows only.
+- ``ReplayBlock`` (any other block): the pre-trained block runs in full on the inputs the fine-tuned
+  forward gave its twin. Exact for any architecture, at the cost of a second pass through the block.
+
+``pretrained_update`` takes the pre-trained block as an argument: the fine-tuned block itself (its adapters
+are switched off for the call), the same block of another model, or one streamed from disk.
 """
 
 from __future__ import annotations
@@ -76,62 +81,115 @@ def gather_rows(states: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 
 class ReplayBlock:
-    """Pre-trained path of any block: run it again with its adapters off."""
-
-    def __init__(self, layer: nn.Module):
-        self.layer = layer
-        self.switchable = [m for m in layer.modules() if is_switchable(m)]
+    """Pre-trained path of any block: run the pre-trained block in full, adapters off."""
 
     def hook_targets(self) -> list[nn.Module]:
         return []
 
     def pretrained_update(
-        self, x: torch.Tensor, args: tuple, kwargs: dict[str, Any], batch: Batch
+        self, pretrained: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict[str, Any], batch: Batch
     ) -> torch.Tensor:
-        with adapters_disabled(self.switchable):
-            out = block_output(self.layer.forward(*args, **kwargs))
+        with adapters_disabled(pretrained.modules()):
+            out = block_output(pretrained.forward(*args, **kwargs))
         return gather_rows(out.float() - x.float(), batch.rows)
 
 
-class SharedProjectionBlock:
-    """Pre-trained path of a block of known layout, from the base q/k/v captured in the fine-tuned forward."""
+def _layout_matches(layer: nn.Module, layout: BlockLayout) -> bool:
+    attention = getattr(layer, layout.attention, None)
+    names = (layout.attention_norm, layout.mlp_norm, layout.mlp, layout.post_attention_norm, layout.post_mlp_norm)
+    if attention is None or any(name and not hasattr(layer, name) for name in names):
+        return False
+    return all(hasattr(attention, name) for name in (*layout.projections, layout.output, "head_dim", "scaling"))
+
+
+class _RowwiseBlock:
+    """Attention at the requested rows, then the position-wise rest of the block on those rows only.
+
+    Subclasses supply the pre-trained projections (query at the rows, keys and values everywhere).
+    """
 
     def __init__(self, layer: nn.Module, layout: BlockLayout, config: PretrainedConfig):
-        self.layer = layer
+        attention = getattr(layer, layout.attention)
         self.layout = layout
-        self.attention = getattr(layer, layout.attention)
-        self.projections = [getattr(self.attention, name) for name in layout.projections]
         self.n_heads = config.num_attention_heads
         self.n_kv_heads = getattr(config, "num_key_value_heads", None) or self.n_heads
-        self.head_dim = self.attention.head_dim
-        if hasattr(self.attention, "sliding_window"):
-            self.sliding_window = self.attention.sliding_window
+        self.head_dim = attention.head_dim
+        self.scaling = attention.scaling
+        if hasattr(attention, "sliding_window"):
+            self.sliding_window = attention.sliding_window
         else:
             self.sliding_window = getattr(config, "sliding_window", None)
-        self.softcap = getattr(self.attention, "attn_logit_softcapping", None)
-        self.q_norm = getattr(self.attention, "q_norm", None)
-        self.k_norm = getattr(self.attention, "k_norm", None)
-        self.switchable = [m for m in layer.modules() if is_switchable(m)]
+        self.softcap = getattr(attention, "attn_logit_softcapping", None)
+
+    def hook_targets(self) -> list[nn.Module]:
+        return []
+
+    def _split(self, projections: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        if len(projections) == 3:
+            return tuple(projections)
+        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        return projections[0].split([q_size, kv_size, kv_size], dim=-1)
+
+    def _projections(
+        self, pretrained: nn.Module, x: torch.Tensor, batch: Batch
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(query [b, rows, heads·hd], key and value [b, seq, kv_heads·hd]) of the pre-trained block."""
+        raise NotImplementedError
+
+    def _attend(self, attention: nn.Module, query, key, value, kwargs: dict[str, Any], batch: Batch) -> torch.Tensor:
+        bsz, seq = key.shape[:2]
+        query = query.reshape(bsz, -1, self.n_heads, self.head_dim)
+        key = key.reshape(bsz, seq, self.n_kv_heads, self.head_dim)
+        value = value.reshape(bsz, seq, self.n_kv_heads, self.head_dim)
+        if getattr(attention, "q_norm", None) is not None:
+            query, key = attention.q_norm(query), attention.k_norm(key)
+        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        position_embeddings = kwargs.get("position_embeddings")
+        if position_embeddings is not None:
+            cos, sin = (t.expand(bsz, -1, -1) for t in position_embeddings)
+            query = apply_rope(query, gather_rows(cos, batch.rows), gather_rows(sin, batch.rows))
+            key = apply_rope(key, cos, sin)
+        visible = key_visibility(batch.attention_mask, batch.rows, self.sliding_window)
+        return attend_rows(query, key, value, visible, self.scaling, self.softcap).to(value.dtype)
+
+    def pretrained_update(
+        self, pretrained: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict[str, Any], batch: Batch
+    ) -> torch.Tensor:
+        layout = self.layout
+        attention = getattr(pretrained, layout.attention)
+        with adapters_disabled(pretrained.modules()):
+            attended = self._attend(attention, *self._projections(pretrained, x, batch), kwargs, batch)
+            attn_update = getattr(attention, layout.output)(attended)
+            if layout.post_attention_norm:
+                attn_update = getattr(pretrained, layout.post_attention_norm)(attn_update)
+            x_rows = gather_rows(x, batch.rows)
+            mlp_update = getattr(pretrained, layout.mlp)(getattr(pretrained, layout.mlp_norm)(x_rows + attn_update))
+            if layout.post_mlp_norm:
+                mlp_update = getattr(pretrained, layout.post_mlp_norm)(mlp_update)
+        return attn_update.float() + mlp_update.float()
+
+
+class SharedProjectionBlock(_RowwiseBlock):
+    """Adapter fine-tunes: the pre-trained q/k/v are the base projections captured in the fine-tuned forward."""
+
+    def __init__(self, layer: nn.Module, layout: BlockLayout, config: PretrainedConfig):
+        super().__init__(layer, layout, config)
+        attention = getattr(layer, layout.attention)
+        self.projections = [getattr(attention, name) for name in layout.projections]
         self._captured: list[torch.Tensor] = []
 
     @staticmethod
     def supports(layer: nn.Module, layout: BlockLayout) -> bool:
-        """The layout matches and the shared (all-position) parts carry no adapter of their own."""
-        attention = getattr(layer, layout.attention, None)
-        names = (layout.attention_norm, layout.mlp_norm, layout.mlp, layout.post_attention_norm, layout.post_mlp_norm)
-        if attention is None or any(name and not hasattr(layer, name) for name in names):
+        """The layout matches and the parts shared by every position carry no adapter of their own."""
+        if not _layout_matches(layer, layout):
             return False
-        if not all(hasattr(attention, name) for name in (*layout.projections, layout.output, "head_dim")):
-            return False
+        attention = getattr(layer, layout.attention)
         shared = [getattr(layer, layout.attention_norm)]
         shared += [getattr(attention, name) for name in ("q_norm", "k_norm") if hasattr(attention, name)]
         if any(is_switchable(m) for part in shared for m in part.modules()):
             return False
-        for name in layout.projections:
-            projection = getattr(attention, name)
-            if is_switchable(projection) and not is_additive_lora(projection):
-                return False
-        return True
+        projections = [getattr(attention, name) for name in layout.projections]
+        return all(is_additive_lora(p) or not is_switchable(p) for p in projections)
 
     def hook_targets(self) -> list[nn.Module]:
         """Modules whose outputs are the base projections: a LoRA layer's base_layer, or the plain layer."""
@@ -140,56 +198,41 @@ class SharedProjectionBlock:
     def capture(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         self._captured.append(output)
 
-    def _split_projections(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _projections(self, pretrained: nn.Module, x: torch.Tensor, batch: Batch):
         captured, self._captured = self._captured, []
         if len(captured) != len(self.projections):
             raise RuntimeError(
                 f"expected {len(self.projections)} captured projections, got {len(captured)}: the block's "
                 "forward does not match its layout."
             )
-        if len(captured) == 3:
-            return captured[0], captured[1], captured[2]
-        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        return captured[0].split([q_size, kv_size, kv_size], dim=-1)
-
-    def _attention_rows(self, kwargs: dict[str, Any], batch: Batch) -> torch.Tensor:
-        query, key, value = self._split_projections()
-        bsz, seq = key.shape[:2]
-        query = gather_rows(query, batch.rows).reshape(bsz, -1, self.n_heads, self.head_dim)
-        key = key.reshape(bsz, seq, self.n_kv_heads, self.head_dim)
-        value = value.reshape(bsz, seq, self.n_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            query, key = self.q_norm(query), self.k_norm(key)
-        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-        position_embeddings = kwargs.get("position_embeddings")
-        if position_embeddings is not None:
-            cos, sin = (t.expand(bsz, -1, -1) for t in position_embeddings)
-            query = apply_rope(query, gather_rows(cos, batch.rows), gather_rows(sin, batch.rows))
-            key = apply_rope(key, cos, sin)
-        visible = key_visibility(batch.attention_mask, batch.rows, self.sliding_window)
-        return attend_rows(query, key, value, visible, self.attention.scaling, self.softcap).to(value.dtype)
-
-    def pretrained_update(
-        self, x: torch.Tensor, args: tuple, kwargs: dict[str, Any], batch: Batch
-    ) -> torch.Tensor:
-        layout, layer = self.layout, self.layer
-        attended = self._attention_rows(kwargs, batch)
-        x_rows = gather_rows(x, batch.rows)
-        with adapters_disabled(self.switchable):
-            attn_update = getattr(self.attention, layout.output)(attended)
-            if layout.post_attention_norm:
-                attn_update = getattr(layer, layout.post_attention_norm)(attn_update)
-            mlp_update = getattr(layer, layout.mlp)(getattr(layer, layout.mlp_norm)(x_rows + attn_update))
-            if layout.post_mlp_norm:
-                mlp_update = getattr(layer, layout.post_mlp_norm)(mlp_update)
-        return attn_update.float() + mlp_update.float()
+        query, key, value = self._split(captured)
+        return gather_rows(query, batch.rows), key, value
 
 
-PretrainedPath = ReplayBlock | SharedProjectionBlock
+class OwnProjectionBlock(_RowwiseBlock):
+    """A separate pre-trained model: its block projects its own normed input (keys/values everywhere)."""
+
+    def _projections(self, pretrained: nn.Module, x: torch.Tensor, batch: Batch):
+        attention = getattr(pretrained, self.layout.attention)
+        normed = getattr(pretrained, self.layout.attention_norm)(x)
+        projections = [getattr(attention, name) for name in self.layout.projections]
+        if len(projections) == 1:
+            query, key, value = self._split([projections[0](normed)])
+            return gather_rows(query, batch.rows), key, value
+        query = projections[0](gather_rows(normed, batch.rows))
+        return query, projections[1](normed), projections[2](normed)
 
 
-def pretrained_path(layer: nn.Module, config: PretrainedConfig, replay_only: bool = False) -> PretrainedPath:
+PretrainedPath = ReplayBlock | SharedProjectionBlock | OwnProjectionBlock
+
+
+def pretrained_path(
+    layer: nn.Module, config: PretrainedConfig, *, separate_model: bool = False, replay_only: bool = False
+) -> PretrainedPath:
+    """The cheapest exact strategy for this block (``separate_model``: the pre-trained block is another model's)."""
     layout = LAYOUTS.get(type(layer).__name__)
-    if replay_only or layout is None or not SharedProjectionBlock.supports(layer, layout):
-        return ReplayBlock(layer)
-    return SharedProjectionBlock(layer, layout, config)
+    if replay_only or layout is None:
+        return ReplayBlock()
+    if separate_model:
+        return OwnProjectionBlock(layer, layout, config) if _layout_matches(layer, layout) else ReplayBlock()
+    return SharedProjectionBlock(layer, layout, config) if SharedProjectionBlock.supports(layer, layout) else ReplayBlock()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,16 +16,18 @@ from .decomposition import Decomposition
 from .errors import UnsupportedModelError
 from .inputs import Batch, Positions, prepare_batch
 from .introspection import ModelParts, model_parts
+from .pretrained import PretrainedBlocks, pretrained_blocks
 from .state import analysis_state, check_deterministic
 
 
 class _BlockProbe:
     """Hooks on one decoder block: records its input, then splits its update into PTC and FTC."""
 
-    def __init__(self, index: int, layer: nn.Module, path: PretrainedPath, batch: Batch):
+    def __init__(self, index: int, layer: nn.Module, path: PretrainedPath, source: PretrainedBlocks, batch: Batch):
         self.index = index
         self.layer = layer
         self.path = path
+        self.source = source
         self.batch = batch
         self.x_rows: torch.Tensor | None = None
         self.out_rows: torch.Tensor | None = None
@@ -55,7 +58,8 @@ class _BlockProbe:
         rows = self.batch.rows
         self.x_rows = gather_rows(x, rows).float()
         self.out_rows = gather_rows(block_output(output), rows).float()
-        self.ptc = self.path.pretrained_update(x, args, kwargs, self.batch)
+        with self.source.block(self.index) as pretrained:
+            self.ptc = self.path.pretrained_update(pretrained, x, args, kwargs, self.batch)
         self.ftc = (self.out_rows - self.x_rows) - self.ptc
 
 
@@ -89,6 +93,7 @@ def decompose(
     attention_mask: torch.Tensor | None = None,
     *,
     positions: Positions = "last",
+    base_model: nn.Module | str | Path | None = None,
     replay: bool = False,
 ) -> Decomposition:
     """Split every block's update of a LoRA/QLoRA model into pre-trained and fine-tuning components.
@@ -98,20 +103,34 @@ def decompose(
     this is an analysis; with grad mode on, the outputs are differentiable w.r.t. the adapter weights.
 
     Args:
-        model: a ``peft.PeftModel`` with LoRA adapters on a transformers causal LM (4-bit/8-bit base too).
+        model: a ``peft.PeftModel`` with LoRA adapters on a transformers causal LM (4-bit/8-bit base too);
+            or, with ``base_model``, any fine-tuned causal LM.
         input_ids: ``[batch, seq]`` token ids, left- or right-padded.
         attention_mask: ``[batch, seq]`` 1 for tokens, 0 for padding; all ones if omitted.
         positions: ``"last"`` (the last real token of each row, TuCo's definition), ``"all"``, or token
             indices (a list for every row, or a ``[batch, k]`` tensor).
+        base_model: for a full fine-tune, the pre-trained model: loaded (same architecture and size), or
+            the path of its safetensors checkpoint, streamed one block at a time (peak memory about one
+            model plus one block). Omit it for adapter fine-tunes.
         replay: run every block's pre-trained path as a second pass through the block (the generic path),
             even where the one-pass path applies; for cross-checks.
     """
     parts = model_parts(model)
-    check_adapters(parts.causal_lm)
+    if base_model is None:
+        check_adapters(parts.causal_lm)
     check_deterministic(parts.layers)
+    source = pretrained_blocks(parts, base_model)
+    if isinstance(base_model, nn.Module):
+        check_deterministic(source.layers)
     batch = prepare_batch(input_ids, attention_mask, positions, _input_device(parts))
     probes = [
-        _BlockProbe(i, layer, pretrained_path(layer, parts.config, replay_only=replay), batch)
+        _BlockProbe(
+            i,
+            layer,
+            pretrained_path(layer, parts.config, separate_model=source.separate_model, replay_only=replay),
+            source,
+            batch,
+        )
         for i, layer in enumerate(parts.layers)
     ]
     with ExitStack() as stack:
@@ -131,6 +150,8 @@ def tuco(
     model: nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
+    *,
+    base_model: nn.Module | str | Path | None = None,
 ) -> torch.Tensor:
     """TuCo of each prompt at its last real token: float32 ``[batch]``, in [0, 1]."""
-    return decompose(model, input_ids, attention_mask).tuco
+    return decompose(model, input_ids, attention_mask, base_model=base_model).tuco
