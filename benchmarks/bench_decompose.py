@@ -5,6 +5,7 @@ decompose(positions="last") ≤ 1.15× the time and ≤ 1.10× the peak memory o
 PeftModel; positions="all" ≤ 1.9× the time.
 
     python benchmarks/bench_decompose.py                     # CPU defaults above
+    python benchmarks/bench_decompose.py --full-finetune     # base model resident / streamed from disk
     python benchmarks/bench_decompose.py --device cuda --dtype bfloat16 --hidden 2048 --layers 16
 """
 
@@ -15,15 +16,16 @@ import copy
 import json
 import os
 import platform
+import tempfile
 
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from tuco_peft.benchmark import compare_methods
+from tuco_peft.benchmark import compare_full_finetune_methods, compare_methods
 
 
-def build_models(args: argparse.Namespace):
+def build_base(args: argparse.Namespace):
     config = LlamaConfig(
         vocab_size=args.vocab,
         hidden_size=args.hidden,
@@ -35,11 +37,21 @@ def build_models(args: argparse.Namespace):
     )
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)
-    base = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(device=args.device, dtype=dtype)
-    pretrained = copy.deepcopy(base).eval()
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").to(device=args.device, dtype=dtype).eval()
+
+
+def lora_finetune(base, args: argparse.Namespace):
     lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear", init_lora_weights=False)
-    model = get_peft_model(base, lora).eval()
-    return model, pretrained
+    return get_peft_model(base, lora).eval()
+
+
+def full_finetune(base):
+    """A stand-in for a fully fine-tuned model: every weight moved a little."""
+    finetuned = copy.deepcopy(base)
+    with torch.no_grad():
+        for param in finetuned.parameters():
+            param.add_(0.05 * param.std() * torch.randn_like(param))
+    return finetuned
 
 
 def main() -> None:
@@ -53,15 +65,24 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--full-finetune", action="store_true", help="compare base_model= resident/streamed")
     parser.add_argument("--out", default="bench-decompose.json")
     args = parser.parse_args()
 
-    model, pretrained = build_models(args)
+    base = build_base(args)
+    pretrained = copy.deepcopy(base)
     n_params = sum(p.numel() for p in pretrained.parameters())
     generator = torch.Generator().manual_seed(1)
     input_ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=generator).to(args.device)
     attention_mask = torch.ones_like(input_ids)
-    report = compare_methods(model, pretrained, input_ids, attention_mask, repeats=args.repeats)
+    if args.full_finetune:
+        with tempfile.TemporaryDirectory() as checkpoint:
+            pretrained.save_pretrained(checkpoint)
+            report = compare_full_finetune_methods(
+                full_finetune(base), pretrained, checkpoint, input_ids, attention_mask, repeats=args.repeats
+            )
+    else:
+        report = compare_methods(lora_finetune(base, args), pretrained, input_ids, attention_mask, repeats=args.repeats)
     report.update(
         settings=vars(args),
         base_parameters=n_params,
@@ -69,7 +90,8 @@ def main() -> None:
         machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads",
     )
 
-    print(f"Llama-style model, {n_params / 1e6:.1f}M parameters, {args.dtype}, {args.device}, batch {args.batch}×{args.seq}")
+    kind = "full fine-tune" if args.full_finetune else f"LoRA r={args.rank} fine-tune"
+    print(f"{kind} of a Llama-style model, {n_params / 1e6:.1f}M parameters, {args.dtype}, {args.device}, batch {args.batch}×{args.seq}")
     print(f"{'method':<26}{'median s':>10}{'× plain':>9}{'extra MiB':>11}{'total MiB':>11}{'× plain':>9}")
     for name, row in report["methods"].items():
         print(

@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -83,6 +84,44 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def _measure(
+    methods: dict[str, Callable[[], torch.Tensor | Any]],
+    resident_weights: dict[str, int],
+    device: torch.device,
+    repeats: int,
+) -> dict[str, Any]:
+    """Time (median over round-robin runs, so machine noise hits every method alike) and peak memory.
+
+    ``methods["plain_forward"]`` is the yardstick; every other method returns TuCo [batch], and
+    ``max_tuco_disagreement`` checks they all agree.
+    """
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    with torch.no_grad():
+        tucos = [methods[name]() for name in methods if name != "plain_forward"]
+        disagreement = max(float((t - tucos[0]).abs().max()) for t in tucos)
+        for _ in range(repeats):
+            for name, fn in methods.items():
+                times[name].append(_timed(fn, device))
+        memory = {name: peak_extra_memory(fn, device) for name, fn in methods.items()}
+    plain_time = statistics.median(times["plain_forward"])
+    plain_total = resident_weights["plain_forward"] + memory["plain_forward"]
+    return {
+        "device": str(device),
+        "repeats": repeats,
+        "max_tuco_disagreement": disagreement,
+        "methods": {
+            name: {
+                "median_s": statistics.median(times[name]),
+                "time_ratio": statistics.median(times[name]) / plain_time,
+                "peak_extra_bytes": memory[name],
+                "peak_total_bytes": resident_weights[name] + memory[name],
+                "peak_total_ratio": (resident_weights[name] + memory[name]) / plain_total,
+            }
+            for name in methods
+        },
+    }
+
+
 def compare_methods(
     model: nn.Module,
     pretrained: nn.Module | None,
@@ -91,15 +130,12 @@ def compare_methods(
     *,
     repeats: int = 3,
 ) -> dict[str, Any]:
-    """Median time and peak extra memory of each method on one batch, with ratios to a plain forward.
+    """An adapter fine-tune: time and peak memory of each way to get TuCo, against a plain forward.
 
     Methods: ``plain_forward`` (the PeftModel's own forward, the yardstick), ``decompose_last`` and
-    ``decompose_all`` (tuco-peft), ``two_model_two_pass`` (the paper's Algorithm 1; needs ``pretrained``, a
-    second copy of the base model) and ``disable_adapter_two_pass`` (the same on one copy via PEFT). Runs
-    are interleaved round-robin so that machine noise hits every method alike. ``max_tuco_disagreement``
-    checks that every method computed the same TuCo.
+    ``decompose_all`` (tuco-peft), ``disable_adapter_two_pass`` (two passes over one copy via PEFT) and,
+    given ``pretrained`` (a second copy of the base model), ``two_model_two_pass`` (the paper's Algorithm 1).
     """
-    device = input_ids.device
     last = last_real_index(attention_mask)[:, None]
     methods: dict[str, Callable[[], Any]] = {
         "plain_forward": lambda: model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False),
@@ -107,38 +143,35 @@ def compare_methods(
         "decompose_all": lambda: decompose(model, input_ids, attention_mask, positions="all").tuco.gather(1, last)[:, 0],
         "disable_adapter_two_pass": lambda: disable_adapter_tuco(model, input_ids, attention_mask),
     }
+    weights = dict.fromkeys(methods, _weight_bytes(model))
     if pretrained is not None:
         methods["two_model_two_pass"] = lambda: two_model_tuco(model, pretrained, input_ids, attention_mask)
-    times: dict[str, list[float]] = {name: [] for name in methods}
-    with torch.no_grad():
-        reference = methods["decompose_last"]()
-        disagreement = max(float((methods[name]() - reference).abs().max()) for name in methods if name != "plain_forward")
-        for _ in range(repeats):
-            for name, fn in methods.items():
-                times[name].append(_timed(fn, device))
-        memory = {name: peak_extra_memory(fn, device) for name, fn in methods.items()}
-    weights = {name: _weight_bytes(model) for name in methods}
-    if pretrained is not None:
-        weights["two_model_two_pass"] += _weight_bytes(pretrained)
-    plain_time = statistics.median(times["plain_forward"])
-    plain_total = weights["plain_forward"] + memory["plain_forward"]
-    return {
-        "batch": list(input_ids.shape),
-        "device": str(device),
-        "repeats": repeats,
-        "model_weight_bytes": _weight_bytes(model),
-        "max_tuco_disagreement": disagreement,
-        "methods": {
-            name: {
-                "median_s": statistics.median(times[name]),
-                "time_ratio": statistics.median(times[name]) / plain_time,
-                "peak_extra_bytes": memory[name],
-                "peak_total_bytes": weights[name] + memory[name],
-                "peak_total_ratio": (weights[name] + memory[name]) / plain_total,
-            }
-            for name in methods
-        },
+        weights["two_model_two_pass"] = _weight_bytes(model) + _weight_bytes(pretrained)
+    report = _measure(methods, weights, input_ids.device, repeats)
+    return {"batch": list(input_ids.shape), "model_weight_bytes": _weight_bytes(model), **report}
+
+
+def compare_full_finetune_methods(
+    finetuned: nn.Module,
+    pretrained: nn.Module,
+    checkpoint: str | Path,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    repeats: int = 3,
+) -> dict[str, Any]:
+    """A full fine-tune: decompose with the base model resident or streamed from ``checkpoint`` (the
+    safetensors of ``pretrained``) against the paper's two-model method and a plain forward."""
+    methods: dict[str, Callable[[], Any]] = {
+        "plain_forward": lambda: finetuned(input_ids=input_ids, attention_mask=attention_mask, use_cache=False),
+        "decompose_resident_base": lambda: decompose(finetuned, input_ids, attention_mask, base_model=pretrained).tuco,
+        "decompose_streamed_base": lambda: decompose(finetuned, input_ids, attention_mask, base_model=checkpoint).tuco,
+        "two_model_two_pass": lambda: two_model_tuco(finetuned, pretrained, input_ids, attention_mask),
     }
+    one, two = _weight_bytes(finetuned), _weight_bytes(finetuned) + _weight_bytes(pretrained)
+    weights = {"plain_forward": one, "decompose_resident_base": two, "decompose_streamed_base": one, "two_model_two_pass": two}
+    report = _measure(methods, weights, input_ids.device, repeats)
+    return {"batch": list(input_ids.shape), "model_weight_bytes": one, **report}
 
 
 def _weight_bytes(model: nn.Module) -> int:
