@@ -14,7 +14,8 @@ import torch
 
 def decoder_blocks(model):
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    stack = inner.transformer if hasattr(inner, "transformer") else inner.model
+    stack = getattr(inner, inner.base_model_prefix)  # .model, .transformer, .gpt_neox, ...
+    stack = getattr(stack, "decoder", stack)  # OPT keeps its blocks one level down
     return stack.h if hasattr(stack, "h") else stack.layers
 
 

@@ -1,11 +1,15 @@
 """decompose/tuco against the paper's two-pass Algorithm 1 (tests/oracle.py), family by family."""
 
+import copy
+
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, FalconConfig, GPTNeoXConfig, OlmoConfig, OPTConfig
 
 import tuco_peft
 from models import FAMILIES, base_model, lora_model, model_pair, padded_batch
 from oracle import decoder_blocks, last_index, tuco_at_last, two_pass
+from tuco_peft.blocks import ReplayBlock, pretrained_path
 
 
 def _assert_components_close(actual, expected, rel=1e-4):
@@ -141,3 +145,30 @@ def test_tuco_is_the_decomposition_tuco():
     ids, mask = padded_batch()
     with torch.no_grad():
         torch.testing.assert_close(tuco_peft.tuco(model, ids, mask), tuco_peft.decompose(model, ids, mask).tuco)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        GPTNeoXConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4),
+        OPTConfig(vocab_size=97, hidden_size=64, ffn_dim=96, num_hidden_layers=3, num_attention_heads=4, word_embed_proj_dim=64),
+        FalconConfig(vocab_size=97, hidden_size=64, num_hidden_layers=3, num_attention_heads=4),
+        OlmoConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4),
+    ],
+    ids=lambda config: config.model_type,
+)
+def test_other_decoder_families_take_the_exact_replay_path(config):
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    pretrained = copy.deepcopy(base)
+    model = lora_model(base)
+    layers = decoder_blocks(model)
+    assert isinstance(pretrained_path(layers[0], config), ReplayBlock)
+    ids, mask = padded_batch()
+    ptc, ftc, _, _ = _oracle(pretrained, model, ids, mask)
+    with torch.no_grad():
+        d = tuco_peft.decompose(model, ids, mask)
+    t, rows = last_index(mask), torch.arange(ids.shape[0])
+    _assert_components_close(d.ptc, ptc[rows, :, t])
+    _assert_components_close(d.ftc, ftc[rows, :, t])
+    assert (d.tuco - tuco_at_last(ptc, ftc, mask)).abs().max() < 1e-5
