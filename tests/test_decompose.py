@@ -172,3 +172,15 @@ def test_other_decoder_families_take_the_exact_replay_path(config):
     _assert_components_close(d.ptc, ptc[rows, :, t])
     _assert_components_close(d.ftc, ftc[rows, :, t])
     assert (d.tuco - tuco_at_last(ptc, ftc, mask)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_give_float32_components_close_to_fp32(dtype):
+    model = lora_model(base_model("llama"))
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        full = tuco_peft.decompose(model, ids, mask)
+        half = tuco_peft.decompose(model.to(dtype), ids, mask)
+    assert half.ptc.dtype == half.ftc.dtype == half.tuco.dtype == torch.float32
+    assert (half.tuco - full.tuco).abs().max() < 2e-2
+    assert (half.ptc - full.ptc).abs().max() < 5e-2 * full.ptc.abs().max()

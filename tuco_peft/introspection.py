@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
@@ -35,11 +36,12 @@ class ModelParts:
         return self.config.hidden_size
 
 
-def _causal_lm_class_names() -> set[str]:
+@cache
+def _causal_lm_class_names() -> frozenset[str]:
     names: set[str] = set()
     for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
         names.update((value,) if isinstance(value, str) else value)
-    return names
+    return frozenset(names)
 
 
 def _is_causal_lm(model: PreTrainedModel) -> bool:
