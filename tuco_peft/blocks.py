@@ -18,6 +18,7 @@ are switched off for the call), the same block of another model, or one streamed
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,7 @@ from transformers import PretrainedConfig
 
 from .adapters import adapters_disabled, is_additive_lora, is_switchable
 from .attention import apply_rope, attend_rows, key_visibility
+from .backend import LoraLinearRouter
 from .inputs import Batch
 
 
@@ -83,8 +85,8 @@ def gather_rows(states: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 class ReplayBlock:
     """Pre-trained path of any block: run the pre-trained block in full, adapters off."""
 
-    def hook_targets(self) -> list[nn.Module]:
-        return []
+    def capturing(self, router: LoraLinearRouter) -> AbstractContextManager[None]:
+        return nullcontext()
 
     def pretrained_update(
         self, pretrained: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict[str, Any], batch: Batch
@@ -121,8 +123,8 @@ class _RowwiseBlock:
             self.sliding_window = getattr(config, "sliding_window", None)
         self.softcap = getattr(attention, "attn_logit_softcapping", None)
 
-    def hook_targets(self) -> list[nn.Module]:
-        return []
+    def capturing(self, router: LoraLinearRouter) -> AbstractContextManager[None]:
+        return nullcontext()
 
     def _split(self, projections: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         if len(projections) == 3:
@@ -191,9 +193,10 @@ class SharedProjectionBlock(_RowwiseBlock):
         projections = [getattr(attention, name) for name in layout.projections]
         return all(is_additive_lora(p) or not is_switchable(p) for p in projections)
 
-    def hook_targets(self) -> list[nn.Module]:
-        """Modules whose outputs are the base projections: a LoRA layer's base_layer, or the plain layer."""
-        return [p.base_layer if is_additive_lora(p) else p for p in self.projections]
+    def capturing(self, router: LoraLinearRouter) -> AbstractContextManager[None]:
+        """Send the base q/k/v of the fine-tuned forward to ``capture``: computed in the same fused kernel as
+        the LoRA output on the Triton backend, read by hooks on the base layers otherwise."""
+        return router.report_base_outputs(self.projections, self.capture)
 
     def capture(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         self._captured.append(output)

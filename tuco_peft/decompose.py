@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .adapters import check_adapters
+from .backend import Backend, LoraLinearRouter, resolve_backend
 from .blocks import PretrainedPath, block_output, gather_rows, pretrained_path
 from .decomposition import Decomposition
 from .errors import UnsupportedModelError
@@ -23,8 +24,17 @@ from .state import analysis_state, check_deterministic
 class _BlockProbe:
     """Hooks on one decoder block: records its input, then splits its update into PTC and FTC."""
 
-    def __init__(self, index: int, layer: nn.Module, path: PretrainedPath, source: PretrainedBlocks, batch: Batch):
+    def __init__(
+        self,
+        index: int,
+        layer: nn.Module,
+        path: PretrainedPath,
+        source: PretrainedBlocks,
+        batch: Batch,
+        router: LoraLinearRouter,
+    ):
         self.index = index
+        self.router = router
         self.layer = layer
         self.path = path
         self.source = source
@@ -41,9 +51,9 @@ class _BlockProbe:
             self.layer.register_forward_pre_hook(self._before, with_kwargs=True),
             self.layer.register_forward_hook(self._after, with_kwargs=True),
         ]
-        handles += [m.register_forward_hook(self.path.capture) for m in self.path.hook_targets()]
         try:
-            yield
+            with self.path.capturing(self.router):
+                yield
         finally:
             for handle in handles:
                 handle.remove()
@@ -95,6 +105,7 @@ def decompose(
     positions: Positions = "last",
     base_model: nn.Module | str | Path | None = None,
     replay: bool = False,
+    backend: Backend | None = None,
 ) -> Decomposition:
     """Split every block's update of a LoRA/QLoRA model into pre-trained and fine-tuning components.
 
@@ -114,6 +125,8 @@ def decompose(
             model plus one block). Omit it for adapter fine-tunes.
         replay: run every block's pre-trained path as a second pass through the block (the generic path),
             even where the one-pass path applies; for cross-checks.
+        backend: ``"auto"`` (default: fused Triton kernels on CUDA when Triton is importable), ``"torch"``
+            or ``"triton"``; ``None`` reads the ``TUCO_PEFT_BACKEND`` environment variable.
     """
     parts = model_parts(model)
     if base_model is None:
@@ -123,6 +136,7 @@ def decompose(
     if isinstance(base_model, nn.Module):
         check_deterministic(source.layers)
     batch = prepare_batch(input_ids, attention_mask, positions, _input_device(parts))
+    router = LoraLinearRouter(resolve_backend(backend, batch.input_ids.device))
     probes = [
         _BlockProbe(
             i,
@@ -130,6 +144,7 @@ def decompose(
             pretrained_path(layer, parts.config, separate_model=source.separate_model, replay_only=replay),
             source,
             batch,
+            router,
         )
         for i, layer in enumerate(parts.layers)
     ]
@@ -152,6 +167,7 @@ def tuco(
     attention_mask: torch.Tensor | None = None,
     *,
     base_model: nn.Module | str | Path | None = None,
+    backend: Backend | None = None,
 ) -> torch.Tensor:
     """TuCo of each prompt at its last real token: float32 ``[batch]``, in [0, 1]."""
-    return decompose(model, input_ids, attention_mask, base_model=base_model).tuco
+    return decompose(model, input_ids, attention_mask, base_model=base_model, backend=backend).tuco

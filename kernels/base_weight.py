@@ -1,0 +1,134 @@
+"""The base layer's weight as the fused kernels read it: a dense matrix or a bitsandbytes 4-bit one.
+
+Both views describe ``W`` of shape ``[out_features, in_features]`` so that the layer computes
+``x·Wᵀ + bias``; each knows the kernel arguments that locate it and how to rebuild the dense matrix (for
+backward, which re-dequantizes instead of keeping a dense copy alive).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from tuco_peft.errors import UnsupportedModelError
+
+from .bnb_4bit import dequantize_4bit
+from .settings import SUPPORTED_DTYPES, triton_dtype
+
+_BNB_4BIT_CLASSES = frozenset({"Linear4bit", "LinearNF4", "LinearFP4"})
+
+
+@dataclass(frozen=True)
+class DenseWeight:
+    """A floating-point weight, possibly a transposed view (GPT-2's Conv1D stores ``Wᵀ``)."""
+
+    matrix: torch.Tensor  # [out_features, in_features], any strides
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.matrix.shape)
+
+    def kernel_args(self) -> dict[str, Any]:
+        matrix = self.matrix
+        return dict(
+            w_ptr=matrix, stride_wn=matrix.stride(0), stride_wk=matrix.stride(1),
+            absmax_ptr=matrix, code_ptr=matrix, nested_code_ptr=matrix, nested_absmax_ptr=matrix,
+            nested_offset_ptr=matrix, QUANT_BLOCK=1, NESTED_BLOCK=1, WEIGHT_4BIT=False, NESTED=False,
+            WEIGHT_DTYPE=triton_dtype(matrix.dtype),
+        )
+
+    def dense(self) -> torch.Tensor:
+        return self.matrix
+
+
+@dataclass(frozen=True)
+class Packed4bitWeight:
+    """A bitsandbytes NF4/FP4 weight: two codes a byte (high nibble first), one absmax per block.
+
+    With nested (double) quantization the absmax values are themselves 8-bit codes, decoded as
+    ``nested_code[q] · nested_absmax[block] + nested_offset``, exactly as bitsandbytes does.
+    """
+
+    packed: torch.Tensor  # uint8, flat, out·in/2 bytes of the row-major [out, in] matrix
+    absmax: torch.Tensor  # float32, or uint8 when nested
+    code: torch.Tensor  # float32 [16]: the NF4 or FP4 lookup table
+    blocksize: int
+    shape: tuple[int, int]
+    dtype: torch.dtype  # dequantize_4bit's output dtype; decoded values are rounded to it
+    nested_code: torch.Tensor | None = None
+    nested_absmax: torch.Tensor | None = None
+    nested_offset: torch.Tensor | None = None  # float32 scalar tensor (no host sync to read it)
+    nested_blocksize: int = 1
+
+    @classmethod
+    def from_quant_state(cls, packed: torch.Tensor, quant_state: Any) -> Packed4bitWeight:
+        nested = bool(quant_state.nested)
+        state2 = quant_state.state2 if nested else None
+        offset = None
+        if nested:
+            offset = torch.as_tensor(quant_state.offset, dtype=torch.float32, device=packed.device).reshape(1)
+        return cls(
+            packed=packed.contiguous().view(torch.uint8).reshape(-1),
+            absmax=quant_state.absmax.contiguous(),
+            code=quant_state.code.to(device=packed.device, dtype=torch.float32).contiguous(),
+            blocksize=int(quant_state.blocksize),
+            shape=tuple(int(s) for s in quant_state.shape),
+            dtype=quant_state.dtype,
+            nested_code=state2.code.to(device=packed.device, dtype=torch.float32).contiguous() if nested else None,
+            nested_absmax=state2.absmax.float().contiguous() if nested else None,
+            nested_offset=offset,
+            nested_blocksize=int(state2.blocksize) if nested else 1,
+        )
+
+    @property
+    def nested(self) -> bool:
+        return self.nested_code is not None
+
+    def kernel_args(self) -> dict[str, Any]:
+        nested = self.nested
+        return dict(
+            w_ptr=self.packed, stride_wn=0, stride_wk=0, absmax_ptr=self.absmax, code_ptr=self.code,
+            nested_code_ptr=self.nested_code if nested else self.code,
+            nested_absmax_ptr=self.nested_absmax if nested else self.code,
+            nested_offset_ptr=self.nested_offset if nested else self.code,
+            QUANT_BLOCK=self.blocksize, NESTED_BLOCK=self.nested_blocksize, WEIGHT_4BIT=True, NESTED=nested,
+            WEIGHT_DTYPE=triton_dtype(self.dtype),
+        )
+
+    def dense(self) -> torch.Tensor:
+        return dequantize_4bit(self)
+
+
+BaseWeight = DenseWeight | Packed4bitWeight
+
+
+def base_weight(layer: nn.Module) -> BaseWeight:
+    """The weight of a LoRA layer's ``base_layer``, or UnsupportedModelError saying why the kernels can't read it."""
+    name = type(layer).__name__
+    quant_state = getattr(getattr(layer, "weight", None), "quant_state", None)
+    if name in _BNB_4BIT_CLASSES and quant_state is not None:
+        if getattr(quant_state, "packing_format_for_cpu", False):
+            raise UnsupportedModelError(
+                f"this {name} weight was repacked by bitsandbytes for its CPU AVX512 kernel "
+                "(quant_state.packing_format_for_cpu), a layout the Triton kernels do not read. Set "
+                "module.support_avx512bf16_for_cpu = False before the first forward, or use backend='torch'."
+            )
+        if quant_state.dtype not in SUPPORTED_DTYPES:
+            raise UnsupportedModelError(f"{name} dequantizes to {quant_state.dtype}; the kernels need fp16/bf16/fp32.")
+        return Packed4bitWeight.from_quant_state(layer.weight.data, quant_state)
+    if isinstance(layer, Conv1D):
+        matrix = layer.weight.t()
+    elif isinstance(layer, nn.Linear) and type(layer).forward is nn.Linear.forward:
+        matrix = layer.weight
+    else:
+        raise UnsupportedModelError(
+            f"the base layer is a {type(layer).__module__}.{name}, whose forward is not a plain x·Wᵀ + b the "
+            "Triton kernels can fuse (8-bit, GPTQ and AWQ layers are not supported); use backend='torch'."
+        )
+    if matrix.dtype not in SUPPORTED_DTYPES:
+        raise UnsupportedModelError(f"the {name} weight is {matrix.dtype}; the kernels need fp16/bf16/fp32.")
+    return DenseWeight(matrix)

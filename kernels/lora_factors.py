@@ -1,0 +1,59 @@
+"""The active LoRA adapters of a PEFT layer as one low-rank factor pair the kernels can read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tuco_peft.errors import UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class LoraFactors:
+    """``Σ_adapters s·B·A`` as ``B_cat · diag(scale) · A_cat``: adapters concatenated along the rank.
+
+    ``a`` is ``[rank, in]``, ``b`` is ``[out, rank]``, ``scale`` float32 ``[rank]`` (each adapter's
+    scaling repeated over its rank). ``rank`` is 0 when no adapter is active.
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scale: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0]
+
+
+def _check_plain_lora(layer: nn.Module, adapter: str) -> None:
+    """Refuse what the fused kernel does not compute: dropout at train time, LoRA biases, DoRA, variants."""
+    dropout = layer.lora_dropout[adapter]
+    if dropout.training and isinstance(dropout, nn.Dropout) and dropout.p > 0:
+        raise UnsupportedModelError(
+            f"adapter {adapter!r} applies dropout (p={dropout.p}) in training mode, which the fused kernel does "
+            "not sample; call model.eval() or use backend='torch'."
+        )
+    if layer.lora_B[adapter].bias is not None:
+        raise UnsupportedModelError(f"adapter {adapter!r} has a LoRA bias (lora_bias=True); use backend='torch'.")
+    if layer.use_dora.get(adapter, False) or adapter in getattr(layer, "lora_variant", {}):
+        raise UnsupportedModelError(f"adapter {adapter!r} is DoRA or another LoRA variant; use backend='torch'.")
+
+
+def lora_factors(layer: nn.Module) -> LoraFactors:
+    """The factors of a PEFT LoRA linear's active adapters (none when its adapters are disabled)."""
+    adapters = [] if layer.disable_adapters else [name for name in layer.active_adapters if name in layer.lora_A]
+    for adapter in adapters:
+        _check_plain_lora(layer, adapter)
+    weight = layer.get_base_layer().weight
+    if not adapters:
+        n_out, n_in = layer.out_features, layer.in_features
+        empty = torch.empty(0, device=weight.device, dtype=torch.float32)
+        return LoraFactors(a=empty.reshape(0, n_in), b=empty.reshape(n_out, 0), scale=empty)
+    a = [layer.lora_A[name].weight for name in adapters]
+    b = [layer.lora_B[name].weight for name in adapters]
+    scale = [torch.full((w.shape[0],), float(layer.scaling[name]), device=w.device) for name, w in zip(adapters, a)]
+    if len(adapters) == 1:
+        return LoraFactors(a=a[0].contiguous(), b=b[0].contiguous(), scale=scale[0])
+    return LoraFactors(a=torch.cat(a).contiguous(), b=torch.cat(b, dim=1).contiguous(), scale=torch.cat(scale))

@@ -1,0 +1,167 @@
+"""Backend selection, the per-layer torch fallback, and fused forwards on a whole tiny model."""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+import tuco_peft.kernels.api as kernels_api
+from models import base_model, lora_model, padded_batch
+from tuco_peft import backend
+from tuco_peft.adapters import is_additive_lora
+from tuco_peft.backend import LoraLinearRouter, resolve_backend
+from tuco_peft.errors import InputError
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+@pytest.mark.parametrize(
+    "requested, device, expected",
+    [("torch", CUDA, "torch"), ("auto", CPU, "torch"), ("auto", CUDA, "triton"), ("triton", CPU, "triton")],
+)
+def test_resolve_backend(requested, device, expected):
+    assert resolve_backend(requested, device) == expected
+
+
+def test_environment_variable_sets_the_default(monkeypatch):
+    monkeypatch.setenv(backend.BACKEND_ENV_VAR, "Triton")
+    assert resolve_backend(None, CPU) == "triton"
+    monkeypatch.setenv(backend.BACKEND_ENV_VAR, "cuda")
+    with pytest.raises(InputError, match="TUCO_PEFT_BACKEND='cuda'"):
+        resolve_backend(None, CPU)
+    monkeypatch.delenv(backend.BACKEND_ENV_VAR)
+    assert resolve_backend(None, CPU) == "torch"
+
+
+def test_bad_or_impossible_requests_say_why(monkeypatch):
+    with pytest.raises(InputError, match="'auto', 'torch', 'triton'"):
+        resolve_backend("cublas", CPU)
+    monkeypatch.setattr(kernels_api, "INTERPRETING", False)
+    with pytest.raises(InputError, match="TRITON_INTERPRET=1"):
+        resolve_backend("triton", CPU)
+    monkeypatch.setattr(backend, "_kernels", lambda: None)
+    assert resolve_backend("auto", CUDA) == "torch"
+    with pytest.raises(InputError, match=r"tuco-peft\[triton\]"):
+        resolve_backend("triton", CUDA)
+
+
+def _lora_linear(base: nn.Module) -> nn.Module:
+    torch.manual_seed(3)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False)
+    model = get_peft_model(nn.Sequential(base), config)
+    return model.base_model.model[0].eval()
+
+
+def test_router_backends_agree_on_dual_and_two_stream():
+    torch.manual_seed(0)
+    layer = _lora_linear(nn.Linear(48, 40))
+    x_pt, x_ft = torch.randn(3, 48), torch.randn(2, 5, 48)
+    torch_router, triton_router = LoraLinearRouter("torch"), LoraLinearRouter("triton")
+    with torch.no_grad():
+        expected = (layer.base_layer(x_ft), layer(x_ft))
+        for actual in (torch_router.dual(x_ft, layer), triton_router.dual(x_ft, layer)):
+            for got, want in zip(actual, expected):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        expected = (layer.base_layer(x_pt), layer(x_ft))
+        for actual in (torch_router.two_stream(x_pt, x_ft, layer), triton_router.two_stream(x_pt, x_ft, layer)):
+            for got, want in zip(actual, expected):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+class _EightBitLike(nn.Linear):
+    """A linear whose forward is not x·Wᵀ + b, like 8-bit, GPTQ or AWQ layers."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 0.5
+
+
+def test_unsupported_layers_fall_back_to_torch_with_one_warning():
+    torch.manual_seed(0)
+    layers = [_lora_linear(_EightBitLike(48, 40)) for _ in range(2)]
+    router = LoraLinearRouter("triton")
+    x = torch.randn(4, 48)
+    with pytest.warns(UserWarning, match="torch path.*_EightBitLike") as caught:
+        outputs = [router.dual(x, layer) for layer in layers for _ in range(2)]
+    assert len(caught) == 1
+    with torch.no_grad():
+        for layer, (y_base, y_ft) in zip(layers, outputs[::2]):
+            torch.testing.assert_close(y_base, layer.base_layer(x))
+            torch.testing.assert_close(y_ft, layer(x))
+
+
+def test_cpu_repacked_4bit_falls_back_to_torch(recwarn):
+    dense = nn.Linear(128, 64)
+    base = bnb.nn.Linear4bit(128, 64, compute_dtype=torch.float32, quant_type="nf4")
+    base.load_state_dict(dense.state_dict())
+    base = base.to("cpu")
+    base.weight.data, base.weight.quant_state = bnb.functional._convert_weight_packed_for_cpu(
+        base.weight.data, base.weight.quant_state
+    )
+    layer = _lora_linear(base)
+    x = torch.randn(2, 128)
+    with torch.no_grad():
+        y_base, y_ft = LoraLinearRouter("triton").dual(x, layer)
+        torch.testing.assert_close(y_ft, layer(x))
+    assert [str(w.message) for w in recwarn if "packing_format_for_cpu" in str(w.message)]
+
+
+def _lora_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if is_additive_lora(m)]
+
+
+def _run_capturing_base_outputs(model: nn.Module, router: LoraLinearRouter | None, ids, mask):
+    """Logits and every LoRA layer's base output: through hooks (router None) or fused forwards."""
+    layers = _lora_layers(model)
+    captured: dict[nn.Module, torch.Tensor] = {}
+
+    def record(base_layer: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        captured[base_layer] = output
+
+    with torch.no_grad():
+        if router is None:
+            handles = [layer.base_layer.register_forward_hook(record) for layer in layers]
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            for handle in handles:
+                handle.remove()
+        else:
+            with router.report_base_outputs(layers, record):
+                logits = model(input_ids=ids, attention_mask=mask).logits
+    return logits, [captured[layer.base_layer] for layer in layers]
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "triton"])
+def test_reported_base_outputs_and_logits_match_a_hooked_plain_forward(backend_name):
+    model = lora_model(base_model("llama"))
+    ids, mask = padded_batch(lengths=(5, 3))
+    expected_logits, expected_bases = _run_capturing_base_outputs(model, None, ids, mask)
+    logits, bases = _run_capturing_base_outputs(model, LoraLinearRouter(backend_name), ids, mask)
+    assert len(bases) == 3 * 7
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-4)
+    for got, want in zip(bases, expected_bases):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for layer in _lora_layers(model):
+        assert "forward" not in layer.__dict__ and not layer.base_layer._forward_hooks
+
+
+def test_instance_forwards_and_plain_layers_are_hooked_and_everything_is_restored():
+    torch.manual_seed(0)
+    fusable, accelerated = _lora_linear(nn.Linear(16, 16)), _lora_linear(nn.Linear(16, 16))
+    plain = nn.Linear(16, 16)
+    hooked_forward = accelerated.forward  # stands for the forward accelerate's device hooks install
+    accelerated.forward = hooked_forward
+    reported: list[nn.Module] = []
+    x = torch.randn(2, 16)
+    with pytest.raises(RuntimeError, match="boom"):
+        with LoraLinearRouter("triton").report_base_outputs(
+            [fusable, accelerated, plain], lambda module, args, output: reported.append(module)
+        ):
+            assert "forward" in fusable.__dict__ and accelerated.forward is hooked_forward
+            with torch.no_grad():
+                fusable(x), accelerated(x), plain(x)
+            raise RuntimeError("boom")
+    assert reported == [fusable.base_layer, accelerated.base_layer, plain]
+    assert "forward" not in fusable.__dict__ and accelerated.__dict__["forward"] is hooked_forward
+    assert not any(m._forward_hooks for m in (fusable.base_layer, accelerated.base_layer, plain))

@@ -1,0 +1,65 @@
+"""decompose(backend="triton") against backend="torch" on tiny models (fp32 and nf4), under the interpreter."""
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from torch import nn
+
+import tuco_peft
+from models import base_model, lora_model, padded_batch
+
+
+def quantize_decoder_linears(model: nn.Module) -> nn.Module:
+    """Every nn.Linear inside the decoder blocks → a bitsandbytes NF4 Linear4bit (nested absmax), on CPU."""
+    for module in list(model.model.layers.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Linear:
+                quantized = bnb.nn.Linear4bit(
+                    child.in_features, child.out_features, bias=child.bias is not None,
+                    compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True,
+                )
+                quantized.load_state_dict(child.state_dict())
+                quantized = quantized.to("cpu")
+                quantized.support_avx512bf16_for_cpu = False
+                setattr(module, name, quantized)
+    return model
+
+
+def _assert_close(actual, expected, rel=1e-4):
+    scale = expected.abs().max().clamp_min(1e-6)
+    assert (actual - expected).abs().max() <= rel * scale
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3", "gpt2"])
+@pytest.mark.parametrize("positions", ["last", "all"])
+def test_triton_equals_torch(family, positions):
+    model = lora_model(base_model(family))
+    ids, mask = padded_batch(lengths=(6, 4))
+    with torch.no_grad():
+        reference = tuco_peft.decompose(model, ids, mask, positions=positions, backend="torch")
+        fused = tuco_peft.decompose(model, ids, mask, positions=positions, backend="triton")
+    _assert_close(fused.ptc, reference.ptc)
+    _assert_close(fused.ftc, reference.ftc)
+    assert (fused.tuco - reference.tuco).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("positions", ["last", "all"])
+def test_triton_equals_torch_nf4(positions):
+    model = lora_model(quantize_decoder_linears(base_model("llama")))
+    ids, mask = padded_batch(lengths=(6, 4))
+    with torch.no_grad():
+        reference = tuco_peft.decompose(model, ids, mask, positions=positions, backend="torch")
+        fused = tuco_peft.decompose(model, ids, mask, positions=positions, backend="triton")
+    _assert_close(fused.ptc, reference.ptc)
+    _assert_close(fused.ftc, reference.ftc)
+
+
+def test_gradients_through_the_fused_path():
+    model = lora_model(base_model("llama"))
+    ids, mask = padded_batch(lengths=(6, 4))
+    lora_a = model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight
+    grads = []
+    for backend in ("torch", "triton"):
+        d = tuco_peft.decompose(model, ids, mask, backend=backend)
+        grads.append(torch.autograd.grad(d.ftc.abs().sum(), lora_a)[0])
+    _assert_close(grads[1], grads[0])

@@ -1,0 +1,293 @@
+"""Fused Triton LoRA linears (under TRITON_INTERPRET=1) against references written plainly here.
+
+References: float64 ``x·Wᵀ + b + Σ s·(x·Aᵀ)·Bᵀ`` with W dense, or decoded from the packed 4-bit bytes by
+``decode_4bit_reference`` below (itself checked against bitsandbytes); PEFT's own forward (the torch
+path); torch autograd through the plain formula for gradients.
+"""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnb_functional
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from tuco_peft.errors import InputError, UnsupportedModelError
+from tuco_peft.kernels import dequantize_4bit, dual_lora_linear, two_stream_lora_linear
+from tuco_peft.kernels.base_weight import Packed4bitWeight, base_weight
+from tuco_peft.kernels.lora_linear import _lora_linear_kernel
+
+IN, OUT = 72, 40  # not multiples of the interpreter's 16×32×32 tiles
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}  # relative to the largest |y|
+
+
+def dense_linear(dtype: torch.dtype = torch.float32, seed: int = 0, shape: tuple[int, int] = (IN, OUT)) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(*shape).to(dtype)
+
+
+def linear_4bit(
+    quant_type: str, nested: bool, dtype: torch.dtype = torch.float32, shape: tuple[int, int] = (IN, OUT)
+) -> nn.Module:
+    """A bitsandbytes Linear4bit quantized on the CPU, kept in the standard (not CPU-repacked) layout."""
+    dense = dense_linear(dtype, shape=shape)
+    layer = bnb.nn.Linear4bit(
+        *shape, bias=True, compute_dtype=dtype, quant_type=quant_type, compress_statistics=nested
+    )
+    layer.load_state_dict(dense.state_dict())
+    layer = layer.to("cpu")
+    layer.support_avx512bf16_for_cpu = False
+    return layer
+
+
+def lora_layer(base: nn.Module, ranks: tuple[int, ...] = (8,), seed: int = 3) -> nn.Module:
+    """A PEFT LoRA layer around ``base``: one random adapter per rank, all active, distinct scalings."""
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        r=ranks[0], lora_alpha=2 * ranks[0] + 1, target_modules=["0"], init_lora_weights=False,
+        fan_in_fan_out=isinstance(base, Conv1D),
+    )
+    model = get_peft_model(nn.Sequential(base), config)
+    names = ["default"]
+    for index, rank in enumerate(ranks[1:]):
+        names.append(f"extra{index}")
+        model.add_adapter(names[-1], LoraConfig(r=rank, lora_alpha=3, target_modules=["0"], init_lora_weights=False))
+    layer = model.base_model.model[0]
+    layer.set_adapter(names)
+    for name in names:  # PEFT's fp32 adapters follow a low-precision base in these tests
+        layer.lora_A[name].to(base.bias.dtype)
+        layer.lora_B[name].to(base.bias.dtype)
+    return layer.eval()
+
+
+def decode_4bit_reference(packed: torch.Tensor, state) -> torch.Tensor:
+    """bitsandbytes' 4-bit format, decoded step by step: high nibble first, one absmax per block."""
+    flat = packed.reshape(-1)
+    codes = torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1).long()
+    absmax = state.absmax
+    if state.nested:
+        per_block = state.state2.absmax.repeat_interleave(state.state2.blocksize)[: absmax.numel()]
+        absmax = state.state2.code[absmax.long()] * per_block + state.offset
+    values = state.code[codes] * absmax.repeat_interleave(state.blocksize)[: codes.numel()]
+    return values.to(state.dtype).reshape(state.shape)
+
+
+def reference_weight(layer: nn.Module) -> torch.Tensor:
+    base = layer.get_base_layer()
+    if isinstance(base, bnb.nn.Linear4bit):
+        return decode_4bit_reference(base.weight.data, base.weight.quant_state)
+    return base.weight.t() if isinstance(base, Conv1D) else base.weight
+
+
+def reference_outputs(x_pt: torch.Tensor, x_ft: torch.Tensor, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_pt·Wᵀ + b, x_ft·Wᵀ + b + Σ s·(x_ft·Aᵀ)·Bᵀ) in the dtype of ``x_pt`` (float64 for forward checks)."""
+    dtype = x_pt.dtype
+    weight, bias = reference_weight(layer).to(dtype), layer.get_base_layer().bias.to(dtype)
+    y_ft = x_ft @ weight.t() + bias
+    for name in layer.active_adapters:
+        a, b = layer.lora_A[name].weight.to(dtype), layer.lora_B[name].weight.to(dtype)
+        y_ft = y_ft + layer.scaling[name] * (x_ft @ a.t()) @ b.t()
+    return x_pt @ weight.t() + bias, y_ft
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, relative: float) -> None:
+    assert actual.shape == expected.shape
+    scale = expected.abs().max().item()
+    error = (actual.double() - expected.double()).abs().max().item()
+    assert error <= relative * scale, f"max error {error:.3g} > {relative:g} × {scale:.3g}"
+
+
+def inputs(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 5) -> torch.Tensor:
+    return torch.randn(*shape, IN, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def test_interpreter_autotunes_over_a_single_config():
+    assert len(_lora_linear_kernel.configs) == 1
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_dequantize_4bit_is_bit_identical_to_bitsandbytes(quant_type, nested, dtype):
+    weight = torch.randn(OUT, IN, generator=torch.Generator().manual_seed(0)).to(dtype)
+    packed, state = bnb_functional.quantize_4bit(
+        weight, blocksize=64, quant_type=quant_type, compress_statistics=nested
+    )
+    expected = bnb_functional.dequantize_4bit(packed, state)
+    assert torch.equal(decode_4bit_reference(packed, state), expected)
+    actual = dequantize_4bit(Packed4bitWeight.from_quant_state(packed, state))
+    assert actual.dtype == dtype and torch.equal(actual, expected)
+
+
+def test_dequantize_4bit_with_a_larger_block_and_a_partial_last_block():
+    weight = torch.randn(OUT, IN - 2, generator=torch.Generator().manual_seed(1))  # 2800 = 21·128 + 112
+    packed, state = bnb_functional.quantize_4bit(weight, blocksize=128, quant_type="nf4", compress_statistics=True)
+    actual = dequantize_4bit(Packed4bitWeight.from_quant_state(packed, state))
+    assert torch.equal(actual, bnb_functional.dequantize_4bit(packed, state))
+
+
+@pytest.mark.parametrize("rank", [1, 8, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_dual_dense_matches_reference_and_peft(rank, dtype):
+    layer = lora_layer(dense_linear(dtype), ranks=(rank,))
+    x = inputs(2, 5, dtype=dtype)
+    y_base, y_ft = dual_lora_linear(x, layer)
+    assert y_base.dtype == y_ft.dtype == dtype and y_ft.shape == (2, 5, OUT)
+    with torch.no_grad():
+        expected_base, expected_ft = reference_outputs(x.double(), x.double(), layer)
+        assert_close(y_base, expected_base, TOLERANCE[dtype])
+        assert_close(y_ft, expected_ft, TOLERANCE[dtype])
+        assert_close(y_base, layer.base_layer(x), 2 * TOLERANCE[dtype])
+        assert_close(y_ft, layer(x), 2 * TOLERANCE[dtype])
+    assert (y_ft - y_base).abs().max() > 1e-2  # the adapter really contributes
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [False, True])
+def test_dual_4bit_matches_dequantize_plus_matmul_and_peft(quant_type, nested):
+    layer = lora_layer(linear_4bit(quant_type, nested), ranks=(8,))
+    x = inputs(7)
+    y_base, y_ft = dual_lora_linear(x, layer)
+    base = layer.get_base_layer()
+    dense = bnb_functional.dequantize_4bit(base.weight.data, base.weight.quant_state)
+    with torch.no_grad():
+        assert_close(y_base, x.double() @ dense.double().t() + base.bias.double(), 1e-5)
+        assert_close(y_ft, reference_outputs(x.double(), x.double(), layer)[1], 1e-5)
+        assert_close(y_ft, layer(x), 1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dual_4bit_in_half_precision(dtype):
+    layer = lora_layer(linear_4bit("nf4", True, dtype), ranks=(16,))
+    x = inputs(3, dtype=dtype)
+    y_base, y_ft = dual_lora_linear(x, layer)
+    with torch.no_grad():
+        expected_base, expected_ft = reference_outputs(x.double(), x.double(), layer)
+    assert y_ft.dtype == dtype
+    assert_close(y_base, expected_base, TOLERANCE[dtype])
+    assert_close(y_ft, expected_ft, TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("make_base", [dense_linear, lambda: linear_4bit("nf4", True)], ids=["dense", "nf4"])
+def test_two_stream_matches_two_reference_products(make_base):
+    layer = lora_layer(make_base(), ranks=(8,))
+    x_pt, x_ft = inputs(3, seed=6), inputs(2, 9, seed=7)  # different row counts
+    y_pt, y_ft = two_stream_lora_linear(x_pt, x_ft, layer)
+    assert y_pt.shape == (3, OUT) and y_ft.shape == (2, 9, OUT)
+    with torch.no_grad():
+        expected_pt, expected_ft = reference_outputs(x_pt.double(), x_ft.double(), layer)
+        assert_close(y_pt, expected_pt, 1e-5)
+        assert_close(y_ft, expected_ft, 1e-5)
+        assert_close(y_ft, layer(x_ft), 1e-4)
+
+
+def test_several_adapters_are_summed_with_their_own_rank_and_scaling():
+    layer = lora_layer(dense_linear(), ranks=(4, 12, 1))
+    assert len(layer.active_adapters) == 3 and len(set(layer.scaling.values())) == 3
+    x = inputs(6)
+    y_base, y_ft = dual_lora_linear(x, layer)
+    with torch.no_grad():
+        assert_close(y_ft, reference_outputs(x.double(), x.double(), layer)[1], 1e-5)
+        assert_close(y_ft, layer(x), 1e-5)
+
+
+def test_disabled_adapters_give_the_base_output_twice():
+    layer = lora_layer(dense_linear())
+    layer.enable_adapters(False)
+    x = inputs(4)
+    y_base, y_ft = dual_lora_linear(x, layer)
+    assert torch.equal(y_base, y_ft)
+    with torch.no_grad():
+        assert_close(y_base, layer.base_layer(x), 1e-6)
+
+
+def test_gpt2_conv1d_base_reads_the_transposed_weight():
+    torch.manual_seed(0)
+    conv = Conv1D(OUT, IN)
+    nn.init.normal_(conv.bias)
+    layer = lora_layer(conv)
+    assert layer.fan_in_fan_out
+    x = inputs(5)
+    y_base, y_ft = dual_lora_linear(x, layer)
+    with torch.no_grad():
+        assert_close(y_base, conv(x), 1e-5)
+        assert_close(y_ft, layer(x), 1e-5)
+
+
+def _loss(outputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """A loss that weights the two outputs differently, so a swapped gradient would show."""
+    first, second = outputs
+    weights = torch.linspace(-1.0, 2.0, OUT)
+    return (first * weights).sum() + (second * weights.flip(0) ** 2).sum()
+
+
+def _trainables(layer: nn.Module) -> list[torch.Tensor]:
+    params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+    bias = layer.get_base_layer().bias
+    return params + ([bias] if bias.requires_grad else [])
+
+
+@pytest.mark.parametrize("make_base", [dense_linear, lambda: linear_4bit("nf4", True)], ids=["dense", "nf4"])
+@pytest.mark.parametrize("two_streams", [False, True], ids=["dual", "two-stream"])
+def test_backward_matches_torch_autograd(make_base, two_streams):
+    layer = lora_layer(make_base(), ranks=(8,))
+    if isinstance(layer.get_base_layer(), nn.Linear) and not isinstance(layer.get_base_layer(), bnb.nn.Linear4bit):
+        layer.get_base_layer().bias.requires_grad_(True)
+    x_pt = inputs(2, 3, seed=8).requires_grad_(True)
+    x_ft = inputs(5, seed=9).requires_grad_(True) if two_streams else x_pt
+    leaves = [x_pt, x_ft] if two_streams else [x_pt]
+    params = _trainables(layer)
+
+    kernel = two_stream_lora_linear(x_pt, x_ft, layer) if two_streams else dual_lora_linear(x_pt, layer)
+    actual = torch.autograd.grad(_loss(kernel), leaves + params)
+    expected = torch.autograd.grad(_loss(reference_outputs(x_pt, x_ft, layer)), leaves + params)
+    for got, want in zip(actual, expected):
+        assert_close(got, want, 1e-5)
+    assert layer.get_base_layer().weight.grad is None
+
+
+def test_cpu_repacked_4bit_weight_is_refused_with_the_way_out():
+    base = linear_4bit("nf4", False, shape=(128, 64))  # the repacking needs whole 32-row groups
+    base.weight.data, base.weight.quant_state = bnb_functional._convert_weight_packed_for_cpu(
+        base.weight.data, base.weight.quant_state
+    )
+    layer = lora_layer(base)
+    with pytest.raises(UnsupportedModelError, match="support_avx512bf16_for_cpu"):
+        dual_lora_linear(torch.randn(2, 128), layer)
+
+
+class _CustomForwardLinear(nn.Linear):
+    """Stands for GPTQ/AWQ/8-bit layers: an nn.Linear subclass whose forward is not x·Wᵀ + b."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).relu()
+
+
+def test_unsupported_layers_and_inputs_are_refused_clearly():
+    torch.manual_seed(0)
+    with pytest.raises(UnsupportedModelError, match="not a plain"):
+        base_weight(_CustomForwardLinear(IN, OUT))
+    with pytest.raises(UnsupportedModelError, match="not a plain"):
+        base_weight(bnb.nn.Linear8bitLt(IN, OUT, has_fp16_weights=False))
+    with pytest.raises(UnsupportedModelError, match="float64"):
+        dual_lora_linear(inputs(2).double(), lora_layer(dense_linear()))
+    with pytest.raises(UnsupportedModelError, match="not a PEFT LoRA linear"):
+        dual_lora_linear(inputs(2), dense_linear())
+    with pytest.raises(InputError, match="features"):
+        dual_lora_linear(torch.randn(2, IN + 1), lora_layer(dense_linear()))
+
+
+def test_train_time_dropout_and_lora_bias_are_refused():
+    torch.manual_seed(0)
+    model = get_peft_model(nn.Sequential(dense_linear()), LoraConfig(r=4, target_modules=["0"], lora_dropout=0.1))
+    layer = model.base_model.model[0].train()
+    with pytest.raises(UnsupportedModelError, match="dropout"):
+        dual_lora_linear(inputs(2), layer)
+    layer.eval()
+    dual_lora_linear(inputs(2), layer)  # dropout is the identity in eval mode
+    model = get_peft_model(nn.Sequential(dense_linear()), LoraConfig(r=4, target_modules=["0"], lora_bias=True))
+    with pytest.raises(UnsupportedModelError, match="LoRA bias"):
+        dual_lora_linear(inputs(2), model.base_model.model[0])

@@ -1,0 +1,142 @@
+"""Which implementation computes the LoRA linears of an analysis: fused Triton kernels or plain PyTorch.
+
+``backend="auto"`` (the default, or the ``TUCO_PEFT_BACKEND`` environment variable) picks Triton on CUDA
+when it is importable; ``"torch"`` is the reference path; ``"triton"`` forces the kernels (on CPU this needs
+``TRITON_INTERPRET=1`` before triton is imported). A layer the kernels cannot compute (8-bit, GPTQ, AWQ,
+an unsupported dtype, a CPU-repacked 4-bit weight, ...) runs on the torch path, with one warning per reason.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from .adapters import is_additive_lora
+from .errors import InputError, UnsupportedModelError
+
+BACKENDS = ("auto", "torch", "triton")
+BACKEND_ENV_VAR = "TUCO_PEFT_BACKEND"
+
+Backend = Literal["auto", "torch", "triton"]
+ResolvedBackend = Literal["torch", "triton"]
+# Same signature as a forward hook: (base layer, its inputs, its output).
+BaseOutputSink = Callable[[nn.Module, tuple, torch.Tensor], Any]
+
+
+def _kernels() -> Any | None:
+    """The kernels' entry points (``tuco_peft.kernels.api``), or None when Triton cannot be imported here."""
+    try:
+        return importlib.import_module("tuco_peft.kernels.api")
+    except ImportError:
+        return None
+
+
+def resolve_backend(backend: Backend | None, device: torch.device) -> ResolvedBackend:
+    """The backend to use for a model on ``device``; ``None`` reads ``TUCO_PEFT_BACKEND`` (default "auto")."""
+    source = "backend"
+    if backend is None:
+        backend, source = os.environ.get(BACKEND_ENV_VAR, "auto").strip().lower(), BACKEND_ENV_VAR
+    if backend not in BACKENDS:
+        raise InputError(f"{source}={backend!r} is not one of {', '.join(map(repr, BACKENDS))}.")
+    if backend == "torch":
+        return "torch"
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and _kernels() is not None else "torch"
+    kernels = _kernels()
+    if kernels is None:
+        raise InputError("backend='triton' needs Triton: pip install 'tuco-peft[triton]', or use backend='torch'.")
+    if device.type != "cuda" and not kernels.INTERPRETING:
+        raise InputError(
+            f"backend='triton' on {device.type} needs the Triton interpreter: set TRITON_INTERPRET=1 before "
+            "triton is first imported, or use backend='torch'."
+        )
+    return "triton"
+
+
+def _base_layer(layer: nn.Module) -> nn.Module:
+    """The layer whose output is the pre-trained projection: a LoRA layer's base layer, or the layer itself."""
+    return layer.get_base_layer() if is_additive_lora(layer) else layer
+
+
+def _capture_base_output(layer: nn.Module, run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``run`` (a forward of ``layer``) and return (its base layer's output, the layer's output)."""
+    captured: list[torch.Tensor] = []
+    handle = layer.get_base_layer().register_forward_hook(lambda module, args, output: captured.append(output))
+    try:
+        output = run()
+    finally:
+        handle.remove()
+    return captured[-1], output
+
+
+class LoraLinearRouter:
+    """Computes LoRA linears on the resolved backend; per layer, falls back to torch where kernels can't."""
+
+    def __init__(self, backend: ResolvedBackend):
+        self.backend = backend
+        self._warned: set[str] = set()
+
+    def dual(self, x: torch.Tensor, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(layer.base_layer(x), layer(x))``."""
+        if self.backend == "triton":
+            try:
+                return _kernels().dual_lora_linear(x, layer)
+            except UnsupportedModelError as error:
+                self._warn_once(error)
+        return _capture_base_output(layer, lambda: type(layer).forward(layer, x))
+
+    def two_stream(self, x_pt: torch.Tensor, x_ft: torch.Tensor, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(layer.base_layer(x_pt), layer(x_ft))``."""
+        if self.backend == "triton":
+            try:
+                return _kernels().two_stream_lora_linear(x_pt, x_ft, layer)
+            except UnsupportedModelError as error:
+                self._warn_once(error)
+        return layer.get_base_layer()(x_pt), type(layer).forward(layer, x_ft)
+
+    def _warn_once(self, error: UnsupportedModelError) -> None:
+        reason = str(error)
+        if reason not in self._warned:
+            self._warned.add(reason)
+            warnings.warn(f"tuco-peft: using the torch path where the Triton kernels can't run: {reason}", stacklevel=4)
+
+    @contextmanager
+    def report_base_outputs(self, layers: Iterable[nn.Module], on_base_output: BaseOutputSink) -> Iterator[None]:
+        """While active, every forward of ``layers`` reports its base output as ``on_base_output(base, args, y)``.
+
+        On the Triton backend a LoRA linear computes its base and fine-tuned outputs in one fused kernel
+        (``dual``) and returns the fine-tuned one. Elsewhere the base output comes from a forward hook: on the
+        torch backend, for plain (non-LoRA) layers, and for LoRA layers whose forward is already replaced
+        on the instance (accelerate's device hooks), which are left alone. Forwards are restored exactly.
+        """
+        layers = list(layers)
+        fused = [m for m in layers if self.backend == "triton" and is_additive_lora(m) and "forward" not in m.__dict__]
+        hooked = [_base_layer(m) for m in layers if not any(m is f for f in fused)]
+        handles = [m.register_forward_hook(on_base_output) for m in hooked]
+        try:
+            for layer in fused:
+                layer.forward = self._fused_forward(layer, on_base_output)
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            for layer in fused:
+                layer.__dict__.pop("forward", None)
+
+    def _fused_forward(self, layer: nn.Module, on_base_output: BaseOutputSink) -> Callable[..., torch.Tensor]:
+        def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            if args or kwargs:
+                y_base, y_ft = _capture_base_output(layer, lambda: type(layer).forward(layer, x, *args, **kwargs))
+            else:
+                y_base, y_ft = self.dual(x, layer)
+            on_base_output(layer.get_base_layer(), (x,), y_base)
+            return y_ft
+
+        return forward
