@@ -13,3 +13,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _REPO_ROOT]
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+# Tiny models gain nothing from threads, and oversubscribe a shared 2-core machine.
+torch.set_num_threads(1)
