@@ -30,10 +30,18 @@ def _assert_close(actual, expected, rel=1e-4):
     assert (actual - expected).abs().max() <= rel * scale
 
 
-@pytest.mark.parametrize("family", ["llama", "phi3", "gpt2"])
+def _fp32(family):
+    return lambda: lora_model(base_model(family))
+
+
+@pytest.mark.parametrize(
+    "make_model",
+    [_fp32("llama"), _fp32("phi3"), _fp32("gpt2"), lambda: lora_model(quantize_decoder_linears(base_model("llama")))],
+    ids=["llama", "phi3", "gpt2", "llama-nf4"],
+)
 @pytest.mark.parametrize("positions", ["last", "all"])
-def test_triton_equals_torch(family, positions):
-    model = lora_model(base_model(family))
+def test_triton_equals_torch(make_model, positions):
+    model = make_model()
     ids, mask = padded_batch(lengths=(6, 4))
     with torch.no_grad():
         reference = tuco_peft.decompose(model, ids, mask, positions=positions, backend="torch")
@@ -41,17 +49,6 @@ def test_triton_equals_torch(family, positions):
     _assert_close(fused.ptc, reference.ptc)
     _assert_close(fused.ftc, reference.ftc)
     assert (fused.tuco - reference.tuco).abs().max() < 1e-5
-
-
-@pytest.mark.parametrize("positions", ["last", "all"])
-def test_triton_equals_torch_nf4(positions):
-    model = lora_model(quantize_decoder_linears(base_model("llama")))
-    ids, mask = padded_batch(lengths=(6, 4))
-    with torch.no_grad():
-        reference = tuco_peft.decompose(model, ids, mask, positions=positions, backend="torch")
-        fused = tuco_peft.decompose(model, ids, mask, positions=positions, backend="triton")
-    _assert_close(fused.ptc, reference.ptc)
-    _assert_close(fused.ftc, reference.ftc)
 
 
 def test_gradients_through_the_fused_path():
