@@ -1,0 +1,140 @@
+"""The lean dual KV cache of FTC_α steering: fine-tuned keys/values stored as a low-rank delta.
+
+Under steering, the fine-tuned and the pre-trained block l see the same state x_l, so their keys and
+values share the base projection: k_FT = RoPE(W_k·n(x) + s·B_k·A_k·n(x)) = k_PT + RoPE(s·B_k·u_k) with
+u_k = A_k·n(x) (RoPE is linear), and v_FT = v_PT + s·B_v·u_v. The pre-trained slot keeps full keys/values;
+the fine-tuned slot keeps only u_k, u_v (rank r each) and the position ids, and rebuilds its past
+keys/values from them at every step. Memory: 1 + (r + 1)/(kv_heads·head_dim) of plain generation
+instead of 2×.
+
+Applies to blocks with separate q/k/v projections, no k_norm (a non-linearity after the projection)
+and RoPE from the decoder's ``rotary_emb`` (Llama, Mistral, Qwen2, Gemma, Gemma2), on full-attention
+``DynamicLayer`` slots; every other block keeps two full slots.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from transformers.cache_utils import DynamicLayer
+
+from .adapters import is_additive_lora, is_switchable
+from .blocks import LAYOUTS
+from .errors import TuCoError
+
+
+class LowRankDelta:
+    """The LoRA part of one block's k/v projections: captures u = A·x in the forward, rebuilds B·u later."""
+
+    def __init__(
+        self, projections: tuple[nn.Module, nn.Module], rotary_emb: nn.Module, rotate: Callable, shape: tuple[int, int]
+    ):
+        self.projections = projections
+        self.rotary_emb = rotary_emb
+        self.rotate = rotate
+        self.n_kv_heads, self.head_dim = shape
+        self._inputs: list[list[torch.Tensor]] = [[], []]
+        self._positions: torch.Tensor | None = None
+
+    @staticmethod
+    def for_block(layer: nn.Module, decoder: nn.Module, config: Any) -> LowRankDelta | None:
+        """A delta for ``layer`` when its keys/values are base + low-rank linear in the block input, else None."""
+        layout = LAYOUTS.get(type(layer).__name__)
+        attention = getattr(layer, layout.attention, None) if layout else None
+        rotate = getattr(sys.modules[type(attention).__module__], "apply_rotary_pos_emb", None) if attention else None
+        if layout is None or layout.projections != ("q_proj", "k_proj", "v_proj") or rotate is None:
+            return None
+        if getattr(attention, "k_norm", None) is not None or not hasattr(decoder, "rotary_emb"):
+            return None
+        projections = (attention.k_proj, attention.v_proj)
+        if any(is_switchable(p) and not is_additive_lora(p) for p in projections):
+            return None
+        n_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        return LowRankDelta(projections, decoder.rotary_emb, rotate, (n_kv_heads, attention.head_dim))
+
+    def _adapters(self, index: int) -> list[str]:
+        projection = self.projections[index]
+        if not is_additive_lora(projection) or projection.disable_adapters:
+            return []
+        return [a for a in projection.active_adapters if a in projection.lora_A]
+
+    def hooks(self, layer: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
+        """Record u = A·dropout(x) of every active adapter, and the position ids of the block's input."""
+        handles = [layer.register_forward_pre_hook(self._record_positions, with_kwargs=True)]
+        for index, projection in enumerate(self.projections):
+            for adapter in self._adapters(index):
+                handles.append(projection.lora_A[adapter].register_forward_hook(self._recorder(index)))
+        return handles
+
+    def _recorder(self, index: int) -> Callable:
+        def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            self._inputs[index].append(output)
+
+        return record
+
+    def _record_positions(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        self._inputs = [[], []]  # a forward without a cache never takes them
+        self._positions = kwargs.get("position_ids")
+
+    def take(self, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The packed [batch, 1, length, ·] (u_k, position) and u_v of the tokens of this forward."""
+        if self._positions is None:
+            raise TuCoError(
+                "this cache holds FTC_α-steered keys/values in low-rank form and is only usable inside the "
+                "ftc_scale block that filled it (or the decoder passed its block no position_ids)."
+            )
+        inputs, self._inputs = self._inputs, [[], []]
+        u_k, u_v = (torch.cat(u, dim=-1).float() if u else torch.zeros(batch, length, 0) for u in inputs)
+        positions, self._positions = self._positions.expand(batch, -1).to(u_k), None
+        packed_k = torch.cat([u_k.to(positions.device), positions[..., None]], dim=-1)
+        return packed_k[:, None], u_v.to(positions.device)[:, None]
+
+    def _delta(self, index: int, u: torch.Tensor) -> torch.Tensor | None:
+        """Σ_a s_a·B_a·u_a as [batch, kv_heads, seq, head_dim], or None without adapters."""
+        projection, total, start = self.projections[index], None, 0
+        for adapter in self._adapters(index):
+            lora_b = projection.lora_B[adapter]
+            rank = lora_b.in_features
+            part = lora_b(u[..., start : start + rank].to(lora_b.weight.dtype)) * projection.scaling[adapter]
+            total, start = part if total is None else total + part, start + rank
+        if total is None:
+            return None
+        batch, seq = u.shape[:2]
+        return total.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+
+    def rebuild(self, packed_k: torch.Tensor, packed_v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor):
+        """Fine-tuned keys/values of past tokens from the pre-trained ones and the stored low-rank inputs."""
+        packed_k, packed_v = packed_k[:, 0], packed_v[:, 0]
+        delta_k, delta_v = self._delta(0, packed_k[..., :-1]), self._delta(1, packed_v)
+        if delta_k is not None:
+            cos, sin = self.rotary_emb(delta_k, packed_k[..., -1].long())
+            keys = keys + self.rotate(delta_k, delta_k, cos, sin)[1].to(keys.dtype)
+        if delta_v is not None:
+            values = values + delta_v.to(values.dtype)
+        return keys, values
+
+
+class LowRankSlot(DynamicLayer):
+    """The fine-tuned cache slot of a block: stores the packed low-rank inputs in ``keys``/``values``.
+
+    Packing them as [batch, 1, seq, ·] tensors lets every inherited operation (beam reorder, batch
+    selection, cropping, reset, sequence length) act on them exactly as on real keys/values.
+    """
+
+    def __init__(self, pretrained: DynamicLayer, delta: LowRankDelta):
+        super().__init__()
+        self.pretrained = pretrained
+        self.delta = delta
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        past = self.get_seq_length()
+        past_k, past_v = self.keys, self.values
+        packed_k, packed_v = self.delta.take(key_states.shape[0], key_states.shape[-2])
+        super().update(packed_k, packed_v)
+        if past == 0:
+            return key_states, value_states
+        keys, values = self.delta.rebuild(past_k, past_v, self.pretrained.keys, self.pretrained.values)
+        return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)

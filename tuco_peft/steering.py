@@ -1,0 +1,241 @@
+"""FTC_α steering (Nuti et al., ICML 2025, Def. 5.1): x_{l+1} = x_l + PTC_l + α_l·FTC_l at every block and position.
+
+The scheme is exact rather than approximate. A forward hook on each decoder block takes the block's own
+(fine-tuned) output ``out_FT = x + PTC + FTC``, runs the same block again with its adapters off on the same
+input (``out_PT = x + PTC``) and returns ``lerp(out_PT, out_FT, α) = x + PTC + α·FTC``. ``torch.lerp`` is
+exact at both ends, so α = 1 gives the fine-tuned block bit for bit and α = 0 the pre-trained block.
+
+KV cache. Inside the α-stream the pre-trained block attends to keys/values computed by the pre-trained
+block from the *steered* states, which differ from the fine-tuned block's own keys/values. They are kept in
+the model's cache object itself, in extra layer slots ``n_layers + l``: whatever transformers does to the
+cache during ``generate`` (reset for a new generation, beam reorder, batch expansion, cropping) applies to
+those slots too, so beam search and sampling need no special handling. Where a block allows it (see
+``dual_cache``), the fine-tuned slot then shrinks to the rank-r LoRA inputs, since both blocks see the same
+state and their keys/values differ only by the low-rank delta; elsewhere (sliding-window or static slots,
+k_norm, fused qkv, GPT-2) both slots hold full keys/values (2× plain memory). Every block whose α ≠ 1 runs
+twice per forward.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import numbers
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from typing import Any, Union
+
+import torch
+from torch import nn
+from transformers.cache_utils import DynamicLayer
+
+from .adapters import adapters_disabled, check_adapters, is_switchable
+from .blocks import block_output
+from .dual_cache import LowRankDelta, LowRankSlot
+from .errors import InputError, UnsupportedModelError
+from .introspection import ModelParts, model_parts
+from .state import analysis_state, check_deterministic
+
+Alpha = Union[float, Sequence[float], torch.Tensor]
+
+# Called after every steered block with (layer index, block input, pre-trained output, fine-tuned output).
+BlockObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+_CACHE_ARGUMENT = "past_key_values"
+_steered_models: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def layer_alphas(alpha: Alpha, n_layers: int) -> tuple[float, ...]:
+    """One finite, non-negative α per block, from a scalar or a per-layer sequence."""
+    if isinstance(alpha, torch.Tensor):
+        alpha = alpha.tolist()
+    if isinstance(alpha, bool) or not isinstance(alpha, (numbers.Real, Sequence)) or isinstance(alpha, str):
+        raise InputError(f"alpha must be a number or one number per layer, got {type(alpha).__name__}.")
+    values = [alpha] * n_layers if isinstance(alpha, numbers.Real) else list(alpha)
+    if len(values) != n_layers:
+        raise InputError(
+            f"alpha has {len(values)} values but the model has {n_layers} decoder blocks; pass one value per "
+            "block or a single float."
+        )
+    for index, value in enumerate(values):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise InputError(f"alpha[{index}] must be a number, got {type(value).__name__}.")
+        if not math.isfinite(value) or value < 0:
+            raise InputError(
+                f"alpha[{index}] = {value}: α scales the fine-tuning component and must be finite and ≥ 0 "
+                "(0 = pre-trained blocks, 1 = fine-tuned model, > 1 amplifies the fine-tune)."
+            )
+    return tuple(float(v) for v in values)
+
+
+class _PretrainedSlots:
+    """The model's cache as seen by the pre-trained blocks: block l reads and writes slot ``offset + l``."""
+
+    def __init__(self, cache: Any, offset: int):
+        self._cache = cache
+        self._offset = offset
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        return self._cache.update(key_states, value_states, layer_idx + self._offset, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cache, name)
+
+
+def _prepare_cache(cache: Any, n_layers: int, first_steered: int, deltas: dict[int, LowRankDelta]) -> None:
+    """Give a fresh cache its pre-trained slots (lean ones where ``deltas`` allow); refuse a cache filled
+    without them (outside ``ftc_scale``)."""
+    if not hasattr(cache, "layers") or not hasattr(cache, "layer_class_to_replicate"):
+        raise UnsupportedModelError(
+            f"FTC_α steering keeps the pre-trained blocks' keys/values in extra layers of a transformers Cache; "
+            f"{type(cache).__name__} is not one. Use the default DynamicCache (or StaticCache)."
+        )
+    fixed_layout = cache.layer_class_to_replicate is None
+    if cache.get_seq_length() == 0:
+        if fixed_layout and len(cache.layers) == n_layers:
+            cache.layers.extend([copy.deepcopy(layer) for layer in cache.layers])
+        elif cache.layer_class_to_replicate is DynamicLayer and not cache.layers:
+            cache.layers.extend(DynamicLayer() for _ in range(2 * n_layers))
+        for index, layer in enumerate(cache.layers):
+            if isinstance(layer, LowRankSlot):  # left by an earlier ftc_scale: its delta is no longer recorded
+                cache.layers[index] = DynamicLayer()
+        for index, delta in deltas.items():
+            if len(cache.layers) == 2 * n_layers and type(cache.layers[index]) is DynamicLayer:
+                cache.layers[index] = LowRankSlot(cache.layers[n_layers + index], delta)
+    if fixed_layout and len(cache.layers) != 2 * n_layers:
+        raise UnsupportedModelError(
+            f"the cache has {len(cache.layers)} layers, expected {n_layers} (or {2 * n_layers} with the "
+            "pre-trained slots); pass a cache built for this model."
+        )
+    if cache.get_seq_length(first_steered) != cache.get_seq_length(n_layers + first_steered):
+        raise InputError(
+            "past_key_values holds tokens processed outside ftc_scale (or at another α), so the pre-trained "
+            "blocks have no keys/values for them; start from an empty cache inside the same ftc_scale block."
+        )
+
+
+def _cache_position(layer: nn.Module) -> int | None:
+    """Index of the cache parameter among the layer's positional parameters (GPT-2 passes it positionally)."""
+    names = [
+        name
+        for name, p in inspect.signature(layer.forward).parameters.items()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    return names.index(_CACHE_ARGUMENT) if _CACHE_ARGUMENT in names else None
+
+
+def _find_cache(args: tuple, kwargs: dict[str, Any], position: int | None) -> Any:
+    if _CACHE_ARGUMENT in kwargs:
+        return kwargs[_CACHE_ARGUMENT]
+    if position is not None and len(args) > position:
+        return args[position]
+    return None
+
+
+class _SteeredBlock:
+    """Forward hook of one block: mixes its fine-tuned output with a re-run of the block with adapters off."""
+
+    def __init__(self, index: int, layer: nn.Module, alpha: float, n_layers: int, observer: BlockObserver | None):
+        self.index = index
+        self.layer = layer
+        self.alpha = alpha
+        self.n_layers = n_layers
+        self.observer = observer
+        self.switchable = [m for m in layer.modules() if is_switchable(m)]
+        self.cache_position = _cache_position(layer)
+
+    def _with_pretrained_slots(self, args: tuple, kwargs: dict[str, Any], cache: Any) -> tuple[tuple, dict]:
+        slots = _PretrainedSlots(cache, self.n_layers)
+        if _CACHE_ARGUMENT in kwargs:
+            return args, {**kwargs, _CACHE_ARGUMENT: slots}
+        position = self.cache_position
+        return (*args[:position], slots, *args[position + 1 :]), kwargs
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+        x = args[0] if args else kwargs["hidden_states"]
+        cache = _find_cache(args, kwargs, self.cache_position)
+        if cache is not None:
+            args, kwargs = self._with_pretrained_slots(args, kwargs, cache)
+        with adapters_disabled(self.switchable):
+            pretrained = block_output(self.layer.forward(*args, **kwargs))
+        finetuned = block_output(output)
+        if self.observer is not None:
+            self.observer(self.index, x, pretrained, finetuned)
+        if self.alpha == 1.0:
+            return None
+        steered = torch.lerp(pretrained.float(), finetuned.float(), self.alpha).to(finetuned.dtype)
+        if isinstance(output, tuple):
+            return (steered, *output[1:])
+        return steered
+
+
+def _lean_deltas(parts: ModelParts, steered: list[int], stack: ExitStack) -> dict[int, LowRankDelta]:
+    """Low-rank k/v deltas of the steered blocks that allow a lean cache slot, recording while ``stack`` lives."""
+    deltas = {}
+    for index in steered:
+        delta = LowRankDelta.for_block(parts.layers[index], parts.decoder, parts.config)
+        if delta is not None:
+            deltas[index] = delta
+            for handle in delta.hooks(parts.layers[index]):
+                stack.callback(handle.remove)
+    return deltas
+
+
+@contextmanager
+def steered_forward(model: nn.Module, alpha: Alpha, observer: BlockObserver | None = None) -> Iterator[ModelParts]:
+    """``ftc_scale`` with an optional observer of every block's pre-trained and fine-tuned outputs.
+
+    With an observer, every block runs its pre-trained path (also where α = 1), so the observer sees
+    PTC and FTC of each block on the steered stream.
+    """
+    parts = model_parts(model)
+    check_adapters(parts.causal_lm)
+    check_deterministic(parts.layers)
+    alphas = layer_alphas(alpha, parts.n_layers)
+    if parts.causal_lm in _steered_models:
+        raise InputError(
+            "this model is already inside ftc_scale (or tuco_peft.generate); nesting is not supported. Leave the "
+            "outer block first, or pass per-layer α values to a single ftc_scale."
+        )
+    steered = [i for i, a in enumerate(alphas) if a != 1.0 or observer is not None]
+    with ExitStack() as stack:
+        stack.enter_context(analysis_state(parts.layers))
+        _steered_models.add(parts.causal_lm)
+        stack.callback(_steered_models.discard, parts.causal_lm)
+        if steered:
+            deltas = _lean_deltas(parts, steered, stack)
+            first = parts.layers[0]
+            first_cache_position = _cache_position(first)
+
+            def prepare(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+                cache = _find_cache(args, kwargs, first_cache_position)
+                if cache is not None:
+                    _prepare_cache(cache, parts.n_layers, steered[0], deltas)
+
+            stack.callback(first.register_forward_pre_hook(prepare, with_kwargs=True).remove)
+        for index in steered:
+            layer = parts.layers[index]
+            hook = _SteeredBlock(index, layer, alphas[index], parts.n_layers, observer)
+            stack.callback(layer.register_forward_hook(hook, with_kwargs=True).remove)
+        yield parts
+
+
+@contextmanager
+def ftc_scale(model: nn.Module, alpha: Alpha) -> Iterator[nn.Module]:
+    """Inside the block, every forward of ``model`` follows x_{l+1} = x_l + PTC_l + α_l·FTC_l.
+
+    ``alpha`` is one float for every block or one value per block (≥ 0; 1 = the fine-tuned model, 0 = the
+    pre-trained blocks, which is the base model when embeddings and head carry no adapter). ``model(...)``
+    and ``model.generate(...)`` (greedy, sampling, beam search) work inside; a generation must start from an
+    empty cache inside the block. Hooks and flags are removed on exit, also after an exception; nesting is
+    refused. See the module docstring for the exact scheme and its cost.
+
+    Example::
+
+        with ftc_scale(model, 1.1):
+            out = model.generate(input_ids, max_new_tokens=20)
+    """
+    with steered_forward(model, alpha):
+        yield model
