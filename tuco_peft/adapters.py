@@ -50,7 +50,8 @@ def check_adapters(model: nn.Module) -> None:
     if not lora_layers:
         raise UnsupportedModelError(
             "the model has no LoRA adapters, so there is no fine-tuned component to measure; wrap the base "
-            "model with peft.get_peft_model(...) or PeftModel.from_pretrained(base, adapter_path)."
+            "model with peft.get_peft_model(...) or PeftModel.from_pretrained(base, adapter_path); for a full "
+            "fine-tune pass base_model=<the pre-trained model or its checkpoint path>."
         )
     merged = [name for name, module in lora_layers if module.merged]
     if merged:

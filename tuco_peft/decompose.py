@@ -10,15 +10,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import check_adapters
 from .backend import Backend, LoraLinearRouter, resolve_backend
 from .blocks import PretrainedPath, block_output, gather_rows, pretrained_path
 from .decomposition import Decomposition
 from .errors import UnsupportedModelError
 from .inputs import Batch, Positions, prepare_batch
 from .introspection import ModelParts, model_parts
-from .pretrained import PretrainedBlocks, pretrained_blocks
-from .state import analysis_state, check_deterministic
+from .pretrained import PretrainedBlocks, analysis_states, checked_pretrained_blocks
 
 
 class _BlockProbe:
@@ -129,12 +127,7 @@ def decompose(
             or ``"triton"``; ``None`` reads the ``TUCO_PEFT_BACKEND`` environment variable.
     """
     parts = model_parts(model)
-    if base_model is None:
-        check_adapters(parts.causal_lm)
-    check_deterministic(parts.layers)
-    source = pretrained_blocks(parts, base_model)
-    if isinstance(base_model, nn.Module):
-        check_deterministic(source.layers)
+    source = checked_pretrained_blocks(parts, base_model)
     batch = prepare_batch(input_ids, attention_mask, positions, _input_device(parts))
     router = LoraLinearRouter(resolve_backend(backend, batch.input_ids.device))
     probes = [
@@ -149,7 +142,7 @@ def decompose(
         for i, layer in enumerate(parts.layers)
     ]
     with ExitStack() as stack:
-        stack.enter_context(analysis_state(parts.layers))
+        stack.enter_context(analysis_states(parts, source))
         for probe in probes:
             stack.enter_context(probe.attached())
         parts.decoder(

@@ -8,6 +8,7 @@ is ever re-run.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -79,14 +80,19 @@ def generate(
     attention_mask: torch.Tensor | None = None,
     *,
     alpha: Alpha = 1.0,
+    base_model: nn.Module | str | Path | None = None,
     **generate_kwargs: Any,
 ) -> SteeredGeneration:
-    """``model.generate`` under ``ftc_scale(model, alpha)``, with the TuCo of every generated token.
+    """``model.generate`` under ``ftc_scale(model, alpha, base_model=base_model)``, with the TuCo of every
+    generated token.
 
-    At α = 1 (default) ``tuco[:, k]`` equals ``decompose(model, prefix).tuco`` for the prefix that
-    precedes new token k. At α ≠ 1 it is TuCo of the steered trajectory with the fine-tuning component
-    as applied: ‖Σ_l α_l·FTC_l‖₁ / (‖Σ_l PTC_l‖₁ + ‖Σ_l α_l·FTC_l‖₁), with PTC_l, FTC_l taken at the
-    steered states x_l (so α = 0 gives 0: the fine-tune contributes nothing).
+    ``base_model`` is the pre-trained model of a full fine-tune (loaded, or a safetensors checkpoint
+    path), as in ``decompose``; omit it for adapter fine-tunes.
+
+    At α = 1 (default) ``tuco[:, k]`` equals ``decompose(model, prefix, base_model=base_model).tuco`` for
+    the prefix that precedes new token k. At α ≠ 1 it is TuCo of the steered trajectory with the
+    fine-tuning component as applied: ‖Σ_l α_l·FTC_l‖₁ / (‖Σ_l PTC_l‖₁ + ‖Σ_l α_l·FTC_l‖₁), with PTC_l,
+    FTC_l taken at the steered states x_l (so α = 0 gives 0: the fine-tune contributes nothing).
 
     Prompts must be left-padded (as for any batched decoder-only generation). Beam search is refused
     here, because beams are reordered after the TuCo of a step is taken; use
@@ -105,7 +111,7 @@ def generate(
             "(tokenizer.padding_side = 'left'), so that every prompt ends at the last column."
         )
     recorder = _LastTokenTuCo(layer_alphas(alpha, parts.n_layers))
-    with steered_forward(model, alpha, observer=recorder), torch.no_grad():
+    with steered_forward(model, alpha, observer=recorder, base_model=base_model), torch.no_grad():
         output = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **generate_kwargs)
     sequences = output if isinstance(output, torch.Tensor) else output.sequences
     new_tokens = sequences[:, batch.input_ids.shape[1] :]

@@ -19,8 +19,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from .adapters import check_adapters
 from .errors import UnsupportedModelError
 from .introspection import ModelParts, model_parts
+from .state import analysis_state, check_deterministic
 
 
 class _ResidentBlocks:
@@ -159,3 +161,26 @@ def pretrained_blocks(parts: ModelParts, base_model: nn.Module | str | Path | No
             )
         return StreamedBlocks(parts, path)
     return ModelBlocks(parts, model_parts(base_model))
+
+
+def checked_pretrained_blocks(parts: ModelParts, base_model: nn.Module | str | Path | None) -> PretrainedBlocks:
+    """Resolve ``base_model`` after the checks every analysis needs: LoRA adapters that can be switched off
+    (adapter fine-tunes), and no train-mode dropout in the blocks of either model."""
+    if base_model is None:
+        check_adapters(parts.causal_lm)
+    check_deterministic(parts.layers)
+    source = pretrained_blocks(parts, base_model)
+    if isinstance(source, ModelBlocks):
+        check_deterministic(source.layers)
+    return source
+
+
+@contextmanager
+def analysis_states(parts: ModelParts, source: PretrainedBlocks) -> Iterator[None]:
+    """``state.analysis_state`` for the fine-tuned blocks and, when it is another loaded model, the base's."""
+    with analysis_state(parts.layers):
+        if isinstance(source, ModelBlocks):
+            with analysis_state(source.layers):
+                yield
+        else:
+            yield

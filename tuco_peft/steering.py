@@ -14,6 +14,14 @@ those slots too, so beam search and sampling need no special handling. Where a b
 state and their keys/values differ only by the low-rank delta; elsewhere (sliding-window or static slots,
 k_norm, fused qkv, GPT-2) both slots hold full keys/values (2× plain memory). Every block whose α ≠ 1 runs
 twice per forward.
+
+Full fine-tunes (``base_model=``). The pre-trained block of layer l is then block l of the base model,
+loaded or streamed from its safetensors checkpoint (``pretrained.pretrained_blocks``), run on the same
+steered state with its own keys/values in slot ``n_layers + l``. The fine-tuned slot holds the fine-tuned
+block's full keys/values (the two differ by a full-rank delta), so the cache is 2× plain. Embedding, final
+norm and head stay the fine-tuned model's: α = 0 is "fine-tuned embeddings and head around the base
+blocks", which is the base model only where the two share those weights. A streamed base reads every
+steered block from disk at every forward: memory of one model plus one block, at the price of that I/O.
 """
 
 from __future__ import annotations
@@ -25,18 +33,19 @@ import numbers
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
 from typing import Any, Union
 
 import torch
 from torch import nn
 from transformers.cache_utils import DynamicLayer
 
-from .adapters import adapters_disabled, check_adapters, is_switchable
+from .adapters import adapters_disabled, is_switchable
 from .blocks import block_output
 from .dual_cache import LowRankDelta, LowRankSlot
 from .errors import InputError, UnsupportedModelError
 from .introspection import ModelParts, model_parts
-from .state import analysis_state, check_deterministic
+from .pretrained import PretrainedBlocks, analysis_states, checked_pretrained_blocks
 
 Alpha = Union[float, Sequence[float], torch.Tensor]
 
@@ -71,14 +80,18 @@ def layer_alphas(alpha: Alpha, n_layers: int) -> tuple[float, ...]:
 
 
 class _PretrainedSlots:
-    """The model's cache as seen by the pre-trained blocks: block l reads and writes slot ``offset + l``."""
+    """The model's cache as seen by the pre-trained block of layer l: its keys/values go to slot ``n_layers + l``.
 
-    def __init__(self, cache: Any, offset: int):
+    The slot is fixed by the block's position, not by the ``layer_idx`` its attention passes, so a base
+    model's block (loaded or streamed) lands in the right slot whatever index it was built with.
+    """
+
+    def __init__(self, cache: Any, slot: int):
         self._cache = cache
-        self._offset = offset
+        self._slot = slot
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        return self._cache.update(key_states, value_states, layer_idx + self._offset, *args, **kwargs)
+        return self._cache.update(key_states, value_states, self._slot, *args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._cache, name)
@@ -135,19 +148,28 @@ def _find_cache(args: tuple, kwargs: dict[str, Any], position: int | None) -> An
 
 
 class _SteeredBlock:
-    """Forward hook of one block: mixes its fine-tuned output with a re-run of the block with adapters off."""
+    """Forward hook of one block: mixes its fine-tuned output with its pre-trained block's output on the same
+    input (the block itself with adapters off, or the base model's block)."""
 
-    def __init__(self, index: int, layer: nn.Module, alpha: float, n_layers: int, observer: BlockObserver | None):
+    def __init__(
+        self,
+        index: int,
+        layer: nn.Module,
+        source: PretrainedBlocks,
+        alpha: float,
+        n_layers: int,
+        observer: BlockObserver | None,
+    ):
         self.index = index
-        self.layer = layer
+        self.source = source
         self.alpha = alpha
         self.n_layers = n_layers
         self.observer = observer
-        self.switchable = [m for m in layer.modules() if is_switchable(m)]
+        self.switchable = [] if source.separate_model else [m for m in layer.modules() if is_switchable(m)]
         self.cache_position = _cache_position(layer)
 
     def _with_pretrained_slots(self, args: tuple, kwargs: dict[str, Any], cache: Any) -> tuple[tuple, dict]:
-        slots = _PretrainedSlots(cache, self.n_layers)
+        slots = _PretrainedSlots(cache, self.n_layers + self.index)
         if _CACHE_ARGUMENT in kwargs:
             return args, {**kwargs, _CACHE_ARGUMENT: slots}
         position = self.cache_position
@@ -158,8 +180,9 @@ class _SteeredBlock:
         cache = _find_cache(args, kwargs, self.cache_position)
         if cache is not None:
             args, kwargs = self._with_pretrained_slots(args, kwargs, cache)
-        with adapters_disabled(self.switchable):
-            pretrained = block_output(self.layer.forward(*args, **kwargs))
+        # ``forward``, not the module call: for an adapter fine-tune the block is the hooked block itself.
+        with self.source.block(self.index) as block, adapters_disabled(self.switchable):
+            pretrained = block_output(block.forward(*args, **kwargs))
         finetuned = block_output(output)
         if self.observer is not None:
             self.observer(self.index, x, pretrained, finetuned)
@@ -184,16 +207,21 @@ def _lean_deltas(parts: ModelParts, steered: list[int], stack: ExitStack) -> dic
 
 
 @contextmanager
-def steered_forward(model: nn.Module, alpha: Alpha, observer: BlockObserver | None = None) -> Iterator[ModelParts]:
+def steered_forward(
+    model: nn.Module,
+    alpha: Alpha,
+    observer: BlockObserver | None = None,
+    *,
+    base_model: nn.Module | str | Path | None = None,
+) -> Iterator[ModelParts]:
     """``ftc_scale`` with an optional observer of every block's pre-trained and fine-tuned outputs.
 
     With an observer, every block runs its pre-trained path (also where α = 1), so the observer sees
     PTC and FTC of each block on the steered stream.
     """
     parts = model_parts(model)
-    check_adapters(parts.causal_lm)
-    check_deterministic(parts.layers)
     alphas = layer_alphas(alpha, parts.n_layers)
+    source = checked_pretrained_blocks(parts, base_model)
     if parts.causal_lm in _steered_models:
         raise InputError(
             "this model is already inside ftc_scale (or tuco_peft.generate); nesting is not supported. Leave the "
@@ -201,11 +229,11 @@ def steered_forward(model: nn.Module, alpha: Alpha, observer: BlockObserver | No
         )
     steered = [i for i, a in enumerate(alphas) if a != 1.0 or observer is not None]
     with ExitStack() as stack:
-        stack.enter_context(analysis_state(parts.layers))
+        stack.enter_context(analysis_states(parts, source))
         _steered_models.add(parts.causal_lm)
         stack.callback(_steered_models.discard, parts.causal_lm)
         if steered:
-            deltas = _lean_deltas(parts, steered, stack)
+            deltas = {} if source.separate_model else _lean_deltas(parts, steered, stack)
             first = parts.layers[0]
             first_cache_position = _cache_position(first)
 
@@ -217,13 +245,15 @@ def steered_forward(model: nn.Module, alpha: Alpha, observer: BlockObserver | No
             stack.callback(first.register_forward_pre_hook(prepare, with_kwargs=True).remove)
         for index in steered:
             layer = parts.layers[index]
-            hook = _SteeredBlock(index, layer, alphas[index], parts.n_layers, observer)
+            hook = _SteeredBlock(index, layer, source, alphas[index], parts.n_layers, observer)
             stack.callback(layer.register_forward_hook(hook, with_kwargs=True).remove)
         yield parts
 
 
 @contextmanager
-def ftc_scale(model: nn.Module, alpha: Alpha) -> Iterator[nn.Module]:
+def ftc_scale(
+    model: nn.Module, alpha: Alpha, *, base_model: nn.Module | str | Path | None = None
+) -> Iterator[nn.Module]:
     """Inside the block, every forward of ``model`` follows x_{l+1} = x_l + PTC_l + α_l·FTC_l.
 
     ``alpha`` is one float for every block or one value per block (≥ 0; 1 = the fine-tuned model, 0 = the
@@ -232,10 +262,17 @@ def ftc_scale(model: nn.Module, alpha: Alpha) -> Iterator[nn.Module]:
     empty cache inside the block. Hooks and flags are removed on exit, also after an exception; nesting is
     refused. See the module docstring for the exact scheme and its cost.
 
+    ``base_model``: for a full fine-tune (no adapters needed), the pre-trained model, loaded (same
+    architecture and size) or the path of its safetensors checkpoint, streamed one block at a time. Its
+    block l is the pre-trained block of layer l; embedding, final norm and head remain ``model``'s, so α = 0
+    gives the base blocks under the fine-tuned embeddings and head (the base model only where those agree).
+
     Example::
 
         with ftc_scale(model, 1.1):
             out = model.generate(input_ids, max_new_tokens=20)
+        with ftc_scale(chat_model, 1.1, base_model="path/to/base"):
+            out = chat_model.generate(input_ids, max_new_tokens=20)
     """
-    with steered_forward(model, alpha):
+    with steered_forward(model, alpha, base_model=base_model):
         yield model
