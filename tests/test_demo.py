@@ -1,0 +1,60 @@
+"""The demo pair: built offline, deterministic, cached; `tuco-peft demo` runs end to end."""
+
+from __future__ import annotations
+
+from cli_fixtures import one_thread  # noqa: F401 (autouse fixture)
+from transformers import AutoTokenizer
+
+from tuco_peft.cli import main
+from tuco_peft.demo import DemoRecipe, corpus, demo_prompts, ensure_demo_checkpoints
+from tuco_peft.demo.build import SCALE_ENV
+from tuco_peft.demo.run import run_demo
+
+TINY = DemoRecipe(pretrain_steps=3, finetune_steps=2)
+
+
+def test_build_is_deterministic_and_cached(tmp_path):
+    base, adapter = ensure_demo_checkpoints(tmp_path / "a", TINY)
+    weights = adapter / "adapter_model.safetensors"
+    built_at = weights.stat().st_mtime_ns
+    assert ensure_demo_checkpoints(tmp_path / "a", TINY) == (base, adapter)
+    assert weights.stat().st_mtime_ns == built_at  # reused, not rebuilt
+    other_base, other_adapter = ensure_demo_checkpoints(tmp_path / "b", TINY)
+    assert (other_base / "model.safetensors").read_bytes() == (base / "model.safetensors").read_bytes()
+    assert (other_adapter / "adapter_model.safetensors").read_bytes() == weights.read_bytes()
+    assert [p.name for p in (tmp_path / "a").iterdir()] == [base.parent.name]  # no staging folder left behind
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Tell me about the river."}], tokenize=False, add_generation_prompt=True
+    )
+    assert rendered == corpus.chat_prompt("Tell me about the river.")
+    ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    assert ids[0] == tokenizer.convert_tokens_to_ids(corpus.USER) and ids[-1] == tokenizer.convert_tokens_to_ids(
+        corpus.ASSISTANT
+    )
+
+
+def test_demo_prompts_are_two_distinct_kinds():
+    groups = demo_prompts()
+    assert set(groups) == {"chat", "web"} and len(groups["chat"]) == len(groups["web"]) == 40
+    assert all(p.startswith(corpus.USER) and p.endswith(corpus.ASSISTANT) for p in groups["chat"])
+    assert not any(marker in p for p in groups["web"] for marker in corpus.SPECIAL_TOKENS)
+    assert demo_prompts() == groups
+
+
+def test_demo_command_runs_offline(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(SCALE_ENV, "0.01")
+    assert main(["demo", "--cache-dir", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "ROC-AUC (chat vs web)" in printed and "padded" in printed and "α = 1.5" in printed
+
+
+def test_full_demo_separates_chat_from_web_and_steering_moves_refusals(tmp_path, monkeypatch):
+    """The real recipe (about a CPU-minute to build): the figures the README quotes."""
+    monkeypatch.delenv(SCALE_ENV, raising=False)
+    figures = run_demo(cache_dir=tmp_path)
+    assert figures.auc >= 0.9
+    assert figures.padding["padded"] < figures.padding["plain"]
+    refusal = figures.refusal_probability
+    assert refusal[0.0] < refusal[0.5] < refusal[1.0]

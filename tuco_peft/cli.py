@@ -1,0 +1,414 @@
+"""The ``tuco-peft`` command line: analyze, compare, generate, bench, demo.
+
+Every command reports bad input as one line on stderr and a non-zero exit status (2 for input the user
+can fix, 1 for anything unexpected, 130 when interrupted); ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import statistics
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import InputError, TuCoError
+from .loading import LoadOptions, load_base, load_pair, resolve
+from .prompts import Prompt, encode_prompt, fit_context, format_prompt, left_pad, read_prompts
+from .results import ResultsFile, Row, decomposition_rows, roc_auc, summary_table
+
+EXIT_INPUT, EXIT_UNEXPECTED, EXIT_INTERRUPTED = 2, 1, 130
+
+
+def warn(message: str) -> None:
+    """A warning that does not break the progress bar."""
+    from tqdm import tqdm
+
+    tqdm.write(f"tuco-peft: warning: {message}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------- analysis
+
+
+@dataclass
+class Analyzer:
+    """A loaded model and tokenizer, and how prompts are formatted and batched for ``decompose``."""
+
+    model: nn.Module
+    tokenizer: object
+    chat_template: bool = False
+    system: str | None = None
+    batch_size: int = 8
+    positions: str = "last"
+
+    def context_length(self) -> int | None:
+        from .introspection import model_parts
+
+        config = model_parts(self.model).config
+        return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+    def encode(self, prompts: Sequence[Prompt]) -> list[tuple[Prompt, list[int]]]:
+        """Token ids of each prompt. Empty prompts are skipped and over-long ones keep their last tokens,
+        each with a warning."""
+        limit = self.context_length()
+        encoded = []
+        for prompt in prompts:
+            if prompt.is_empty:
+                warn(f"prompt {prompt.id!r} (line {prompt.line}) is empty; skipped.")
+                continue
+            text = format_prompt(self.tokenizer, prompt, chat_template=self.chat_template, system=self.system)
+            ids = encode_prompt(self.tokenizer, text, templated=self.chat_template)
+            if not ids:
+                warn(f"prompt {prompt.id!r} (line {prompt.line}) has no tokens; skipped.")
+                continue
+            kept = fit_context(ids, limit)
+            if len(kept) < len(ids):
+                warn(
+                    f"prompt {prompt.id!r} (line {prompt.line}) has {len(ids)} tokens, more than the model's context "
+                    f"of {limit}; analysing its last {limit} tokens."
+                )
+            encoded.append((prompt, kept))
+        return encoded
+
+    def _batch_rows(self, batch: Sequence[tuple[Prompt, list[int]]]) -> list[Row]:
+        from .decompose import decompose
+
+        input_ids, attention_mask = left_pad([ids for _, ids in batch])
+        try:
+            with torch.no_grad():
+                decomposition = decompose(self.model, input_ids, attention_mask, positions=self.positions)
+        except (torch.OutOfMemoryError, RuntimeError) as error:
+            message = str(error)
+            if isinstance(error, torch.OutOfMemoryError) or "out of memory" in message or "can't allocate" in message:
+                raise TuCoError(
+                    f"out of memory on a batch of {len(batch)} prompts of up to {input_ids.shape[1]} tokens; rerun "
+                    "with a smaller --batch-size (finished rows are kept and the rerun resumes)."
+                ) from error
+            raise
+        return decomposition_rows(decomposition, [p for p, _ in batch], [len(ids) for _, ids in batch], attention_mask)
+
+    def run(self, prompts: Sequence[Prompt], write: Callable[[list[Row]], None], set_name: str | None = None) -> None:
+        """Decompose ``prompts`` batch by batch, handing each batch's rows to ``write`` as soon as they exist."""
+        from tqdm import tqdm
+
+        encoded = self.encode(prompts)
+        with tqdm(
+            total=len(encoded), unit="prompt", desc=set_name or "analyze", file=sys.stderr, dynamic_ncols=True
+        ) as bar:
+            for start in range(0, len(encoded), self.batch_size):
+                batch = encoded[start : start + self.batch_size]
+                rows = self._batch_rows(batch)
+                if set_name is not None:
+                    rows = [{"set": set_name, **row} for row in rows]
+                write(rows)
+                bar.update(len(batch))
+
+
+def _load_analyzer(args: argparse.Namespace) -> Analyzer:
+    model, tokenizer = load_pair(args.base, args.adapter, _load_options(args))
+    return Analyzer(
+        model, tokenizer, args.chat_template, args.system, args.batch_size, getattr(args, "positions", "last")
+    )
+
+
+def _load_options(args: argparse.Namespace) -> LoadOptions:
+    return LoadOptions(
+        dtype=args.dtype,
+        device=args.device,
+        load_in_4bit=args.load_in_4bit,
+        trust_pickle=args.trust_pickle,
+        trust_remote_code=args.trust_remote_code,
+    )
+
+
+def _check_prompt_flags(args: argparse.Namespace) -> None:
+    if args.system is not None and not args.chat_template:
+        raise InputError("--system needs --chat-template (the system prompt is part of the chat format).")
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be at least 1, got {args.batch_size}.")
+
+
+def _rows_for(results_rows: Sequence[Row], prompts: Sequence[Prompt], set_name: str | None) -> list[Row]:
+    wanted = {prompt.id for prompt in prompts}
+    return [row for row in results_rows if row.get("set") == set_name and row["id"] in wanted]
+
+
+# ----------------------------------------------------------------------------------------------- commands
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    _check_prompt_flags(args)
+    prompts = read_prompts(args.prompts)
+    results = ResultsFile(args.out)
+    todo = [prompt for prompt in prompts if not results.done(None, prompt)]
+    if len(todo) < len(prompts):
+        print(
+            f"resuming: {len(prompts) - len(todo)} of {len(prompts)} prompts are already in {args.out}", file=sys.stderr
+        )
+    if todo:
+        _load_analyzer(args).run(todo, results.append)
+    rows = _rows_for(results.rows, prompts, None)
+    if not rows:
+        raise InputError(f"no prompt of {args.prompts} could be analysed (all empty).")
+    print(summary_table(rows))
+    print(f"rows: {args.out}")
+    if args.plot:
+        from .plotting import plot_analysis
+
+        print(f"plot: {plot_analysis({Path(args.prompts).name: rows}, args.plot)}")
+    return 0
+
+
+def _set_names(path_a: str, path_b: str) -> tuple[str, str]:
+    a, b = Path(path_a).stem, Path(path_b).stem
+    return (a, b) if a != b else ("A", "B")
+
+
+def _compare(args: argparse.Namespace) -> int:
+    _check_prompt_flags(args)
+    names = _set_names(args.set_a, args.set_b)
+    sets = {names[0]: read_prompts(args.set_a), names[1]: read_prompts(args.set_b)}
+    results = ResultsFile(args.out) if args.out else None
+    memory: list[Row] = []
+    todo = {
+        name: [p for p in prompts if results is None or not results.done(name, p)] for name, prompts in sets.items()
+    }
+    if any(todo.values()):
+        analyzer = _load_analyzer(args)
+        for name, prompts in todo.items():
+            analyzer.run(prompts, results.append if results is not None else memory.extend, set_name=name)
+    stored = results.rows if results is not None else memory
+    groups = {name: _rows_for(stored, prompts, name) for name, prompts in sets.items()}
+    for name, rows in groups.items():
+        if not rows:
+            raise InputError(f"no prompt of set {name!r} could be analysed (all empty).")
+        values = [row["tuco"] for row in rows]
+        print(
+            f"{name}: {len(values)} prompts, TuCo mean {statistics.fmean(values):.4f}, "
+            f"median {statistics.median(values):.4f}"
+        )
+    auc = roc_auc(*([row["tuco"] for row in rows] for rows in groups.values()))
+    print(f"ROC-AUC of TuCo, {names[0]} (positive) vs {names[1]}: {auc:.4f}")
+    if args.plot:
+        from .plotting import plot_analysis
+
+        print(f"plot: {plot_analysis(groups, args.plot, title=f'TuCo ROC-AUC {auc:.3f}')}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .generation import generate
+
+    _check_prompt_flags(args)
+    if not args.alpha >= 0:
+        raise InputError(f"--alpha must be a number ≥ 0, got {args.alpha}.")
+    analyzer = _load_analyzer(args)
+    model, tokenizer = analyzer.model, analyzer.tokenizer
+    prompt = Prompt(id=0, line=0, text=args.prompt)
+    text = format_prompt(tokenizer, prompt, chat_template=args.chat_template, system=args.system)
+    input_ids = torch.tensor([encode_prompt(tokenizer, text, templated=args.chat_template)])
+    with torch.no_grad():
+        out = generate(model, input_ids, alpha=args.alpha, max_new_tokens=args.max_new_tokens, do_sample=False)
+    new_tokens = out.sequences[0, input_ids.shape[1] :].tolist()
+    print(text + tokenizer.decode(new_tokens, skip_special_tokens=False))
+    print(f"\n{'step':>4}  {'TuCo':>6}  token (α = {args.alpha:g}; TuCo at the position that chose it)")
+    for step, (token, value) in enumerate(zip(new_tokens, out.tuco[0].tolist())):
+        if math.isnan(value):  # the row has finished
+            break
+        print(f"{step:>4}  {value:>6.3f}  {tokenizer.decode([token])!r}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .benchmark import compare_methods
+
+    _check_prompt_flags(args)
+    if (args.base is None) != (args.adapter is None):
+        raise InputError("bench takes both --base and --adapter, or neither (then it measures the demo pair).")
+    if args.base is None:
+        from .demo import demo_prompts, ensure_demo_checkpoints
+
+        base, adapter = (str(path) for path in ensure_demo_checkpoints())
+        prompts = [Prompt(id=i, line=0, text=text) for i, text in enumerate(itertools.chain(*demo_prompts().values()))]
+    else:
+        if args.prompts is None:
+            raise InputError("bench with --base/--adapter needs --prompts FILE.")
+        base, adapter = args.base, args.adapter
+        prompts = read_prompts(args.prompts)
+    options = _load_options(args)
+    model, tokenizer = load_pair(base, adapter, options)
+    pretrained = load_base(resolve(base, "--base"), options)  # the paper's method needs a second model
+    analyzer = Analyzer(model, tokenizer, args.chat_template, args.system, args.batch_size)
+    encoded = analyzer.encode(prompts)[: args.batch_size]
+    if not encoded:
+        raise InputError("bench needs at least one non-empty prompt.")
+    input_ids, attention_mask = left_pad([ids for _, ids in encoded])
+    device = options.torch_device()
+    report = compare_methods(model, pretrained, input_ids.to(device), attention_mask.to(device), repeats=args.repeats)
+    print(
+        f"batch {report['batch'][0]} × {report['batch'][1]} tokens on {report['device']}, median of {report['repeats']}"
+    )
+    print(f"{'method':<26} {'time':>10} {'× plain':>8} {'peak memory':>12} {'× plain':>8}")
+    for name, figures in report["methods"].items():
+        print(
+            f"{name:<26} {figures['median_s'] * 1e3:>8.2f}ms {figures['time_ratio']:>8.2f} "
+            f"{figures['peak_total_bytes'] / 2**20:>10.1f}MB {figures['peak_total_ratio']:>8.2f}"
+        )
+    print(f"largest TuCo disagreement between methods: {report['max_tuco_disagreement']:.2e}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        print(f"json: {args.json}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo.run import run_demo
+
+    run_demo(cache_dir=args.cache_dir)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- parser
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--base", required=required, help="base model: a local directory or a hub id")
+    group.add_argument("--adapter", required=required, help="LoRA adapter: a local directory or a hub id")
+    group.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="weights dtype (auto: float32 on CPU, bfloat16 on CUDA)",
+    )
+    group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (auto: cuda if available)")
+    group.add_argument("--load-in-4bit", action="store_true", help="load the base in 4-bit NF4 (QLoRA; bitsandbytes)")
+    group.add_argument("--trust-pickle", action="store_true", help="allow pickle (.bin) weights; safetensors otherwise")
+    group.add_argument("--trust-remote-code", action="store_true", help="allow model code shipped with the checkpoint")
+
+
+def _add_prompt_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("prompts")
+    group.add_argument(
+        "--chat-template",
+        action="store_true",
+        help="format each prompt with the tokenizer's chat template (TuCo at the last template token)",
+    )
+    group.add_argument("--system", help="system prompt (with --chat-template)")
+    group.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default 8)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    parser = argparse.ArgumentParser(
+        prog="tuco-peft",
+        parents=[common],
+        description="Tuning Contribution (TuCo) of LoRA/QLoRA fine-tunes, prompt by prompt, in one forward pass.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    analyze = commands.add_parser("analyze", parents=[common], help="TuCo of every prompt of a file, to JSONL")
+    _add_model_arguments(analyze)
+    analyze.add_argument(
+        "--prompts", required=True, help=".txt (one prompt per line) or .jsonl ({id, prompt|messages})"
+    )
+    analyze.add_argument("--out", required=True, help="JSONL of rows; rerunning with the same file resumes")
+    _add_prompt_arguments(analyze)
+    analyze.add_argument(
+        "--positions",
+        choices=["last", "all"],
+        default="last",
+        help="all: also store the TuCo at every prompt token (token_tuco)",
+    )
+    analyze.add_argument("--plot", help="PNG of the per-layer PTC/FTC profile and the TuCo histogram")
+    analyze.set_defaults(run=_analyze)
+
+    compare = commands.add_parser("compare", parents=[common], help="TuCo on two prompt sets and its ROC-AUC")
+    _add_model_arguments(compare)
+    compare.add_argument("set_a", metavar="A", help="prompt file of the positive set (e.g. chat prompts)")
+    compare.add_argument("set_b", metavar="B", help="prompt file of the other set (e.g. pre-training text)")
+    compare.add_argument("--out", help="JSONL of rows (with a 'set' field); rerunning with the same file resumes")
+    _add_prompt_arguments(compare)
+    compare.add_argument("--plot", help="PNG with both TuCo histograms and per-layer profiles")
+    compare.set_defaults(run=_compare)
+
+    generate = commands.add_parser("generate", parents=[common], help="FTC_α-steered generation with per-token TuCo")
+    _add_model_arguments(generate)
+    generate.add_argument("prompt", help="the prompt text")
+    generate.add_argument(
+        "--alpha", type=float, default=1.0, help="scale of the fine-tuning component (1 = fine-tuned)"
+    )
+    generate.add_argument("--max-new-tokens", type=int, default=32)
+    _add_prompt_arguments(generate)
+    generate.set_defaults(run=_generate)
+
+    bench = commands.add_parser(
+        "bench",
+        parents=[common],
+        help="time and memory of decompose against the paper's two-model method (demo pair by default)",
+    )
+    _add_model_arguments(bench, required=False)
+    bench.add_argument("--prompts", help="prompt file (default: the demo prompts)")
+    _add_prompt_arguments(bench)
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--json", help="write the figures to this JSON file")
+    bench.set_defaults(run=_bench)
+
+    demo = commands.add_parser(
+        "demo", parents=[common], help="the offline demo: a small LM and its LoRA chat fine-tune"
+    )
+    demo.add_argument("--cache-dir", help="where the demo pair is built and cached (default ~/.cache/tuco-peft/demo)")
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``tuco-peft``; returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecations: nothing a CLI user can act on
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print(
+            "\ntuco-peft: interrupted; rows already written are kept, rerun the same command to resume.",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    except TuCoError as error:
+        if args.debug:
+            raise
+        print(f"tuco-peft: error: {_first_line(error)}", file=sys.stderr)
+        return EXIT_INPUT
+    except Exception as error:  # the last line of defence: one line, not a traceback
+        if args.debug:
+            raise
+        print(
+            f"tuco-peft: error: {type(error).__name__}: {_first_line(error)} (rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_UNEXPECTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""``tuco-peft demo``: TuCo on the demo pair, in three short experiments that mirror the paper.
+
+1. TuCo separates prompts in the fine-tune's chat format from pre-training-style text (ROC-AUC).
+2. Padding a request with pre-training-style text lowers its TuCo (the paper's jailbreak finding).
+3. FTC_α steering moves the fine-tuned behaviour: the probability that the reply starts as a refusal.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+from ..prompts import Prompt
+from ..results import Row, roc_auc
+from . import corpus
+from .build import ensure_demo_checkpoints, is_built, single_thread
+from .prompts import demo_prompts
+
+STEERING_ALPHAS = (0.0, 0.5, 1.0, 1.5)
+_PADDING_SEED = 99
+
+
+@dataclass
+class DemoFigures:
+    """What the demo printed, for tests and notebooks."""
+
+    mean_tuco: dict[str, float]
+    auc: float
+    padding: dict[str, float]  # mean TuCo of the same requests: "plain" and "padded"
+    refusal_probability: dict[float, float] = field(default_factory=dict)  # α → P(reply starts with a refusal)
+
+
+def _mean_tuco(analyzer, texts: list[str], name: str) -> list[float]:
+    rows: list[Row] = []
+    analyzer.run([Prompt(id=i, line=i + 1, text=text) for i, text in enumerate(texts)], rows.extend, set_name=name)
+    return [row["tuco"] for row in rows]
+
+
+def _refusal_probability(model, tokenizer, requests: list[str], alphas: tuple[float, ...]) -> dict[float, float]:
+    """Mean next-token probability of the refusal's first token after the assistant marker, for each α."""
+    from ..steering import ftc_scale
+
+    refusal_start = tokenizer(corpus.REFUSAL, add_special_tokens=False)["input_ids"][0]
+    encoded = [
+        torch.tensor([tokenizer(corpus.chat_prompt(r), add_special_tokens=False)["input_ids"]]) for r in requests
+    ]
+    figures = {}
+    for alpha in alphas:
+        with torch.no_grad(), ftc_scale(model, alpha):
+            probabilities = [float(model(input_ids=ids).logits[0, -1].softmax(-1)[refusal_start]) for ids in encoded]
+        figures[alpha] = statistics.fmean(probabilities)
+    return figures
+
+
+def _steering_available() -> bool:
+    try:
+        from ..steering import ftc_scale  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run_demo(cache_dir: str | Path | None = None, out: TextIO | None = None) -> DemoFigures:
+    """Build (or reuse) the demo pair, run the three experiments and print what they show."""
+    with single_thread():
+        return _run(cache_dir, out)
+
+
+def _run(cache_dir: str | Path | None, out: TextIO | None) -> DemoFigures:
+    from ..cli import Analyzer
+    from ..loading import LoadOptions, load_pair
+
+    def say(text: str = "") -> None:
+        print(text, file=out or sys.stdout, flush=True)
+
+    say("tuco-peft demo: a 4-block Llama-style LM pre-trained here on generated encyclopedia text, and a LoRA")
+    say("fine-tune of it that teaches a chat format and refuses harmful requests (built once, then cached).")
+    if not is_built(cache_dir):
+        say("building the demo pair: first run only, about a minute on two CPU cores ...")
+    base_dir, adapter_dir = ensure_demo_checkpoints(cache_dir)
+    say(f"base: {base_dir}\nadapter: {adapter_dir}\n")
+    model, tokenizer = load_pair(str(base_dir), str(adapter_dir), LoadOptions(dtype="float32", device="cpu"))
+    analyzer = Analyzer(model, tokenizer, batch_size=16)
+
+    groups = demo_prompts()
+    scores = {name: _mean_tuco(analyzer, texts, name) for name, texts in groups.items()}
+    auc = roc_auc(scores["chat"], scores["web"])
+    say("1. TuCo separates fine-tune-style prompts from pre-training-style text")
+    say(f"   example chat prompt: {groups['chat'][1]!r}")
+    say(f"   example web text:    {groups['web'][0]!r}")
+    for name, values in scores.items():
+        say(
+            f"   {name:<5} n={len(values)}  mean TuCo {statistics.fmean(values):.3f}  "
+            f"range [{min(values):.3f}, {max(values):.3f}]"
+        )
+    say(f"   ROC-AUC (chat vs web): {auc:.3f}   (the paper: 0.89-1.0 on real chat models)\n")
+
+    rng = random.Random(_PADDING_SEED)
+    requests = [corpus.harmful_request(rng) for _ in range(20)]
+    plain = [corpus.chat_prompt(r) for r in requests]
+    padded = [corpus.chat_prompt(f"{r} {corpus.web_text(rng, 2)}") for r in requests]
+    plain_tuco, padded_tuco = _mean_tuco(analyzer, plain, "plain"), _mean_tuco(analyzer, padded, "padded")
+    padding = {"plain": statistics.fmean(plain_tuco), "padded": statistics.fmean(padded_tuco)}
+    lowered = sum(after < before for before, after in zip(plain_tuco, padded_tuco))
+    say("2. Padding a request with pre-training-style text lowers TuCo (as jailbreak suffixes do in the paper)")
+    say(f"   plain:  {plain[0]!r}\n   padded: {padded[0]!r}")
+    say(
+        f"   mean TuCo of {len(requests)} harmful requests: plain {padding['plain']:.3f}, "
+        f"padded {padding['padded']:.3f} "
+        f"(lower for {lowered} of {len(requests)})\n"
+    )
+
+    figures = DemoFigures({name: statistics.fmean(v) for name, v in scores.items()}, auc, padding)
+    if not _steering_available():
+        say("3. FTC_α steering: tuco_peft.steering is not installed in this build; skipped.")
+        return figures
+    figures.refusal_probability = _refusal_probability(model, tokenizer, requests, STEERING_ALPHAS)
+    say("3. FTC_α steering moves the fine-tuned behaviour (α = 0: base model, 1: fine-tune)")
+    say(f"   probability that the reply to a harmful request starts with {corpus.REFUSAL!r}:")
+    for alpha, probability in figures.refusal_probability.items():
+        say(f"   α = {alpha:<4g} {probability:.3f}")
+    say(f"   greedy replies to {requests[0]!r}:")
+    for alpha, reply in _steered_replies(model, tokenizer, requests[0], (0.0, 1.0)).items():
+        say(f"   α = {alpha:<4g} {reply!r}")
+    return figures
+
+
+def _steered_replies(model, tokenizer, request: str, alphas: tuple[float, ...]) -> dict[float, str]:
+    from ..steering import ftc_scale
+
+    input_ids = torch.tensor([tokenizer(corpus.chat_prompt(request), add_special_tokens=False)["input_ids"]])
+    replies = {}
+    for alpha in alphas:
+        with torch.no_grad(), ftc_scale(model, alpha):
+            output = model.generate(input_ids=input_ids, max_new_tokens=12, do_sample=False)
+        replies[alpha] = tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
+    return replies

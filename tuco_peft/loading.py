@@ -1,0 +1,235 @@
+"""Load a base model, its tokenizer and a LoRA adapter for the command line, refusing unsafe input clearly.
+
+Weights load from safetensors only, unless the user trusts pickle files (``--trust-pickle``); remote code
+runs only with ``--trust-remote-code``. BASE and ADAPTER are local directories or Hugging Face Hub ids.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import InputError
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to load: ``dtype`` and ``device`` may be ``"auto"`` (float32 on CPU, bfloat16 on CUDA)."""
+
+    dtype: str = "auto"
+    device: str = "auto"
+    load_in_4bit: bool = False
+    trust_pickle: bool = False
+    trust_remote_code: bool = False
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            return torch.device(self.device)
+        except RuntimeError:
+            raise InputError(f"--device {self.device!r} is not a torch device (try cpu, cuda or cuda:1).") from None
+
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
+        return _DTYPES[self.dtype]
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a checkpoint lives: a local directory, or a hub id to fetch."""
+
+    flag: str
+    location: str
+    local: Path | None
+
+    def describe(self) -> str:
+        return f"{self.flag} {self.location}"
+
+
+def resolve(location: str, flag: str) -> Source:
+    """A local directory if one exists at ``location``; a hub id if it looks like one; an error otherwise."""
+    path = Path(location).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise InputError(f"{flag} {location} is a file; pass the checkpoint's directory.")
+        return Source(flag, location, path)
+    if _HUB_ID.match(location) and not location.startswith("."):
+        return Source(flag, location, None)
+    raise InputError(f"{flag} {location}: no such directory.")
+
+
+def _hub_failure(source: Source, error: Exception) -> InputError:
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        reason = "the Hugging Face Hub is not reachable in offline mode (HF_HUB_OFFLINE=1)"
+    else:
+        reason = f"fetching it from the Hugging Face Hub failed ({str(error).strip().splitlines()[0]})"
+    return InputError(
+        f"{source.describe()} is not a local directory and {reason}; download it where there is network "
+        "(hf download ID --local-dir DIR) and pass the directory."
+    )
+
+
+def _check_weight_files(source: Source, safetensors_names: tuple[str, ...], trust_pickle: bool) -> None:
+    files = [p.name for p in source.local.iterdir() if p.is_file()]
+    if any(name.endswith(".safetensors") and name.startswith(safetensors_names) for name in files):
+        return
+    pickled = sorted(name for name in files if name.endswith(_PICKLE_SUFFIXES))
+    if not pickled:
+        raise InputError(f"{source.describe()} holds no weights (no .safetensors file).")
+    if not trust_pickle:
+        raise InputError(
+            f"{source.describe()} holds only pickle weights ({pickled[0]}), which can run code when loaded; "
+            "convert them to safetensors, or pass --trust-pickle if you trust their origin."
+        )
+
+
+def _check_remote_code(source: Source, trust_remote_code: bool) -> None:
+    config_file = source.local / "config.json"
+    if trust_remote_code or not config_file.is_file():
+        return
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InputError(f"{source.describe()}: config.json is not valid JSON.") from None
+    if isinstance(config, dict) and config.get("auto_map"):
+        raise InputError(
+            f"{source.describe()} needs custom model code (auto_map in config.json); pass --trust-remote-code "
+            "if you have read it and trust it."
+        )
+
+
+def load_base(source: Source, options: LoadOptions) -> nn.Module:
+    """The pre-trained causal LM, in eval mode, on the requested device and dtype."""
+    from transformers import AutoModelForCausalLM
+
+    if source.local is not None:
+        if not (source.local / "config.json").is_file():
+            raise InputError(f"{source.describe()} is not a transformers checkpoint (no config.json).")
+        _check_weight_files(source, ("model",), options.trust_pickle)
+        _check_remote_code(source, options.trust_remote_code)
+    kwargs = {
+        "dtype": options.torch_dtype(),
+        "use_safetensors": None if options.trust_pickle else True,
+        "trust_remote_code": options.trust_remote_code,
+    }
+    if options.load_in_4bit:
+        kwargs["quantization_config"] = _four_bit_config(options.torch_dtype())
+        kwargs["device_map"] = {"": options.torch_device()}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source.location if source.local is None else source.local, **kwargs
+        )
+    except OSError as error:
+        if source.local is None:
+            raise _hub_failure(source, error) from error
+        raise InputError(f"{source.describe()}: {str(error).strip().splitlines()[0]}") from error
+    if not options.load_in_4bit:
+        model = model.to(options.torch_device())
+    return model.eval()
+
+
+def _four_bit_config(compute_dtype: torch.dtype):
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise InputError("--load-in-4bit needs bitsandbytes: pip install 'tuco-peft[qlora]'.") from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
+
+
+def check_adapter_fits(base: nn.Module, adapter_dir: Path) -> None:
+    """Compare the adapter's LoRA matrices with the base's linear layers before PEFT loads them.
+
+    PEFT reports a mismatch as a long state-dict error; this names the first module and both shapes.
+    """
+    from safetensors import safe_open
+
+    shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+    with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as tensors:
+        for key in tensors.keys():  # noqa: SIM118 (safe_open handles are not iterable)
+            match = re.match(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[\w-]+)?\.weight$", key)
+            if match is not None:
+                shapes.setdefault(match[1], {})[match[2]] = tuple(tensors.get_slice(key).get_shape())
+    modules = dict(base.named_modules())
+    missing = sorted(set(shapes) - set(modules))
+    if missing:
+        raise InputError(
+            f"the adapter has LoRA weights for {missing[0]}, which the base model does not have; "
+            "was it trained on another base?"
+        )
+    for name, module in modules.items():  # in the model's order, so the first mismatch named is the earliest
+        expected = {"A": getattr(module, "in_features", None), "B": getattr(module, "out_features", None)}
+        found = shapes.get(name, {})
+        if "A" in found and expected["A"] is not None and found["A"][1] != expected["A"]:
+            raise InputError(
+                f"the adapter does not fit this base: {name} takes inputs of size {expected['A']} but the adapter's "
+                f"lora_A has shape {found['A']}; load the base model the adapter was trained on."
+            )
+        if "B" in found and expected["B"] is not None and found["B"][0] != expected["B"]:
+            raise InputError(
+                f"the adapter does not fit this base: {name} has outputs of size {expected['B']} but the adapter's "
+                f"lora_B has shape {found['B']}; load the base model the adapter was trained on."
+            )
+
+
+def load_adapter(base: nn.Module, source: Source, options: LoadOptions) -> nn.Module:
+    """Wrap ``base`` with the LoRA adapter at ``source``, in eval mode."""
+    from peft import PeftModel
+
+    if source.local is not None:
+        if not (source.local / "adapter_config.json").is_file():
+            raise InputError(f"{source.describe()} is not a PEFT adapter (no adapter_config.json).")
+        _check_weight_files(source, ("adapter_model",), options.trust_pickle)
+        if (source.local / "adapter_model.safetensors").is_file():
+            check_adapter_fits(base, source.local)
+    try:
+        model = PeftModel.from_pretrained(base, source.location if source.local is None else str(source.local))
+    except (OSError, ValueError) as error:
+        if source.local is None and isinstance(error, OSError):
+            raise _hub_failure(source, error) from error
+        raise InputError(f"{source.describe()}: {str(error).strip().splitlines()[0]}") from error
+    return model.eval()
+
+
+def load_tokenizer(base: Source, adapter: Source | None, options: LoadOptions):
+    """The adapter's tokenizer when it ships one (fine-tunes often add a chat template), else the base's."""
+    from transformers import AutoTokenizer
+
+    source = base
+    if (
+        adapter is not None
+        and adapter.local is not None
+        and any((adapter.local / f).is_file() for f in _TOKENIZER_FILES)
+    ):
+        source = adapter
+    try:
+        return AutoTokenizer.from_pretrained(
+            source.location if source.local is None else source.local, trust_remote_code=options.trust_remote_code
+        )
+    except OSError as error:
+        if source.local is None:
+            raise _hub_failure(source, error) from error
+        raise InputError(f"{source.describe()}: no usable tokenizer ({str(error).strip().splitlines()[0]}).") from error
+
+
+def load_pair(base: str, adapter: str, options: LoadOptions) -> tuple[nn.Module, object]:
+    """(PeftModel in eval mode, tokenizer) for the command line."""
+    base_source, adapter_source = resolve(base, "--base"), resolve(adapter, "--adapter")
+    tokenizer = load_tokenizer(base_source, adapter_source, options)
+    model = load_adapter(load_base(base_source, options), adapter_source, options)
+    return model, tokenizer

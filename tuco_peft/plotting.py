@@ -1,0 +1,59 @@
+"""Figures for the command line (matplotlib, an optional dependency: pip install 'tuco-peft[plot]')."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from .errors import InputError
+from .results import Row
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise InputError("--plot needs matplotlib: pip install 'tuco-peft[plot]'.") from None
+    return plt
+
+
+def _mean_per_layer(rows: Sequence[Row], field: str) -> list[float]:
+    n_layers = len(rows[0][field])
+    return [sum(row[field][layer] for row in rows) / len(rows) for layer in range(n_layers)]
+
+
+def _histogram(axis, groups: Mapping[str, Sequence[Row]]) -> None:
+    bins = [i / 40 for i in range(41)]
+    for name, rows in groups.items():
+        axis.hist([row["tuco"] for row in rows], bins=bins, alpha=0.6, label=f"{name} (n={len(rows)})")
+    axis.set_xlabel("TuCo at the last prompt token")
+    axis.set_ylabel("prompts")
+    axis.set_xlim(0, 1)
+    axis.legend()
+
+
+def plot_analysis(groups: Mapping[str, Sequence[Row]], path: str | Path, title: str = "") -> Path:
+    """Per-layer mean ‖PTC_l‖₁ and ‖FTC_l‖₁ of each group (left) and the TuCo histograms (right), as a PNG."""
+    plt = _pyplot()
+    figure, (profile, histogram) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, rows in groups.items():
+        layers = range(len(rows[0]["ptc_l1"]))
+        prefix = f"{name}: " if len(groups) > 1 else ""
+        profile.plot(layers, _mean_per_layer(rows, "ptc_l1"), marker="o", label=f"{prefix}‖PTC_l‖₁")
+        profile.plot(layers, _mean_per_layer(rows, "ftc_l1"), marker="s", linestyle="--", label=f"{prefix}‖FTC_l‖₁")
+    profile.set_xticks(list(layers))
+    profile.set_xlabel("layer (decoder block)")
+    profile.set_ylabel("mean L1 norm at the last token")
+    profile.legend()
+    _histogram(histogram, groups)
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

@@ -1,0 +1,159 @@
+"""Prompt files for the command line: .txt (one prompt per line) or .jsonl, and their tokenization.
+
+A prompt is tokenized as given unless the chat template is asked for: the paper measures TuCo on
+chat-formatted prompts, at the last template token, but applying a template silently would change what
+is measured.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import InputError
+
+PromptId = int | str
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt from a file: plain ``text`` or chat ``messages``, and the line it came from."""
+
+    id: PromptId
+    line: int
+    text: str | None = None
+    messages: tuple[dict[str, str], ...] | None = None
+
+    @property
+    def is_empty(self) -> bool:
+        if self.messages is not None:
+            return not any(m["content"].strip() for m in self.messages)
+        return not self.text.strip()
+
+    def as_json(self) -> str | list[dict[str, str]]:
+        return list(self.messages) if self.messages is not None else self.text
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise InputError(f"prompt file {path} does not exist.") from None
+    except IsADirectoryError:
+        raise InputError(f"prompt file {path} is a directory; pass a .txt or .jsonl file.") from None
+    except PermissionError:
+        raise InputError(f"prompt file {path} is not readable (permission denied).") from None
+    except UnicodeDecodeError as error:
+        raise InputError(f"prompt file {path} is not UTF-8 text (byte {error.start}).") from None
+
+
+def _messages(value: Any, where: str) -> tuple[dict[str, str], ...]:
+    if not isinstance(value, list) or not value:
+        raise InputError(f'{where}: "messages" must be a non-empty list of {{"role", "content"}} objects.')
+    for message in value:
+        if not (
+            isinstance(message, dict)
+            and isinstance(message.get("role"), str)
+            and isinstance(message.get("content"), str)
+        ):
+            raise InputError(f'{where}: each message needs a string "role" and a string "content", got {message!r}.')
+    return tuple({"role": m["role"], "content": m["content"]} for m in value)
+
+
+def _jsonl_prompt(line: str, number: int, where: str) -> Prompt:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise InputError(f"{where}: not valid JSON ({error.msg} at column {error.colno}).") from None
+    if not isinstance(record, dict):
+        raise InputError(f'{where}: expected a JSON object with "prompt" or "messages", got {type(record).__name__}.')
+    prompt_id = record.get("id", number)
+    if not isinstance(prompt_id, (int, str)) or isinstance(prompt_id, bool):
+        raise InputError(f'{where}: "id" must be a string or an integer, got {prompt_id!r}.')
+    if "messages" in record:
+        return Prompt(id=prompt_id, line=number, messages=_messages(record["messages"], where))
+    if isinstance(record.get("prompt"), str):
+        return Prompt(id=prompt_id, line=number, text=record["prompt"])
+    raise InputError(f'{where}: expected a string "prompt" or a "messages" list.')
+
+
+def read_prompts(path: str | Path) -> list[Prompt]:
+    """Read a .txt file (one prompt per line, id = line number) or a .jsonl file.
+
+    JSONL lines are ``{"id": …, "prompt": "…"}`` or ``{"id": …, "messages": [{"role", "content"}, …]}``;
+    the id defaults to the line number, and blank lines are ignored. Ids must be unique: they are the key
+    that lets an interrupted run resume.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".txt", ".jsonl"):
+        raise InputError(f"prompt file {path} must end in .txt (one prompt per line) or .jsonl.")
+    lines = _read_lines(path)
+    if suffix == ".txt":
+        prompts = [Prompt(id=number, line=number, text=line) for number, line in enumerate(lines, start=1)]
+    else:
+        prompts = [
+            _jsonl_prompt(line, number, f"{path}:{number}")
+            for number, line in enumerate(lines, start=1)
+            if line.strip()
+        ]
+    seen: dict[PromptId, int] = {}
+    for prompt in prompts:
+        if prompt.id in seen:
+            raise InputError(
+                f"{path}:{prompt.line}: id {prompt.id!r} was already used on line {seen[prompt.id]}; "
+                "ids must be unique."
+            )
+        seen[prompt.id] = prompt.line
+    return prompts
+
+
+def format_prompt(tokenizer, prompt: Prompt, *, chat_template: bool, system: str | None = None) -> str:
+    """The exact text that is tokenized: the prompt itself, or its chat-template rendering.
+
+    With the template, the generation prompt is appended (TuCo is measured where the reply would start)
+    unless the conversation already ends with an assistant turn.
+    """
+    if not chat_template:
+        if prompt.messages is not None:
+            raise InputError(
+                f"prompt {prompt.id!r} (line {prompt.line}) has chat messages; pass --chat-template to format them."
+            )
+        return prompt.text
+    if not getattr(tokenizer, "chat_template", None):
+        raise InputError(
+            "--chat-template was given but the tokenizer has no chat template; drop the flag or use a chat tokenizer."
+        )
+    messages = list(prompt.messages) if prompt.messages is not None else [{"role": "user", "content": prompt.text}]
+    if system is not None and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system})
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=messages[-1]["role"] != "assistant"
+    )
+
+
+def encode_prompt(tokenizer, text: str, *, templated: bool) -> list[int]:
+    """Token ids of ``text``. A template already holds its special tokens, so none are added to it."""
+    return list(tokenizer(text, add_special_tokens=not templated)["input_ids"])
+
+
+def fit_context(ids: Sequence[int], context_length: int | None) -> list[int]:
+    """Keep the last ``context_length`` tokens: TuCo is read at the last token, so the end is what counts."""
+    ids = list(ids)
+    return ids if context_length is None or len(ids) <= context_length else ids[-context_length:]
+
+
+def left_pad(sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` with every prompt ending at the last column (id 0 as padding)."""
+    width = max(len(ids) for ids in sequences)
+    input_ids = torch.zeros(len(sequences), width, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(sequences):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, width - len(ids) :] = 1
+    return input_ids, attention_mask

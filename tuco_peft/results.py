@@ -1,0 +1,151 @@
+"""Rows of an analysis: one JSON line per prompt, written as computed, resumable, and summarised."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .decomposition import Decomposition
+from .errors import InputError
+from .inputs import last_real_index
+from .prompts import Prompt, PromptId
+
+Row = dict[str, Any]
+
+
+def result_key(set_name: str | None, prompt_id: PromptId) -> str:
+    """What identifies a row across runs: its prompt set (``compare``) and its prompt id."""
+    return json.dumps([set_name, prompt_id])
+
+
+def row_key(row: Row) -> str:
+    return result_key(row.get("set"), row["id"])
+
+
+def decomposition_rows(
+    decomposition: Decomposition,
+    prompts: Sequence[Prompt],
+    n_tokens: Sequence[int],
+    attention_mask: torch.Tensor,
+) -> list[Row]:
+    """One row per prompt: TuCo, per-layer ‖PTC_l‖₁ and ‖FTC_l‖₁ and the cumulative TuCo, at the last token.
+
+    With ``positions="all"`` the row also gets ``token_tuco``, the TuCo at every token of the prompt.
+    """
+    per_position = decomposition.positions.ndim == 2
+    if per_position:
+        last = last_real_index(attention_mask.to(decomposition.ptc.device))
+        index = last[:, None, None, None].expand(-1, decomposition.n_layers, 1, decomposition.ptc.shape[-1])
+        at_last = Decomposition(
+            ptc=decomposition.ptc.gather(2, index)[:, :, 0],
+            ftc=decomposition.ftc.gather(2, index)[:, :, 0],
+            x0=decomposition.x0[torch.arange(len(last)), last],
+            xL=decomposition.xL[torch.arange(len(last)), last],
+            positions=last,
+        )
+    else:
+        at_last = decomposition
+    ptc_norm, ftc_norm = at_last.layer_norms()
+    cumulative = at_last.cumulative_tuco()
+    rows = []
+    for b, prompt in enumerate(prompts):
+        row = {
+            "id": prompt.id,
+            "prompt": prompt.as_json(),
+            "n_tokens": n_tokens[b],
+            "tuco": float(at_last.tuco[b]),
+            "ptc_l1": ptc_norm[b].tolist(),
+            "ftc_l1": ftc_norm[b].tolist(),
+            "cumulative_tuco": cumulative[b].tolist(),
+        }
+        if per_position:
+            real = attention_mask[b].bool().to(decomposition.ptc.device)
+            row["token_tuco"] = decomposition.tuco[b][real].tolist()
+        rows.append(row)
+    return rows
+
+
+class ResultsFile:
+    """A JSONL file of rows that a rerun extends instead of repeating.
+
+    Each row is flushed as soon as it is written, so an interrupted run keeps every finished row. A last
+    line cut short by the interruption is dropped when the file is reopened.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.rows: list[Row] = self._load()
+        self._by_key = {row_key(row): row for row in self.rows}
+
+    def _load(self) -> list[Row]:
+        if not self.path.exists():
+            return []
+        if not self.path.is_file():
+            raise InputError(f"--out {self.path} is not a file.")
+        data = self.path.read_bytes()
+        lines = data.split(b"\n")
+        complete, tail = lines[:-1], lines[-1]
+        rows = []
+        for number, line in enumerate(complete, start=1):
+            try:
+                row = json.loads(line)
+                row_key(row)
+            except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError):
+                raise InputError(
+                    f"{self.path}:{number} is not a tuco-peft result row; pass another --out, or delete the file "
+                    "to start over."
+                ) from None
+            rows.append(row)
+        if tail:  # a row whose write was interrupted: drop it so that it is computed again
+            with open(self.path, "r+b") as handle:
+                handle.truncate(len(data) - len(tail))
+        return rows
+
+    def done(self, set_name: str | None, prompt: Prompt) -> bool:
+        """Whether ``prompt`` already has its row; a stored row for the same id but another prompt is an error."""
+        row = self._by_key.get(result_key(set_name, prompt.id))
+        if row is not None and row["prompt"] != prompt.as_json():
+            raise InputError(
+                f"{self.path} already has a row for id {prompt.id!r} with another prompt, so it belongs to another "
+                "prompt file; pass another --out, or delete the file to start over."
+            )
+        return row is not None
+
+    def append(self, rows: Iterable[Row]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+                self.rows.append(row)
+                self._by_key[row_key(row)] = row
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def roc_auc(positive: Sequence[float], negative: Sequence[float]) -> float:
+    """Probability that a random positive scores above a random negative (ties count half): the ROC-AUC."""
+    if not positive or not negative:
+        raise InputError("ROC-AUC needs at least one prompt in each set.")
+    wins = sum((p > n) + 0.5 * (p == n) for p in positive for n in negative)
+    return wins / (len(positive) * len(negative))
+
+
+def summary_table(rows: Sequence[Row]) -> str:
+    """Count, mean and median TuCo, then the mean per-layer norms and cumulative TuCo."""
+    values = [row["tuco"] for row in rows]
+    lines = [
+        f"prompts: {len(values)}   TuCo mean {statistics.fmean(values):.4f}   median {statistics.median(values):.4f}"
+    ]
+    lines.append(f"{'layer':>5}  {'mean |PTC|_1':>13}  {'mean |FTC|_1':>13}  {'cumulative TuCo':>15}")
+    for layer in range(len(rows[0]["ptc_l1"])):
+        ptc = statistics.fmean(row["ptc_l1"][layer] for row in rows)
+        ftc = statistics.fmean(row["ftc_l1"][layer] for row in rows)
+        share = statistics.fmean(row["cumulative_tuco"][layer] for row in rows)
+        lines.append(f"{layer:>5}  {ptc:>13.4f}  {ftc:>13.4f}  {share:>15.4f}")
+    return "\n".join(lines)
