@@ -17,6 +17,7 @@ from torch import nn
 from .baselines import disable_adapter_tuco, two_model_tuco
 from .decompose import decompose
 from .inputs import last_real_index
+from .introspection import model_parts
 
 _PAGE_SIZE = 4096
 
@@ -92,12 +93,12 @@ def _measure(
 ) -> dict[str, Any]:
     """Time (median over round-robin runs, so machine noise hits every method alike) and peak memory.
 
-    ``methods["plain_forward"]`` is the yardstick; every other method returns TuCo [batch], and
-    ``max_tuco_disagreement`` checks they all agree.
+    ``methods["plain_forward"]`` is the yardstick; the methods named ``*_forward`` are plain passes, every
+    other method returns TuCo [batch], and ``max_tuco_disagreement`` checks they all agree.
     """
     times: dict[str, list[float]] = {name: [] for name in methods}
     with torch.no_grad():
-        tucos = [methods[name]() for name in methods if name != "plain_forward"]
+        tucos = [fn() for name, fn in methods.items() if not name.endswith("_forward")]
         disagreement = max(float((t - tucos[0]).abs().max()) for t in tucos)
         for _ in range(repeats):
             for name, fn in methods.items():
@@ -132,13 +133,17 @@ def compare_methods(
 ) -> dict[str, Any]:
     """An adapter fine-tune: time and peak memory of each way to get TuCo, against a plain forward.
 
-    Methods: ``plain_forward`` (the PeftModel's own forward, the yardstick), ``decompose_last`` and
-    ``decompose_all`` (tuco-peft), ``disable_adapter_two_pass`` (two passes over one copy via PEFT) and,
-    given ``pretrained`` (a second copy of the base model), ``two_model_two_pass`` (the paper's Algorithm 1).
+    Methods: ``plain_forward`` (the PeftModel's own forward, logits included: the yardstick),
+    ``decoder_forward`` (the blocks alone, without the LM head, which TuCo does not need),
+    ``decompose_last`` and ``decompose_all`` (tuco-peft), ``disable_adapter_two_pass`` (two passes over one
+    copy via PEFT) and, given ``pretrained`` (a second copy of the base model), ``two_model_two_pass`` (the
+    paper's Algorithm 1).
     """
     last = last_real_index(attention_mask)[:, None]
+    decoder = model_parts(model).decoder
     methods: dict[str, Callable[[], Any]] = {
         "plain_forward": lambda: model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False),
+        "decoder_forward": lambda: decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False),
         "decompose_last": lambda: decompose(model, input_ids, attention_mask).tuco,
         "decompose_all": lambda: decompose(model, input_ids, attention_mask, positions="all").tuco.gather(1, last)[:, 0],
         "disable_adapter_two_pass": lambda: disable_adapter_tuco(model, input_ids, attention_mask),
