@@ -99,6 +99,7 @@ def main() -> None:
             f"{row['peak_extra_bytes'] / 2**20:>11.1f}{row['peak_total_bytes'] / 2**20:>11.1f}{row['peak_total_ratio']:>9.2f}"
         )
     print(f"max TuCo disagreement between methods: {report['max_tuco_disagreement']:.2e}")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as out:
         json.dump(report, out, indent=2)
     print(f"wrote {args.out}")
