@@ -1,5 +1,9 @@
 """The ``tuco-peft`` command line: analyze, compare, generate, bench, demo.
 
+The model analysed is a LoRA fine-tune (``--base BASE --adapter ADAPTER``) or a full fine-tune beside its
+pre-trained checkpoint (``--model FINETUNED --base-model PRETRAINED``). ``analyze`` runs data-parallel when
+launched by ``torchrun`` or ``accelerate launch`` (see ``distributed``).
+
 Every command reports bad input as one line on stderr and a non-zero exit status (2 for input the user
 can fix, 1 for anything unexpected, 130 when interrupted); ``--debug`` shows the traceback instead.
 """
@@ -20,10 +24,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .distributed import Ranks, fold_parts, part_file, process_group, together
 from .errors import InputError, TuCoError
-from .loading import LoadOptions, load_base, load_pair, resolve
+from .loading import LoadOptions, load_base, load_full_finetune, load_pair, resolve
 from .prompts import Prompt, encode_prompt, fit_context, format_prompt, left_pad, read_prompts
-from .results import ResultsFile, Row, decomposition_rows, roc_auc, summary_table
+from .results import ResultsFile, Row, decomposition_rows, result_key, roc_auc, summary_table
 
 EXIT_INPUT, EXIT_UNEXPECTED, EXIT_INTERRUPTED = 2, 1, 130
 
@@ -40,7 +45,11 @@ def warn(message: str) -> None:
 
 @dataclass
 class Analyzer:
-    """A loaded model and tokenizer, and how prompts are formatted and batched for ``decompose``."""
+    """A loaded model and tokenizer, and how prompts are formatted and batched for ``decompose``.
+
+    ``base_model`` is decompose's: the pre-trained model of a full fine-tune (loaded, or the directory of
+    its safetensors to stream), ``None`` for a LoRA fine-tune.
+    """
 
     model: nn.Module
     tokenizer: object
@@ -48,6 +57,7 @@ class Analyzer:
     system: str | None = None
     batch_size: int = 8
     positions: str = "last"
+    base_model: nn.Module | Path | None = None
 
     def context_length(self) -> int | None:
         from .introspection import model_parts
@@ -84,7 +94,9 @@ class Analyzer:
         input_ids, attention_mask = left_pad([ids for _, ids in batch])
         try:
             with torch.no_grad():
-                decomposition = decompose(self.model, input_ids, attention_mask, positions=self.positions)
+                decomposition = decompose(
+                    self.model, input_ids, attention_mask, positions=self.positions, base_model=self.base_model
+                )
         except (torch.OutOfMemoryError, RuntimeError) as error:
             message = str(error)
             if isinstance(error, torch.OutOfMemoryError) or "out of memory" in message or "can't allocate" in message:
@@ -95,13 +107,22 @@ class Analyzer:
             raise
         return decomposition_rows(decomposition, [p for p, _ in batch], [len(ids) for _, ids in batch], attention_mask)
 
-    def run(self, prompts: Sequence[Prompt], write: Callable[[list[Row]], None], set_name: str | None = None) -> None:
-        """Decompose ``prompts`` batch by batch, handing each batch's rows to ``write`` as soon as they exist."""
+    def run(
+        self,
+        prompts: Sequence[Prompt],
+        write: Callable[[list[Row]], None],
+        set_name: str | None = None,
+        label: str | None = None,
+    ) -> None:
+        """Decompose ``prompts`` batch by batch, handing each batch's rows to ``write`` as soon as they exist.
+
+        ``label`` names the progress bar (default: the set name, else "analyze").
+        """
         from tqdm import tqdm
 
         encoded = self.encode(prompts)
         with tqdm(
-            total=len(encoded), unit="prompt", desc=set_name or "analyze", file=sys.stderr, dynamic_ncols=True
+            total=len(encoded), unit="prompt", desc=label or set_name or "analyze", file=sys.stderr, dynamic_ncols=True
         ) as bar:
             for start in range(0, len(encoded), self.batch_size):
                 batch = encoded[start : start + self.batch_size]
@@ -113,20 +134,57 @@ class Analyzer:
 
 
 def _load_analyzer(args: argparse.Namespace) -> Analyzer:
-    model, tokenizer = load_pair(args.base, args.adapter, _load_options(args))
+    options = _load_options(args)
+    base_model = None
+    if args.model is not None:
+        model, base_model, tokenizer = load_full_finetune(
+            args.model, args.base_model, options, resident=args.resident_base
+        )
+    else:
+        model, tokenizer = load_pair(args.base, args.adapter, options)
     return Analyzer(
-        model, tokenizer, args.chat_template, args.system, args.batch_size, getattr(args, "positions", "last")
+        model,
+        tokenizer,
+        args.chat_template,
+        args.system,
+        args.batch_size,
+        getattr(args, "positions", "last"),
+        base_model,
     )
 
 
 def _load_options(args: argparse.Namespace) -> LoadOptions:
+    device, ranks = args.device, Ranks.from_environment()
+    if device == "auto" and ranks.world_size > 1 and torch.cuda.is_available():
+        device = f"cuda:{ranks.local_rank % torch.cuda.device_count()}"  # ranks spread over the GPUs
     return LoadOptions(
         dtype=args.dtype,
-        device=args.device,
+        device=device,
         load_in_4bit=args.load_in_4bit,
         trust_pickle=args.trust_pickle,
         trust_remote_code=args.trust_remote_code,
     )
+
+
+_PARTNERS = {"--base": "--adapter", "--adapter": "--base", "--model": "--base-model", "--base-model": "--model"}
+_MODEL_CHOICE = (
+    "pass --base BASE --adapter ADAPTER for a LoRA fine-tune, or --model FINETUNED --base-model PRETRAINED for "
+    "a full fine-tune"
+)
+
+
+def _check_model_flags(args: argparse.Namespace, required: bool = True) -> None:
+    """One model to analyse: a base and its adapter, or a fine-tuned model and its pre-trained checkpoint."""
+    given = [flag for flag in _PARTNERS if getattr(args, flag[2:].replace("-", "_")) is not None]
+    if {"--base", "--adapter"} & set(given) and {"--model", "--base-model"} & set(given):
+        raise InputError(f"{' and '.join(given)} mix a LoRA fine-tune with a full fine-tune; {_MODEL_CHOICE}.")
+    for flag in given:
+        if _PARTNERS[flag] not in given:
+            raise InputError(f"{flag} needs {_PARTNERS[flag]}; {_MODEL_CHOICE}.")
+    if required and not given:
+        raise InputError(f"no model given; {_MODEL_CHOICE}.")
+    if args.resident_base and args.base_model is None:
+        raise InputError("--resident-base goes with --base-model (the pre-trained model of a full fine-tune).")
 
 
 def _check_prompt_flags(args: argparse.Namespace) -> None:
@@ -144,17 +202,56 @@ def _rows_for(results_rows: Sequence[Row], prompts: Sequence[Prompt], set_name: 
 # ----------------------------------------------------------------------------------------------- commands
 
 
+def _missing(results: ResultsFile, prompts: Sequence[Prompt], announce: bool) -> list[Prompt]:
+    """The prompts without a row in ``results``; with ``announce``, say so when some have one."""
+    todo = [prompt for prompt in prompts if not results.done(None, prompt)]
+    if announce and len(todo) < len(prompts):
+        print(
+            f"resuming: {len(prompts) - len(todo)} of {len(prompts)} prompts are already in {results.path}",
+            file=sys.stderr,
+        )
+    return todo
+
+
+def _analyze_shard(args: argparse.Namespace, prompts: Sequence[Prompt], ranks: Ranks) -> None:
+    """This rank's share of a data-parallel analyze, between two merges of every rank's part into --out by
+    rank 0: the first takes in the rows of an interrupted run, the last this run's."""
+    out = Path(args.out)
+
+    def merge_parts() -> None:
+        if ranks.is_main:
+            results = ResultsFile(out)
+            fold_parts(results)
+            results.sort_by([result_key(None, prompt.id) for prompt in prompts])
+
+    def analyze_own_share() -> None:
+        share = ranks.shard(_missing(ResultsFile(out), prompts, announce=ranks.is_main))
+        if share:
+            part = ResultsFile(part_file(out, ranks))
+            _load_analyzer(args).run(share, part.append, label=f"rank {ranks.rank}/{ranks.world_size}")
+
+    together(merge_parts)
+    together(analyze_own_share)
+    together(merge_parts)
+
+
 def _analyze(args: argparse.Namespace) -> int:
+    _check_model_flags(args)
     _check_prompt_flags(args)
     prompts = read_prompts(args.prompts)
-    results = ResultsFile(args.out)
-    todo = [prompt for prompt in prompts if not results.done(None, prompt)]
-    if len(todo) < len(prompts):
-        print(
-            f"resuming: {len(prompts) - len(todo)} of {len(prompts)} prompts are already in {args.out}", file=sys.stderr
-        )
-    if todo:
-        _load_analyzer(args).run(todo, results.append)
+    ranks = Ranks.from_environment()
+    if ranks.world_size > 1:
+        with process_group(ranks):
+            _analyze_shard(args, prompts, ranks)
+        if not ranks.is_main:
+            return 0
+        results = ResultsFile(args.out)
+    else:
+        results = ResultsFile(args.out)
+        fold_parts(results)
+        todo = _missing(results, prompts, announce=True)
+        if todo:
+            _load_analyzer(args).run(todo, results.append)
     rows = _rows_for(results.rows, prompts, None)
     if not rows:
         raise InputError(f"no prompt of {args.prompts} could be analysed (all empty).")
@@ -173,6 +270,7 @@ def _set_names(path_a: str, path_b: str) -> tuple[str, str]:
 
 
 def _compare(args: argparse.Namespace) -> int:
+    _check_model_flags(args)
     _check_prompt_flags(args)
     names = _set_names(args.set_a, args.set_b)
     sets = {names[0]: read_prompts(args.set_a), names[1]: read_prompts(args.set_b)}
@@ -207,6 +305,7 @@ def _compare(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from .generation import generate
 
+    _check_model_flags(args)
     _check_prompt_flags(args)
     if not args.alpha >= 0:
         raise InputError(f"--alpha must be a number ≥ 0, got {args.alpha}.")
@@ -216,7 +315,14 @@ def _generate(args: argparse.Namespace) -> int:
     text = format_prompt(tokenizer, prompt, chat_template=args.chat_template, system=args.system)
     input_ids = torch.tensor([encode_prompt(tokenizer, text, templated=args.chat_template)])
     with torch.no_grad():
-        out = generate(model, input_ids, alpha=args.alpha, max_new_tokens=args.max_new_tokens, do_sample=False)
+        out = generate(
+            model,
+            input_ids,
+            alpha=args.alpha,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=False,
+            base_model=analyzer.base_model,
+        )
     new_tokens = out.sequences[0, input_ids.shape[1] :].tolist()
     print(text + tokenizer.decode(new_tokens, skip_special_tokens=False))
     print(f"\n{'step':>4}  {'TuCo':>6}  token (α = {args.alpha:g}; TuCo at the position that chose it)")
@@ -228,31 +334,40 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .benchmark import compare_methods
+    from .benchmark import compare_full_finetune_methods, compare_methods
 
+    _check_model_flags(args, required=False)
     _check_prompt_flags(args)
-    if (args.base is None) != (args.adapter is None):
-        raise InputError("bench takes both --base and --adapter, or neither (then it measures the demo pair).")
-    if args.base is None:
+    if args.resident_base:
+        raise InputError("bench measures the --base-model both resident and streamed; drop --resident-base.")
+    base, adapter = args.base, args.adapter
+    if args.base is None and args.model is None:
         from .demo import demo_prompts, ensure_demo_checkpoints
 
         base, adapter = (str(path) for path in ensure_demo_checkpoints())
         prompts = [Prompt(id=i, line=0, text=text) for i, text in enumerate(itertools.chain(*demo_prompts().values()))]
+    elif args.prompts is None:
+        raise InputError("bench with a model of your own needs --prompts FILE.")
     else:
-        if args.prompts is None:
-            raise InputError("bench with --base/--adapter needs --prompts FILE.")
-        base, adapter = args.base, args.adapter
         prompts = read_prompts(args.prompts)
     options = _load_options(args)
-    model, tokenizer = load_pair(base, adapter, options)
-    pretrained = load_base(resolve(base, "--base"), options)  # the paper's method needs a second model
-    analyzer = Analyzer(model, tokenizer, args.chat_template, args.system, args.batch_size)
-    encoded = analyzer.encode(prompts)[: args.batch_size]
+    if args.model is not None:
+        model, checkpoint, tokenizer = load_full_finetune(args.model, args.base_model, options)
+        pretrained = load_base(resolve(args.base_model, "--base-model"), options)
+    else:
+        model, tokenizer = load_pair(base, adapter, options)
+        pretrained = load_base(resolve(base, "--base"), options)  # the paper's method needs a second model
+    encoded = Analyzer(model, tokenizer, args.chat_template, args.system, args.batch_size).encode(prompts)
     if not encoded:
         raise InputError("bench needs at least one non-empty prompt.")
-    input_ids, attention_mask = left_pad([ids for _, ids in encoded])
-    device = options.torch_device()
-    report = compare_methods(model, pretrained, input_ids.to(device), attention_mask.to(device), repeats=args.repeats)
+    input_ids, attention_mask = left_pad([ids for _, ids in encoded[: args.batch_size]])
+    input_ids, attention_mask = input_ids.to(options.torch_device()), attention_mask.to(options.torch_device())
+    if args.model is not None:
+        report = compare_full_finetune_methods(
+            model, pretrained, checkpoint, input_ids, attention_mask, repeats=args.repeats
+        )
+    else:
+        report = compare_methods(model, pretrained, input_ids, attention_mask, repeats=args.repeats)
     print(
         f"batch {report['batch'][0]} × {report['batch'][1]} tokens on {report['device']}, median of {report['repeats']}"
     )
@@ -279,10 +394,26 @@ def _demo(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------- parser
 
 
-def _add_model_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
-    group = parser.add_argument_group("model")
-    group.add_argument("--base", required=required, help="base model: a local directory or a hub id")
-    group.add_argument("--adapter", required=required, help="LoRA adapter: a local directory or a hub id")
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "model",
+        "a LoRA fine-tune (--base BASE --adapter ADAPTER) or a full fine-tune (--model FINETUNED --base-model "
+        "PRETRAINED); each a local directory or a hub id",
+    )
+    group.add_argument("--base", help="the pre-trained model the adapter was trained on")
+    group.add_argument("--adapter", help="the LoRA adapter")
+    group.add_argument("--model", metavar="FINETUNED", help="a fully fine-tuned model (instead of --base/--adapter)")
+    group.add_argument(
+        "--base-model",
+        metavar="PRETRAINED",
+        help="the pre-trained model --model was fine-tuned from (same architecture and size); its safetensors "
+        "are streamed one block at a time, so only one model is resident",
+    )
+    group.add_argument(
+        "--resident-base",
+        action="store_true",
+        help="load --base-model as a second model in memory instead of streaming it (faster; twice the weights)",
+    )
     group.add_argument(
         "--dtype",
         choices=["auto", "float32", "bfloat16", "float16"],
@@ -290,7 +421,11 @@ def _add_model_arguments(parser: argparse.ArgumentParser, required: bool = True)
         help="weights dtype (auto: float32 on CPU, bfloat16 on CUDA)",
     )
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (auto: cuda if available)")
-    group.add_argument("--load-in-4bit", action="store_true", help="load the base in 4-bit NF4 (QLoRA; bitsandbytes)")
+    group.add_argument(
+        "--load-in-4bit",
+        action="store_true",
+        help="load the weights in 4-bit NF4 (QLoRA; bitsandbytes): --base, or --model and a --resident-base",
+    )
     group.add_argument("--trust-pickle", action="store_true", help="allow pickle (.bin) weights; safetensors otherwise")
     group.add_argument("--trust-remote-code", action="store_true", help="allow model code shipped with the checkpoint")
 
@@ -316,7 +451,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    analyze = commands.add_parser("analyze", parents=[common], help="TuCo of every prompt of a file, to JSONL")
+    analyze = commands.add_parser(
+        "analyze",
+        parents=[common],
+        help="TuCo of every prompt of a file, to JSONL",
+        description="TuCo of every prompt of a file, to JSONL. Launched by torchrun or accelerate launch, it runs "
+        "data-parallel: each rank analyses a share of the prompts into --out.parts/, and rank 0 merges them into "
+        "--out in the prompt file's order (a rerun resumes, with any number of ranks).",
+    )
     _add_model_arguments(analyze)
     analyze.add_argument(
         "--prompts", required=True, help=".txt (one prompt per line) or .jsonl ({id, prompt|messages})"
@@ -356,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="time and memory of decompose against the paper's two-model method (demo pair by default)",
     )
-    _add_model_arguments(bench, required=False)
+    _add_model_arguments(bench)
     bench.add_argument("--prompts", help="prompt file (default: the demo prompts)")
     _add_prompt_arguments(bench)
     bench.add_argument("--repeats", type=int, default=3)

@@ -1,7 +1,8 @@
-"""Load a base model, its tokenizer and a LoRA adapter for the command line, refusing unsafe input clearly.
+"""Load the models of the command line, refusing unsafe input clearly: a base model and its LoRA adapter, or
+a fully fine-tuned model and its pre-trained checkpoint; and the tokenizer.
 
 Weights load from safetensors only, unless the user trusts pickle files (``--trust-pickle``); remote code
-runs only with ``--trust-remote-code``. BASE and ADAPTER are local directories or Hugging Face Hub ids.
+runs only with ``--trust-remote-code``. Every checkpoint is a local directory or a Hugging Face Hub id.
 """
 
 from __future__ import annotations
@@ -206,17 +207,18 @@ def load_adapter(base: nn.Module, source: Source, options: LoadOptions) -> nn.Mo
     return model.eval()
 
 
-def load_tokenizer(base: Source, adapter: Source | None, options: LoadOptions):
-    """The adapter's tokenizer when it ships one (fine-tunes often add a chat template), else the base's."""
+def load_tokenizer(base: Source, finetune: Source | None, options: LoadOptions):
+    """The fine-tune's tokenizer (adapter or fine-tuned model) when it ships one (fine-tunes often add a chat
+    template), else the base's."""
     from transformers import AutoTokenizer
 
     source = base
     if (
-        adapter is not None
-        and adapter.local is not None
-        and any((adapter.local / f).is_file() for f in _TOKENIZER_FILES)
+        finetune is not None
+        and finetune.local is not None
+        and any((finetune.local / f).is_file() for f in _TOKENIZER_FILES)
     ):
-        source = adapter
+        source = finetune
     try:
         return AutoTokenizer.from_pretrained(
             source.location if source.local is None else source.local, trust_remote_code=options.trust_remote_code
@@ -233,3 +235,52 @@ def load_pair(base: str, adapter: str, options: LoadOptions) -> tuple[nn.Module,
     tokenizer = load_tokenizer(base_source, adapter_source, options)
     model = load_adapter(load_base(base_source, options), adapter_source, options)
     return model, tokenizer
+
+
+def streamable_checkpoint(source: Source, options: LoadOptions) -> Path:
+    """The local directory of a pre-trained checkpoint's safetensors, which decompose streams block by block
+    (fetched from the hub first when ``source`` is a hub id)."""
+    if options.load_in_4bit:
+        raise InputError(
+            "--load-in-4bit with a streamed --base-model is not supported (streamed blocks are read unquantized); "
+            "add --resident-base to load both models in 4-bit."
+        )
+    directory = source.local
+    if directory is None:
+        from huggingface_hub import snapshot_download
+
+        try:
+            directory = Path(snapshot_download(source.location, allow_patterns=["*.json", "*.safetensors"]))
+        except Exception as error:  # offline, unknown id, no access: all mean "not available here"
+            raise _hub_failure(source, error) from error
+    if not (directory / "config.json").is_file():
+        raise InputError(f"{source.describe()} is not a transformers checkpoint (no config.json).")
+    if not any(directory.glob("*.safetensors")):
+        raise InputError(
+            f"{source.describe()} has no .safetensors weights to stream; convert them, or add --resident-base "
+            "(with --trust-pickle for pickle weights you trust)."
+        )
+    return directory
+
+
+def load_full_finetune(
+    finetuned: str, pretrained: str, options: LoadOptions, *, resident: bool = False
+) -> tuple[nn.Module, nn.Module | Path, object]:
+    """(fine-tuned model in eval mode, its pre-trained model, tokenizer) for decompose's ``base_model``.
+
+    The pre-trained model is the directory of its safetensors, streamed one block at a time (one model
+    resident), or with ``resident`` a second loaded model (faster, twice the weights in memory). A checkpoint
+    of another architecture or size is refused here, before any prompt is analysed.
+    """
+    from .introspection import model_parts
+    from .pretrained import checked_pretrained_blocks
+
+    finetuned_source, pretrained_source = resolve(finetuned, "--model"), resolve(pretrained, "--base-model")
+    tokenizer = load_tokenizer(pretrained_source, finetuned_source, options)
+    model = load_base(finetuned_source, options)
+    if resident:
+        base_model: nn.Module | Path = load_base(pretrained_source, options)
+    else:
+        base_model = streamable_checkpoint(pretrained_source, options)
+    checked_pretrained_blocks(model_parts(model), base_model)
+    return model, base_model, tokenizer

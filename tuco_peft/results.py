@@ -28,6 +28,10 @@ def row_key(row: Row) -> str:
     return result_key(row.get("set"), row["id"])
 
 
+def _json_line(row: Row) -> str:
+    return json.dumps(row, ensure_ascii=False) + "\n"
+
+
 def decomposition_rows(
     decomposition: Decomposition,
     prompts: Sequence[Prompt],
@@ -117,15 +121,37 @@ class ResultsFile:
             )
         return row is not None
 
+    def has_row(self, row: Row) -> bool:
+        """Whether a row for the same prompt set and id is already stored."""
+        return row_key(row) in self._by_key
+
     def append(self, rows: Iterable[Row]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as handle:
             for row in rows:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+                handle.write(_json_line(row))
                 self.rows.append(row)
                 self._by_key[row_key(row)] = row
             handle.flush()
             os.fsync(handle.fileno())
+
+    def sort_by(self, keys: Sequence[str]) -> None:
+        """Rewrite the file with the rows of ``keys`` in that order, after any other rows (kept as they were).
+
+        The new file replaces the old one in one rename, so an interruption leaves one or the other whole.
+        """
+        if not self.path.exists():
+            return
+        rank = {key: index for index, key in enumerate(keys)}
+        others = [row for row in self.rows if row_key(row) not in rank]
+        ordered = sorted((row for row in self.rows if row_key(row) in rank), key=lambda row: rank[row_key(row)])
+        staging = self.path.with_name(self.path.name + ".sorting")
+        with open(staging, "w", encoding="utf-8") as handle:
+            handle.writelines(_json_line(row) for row in [*others, *ordered])
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(staging, self.path)
+        self.rows = [*others, *ordered]
 
 
 def roc_auc(positive: Sequence[float], negative: Sequence[float]) -> float:
