@@ -103,3 +103,10 @@ def test_accelerate_dispatched_model_with_offloaded_blocks(tmp_path, finetune):
         got = tuco_peft.decompose(model, ids, mask, positions="all", base_model=pretrained)
     torch.testing.assert_close(got.ptc, expected.ptc, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(got.ftc, expected.ftc, atol=1e-6, rtol=1e-5)
+
+
+def test_a_base_model_in_another_dtype_is_refused():
+    pretrained, finetuned = full_finetune_pair("llama")
+    ids, mask = padded_batch()
+    with pytest.raises(tuco_peft.UnsupportedModelError, match="same dtype"):
+        tuco_peft.tuco(finetuned, ids, mask, base_model=pretrained.to(torch.bfloat16))

@@ -81,3 +81,11 @@ def test_gpt2_conv1d_fan_in_fan_out():
 def test_lora_on_embeddings_changes_x0_not_the_definition():
     pretrained, model = _pair(target_modules=["embed_tokens", "q_proj", "v_proj"])
     _check_against_oracle(pretrained, model)
+
+
+def test_trainable_tokens_beside_lora_are_part_of_x0():
+    pretrained, model = _pair(target_modules=["q_proj", "v_proj", "down_proj"], trainable_token_indices=[3, 5, 7])
+    assert any(type(m).__name__ == "TrainableTokensLayer" for m in model.modules())
+    ids, mask = padded_batch(side="right")
+    ids[torch.arange(3), mask.sum(-1) - 1] = 5  # a trained token at the last real position of every row
+    _check_against_oracle(pretrained, model, ids, mask)

@@ -35,13 +35,18 @@ def is_additive_lora(module: nn.Module) -> bool:
     )
 
 
-def check_adapters(model: nn.Module) -> None:
-    """Refuse adapters whose pre-trained path is not ``adapters off`` on unmerged weights."""
+def check_adapters(model: nn.Module, blocks: nn.Module) -> None:
+    """Refuse adapters whose pre-trained path is not ``adapters off`` on unmerged weights.
+
+    Tuner layers of other kinds are allowed outside the decoder ``blocks`` (e.g. the trainable tokens of
+    ``LoraConfig(trainable_token_indices=...)``): the embeddings and the head belong to no component.
+    """
+    in_blocks = {id(m) for m in blocks.modules()}
     lora_layers: list[tuple[str, LoraLayer]] = []
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer):
             lora_layers.append((name, module))
-        elif isinstance(module, BaseTunerLayer):
+        elif isinstance(module, BaseTunerLayer) and id(module) in in_blocks:
             raise UnsupportedModelError(
                 f"{name} is a {type(module).__module__}.{type(module).__name__} adapter; tuco-peft decomposes "
                 "LoRA/QLoRA fine-tunes only. For other fine-tunes, save the merged model and pass "

@@ -43,17 +43,26 @@ def attend_rows(
     visible: torch.Tensor,
     scaling: float,
     softcap: float | None = None,
+    *,
+    eager: bool = True,
 ) -> torch.Tensor:
-    """Attention in fp32. query [b, heads, rows, hd]; key/value [b, kv_heads, seq, hd] → [b, rows, heads·hd]."""
+    """query [b, heads, rows, hd]; key/value [b, kv_heads, seq, hd] → [b, rows, heads·hd], in the model dtype.
+
+    The numerics follow the model's own attention, so that a pre-trained block equal to the fine-tuned one
+    gives the same update: transformers' eager path (scores and weighted sum in the model dtype, softmax in
+    fp32) for eager models and soft-capped logits, scaled_dot_product_attention otherwise.
+    """
     batch, heads, n_rows, head_dim = query.shape
-    query, key, value = query.float(), key.float(), value.float()
-    if softcap is None:
+    if eager or softcap is not None:
+        groups = heads // key.shape[1]
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+        scores = query @ key.transpose(-1, -2) * scaling
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        weights = scores.masked_fill(~visible, float("-inf")).softmax(-1, dtype=torch.float32).to(value.dtype)
+        out = weights @ value
+    else:
         out = F.scaled_dot_product_attention(
             query, key, value, attn_mask=visible, scale=scaling, enable_gqa=key.shape[1] != heads
         )
-    else:
-        groups = heads // key.shape[1]
-        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-        scores = torch.tanh(query @ key.transpose(-1, -2) * (scaling / softcap)) * softcap
-        out = scores.masked_fill(~visible, float("-inf")).softmax(-1) @ value
     return out.transpose(1, 2).reshape(batch, n_rows, heads * head_dim)

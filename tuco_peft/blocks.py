@@ -19,7 +19,7 @@ are switched off for the call), the same block of another model, or one streamed
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -44,6 +44,7 @@ class BlockLayout:
     post_attention_norm: str | None = None
     post_mlp_norm: str | None = None
     mlp: str = "mlp"
+    window_from_config: bool = False  # the family reads config.sliding_window (Mistral, Phi-3), not a per-layer one
 
 
 _PRE_NORM = BlockLayout("self_attn", "input_layernorm", "post_attention_layernorm", ("q_proj", "k_proj", "v_proj"), "o_proj")
@@ -56,12 +57,15 @@ _SANDWICH_NORM = BlockLayout(
     post_attention_norm="post_attention_layernorm",
     post_mlp_norm="post_feedforward_layernorm",
 )
-_FUSED_QKV = BlockLayout("self_attn", "input_layernorm", "post_attention_layernorm", ("qkv_proj",), "o_proj")
+_PRE_NORM_CONFIG_WINDOW = replace(_PRE_NORM, window_from_config=True)
+_FUSED_QKV = BlockLayout(
+    "self_attn", "input_layernorm", "post_attention_layernorm", ("qkv_proj",), "o_proj", window_from_config=True
+)
 _GPT2 = BlockLayout("attn", "ln_1", "ln_2", ("c_attn",), "c_proj")
 
 LAYOUTS: dict[str, BlockLayout] = {
     "LlamaDecoderLayer": _PRE_NORM,
-    "MistralDecoderLayer": _PRE_NORM,
+    "MistralDecoderLayer": _PRE_NORM_CONFIG_WINDOW,
     "Qwen2DecoderLayer": _PRE_NORM,
     "Qwen3DecoderLayer": _PRE_NORM,
     "GemmaDecoderLayer": _PRE_NORM,
@@ -117,11 +121,12 @@ class _RowwiseBlock:
         self.n_kv_heads = getattr(config, "num_key_value_heads", None) or self.n_heads
         self.head_dim = attention.head_dim
         self.scaling = attention.scaling
-        if hasattr(attention, "sliding_window"):
-            self.sliding_window = attention.sliding_window
-        else:
+        if layout.window_from_config:
             self.sliding_window = getattr(config, "sliding_window", None)
+        else:
+            self.sliding_window = getattr(attention, "sliding_window", None)
         self.softcap = getattr(attention, "attn_logit_softcapping", None)
+        self.eager = config._attn_implementation == "eager"
 
     def capturing(self, router: LoraLinearRouter) -> AbstractContextManager[None]:
         return nullcontext()
@@ -152,11 +157,13 @@ class _RowwiseBlock:
             query = apply_rope(query, gather_rows(cos, batch.rows), gather_rows(sin, batch.rows))
             key = apply_rope(key, cos, sin)
         visible = key_visibility(batch.attention_mask, batch.rows, self.sliding_window)
-        return attend_rows(query, key, value, visible, self.scaling, self.softcap).to(value.dtype)
+        return attend_rows(query, key, value, visible, self.scaling, self.softcap, eager=self.eager)
 
     def pretrained_update(
         self, pretrained: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict[str, Any], batch: Batch
     ) -> torch.Tensor:
+        # The residual adds stay in the model's dtype, as in the block itself: in bf16/fp16 the fine-tuned
+        # update carries their rounding, and so must the pre-trained one, or FTC would absorb the difference.
         layout = self.layout
         attention = getattr(pretrained, layout.attention)
         with adapters_disabled(pretrained.modules()):
@@ -165,10 +172,11 @@ class _RowwiseBlock:
             if layout.post_attention_norm:
                 attn_update = getattr(pretrained, layout.post_attention_norm)(attn_update)
             x_rows = gather_rows(x, batch.rows)
-            mlp_update = getattr(pretrained, layout.mlp)(getattr(pretrained, layout.mlp_norm)(x_rows + attn_update))
+            hidden = x_rows + attn_update
+            mlp_update = getattr(pretrained, layout.mlp)(getattr(pretrained, layout.mlp_norm)(hidden))
             if layout.post_mlp_norm:
                 mlp_update = getattr(pretrained, layout.post_mlp_norm)(mlp_update)
-        return attn_update.float() + mlp_update.float()
+        return (hidden + mlp_update).float() - x_rows.float()
 
 
 class SharedProjectionBlock(_RowwiseBlock):
@@ -178,7 +186,8 @@ class SharedProjectionBlock(_RowwiseBlock):
         super().__init__(layer, layout, config)
         attention = getattr(layer, layout.attention)
         self.projections = [getattr(attention, name) for name in layout.projections]
-        self._captured: list[torch.Tensor] = []
+        self._base_layers = [p.get_base_layer() if is_additive_lora(p) else p for p in self.projections]
+        self._captured: dict[int, torch.Tensor] = {}
 
     @staticmethod
     def supports(layer: nn.Module, layout: BlockLayout) -> bool:
@@ -199,16 +208,17 @@ class SharedProjectionBlock(_RowwiseBlock):
         return router.report_base_outputs(self.projections, self.capture)
 
     def capture(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        self._captured.append(output)
+        self._captured[id(module)] = output
 
     def _projections(self, pretrained: nn.Module, x: torch.Tensor, batch: Batch):
-        captured, self._captured = self._captured, []
-        if len(captured) != len(self.projections):
+        captured, self._captured = self._captured, {}
+        missing = [i for i, base in enumerate(self._base_layers) if id(base) not in captured]
+        if missing:
             raise RuntimeError(
-                f"expected {len(self.projections)} captured projections, got {len(captured)}: the block's "
-                "forward does not match its layout."
+                f"the block's forward did not run its projections {[self.layout.projections[i] for i in missing]}: "
+                "it does not match its layout."
             )
-        query, key, value = self._split(captured)
+        query, key, value = self._split([captured[id(base)] for base in self._base_layers])
         return gather_rows(query, batch.rows), key, value
 
 

@@ -140,7 +140,8 @@ class TuCoCallback(TrainerCallback):
         if tokenizer is None:
             raise InputError("the trainer has no processing_class to tokenize the prompts with; pass tokenizer=.")
         # Refuse a model TuCo cannot decompose now, not after the first every_n_steps steps of training.
-        check_adapters(model_parts(trainer.model).causal_lm)
+        parts = model_parts(trainer.model)
+        check_adapters(parts.causal_lm, parts.layers)
         self.trainer = trainer
         self.every_n_steps = every_n_steps
         self._batches = {

@@ -63,12 +63,27 @@ class _BlockProbe:
     def _after(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
         x, args, kwargs = self._input
         self._input = None
-        rows = self.batch.rows
-        self.x_rows = gather_rows(x, rows).float()
-        self.out_rows = gather_rows(block_output(output), rows).float()
+        out = block_output(output)
+        # With a multi-device device_map, accelerate moves a block's inputs inside its forward (after our
+        # pre-hook): work where the block ran, keep the results where the batch lives.
+        x, args, kwargs = _to_device((x, args, kwargs), out.device)
+        batch, home = self.batch.to(out.device), self.batch.input_ids.device
+        x_rows = gather_rows(x, batch.rows).float()
+        out_rows = gather_rows(out, batch.rows).float()
         with self.source.block(self.index) as pretrained:
-            self.ptc = self.path.pretrained_update(pretrained, x, args, kwargs, self.batch)
+            ptc = self.path.pretrained_update(pretrained, x, args, kwargs, batch)
+        self.x_rows, self.out_rows, self.ptc = x_rows.to(home), out_rows.to(home), ptc.to(home)
         self.ftc = (self.out_rows - self.x_rows) - self.ptc
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_device(item, device) for item in value)
+    if isinstance(value, dict):
+        return {key: _to_device(item, device) for key, item in value.items()}
+    return value
 
 
 def _input_device(parts: ModelParts) -> torch.device:

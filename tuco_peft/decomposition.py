@@ -8,10 +8,14 @@ import torch
 
 
 def tuco_from_sums(ptc_sum: torch.Tensor, ftc_sum: torch.Tensor) -> torch.Tensor:
-    """‖ΣFTC‖₁ / (‖ΣPTC‖₁ + ‖ΣFTC‖₁) over the last (d_model) axis; 0 where both sums vanish."""
+    """‖ΣFTC‖₁ / (‖ΣPTC‖₁ + ‖ΣFTC‖₁) over the last (d_model) axis; 0 where both sums vanish.
+
+    A NaN or inf in the components propagates (as NaN): an overflow must not read as "no fine-tuning".
+    """
     ftc_norm = ftc_sum.abs().sum(-1)
     total = ptc_sum.abs().sum(-1) + ftc_norm
-    return torch.where(total > 0, ftc_norm / total.clamp_min(torch.finfo(total.dtype).tiny), 0.0)
+    share = torch.where(total == 0, 0.0, ftc_norm / total.clamp_min(torch.finfo(total.dtype).tiny))
+    return torch.where(total.isfinite(), share, float("nan"))
 
 
 @dataclass

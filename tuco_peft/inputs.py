@@ -23,6 +23,12 @@ class Batch:
     rows: torch.Tensor
     squeeze_positions: bool
 
+    def to(self, device: torch.device) -> Batch:
+        if self.input_ids.device == device:
+            return self
+        moved = (t.to(device) for t in (self.input_ids, self.attention_mask, self.position_ids, self.rows))
+        return Batch(*moved, self.squeeze_positions)
+
     @property
     def row_is_real(self) -> torch.Tensor:
         """[batch, n_rows] bool: False where a decomposed row is padding (positions="all")."""

@@ -45,6 +45,14 @@ class ModelBlocks(_ResidentBlocks):
 
     def __init__(self, parts: ModelParts, base: ModelParts):
         _check_same_architecture(parts, type(base.layers[0]).__name__, len(base.layers), base.config.hidden_size, "base_model")
+        for index, (ours, theirs) in enumerate(zip(parts.layers, base.layers)):
+            mine, other = next(ours.parameters()), next(theirs.parameters())
+            same_device = mine.device == other.device or "meta" in (mine.device.type, other.device.type)
+            if mine.dtype != other.dtype or not same_device:
+                raise UnsupportedModelError(
+                    f"block {index} of base_model is {other.dtype} on {other.device}, the fine-tuned model's is "
+                    f"{mine.dtype} on {mine.device}; load both in the same dtype and place their blocks alike."
+                )
         super().__init__(base.layers)
 
 
@@ -167,7 +175,7 @@ def checked_pretrained_blocks(parts: ModelParts, base_model: nn.Module | str | P
     """Resolve ``base_model`` after the checks every analysis needs: LoRA adapters that can be switched off
     (adapter fine-tunes), and no train-mode dropout in the blocks of either model."""
     if base_model is None:
-        check_adapters(parts.causal_lm)
+        check_adapters(parts.causal_lm, parts.layers)
     check_deterministic(parts.layers)
     source = pretrained_blocks(parts, base_model)
     if isinstance(source, ModelBlocks):

@@ -33,8 +33,8 @@ def analysis_state(layers: nn.ModuleList) -> Iterator[None]:
       on the first eval no-grad forward, after which dequantization and gradients are wrong.
     """
     checkpointed = [m for m in layers.modules() if getattr(m, "gradient_checkpointing", False) is True]
-    quantized = [m for m in layers.modules() if _is_bnb_4bit(m)]
-    if torch.is_grad_enabled() and any(_cpu_repacked(m) for m in quantized):
+    quantized = [m for m in layers.modules() if _is_bnb_4bit(m) and hasattr(m, "support_avx512bf16_for_cpu")]
+    if torch.is_grad_enabled() and any(_cpu_repacked(m) for m in layers.modules() if _is_bnb_4bit(m)):
         raise UnsupportedModelError(
             "bitsandbytes has repacked this model's 4-bit weights for AVX512-BF16 CPU inference, and gradients "
             "through repacked weights are wrong. Reload the model (tuco-peft prevents the repacking during its "
