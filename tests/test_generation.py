@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from transformers import GenerationConfig
 
 from models import base_model, model_pair, padded_batch
 from steering_reference import greedy, steered_last_token_tuco
@@ -53,7 +54,7 @@ def test_steered_tuco_and_tokens_match_the_no_cache_reference():
 def test_alpha_zero_gives_zero_tuco_and_larger_alpha_larger_tuco():
     _, model = model_pair("qwen3")
     ids, mask = padded_batch(lengths=(6, 6))
-    kwargs = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+    kwargs = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": 0}
     assert generate(model, ids, mask, alpha=0.0, **kwargs).tuco.abs().max() == 0
     first = [generate(model, ids, mask, alpha=a, max_new_tokens=1, pad_token_id=0).tuco[:, 0] for a in (0.5, 1.0, 2.0)]
     assert bool((first[0] < first[1]).all() and (first[1] < first[2]).all())
@@ -82,8 +83,16 @@ def test_sampling_with_several_sequences_per_prompt():
     ids, mask = padded_batch(lengths=(5, 7))
     torch.manual_seed(0)
     out = generate(
-        model, ids, mask, alpha=1.2, max_new_tokens=4, min_new_tokens=4, do_sample=True, num_return_sequences=2,
-        pad_token_id=0, return_dict_in_generate=True,
+        model,
+        ids,
+        mask,
+        alpha=1.2,
+        max_new_tokens=4,
+        min_new_tokens=4,
+        do_sample=True,
+        num_return_sequences=2,
+        pad_token_id=0,
+        return_dict_in_generate=True,
     )
     assert out.sequences.shape == (4, ids.shape[1] + 4) and out.tuco.shape == (4, 4)
     assert bool(((out.tuco > 0) & (out.tuco < 1)).all())
@@ -98,6 +107,10 @@ def test_bad_inputs_are_refused_and_model_is_left_unhooked():
         generate(model, ids, mask, max_new_tokens=2)
     with pytest.raises(InputError, match="beam"):
         generate(model, ids, max_new_tokens=2, num_beams=2)
+    with pytest.raises(InputError, match="assistant_model"):
+        generate(model, ids, max_new_tokens=2, assistant_model=base_model("llama"))
+    with pytest.raises(InputError, match="prompt_lookup_num_tokens"):
+        generate(model, ids, max_new_tokens=2, prompt_lookup_num_tokens=2)
     with pytest.raises(InputError, match="finite"):
         generate(model, ids, alpha=float("nan"), max_new_tokens=2)
     with pytest.raises(InputError, match="2-D"):
@@ -105,3 +118,29 @@ def test_bad_inputs_are_refused_and_model_is_left_unhooked():
     with pytest.raises(Exception, match="no LoRA adapters"):
         generate(base_model("llama"), ids, max_new_tokens=2)
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("source", ["generation_config", "model"])
+@pytest.mark.parametrize(
+    "name, value, message",
+    [("num_beams", 2, "cannot track TuCo through beam"), ("prompt_lookup_num_tokens", 2, "prompt_lookup_num_tokens")],
+)
+def test_beams_and_assisted_decoding_are_refused_from_any_generation_config(source, name, value, message):
+    _, model = model_pair("llama")
+    ids, mask = padded_batch(lengths=(5, 8))
+    kwargs = {}
+    if source == "model":
+        setattr(model.get_base_model().generation_config, name, value)
+    else:
+        kwargs["generation_config"] = GenerationConfig(max_new_tokens=2, pad_token_id=0, **{name: value})
+    with pytest.raises(InputError, match=message):
+        generate(model, ids, mask, max_new_tokens=2, pad_token_id=0, **kwargs)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_a_keyword_overrides_beams_of_the_model_generation_config():
+    _, model = model_pair("llama")
+    ids, mask = padded_batch(lengths=(5, 8))
+    model.get_base_model().generation_config.num_beams = 2
+    out = generate(model, ids, mask, num_beams=1, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert out.tuco.shape == (2, 3) and not out.tuco.isnan().any()

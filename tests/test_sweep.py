@@ -1,16 +1,17 @@
 """alpha_sweep: items from JSONL, per-α accuracy against the no-cache reference, honest cross-validation."""
 
 import json
+import string
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 from models import VOCAB, model_pair
 from steering_reference import steered_logits
 from tuco_peft.errors import InputError
-from tuco_peft.sweep import ChoiceItem, alpha_sweep, cross_validate, load_items, parse_item
+from tuco_peft.sweep import ChoiceItem, alpha_sweep, cross_validate, encode_items, load_items, parse_item
 
 _SPECIAL = ["[PAD]", "[UNK]", "Answer", ":", ".", "A", "B", "C", "D", "Yes", "No"]
 _WORDS = [f"w{i}" for i in range(VOCAB - len(_SPECIAL))]
@@ -22,6 +23,19 @@ def word_tokenizer():
     backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]")
+
+
+def space_splitting_tokenizer():
+    """Byte-level BPE whose only merge is " w": " A" and " Yes" start with a lone space token, as on BPE
+    tokenizers trained without letter merges; a BOS token is added in front of every text."""
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    alphabet = string.ascii_letters + string.digits + " :.?\n"
+    symbols = sorted({c for piece, _ in byte_level.pre_tokenize_str(alphabet) for c in piece})
+    vocab = {token: i for i, token in enumerate(["<pad>", "<s>", *symbols, "Ġw"])}
+    backend = Tokenizer(models.BPE(vocab, merges=[("Ġ", "w")]))
+    backend.pre_tokenizer = byte_level
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", pad_token="<pad>")
 
 
 def mwe_record(question, matching, not_matching):
@@ -127,7 +141,41 @@ def test_bad_sweep_arguments_are_refused():
         alpha_sweep(model, tokenizer, random_items(6), alphas=(0.9, 1.1))
     with pytest.raises(InputError, match="folds"):
         alpha_sweep(model, tokenizer, random_items(3), folds=5)
-    with pytest.raises(InputError, match="same token"):
+    with pytest.raises(InputError, match="token of their own"):
         alpha_sweep(model, tokenizer, [mwe_record("w1", " w2 w3", " w2")] * 4, folds=2)
     with pytest.raises(InputError, match="empty"):
         alpha_sweep(model, tokenizer, [])
+
+
+def test_options_are_scored_where_they_first_differ_on_a_space_splitting_tokenizer():
+    tokenizer = space_splitting_tokenizer()
+    alone = [tokenizer(option, add_special_tokens=False)["input_ids"] for option in (" A", " B")]
+    assert alone[0][0] == alone[1][0]  # a lone space: the options' own first tokens cannot tell them apart
+    items = [parse_item(r) for r in random_items(6)]
+    items.append(parse_item(mwe_record("w1 w2?", " w7", " w3")))  # share " w", differ at the digit
+    contexts, options = encode_items(tokenizer, items)
+    for item, context, option_ids in zip(items, contexts, options):
+        shared = " w" if item.options()[0].startswith(" w") else " "
+        assert context == tokenizer(item.prompt() + shared)["input_ids"]
+        assert context.count(tokenizer.bos_token_id) == 1
+        first_letters = [option[len(shared)] for option in item.options()]
+        assert option_ids == tokenizer.convert_tokens_to_ids(first_letters)
+
+    templated_contexts, templated_options = encode_items(tokenizer, items, lambda item: "<s>" + item.prompt())
+    assert templated_contexts == contexts and templated_options == options  # the template's BOS is not doubled
+
+
+def test_sweep_on_a_space_splitting_tokenizer_matches_the_no_cache_reference():
+    pretrained, model = model_pair("llama")
+    tokenizer = space_splitting_tokenizer()
+    items = [parse_item(r) for r in random_items(6)]
+    alphas = (0.0, 1.0)
+    result = alpha_sweep(model, tokenizer, items, alphas=alphas, folds=2, batch_size=4)
+    expected = torch.zeros(len(items), len(alphas), dtype=torch.bool)
+    for i, item in enumerate(items):
+        ids = torch.tensor([tokenizer(item.prompt() + " ")["input_ids"]])
+        option_ids = tokenizer.convert_tokens_to_ids([option.strip()[0] for option in item.options()])
+        for j, alpha in enumerate(alphas):
+            logits = steered_logits(model, pretrained, ids, torch.ones_like(ids), [alpha] * 3)[0, -1]
+            expected[i, j] = int(logits[option_ids].argmax()) == item.answer
+    assert torch.equal(result.correct, expected)

@@ -55,16 +55,6 @@ class _LastTokenTuCo:
             self.steps.append(tuco_from_sums(self._ptc_sum, self._ftc_sum))
 
 
-def _eos_ids(model: nn.Module, generate_kwargs: dict[str, Any]) -> list[int]:
-    config = generate_kwargs.get("generation_config") or model_parts(model).causal_lm.generation_config
-    eos = generate_kwargs.get("eos_token_id", config.eos_token_id)
-    if eos is None:
-        return []
-    if isinstance(eos, torch.Tensor):
-        eos = eos.tolist()
-    return [int(t) for t in (eos if isinstance(eos, list) else [eos])]
-
-
 def _after_finish(new_tokens: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
     """[batch, n_new] bool: True where an earlier new token of the row was end-of-sequence."""
     if not eos_ids:
@@ -72,6 +62,40 @@ def _after_finish(new_tokens: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
     is_eos = torch.isin(new_tokens, torch.tensor(eos_ids, device=new_tokens.device))
     seen = is_eos.long().cumsum(-1)
     return torch.cat([torch.zeros_like(seen[:, :1]), seen[:, :-1]], dim=1) > 0
+
+
+def _generation_setting(causal_lm: nn.Module, generate_kwargs: dict[str, Any], name: str) -> Any:
+    """The value ``generate`` will use for ``name``: its keyword, else the passed config, else the model's."""
+    if name in generate_kwargs:
+        return generate_kwargs[name]
+    config = generate_kwargs.get("generation_config") or causal_lm.generation_config
+    return getattr(config, name, None)
+
+
+def _eos_ids(causal_lm: nn.Module, generate_kwargs: dict[str, Any]) -> list[int]:
+    eos = _generation_setting(causal_lm, generate_kwargs, "eos_token_id")
+    if eos is None:
+        return []
+    if isinstance(eos, torch.Tensor):
+        eos = eos.tolist()
+    return [int(t) for t in (eos if isinstance(eos, list) else [eos])]
+
+
+def _refuse_unfollowable_decoding(causal_lm: nn.Module, generate_kwargs: dict[str, Any]) -> None:
+    """Beam search reorders rows and assisted decoding scores several tokens per forward: refuse both up front."""
+    if (_generation_setting(causal_lm, generate_kwargs, "num_beams") or 1) != 1:
+        raise InputError(
+            "tuco_peft.generate follows one sequence per row and cannot track TuCo through beam reordering "
+            "(num_beams > 1, from the arguments, generation_config or the model's generation_config); use "
+            "`with ftc_scale(model, alpha): model.generate(..., num_beams=k)` for beam search."
+        )
+    for name in ("assistant_model", "prompt_lookup_num_tokens"):
+        if _generation_setting(causal_lm, generate_kwargs, name) is not None:
+            raise InputError(
+                f"tuco_peft.generate needs one forward per generated token; {name} (assisted or speculative "
+                "decoding) verifies several tokens per forward. Drop it, or use "
+                "`with ftc_scale(model, alpha): model.generate(...)` without TuCo."
+            )
 
 
 def generate(
@@ -95,15 +119,14 @@ def generate(
     FTC_l taken at the steered states x_l (so α = 0 gives 0: the fine-tune contributes nothing).
 
     Prompts must be left-padded (as for any batched decoder-only generation). Beam search is refused
-    here, because beams are reordered after the TuCo of a step is taken; use
-    ``with ftc_scale(model, alpha): model.generate(..., num_beams=k)`` for steered beam search.
+    here, because beams are reordered after the TuCo of a step is taken, whether ``num_beams`` comes
+    as a keyword, in ``generation_config`` or from the model's own generation config; use
+    ``with ftc_scale(model, alpha): model.generate(..., num_beams=k)`` for steered beam search. Assisted
+    decoding (``assistant_model``, ``prompt_lookup_num_tokens``) is refused too: it scores several
+    tokens in one forward.
     """
-    if generate_kwargs.get("num_beams", 1) != 1:
-        raise InputError(
-            "tuco_peft.generate follows one sequence per row and cannot track TuCo through beam reordering; "
-            "use `with ftc_scale(model, alpha): model.generate(..., num_beams=k)` for beam search."
-        )
     parts = model_parts(model)
+    _refuse_unfollowable_decoding(parts.causal_lm, generate_kwargs)
     batch = prepare_batch(input_ids, attention_mask, "last", parts.causal_lm.get_input_embeddings().weight.device)
     if not bool(batch.attention_mask[:, -1].all()):
         raise InputError(
@@ -123,5 +146,5 @@ def generate(
     if not recorder.steps:
         return SteeredGeneration(sequences, torch.zeros(sequences.shape[0], 0), output)
     tuco = torch.stack(recorder.steps, dim=1)
-    tuco = tuco.masked_fill(_after_finish(new_tokens, _eos_ids(model, generate_kwargs)), float("nan"))
+    tuco = tuco.masked_fill(_after_finish(new_tokens, _eos_ids(parts.causal_lm, generate_kwargs)), float("nan"))
     return SteeredGeneration(sequences, tuco, output)

@@ -47,7 +47,7 @@ class ChoiceItem:
         return question if question.endswith("Answer:") else f"{question}\n\nAnswer:"
 
     def options(self) -> tuple[str, ...]:
-        """The continuations whose first token is scored, with the space that follows "Answer:"."""
+        """The continuations after the prompt, with the space that follows "Answer:" (see ``encode_items``)."""
         if self.lettered:
             return tuple(f" {letter}" for letter in _LETTERS[: len(self.choices)])
         return tuple(choice if choice.startswith(" ") else f" {choice}" for choice in self.choices)
@@ -161,18 +161,38 @@ def cross_validate(correct: torch.Tensor, alphas: Sequence[float], folds: int = 
     )
 
 
-def _encode(tokenizer: Any, items: Sequence[ChoiceItem], format_prompt: Callable[[ChoiceItem], str]):
-    prompts = [tokenizer(format_prompt(item))["input_ids"] for item in items]
-    options = []
+def _token_ids(tokenizer: Any, text: str) -> list[int]:
+    """``text`` as token ids, adding special tokens only if a chat template has not already put BOS there."""
+    bos = getattr(tokenizer, "bos_token", None)
+    templated = bool(bos) and text.startswith(bos)
+    return tokenizer(text, add_special_tokens=not templated)["input_ids"]
+
+
+def encode_items(
+    tokenizer: Any, items: Sequence[ChoiceItem], format_prompt: Callable[[ChoiceItem], str] = ChoiceItem.prompt
+) -> tuple[list[list[int]], list[list[int]]]:
+    """The context each item is scored after, and the token of each option scored there.
+
+    Prompt and option are tokenized together, and the tokens the options share (a space that the tokenizer
+    splits off, as in " A" → " ", "A", or a SentencePiece "▁") move into the context, so the scored tokens
+    are the first ones where the options differ.
+    """
+    contexts, options = [], []
     for index, item in enumerate(items):
-        first_tokens = [tokenizer(option, add_special_tokens=False)["input_ids"][0] for option in item.options()]
-        if len(set(first_tokens)) != len(first_tokens):
+        prompt = format_prompt(item)
+        completions = [_token_ids(tokenizer, prompt + option) for option in item.options()]
+        shared = 0
+        while all(shared < len(ids) and ids[shared] == completions[0][shared] for ids in completions):
+            shared += 1
+        scored = [ids[shared] if shared < len(ids) else None for ids in completions]
+        if None in scored or len(set(scored)) != len(scored):
             raise InputError(
-                f"item {index}: the options {item.options()} start with the same token, so next-token "
-                "probabilities cannot tell them apart; reword the choices."
+                f"item {index}: the options {item.options()} do not each start with a token of their own after "
+                "the prompt, so next-token probabilities cannot tell them apart; reword the choices."
             )
-        options.append(first_tokens)
-    return prompts, options
+        contexts.append(completions[0][:shared])
+        options.append(scored)
+    return contexts, options
 
 
 def _left_padded(prompts: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,14 +237,15 @@ def alpha_sweep(
     Args:
         items: ``ChoiceItem``s or records for ``parse_item`` (see ``load_items`` for JSONL files).
         format_prompt: item → prompt text, e.g. to apply a chat template; the default lists lettered
-            choices and ends with "Answer:".
+            choices and ends with "Answer:". A text that already starts with the tokenizer's BOS token is
+            tokenized without adding special tokens.
         log_path: if given, one JSON line per α is appended as soon as that α is scored.
     """
     items = [item if isinstance(item, ChoiceItem) else parse_item(item, f"items[{i}]") for i, item in enumerate(items)]
     if not items:
         raise InputError("items is empty.")
     cross_validate(torch.zeros(len(items), len(alphas), dtype=torch.bool), alphas, folds, seed)  # check early
-    prompts, options = _encode(tokenizer, items, format_prompt)
+    prompts, options = encode_items(tokenizer, items, format_prompt)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     answers = torch.tensor([item.answer for item in items])
     columns = []
