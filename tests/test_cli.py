@@ -194,6 +194,8 @@ def test_compare_prints_the_roc_auc_of_its_rows(checkpoints, tmp_path, capsys):
     )
     assert plot.stat().st_size > 0
     assert main(args) == 0 and len(_rows(out)) == 5  # resumed: nothing recomputed, nothing duplicated
+    err = capsys.readouterr().err
+    assert "resuming: 2 of 2 prompts of set 'chat'" in err and "resuming: 3 of 3 prompts of set 'web'" in err
 
 
 def test_roc_auc_matches_scikit_learn():
@@ -342,3 +344,117 @@ def test_flags_that_need_each_other_and_debug_traceback(checkpoints, tmp_path, c
     _fails([*argv[:6], str(messages), *argv[7:]], capsys, "has chat messages; pass --chat-template")
     with pytest.raises(Exception, match="--system needs --chat-template"):
         main([*argv, "--system", "hi", "--debug"])
+
+
+def test_resuming_with_other_settings_is_refused(checkpoints, tmp_path, capsys):
+    prompts = _write(tmp_path / "p.txt", PROMPTS[:2])
+    out = tmp_path / "rows.jsonl"
+    assert _analyze(checkpoints, prompts, out) == 0
+    settings = _rows(out)[0]["settings"]
+    assert settings["base"] == str(checkpoints.base.resolve()) and settings["chat_template"] is False
+    argv = _analyze_argv(checkpoints, prompts, out)
+    _fails([*argv, "--chat-template"], capsys, "rows computed with other settings (chat_template differ)")
+    _fails([*argv, "--chat-template", "--system", "be brief"], capsys, "(chat_template, system differ)")
+    _fails([*argv, "--positions", "all"], capsys, "(positions differ)")
+    other = _analyze_argv(checkpoints, prompts, out, base=checkpoints.pickle_base)
+    _fails([*other, "--trust-pickle"], capsys, "(base differ)")
+    assert _analyze(checkpoints, prompts, out) == 0 and len(_rows(out)) == 2
+
+
+def test_out_must_be_a_results_file_other_than_the_prompts(checkpoints, tmp_path, capsys):
+    prompts = _write(tmp_path / "p.jsonl", [json.dumps({"id": 1, "prompt": "the lazy dog"})])
+    _fails(_analyze_argv(checkpoints, prompts, prompts), capsys, "is the prompt file")
+    other = _write(tmp_path / "other.jsonl", [json.dumps({"id": 1, "prompt": "the lazy dog"})])
+    _fails(_analyze_argv(checkpoints, prompts, other), capsys, "other.jsonl:1 is not a tuco-peft result row")
+    chat = _write(tmp_path / "chat.txt", ["how can I help you today?"])
+    _fails(["compare", *_model_args(checkpoints), str(chat), str(prompts), "--out", str(chat)], capsys, "prompt file")
+
+
+@pytest.fixture
+def loading_forbidden(monkeypatch):
+    """Make loading a model an error, so that a test can show a check ran before it."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    for name in ("load_pair", "load_full_finetune", "load_base"):
+        monkeypatch.setattr(importlib.import_module("tuco_peft.cli"), name, refuse)
+
+
+def test_resume_with_empty_prompts_loads_nothing(checkpoints, tmp_path, capsys, monkeypatch):
+    prompts = _write(tmp_path / "p.txt", ["the lazy dog", "   ", "a small model reads", ""])
+    out = tmp_path / "rows.jsonl"
+    assert _analyze(checkpoints, prompts, out) == 0
+    err = capsys.readouterr().err
+    assert "prompts 2 (line 2), 4 (line 4) are empty; skipped" in err and err.count("empty") == 1
+    monkeypatch.setattr(importlib.import_module("tuco_peft.cli"), "load_pair", None)  # a reload would fail
+    assert _analyze(checkpoints, prompts, out) == 0
+    assert "resuming: 2 of 2 prompts are already in" in capsys.readouterr().err
+    assert [row["id"] for row in _rows(out)] == [1, 3]
+    _fails(_analyze_argv(checkpoints, _write(tmp_path / "e.txt", ["", " "]), out), capsys, "all empty")
+
+
+def test_prompt_files_split_on_newline_only(tmp_path):
+    from tuco_peft.prompts import read_prompts
+
+    text = tmp_path / "p.txt"
+    text.write_bytes("page\x0cbreak\r\nsecond\u2028half\n\nlast".encode())
+    assert [(p.id, p.text) for p in read_prompts(text)] == [
+        (1, "page\x0cbreak"),
+        (2, "second\u2028half"),
+        (3, ""),
+        (4, "last"),
+    ]
+    records = tmp_path / "p.jsonl"
+    records.write_text(json.dumps({"prompt": "one\u2028line"}, ensure_ascii=False) + "\r\n", encoding="utf-8")
+    assert [(p.id, p.text) for p in read_prompts(records)] == [(1, "one\u2028line")]
+
+
+def test_bad_input_is_refused_before_any_model_loads(checkpoints, tmp_path, capsys, monkeypatch, loading_forbidden):
+    prompts = _write(tmp_path / "p.txt", PROMPTS[:1])
+    argv = _analyze_argv(checkpoints, prompts, tmp_path / "o.jsonl")
+    messages = _write(tmp_path / "m.jsonl", [json.dumps({"messages": [{"role": "user", "content": "hi"}]})])
+    _fails([*argv[:6], str(messages), *argv[7:]], capsys, "has chat messages; pass --chat-template")
+    _fails([*argv, "--plot", str(tmp_path / "profile.xyz")], capsys, "--plot", "must end in one of", ".png")
+    generate = ["generate", *_model_args(checkpoints)]
+    _fails([*generate, "the lazy dog", "--max-new-tokens", "0"], capsys, "--max-new-tokens must be at least 1")
+    _fails([*generate, " "], capsys, "the prompt is empty")
+    _fails([*generate, "the lazy dog", "--alpha", "inf"], capsys, "--alpha must be a finite number")
+    _fails([*generate, "the lazy dog", "--alpha", "nan"], capsys, "--alpha must be a finite number")
+    bench = ["bench", *_model_args(checkpoints), "--prompts", str(prompts)]
+    _fails([*bench, "--repeats", "0"], capsys, "--repeats must be at least 1")
+    _fails(["bench", "--prompts", str(tmp_path / "missing.txt")], capsys, "missing.txt does not exist")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _fails([*argv, "--device", "cuda"], capsys, "CUDA is not available; pass --device cpu")
+
+
+def test_generate_keeps_room_for_new_tokens_in_the_context(checkpoints, loaded, capsys):
+    model, _, tokenizer = loaded
+    long_text = " ".join(["the quick brown fox jumps over the lazy dog"] * 8)
+    assert main(["generate", *_model_args(checkpoints), long_text, "--max-new-tokens", "4"]) == 0
+    captured = capsys.readouterr()
+    kept = CONTEXT - 4
+    assert f"of {CONTEXT} less 4 new tokens; analysing its last {kept} tokens" in captured.err
+    ids = torch.tensor([tokenizer(long_text)["input_ids"][-kept:]])
+    step_zero = next(line for line in captured.out.splitlines() if line.strip().startswith("0 "))
+    with torch.no_grad():
+        assert float(step_zero.split()[1]) == pytest.approx(float(tuco(model, ids)), abs=1e-3)
+    _fails(["generate", *_model_args(checkpoints), "the lazy dog", "--max-new-tokens", str(CONTEXT)], capsys, "no room")
+
+
+def test_bench_without_a_model_honours_prompts_and_cache_dir(checkpoints, tmp_path, capsys, monkeypatch):
+    asked = []
+    demo = importlib.import_module("tuco_peft.demo")
+    monkeypatch.setattr(
+        demo,
+        "ensure_demo_checkpoints",
+        lambda cache_dir=None: asked.append(cache_dir) or (checkpoints.base, checkpoints.adapter),
+    )
+    prompts = _write(tmp_path / "p.txt", PROMPTS[:3])
+    report = tmp_path / "bench.json"
+    argv = ["bench", "--prompts", str(prompts), "--cache-dir", str(tmp_path / "cache"), "--repeats", "1"]
+    assert main([*argv, "--json", str(report)]) == 0
+    assert asked == [str(tmp_path / "cache")]
+    assert json.loads(report.read_text())["batch"][0] == 3
+    assert "mostly per-call overhead" in capsys.readouterr().out
+    _fails(["bench", *_model_args(checkpoints), "--prompts", str(prompts), "--cache-dir", "x"], capsys, "--cache-dir")

@@ -18,7 +18,7 @@ from tuco_peft.distributed import Ranks, part_file, parts_directory
 PROMPTS = [
     "the quick brown fox",
     "how can I help you today?",
-    "",  # empty: skipped with a warning by whichever rank gets it
+    "",  # empty: skipped with one warning, from rank 0
     "a small model reads",
     "tell me about the old mill by the water near the river bank",
     "the lazy dog",
@@ -124,7 +124,8 @@ def test_interrupted_distributed_run_resumes_under_two_ranks(checkpoints, prompt
     _interrupted_run(out, one_process_rows)
     run = _launch_two_ranks(_analyze_argv(checkpoints, prompts, out))
     assert run.returncode == 0, run.stderr
-    assert "resuming: 2 of 7 prompts are already in" in run.stderr
+    assert "resuming: 2 of 6 prompts are already in" in run.stderr  # the empty prompt is never counted
+    assert run.stderr.count("prompt 3 (line 3) is empty; skipped") == 1
     _assert_same_rows(_rows(out), one_process_rows, keep_tuco={1, 2})
     assert not parts_directory(out).exists()
 
@@ -148,3 +149,20 @@ def test_an_error_stops_every_rank_with_one_line(checkpoints, prompts, tmp_path)
     assert any("rows.jsonl:1 is not a tuco-peft result row" in line for line in errors), run.stderr
     assert "Traceback" not in workers
     assert out.read_text() == "not a row\n" and not parts_directory(out).exists()
+
+
+def test_process_group_waits_long_for_slow_ranks(monkeypatch):
+    """A rank that finished its share waits at the next step for the slowest: gloo's 30 minutes is too short."""
+    import torch.distributed as dist
+
+    from tuco_peft.distributed import process_group
+
+    calls = []
+    monkeypatch.setattr(dist, "init_process_group", lambda *args, **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: None)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    with process_group(Ranks(rank=1, world_size=2)):
+        pass
+    assert calls[0]["rank"] == 1 and calls[0]["world_size"] == 2
+    assert calls[0]["timeout"].total_seconds() >= 24 * 3600

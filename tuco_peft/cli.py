@@ -18,7 +18,7 @@ import statistics
 import sys
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,8 +27,8 @@ from torch import nn
 from .distributed import Ranks, fold_parts, part_file, process_group, together
 from .errors import InputError, TuCoError
 from .loading import LoadOptions, load_base, load_full_finetune, load_pair, resolve
-from .prompts import Prompt, encode_prompt, fit_context, format_prompt, left_pad, read_prompts
-from .results import ResultsFile, Row, decomposition_rows, result_key, roc_auc, summary_table
+from .prompts import Prompt, check_formats, encode_prompt, fit_context, format_prompt, left_pad, read_prompts
+from .results import ResultsFile, Row, Settings, decomposition_rows, result_key, roc_auc, summary_table
 
 EXIT_INPUT, EXIT_UNEXPECTED, EXIT_INTERRUPTED = 2, 1, 130
 
@@ -48,7 +48,8 @@ class Analyzer:
     """A loaded model and tokenizer, and how prompts are formatted and batched for ``decompose``.
 
     ``base_model`` is decompose's: the pre-trained model of a full fine-tune (loaded, or the directory of
-    its safetensors to stream), ``None`` for a LoRA fine-tune.
+    its safetensors to stream), ``None`` for a LoRA fine-tune. ``settings`` go into every row, so that a
+    rerun resumes only rows computed the same way.
     """
 
     model: nn.Module
@@ -58,6 +59,7 @@ class Analyzer:
     batch_size: int = 8
     positions: str = "last"
     base_model: nn.Module | Path | None = None
+    settings: Settings = field(default_factory=dict)
 
     def context_length(self) -> int | None:
         from .introspection import model_parts
@@ -65,15 +67,13 @@ class Analyzer:
         config = model_parts(self.model).config
         return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
-    def encode(self, prompts: Sequence[Prompt]) -> list[tuple[Prompt, list[int]]]:
-        """Token ids of each prompt. Empty prompts are skipped and over-long ones keep their last tokens,
-        each with a warning."""
-        limit = self.context_length()
+    def encode(self, prompts: Sequence[Prompt], room: int = 0) -> list[tuple[Prompt, list[int]]]:
+        """Token ids of each (non-empty) prompt. Over-long ones keep their last tokens, with a warning;
+        ``room`` is how many positions of the context to leave free (for generated tokens)."""
+        context = self.context_length()
+        limit = None if context is None else context - room
         encoded = []
         for prompt in prompts:
-            if prompt.is_empty:
-                warn(f"prompt {prompt.id!r} (line {prompt.line}) is empty; skipped.")
-                continue
             text = format_prompt(self.tokenizer, prompt, chat_template=self.chat_template, system=self.system)
             ids = encode_prompt(self.tokenizer, text, templated=self.chat_template)
             if not ids:
@@ -81,9 +81,10 @@ class Analyzer:
                 continue
             kept = fit_context(ids, limit)
             if len(kept) < len(ids):
+                room_note = f" less {room} new tokens" if room else ""
                 warn(
                     f"prompt {prompt.id!r} (line {prompt.line}) has {len(ids)} tokens, more than the model's context "
-                    f"of {limit}; analysing its last {limit} tokens."
+                    f"of {context}{room_note}; analysing its last {limit} tokens."
                 )
             encoded.append((prompt, kept))
         return encoded
@@ -126,7 +127,7 @@ class Analyzer:
         ) as bar:
             for start in range(0, len(encoded), self.batch_size):
                 batch = encoded[start : start + self.batch_size]
-                rows = self._batch_rows(batch)
+                rows = [{**row, "settings": self.settings} for row in self._batch_rows(batch)]
                 if set_name is not None:
                     rows = [{"set": set_name, **row} for row in rows]
                 write(rows)
@@ -150,7 +151,27 @@ def _load_analyzer(args: argparse.Namespace) -> Analyzer:
         args.batch_size,
         getattr(args, "positions", "last"),
         base_model,
+        _settings(args),
     )
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    """What a row's values depend on besides its prompt: the model, the dtype and how prompts are formatted."""
+
+    def where(location: str | None) -> str | None:
+        return location if location is None or not Path(location).exists() else str(Path(location).resolve())
+
+    return {
+        "base": where(args.base),
+        "adapter": where(args.adapter),
+        "model": where(args.model),
+        "base_model": where(args.base_model),
+        "dtype": str(_load_options(args).torch_dtype()).removeprefix("torch."),
+        "load_in_4bit": args.load_in_4bit,
+        "chat_template": args.chat_template,
+        "system": args.system,
+        "positions": getattr(args, "positions", "last"),
+    }
 
 
 def _load_options(args: argparse.Namespace) -> LoadOptions:
@@ -187,11 +208,39 @@ def _check_model_flags(args: argparse.Namespace, required: bool = True) -> None:
         raise InputError("--resident-base goes with --base-model (the pre-trained model of a full fine-tune).")
 
 
-def _check_prompt_flags(args: argparse.Namespace) -> None:
+def _check_flags(args: argparse.Namespace, model_required: bool = True) -> None:
+    """Every check of the flags alone, before anything is read or loaded."""
+    _check_model_flags(args, model_required)
     if args.system is not None and not args.chat_template:
         raise InputError("--system needs --chat-template (the system prompt is part of the chat format).")
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be at least 1, got {args.batch_size}.")
+    _load_options(args).torch_device()  # a device that does not exist here
+    if getattr(args, "plot", None):
+        from .plotting import check_plot_path
+
+        check_plot_path(args.plot)
+
+
+def _analysable(prompts: Sequence[Prompt], chat_template: bool, source: str, announce: bool = True) -> list[Prompt]:
+    """The non-empty prompts, once their format fits the flags; with ``announce``, one warning names the
+    empty ones."""
+    check_formats(prompts, chat_template=chat_template)
+    empty = [prompt for prompt in prompts if prompt.is_empty]
+    if empty and announce:
+        named = ", ".join(f"{prompt.id!r} (line {prompt.line})" for prompt in empty[:5])
+        more = f" and {len(empty) - 5} more" if len(empty) > 5 else ""
+        warn(f"prompt {named} is empty; skipped." if len(empty) == 1 else f"prompts {named}{more} are empty; skipped.")
+    kept = [prompt for prompt in prompts if not prompt.is_empty]
+    if not kept:
+        raise InputError(f"no prompt of {source} can be analysed (all empty).")
+    return kept
+
+
+def _check_out(out: str | None, *prompt_files: str) -> None:
+    for prompt_file in prompt_files:
+        if out is not None and Path(out).resolve() == Path(prompt_file).resolve():
+            raise InputError(f"--out {out} is the prompt file {prompt_file}; pass another --out for the rows.")
 
 
 def _rows_for(results_rows: Sequence[Row], prompts: Sequence[Prompt], set_name: str | None) -> list[Row]:
@@ -202,12 +251,15 @@ def _rows_for(results_rows: Sequence[Row], prompts: Sequence[Prompt], set_name: 
 # ----------------------------------------------------------------------------------------------- commands
 
 
-def _missing(results: ResultsFile, prompts: Sequence[Prompt], announce: bool) -> list[Prompt]:
+def _missing(
+    results: ResultsFile, prompts: Sequence[Prompt], settings: Settings, announce: bool, set_name: str | None = None
+) -> list[Prompt]:
     """The prompts without a row in ``results``; with ``announce``, say so when some have one."""
-    todo = [prompt for prompt in prompts if not results.done(None, prompt)]
+    todo = [prompt for prompt in prompts if not results.done(set_name, prompt, settings)]
     if announce and len(todo) < len(prompts):
+        of_set = "" if set_name is None else f" of set {set_name!r}"
         print(
-            f"resuming: {len(prompts) - len(todo)} of {len(prompts)} prompts are already in {results.path}",
+            f"resuming: {len(prompts) - len(todo)} of {len(prompts)} prompts{of_set} are already in {results.path}",
             file=sys.stderr,
         )
     return todo
@@ -225,7 +277,7 @@ def _analyze_shard(args: argparse.Namespace, prompts: Sequence[Prompt], ranks: R
             results.sort_by([result_key(None, prompt.id) for prompt in prompts])
 
     def analyze_own_share() -> None:
-        share = ranks.shard(_missing(ResultsFile(out), prompts, announce=ranks.is_main))
+        share = ranks.shard(_missing(ResultsFile(out), prompts, _settings(args), announce=ranks.is_main))
         if share:
             part = ResultsFile(part_file(out, ranks))
             _load_analyzer(args).run(share, part.append, label=f"rank {ranks.rank}/{ranks.world_size}")
@@ -236,10 +288,10 @@ def _analyze_shard(args: argparse.Namespace, prompts: Sequence[Prompt], ranks: R
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    _check_model_flags(args)
-    _check_prompt_flags(args)
-    prompts = read_prompts(args.prompts)
+    _check_flags(args)
+    _check_out(args.out, args.prompts)
     ranks = Ranks.from_environment()
+    prompts = _analysable(read_prompts(args.prompts), args.chat_template, args.prompts, announce=ranks.is_main)
     if ranks.world_size > 1:
         with process_group(ranks):
             _analyze_shard(args, prompts, ranks)
@@ -249,12 +301,12 @@ def _analyze(args: argparse.Namespace) -> int:
     else:
         results = ResultsFile(args.out)
         fold_parts(results)
-        todo = _missing(results, prompts, announce=True)
+        todo = _missing(results, prompts, _settings(args), announce=True)
         if todo:
             _load_analyzer(args).run(todo, results.append)
     rows = _rows_for(results.rows, prompts, None)
     if not rows:
-        raise InputError(f"no prompt of {args.prompts} could be analysed (all empty).")
+        raise InputError(f"no prompt of {args.prompts} could be analysed (none has a token).")
     print(summary_table(rows))
     print(f"rows: {args.out}")
     if args.plot:
@@ -270,14 +322,19 @@ def _set_names(path_a: str, path_b: str) -> tuple[str, str]:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    _check_model_flags(args)
-    _check_prompt_flags(args)
+    _check_flags(args)
+    _check_out(args.out, args.set_a, args.set_b)
     names = _set_names(args.set_a, args.set_b)
-    sets = {names[0]: read_prompts(args.set_a), names[1]: read_prompts(args.set_b)}
+    sets = {
+        name: _analysable(read_prompts(path), args.chat_template, path)
+        for name, path in zip(names, (args.set_a, args.set_b))
+    }
     results = ResultsFile(args.out) if args.out else None
     memory: list[Row] = []
+    settings = _settings(args)
     todo = {
-        name: [p for p in prompts if results is None or not results.done(name, p)] for name, prompts in sets.items()
+        name: prompts if results is None else _missing(results, prompts, settings, announce=True, set_name=name)
+        for name, prompts in sets.items()
     }
     if any(todo.values()):
         analyzer = _load_analyzer(args)
@@ -287,7 +344,7 @@ def _compare(args: argparse.Namespace) -> int:
     groups = {name: _rows_for(stored, prompts, name) for name, prompts in sets.items()}
     for name, rows in groups.items():
         if not rows:
-            raise InputError(f"no prompt of set {name!r} could be analysed (all empty).")
+            raise InputError(f"no prompt of set {name!r} could be analysed (none has a token).")
         values = [row["tuco"] for row in rows]
         print(
             f"{name}: {len(values)} prompts, TuCo mean {statistics.fmean(values):.4f}, "
@@ -305,15 +362,26 @@ def _compare(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from .generation import generate
 
-    _check_model_flags(args)
-    _check_prompt_flags(args)
-    if not args.alpha >= 0:
-        raise InputError(f"--alpha must be a number ≥ 0, got {args.alpha}.")
+    _check_flags(args)
+    if not (math.isfinite(args.alpha) and args.alpha >= 0):
+        raise InputError(f"--alpha must be a finite number ≥ 0, got {args.alpha}.")
+    if args.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
+    prompt = Prompt(id="prompt", line=1, text=args.prompt)
+    if prompt.is_empty:
+        raise InputError("the prompt is empty; pass the text to continue.")
     analyzer = _load_analyzer(args)
     model, tokenizer = analyzer.model, analyzer.tokenizer
-    prompt = Prompt(id=0, line=0, text=args.prompt)
-    text = format_prompt(tokenizer, prompt, chat_template=args.chat_template, system=args.system)
-    input_ids = torch.tensor([encode_prompt(tokenizer, text, templated=args.chat_template)])
+    context = analyzer.context_length()
+    if context is not None and args.max_new_tokens >= context:
+        raise InputError(
+            f"--max-new-tokens {args.max_new_tokens} leaves no room for the prompt in the model's context of "
+            f"{context}; pass fewer."
+        )
+    encoded = analyzer.encode([prompt], room=args.max_new_tokens)
+    if not encoded:
+        raise InputError("the prompt has no tokens; pass other text.")
+    input_ids = torch.tensor([encoded[0][1]])
     with torch.no_grad():
         out = generate(
             model,
@@ -324,7 +392,7 @@ def _generate(args: argparse.Namespace) -> int:
             base_model=analyzer.base_model,
         )
     new_tokens = out.sequences[0, input_ids.shape[1] :].tolist()
-    print(text + tokenizer.decode(new_tokens, skip_special_tokens=False))
+    print(tokenizer.decode(input_ids[0].tolist() + new_tokens, skip_special_tokens=False))
     print(f"\n{'step':>4}  {'TuCo':>6}  token (α = {args.alpha:g}; TuCo at the position that chose it)")
     for step, (token, value) in enumerate(zip(new_tokens, out.tuco[0].tolist())):
         if math.isnan(value):  # the row has finished
@@ -333,23 +401,34 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+_OVERHEAD_BOUND_TOKENS = 4096  # below this, a forward pass of a small model is dominated by Python overhead
+
+
 def _bench(args: argparse.Namespace) -> int:
     from .benchmark import compare_full_finetune_methods, compare_methods
 
-    _check_model_flags(args, required=False)
-    _check_prompt_flags(args)
+    _check_flags(args, model_required=False)
     if args.resident_base:
         raise InputError("bench measures the --base-model both resident and streamed; drop --resident-base.")
-    base, adapter = args.base, args.adapter
-    if args.base is None and args.model is None:
-        from .demo import demo_prompts, ensure_demo_checkpoints
-
-        base, adapter = (str(path) for path in ensure_demo_checkpoints())
-        prompts = [Prompt(id=i, line=0, text=text) for i, text in enumerate(itertools.chain(*demo_prompts().values()))]
-    elif args.prompts is None:
+    if args.repeats < 1:
+        raise InputError(f"--repeats must be at least 1, got {args.repeats}.")
+    own_model = args.base is not None or args.model is not None
+    if own_model and args.cache_dir is not None:
+        raise InputError("--cache-dir is where the demo pair is cached; drop it when you pass a model.")
+    if args.prompts is not None:
+        prompts = _analysable(read_prompts(args.prompts), args.chat_template, args.prompts)
+    elif own_model:
         raise InputError("bench with a model of your own needs --prompts FILE.")
     else:
-        prompts = read_prompts(args.prompts)
+        from .demo import demo_prompts
+
+        texts = itertools.chain(*demo_prompts().values())
+        prompts = [Prompt(id=i, line=i, text=text) for i, text in enumerate(texts, start=1)]
+    base, adapter = args.base, args.adapter
+    if not own_model:
+        from .demo import ensure_demo_checkpoints
+
+        base, adapter = (str(path) for path in ensure_demo_checkpoints(args.cache_dir))
     options = _load_options(args)
     if args.model is not None:
         model, checkpoint, tokenizer = load_full_finetune(args.model, args.base_model, options)
@@ -378,6 +457,11 @@ def _bench(args: argparse.Namespace) -> int:
             f"{figures['peak_total_bytes'] / 2**20:>10.1f}MB {figures['peak_total_ratio']:>8.2f}"
         )
     print(f"largest TuCo disagreement between methods: {report['max_tuco_disagreement']:.2e}")
+    if report["batch"][0] * report["batch"][1] < _OVERHEAD_BOUND_TOKENS:
+        print(
+            f"note: {report['batch'][0] * report['batch'][1]} tokens is little work per forward pass, so these times are "
+            "mostly per-call overhead; pass --prompts with longer prompts and a larger --batch-size to measure compute."
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         print(f"json: {args.json}")
@@ -500,6 +584,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_arguments(bench)
     bench.add_argument("--prompts", help="prompt file (default: the demo prompts)")
+    bench.add_argument(
+        "--cache-dir",
+        help="where the demo pair is built and cached when no model is given (default ~/.cache/tuco-peft/demo)",
+    )
     _add_prompt_arguments(bench)
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--json", help="write the figures to this JSON file")

@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import TypeVar
 
@@ -21,6 +22,10 @@ from .errors import InputError, TuCoError
 from .results import ResultsFile
 
 T = TypeVar("T")
+
+# A rank that finishes its share waits at the next step for the slowest one, which may analyse for hours;
+# gloo's default of 30 minutes would stop a long run that is going well.
+STEP_TIMEOUT = timedelta(hours=48)
 
 
 @dataclass(frozen=True)
@@ -70,7 +75,7 @@ def process_group(ranks: Ranks) -> Iterator[None]:
             raise InputError(
                 f"WORLD_SIZE is {ranks.world_size} but {name} is not set; launch with torchrun or accelerate launch."
             )
-    dist.init_process_group("gloo", rank=ranks.rank, world_size=ranks.world_size)
+    dist.init_process_group("gloo", rank=ranks.rank, world_size=ranks.world_size, timeout=STEP_TIMEOUT)
     try:
         yield
     finally:

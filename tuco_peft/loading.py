@@ -37,9 +37,12 @@ class LoadOptions:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         try:
-            return torch.device(self.device)
+            device = torch.device(self.device)
         except RuntimeError:
             raise InputError(f"--device {self.device!r} is not a torch device (try cpu, cuda or cuda:1).") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise InputError(f"--device {self.device} was asked for but CUDA is not available; pass --device cpu.")
+        return device
 
     def torch_dtype(self) -> torch.dtype:
         if self.dtype == "auto":

@@ -20,6 +20,19 @@ def _pyplot():
     return plt
 
 
+def check_plot_path(path: str | Path) -> None:
+    """Refuse a file type matplotlib cannot write before any analysis runs, rather than after it."""
+    _pyplot()
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    supported = FigureCanvasBase.get_supported_filetypes()
+    suffix = Path(path).suffix.lower().removeprefix(".")
+    if suffix not in supported:
+        raise InputError(
+            f"--plot {path} must end in one of {', '.join('.' + name for name in sorted(supported))} (e.g. .png)."
+        )
+
+
 def _mean_per_layer(rows: Sequence[Row], field: str) -> list[float]:
     n_layers = len(rows[0][field])
     return [sum(row[field][layer] for row in rows) / len(rows) for layer in range(n_layers)]

@@ -40,8 +40,10 @@ class Prompt:
 
 
 def _read_lines(path: Path) -> list[str]:
+    """The lines of ``path``, split on "\\n" only: str.splitlines would also split at Unicode separators
+    (U+2028, form feed …) that may sit inside a JSON string or a prompt."""
     try:
-        return path.read_text(encoding="utf-8").splitlines()
+        text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise InputError(f"prompt file {path} does not exist.") from None
     except IsADirectoryError:
@@ -50,6 +52,8 @@ def _read_lines(path: Path) -> list[str]:
         raise InputError(f"prompt file {path} is not readable (permission denied).") from None
     except UnicodeDecodeError as error:
         raise InputError(f"prompt file {path} is not UTF-8 text (byte {error.start}).") from None
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    return lines[:-1] if lines[-1] == "" else lines
 
 
 def _messages(value: Any, where: str) -> tuple[dict[str, str], ...]:
@@ -113,6 +117,17 @@ def read_prompts(path: str | Path) -> list[Prompt]:
     return prompts
 
 
+def check_formats(prompts: Sequence[Prompt], *, chat_template: bool) -> None:
+    """Refuse chat messages without ``--chat-template`` before any model is loaded."""
+    if chat_template:
+        return
+    for prompt in prompts:
+        if prompt.messages is not None:
+            raise InputError(
+                f"prompt {prompt.id!r} (line {prompt.line}) has chat messages; pass --chat-template to format them."
+            )
+
+
 def format_prompt(tokenizer, prompt: Prompt, *, chat_template: bool, system: str | None = None) -> str:
     """The exact text that is tokenized: the prompt itself, or its chat-template rendering.
 
@@ -120,10 +135,7 @@ def format_prompt(tokenizer, prompt: Prompt, *, chat_template: bool, system: str
     unless the conversation already ends with an assistant turn.
     """
     if not chat_template:
-        if prompt.messages is not None:
-            raise InputError(
-                f"prompt {prompt.id!r} (line {prompt.line}) has chat messages; pass --chat-template to format them."
-            )
+        check_formats([prompt], chat_template=False)
         return prompt.text
     if not getattr(tokenizer, "chat_template", None):
         raise InputError(

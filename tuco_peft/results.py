@@ -17,6 +17,8 @@ from .inputs import last_real_index
 from .prompts import Prompt, PromptId
 
 Row = dict[str, Any]
+Settings = dict[str, Any]
+REQUIRED_FIELDS = ("id", "prompt", "tuco", "ptc_l1", "settings")
 
 
 def result_key(set_name: str | None, prompt_id: PromptId) -> str:
@@ -99,27 +101,39 @@ class ResultsFile:
         for number, line in enumerate(complete, start=1):
             try:
                 row = json.loads(line)
-                row_key(row)
-            except (json.JSONDecodeError, UnicodeDecodeError, TypeError, KeyError):
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                row = None
+            if not isinstance(row, dict) or any(field not in row for field in REQUIRED_FIELDS):
                 raise InputError(
                     f"{self.path}:{number} is not a tuco-peft result row; pass another --out, or delete the file "
                     "to start over."
-                ) from None
+                )
             rows.append(row)
         if tail:  # a row whose write was interrupted: drop it so that it is computed again
             with open(self.path, "r+b") as handle:
                 handle.truncate(len(data) - len(tail))
         return rows
 
-    def done(self, set_name: str | None, prompt: Prompt) -> bool:
-        """Whether ``prompt`` already has its row; a stored row for the same id but another prompt is an error."""
+    def done(self, set_name: str | None, prompt: Prompt, settings: Settings) -> bool:
+        """Whether ``prompt`` already has its row, computed with the same ``settings`` (model, formatting,
+        positions); a stored row for the same id but another prompt or other settings is an error."""
         row = self._by_key.get(result_key(set_name, prompt.id))
-        if row is not None and row["prompt"] != prompt.as_json():
+        if row is None:
+            return False
+        if row["prompt"] != prompt.as_json():
             raise InputError(
                 f"{self.path} already has a row for id {prompt.id!r} with another prompt, so it belongs to another "
                 "prompt file; pass another --out, or delete the file to start over."
             )
-        return row is not None
+        if row["settings"] != settings:
+            changed = sorted(
+                key for key in {*settings, *row["settings"]} if settings.get(key) != row["settings"].get(key)
+            )
+            raise InputError(
+                f"{self.path} has rows computed with other settings ({', '.join(changed)} differ); pass another "
+                "--out, rerun with the same settings, or delete the file to start over."
+            )
+        return True
 
     def has_row(self, row: Row) -> bool:
         """Whether a row for the same prompt set and id is already stored."""
