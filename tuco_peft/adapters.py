@@ -35,6 +35,11 @@ def is_additive_lora(module: nn.Module) -> bool:
     )
 
 
+def pretrained_projection(module: nn.Module) -> nn.Module:
+    """The module whose output is the pre-trained projection: a LoRA layer's base layer, or the layer itself."""
+    return module.get_base_layer() if is_additive_lora(module) else module
+
+
 def check_adapters(model: nn.Module, blocks: nn.Module) -> None:
     """Refuse adapters whose pre-trained path is not ``adapters off`` on unmerged weights.
 

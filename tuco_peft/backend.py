@@ -18,7 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .adapters import is_additive_lora
+from .adapters import is_additive_lora, pretrained_projection
 from .errors import InputError, UnsupportedModelError
 
 BACKENDS = ("auto", "torch", "triton")
@@ -58,11 +58,6 @@ def resolve_backend(backend: Backend | None, device: torch.device) -> ResolvedBa
             "triton is first imported, or use backend='torch'."
         )
     return "triton"
-
-
-def _base_layer(layer: nn.Module) -> nn.Module:
-    """The layer whose output is the pre-trained projection: a LoRA layer's base layer, or the layer itself."""
-    return layer.get_base_layer() if is_additive_lora(layer) else layer
 
 
 def _capture_base_output(layer: nn.Module, run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,7 +113,7 @@ class LoraLinearRouter:
         """
         layers = list(layers)
         fused = [m for m in layers if self.backend == "triton" and is_additive_lora(m) and "forward" not in m.__dict__]
-        hooked = [_base_layer(m) for m in layers if not any(m is f for f in fused)]
+        hooked = [pretrained_projection(m) for m in layers if not any(m is f for f in fused)]
         handles = [m.register_forward_hook(on_base_output) for m in hooked]
         try:
             for layer in fused:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from .adapters import adapters_disabled, is_additive_lora, is_switchable
+from .adapters import adapters_disabled, is_additive_lora, is_switchable, pretrained_projection
 from .attention import apply_rope, attend_rows, key_visibility
 from .backend import LoraLinearRouter
 from .inputs import Batch
@@ -186,7 +186,7 @@ class SharedProjectionBlock(_RowwiseBlock):
         super().__init__(layer, layout, config)
         attention = getattr(layer, layout.attention)
         self.projections = [getattr(attention, name) for name in layout.projections]
-        self._base_layers = [p.get_base_layer() if is_additive_lora(p) else p for p in self.projections]
+        self._base_layers = [pretrained_projection(p) for p in self.projections]
         self._captured: dict[int, torch.Tensor] = {}
 
     @staticmethod

@@ -21,6 +21,7 @@ from .adapters import check_adapters
 from .decompose import decompose
 from .decomposition import tuco_from_sums
 from .errors import InputError
+from .inputs import left_pad
 from .introspection import model_parts
 
 Prompts = Union[Sequence[str], Mapping[str, Sequence[str]]]
@@ -75,17 +76,6 @@ def _named_groups(prompts: Prompts) -> dict[str, list[str]]:
     return {name: list(group) for name, group in groups.items()}
 
 
-def _left_padded(token_lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """One ``(input_ids, attention_mask)`` batch. The padding id is 0: ids under the mask are never attended."""
-    width = max(len(tokens) for tokens in token_lists)
-    ids = torch.zeros(len(token_lists), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, tokens in enumerate(token_lists):
-        ids[row, width - len(tokens) :] = torch.tensor(tokens)
-        mask[row, width - len(tokens) :] = 1
-    return ids, mask
-
-
 def _tokenized_batches(
     name: str, group: list[str], tokenizer: Any, batch_size: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -93,7 +83,7 @@ def _tokenized_batches(
     empty = [index for index, tokens in enumerate(token_lists) if not tokens]
     if empty:
         raise InputError(f"prompts {empty} of group {name!r} tokenize to no tokens; drop them or give them text.")
-    return [_left_padded(token_lists[start : start + batch_size]) for start in range(0, len(token_lists), batch_size)]
+    return [left_pad(token_lists[start : start + batch_size]) for start in range(0, len(token_lists), batch_size)]
 
 
 class TuCoCallback(TrainerCallback):

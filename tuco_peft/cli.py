@@ -26,8 +26,9 @@ from torch import nn
 
 from .distributed import Ranks, fold_parts, part_file, process_group, together
 from .errors import InputError, TuCoError
+from .inputs import left_pad
 from .loading import LoadOptions, load_base, load_full_finetune, load_pair, resolve
-from .prompts import Prompt, check_formats, encode_prompt, fit_context, format_prompt, left_pad, read_prompts
+from .prompts import Prompt, check_formats, encode_prompt, fit_context, format_prompt, read_prompts
 from .results import ResultsFile, Row, Settings, decomposition_rows, result_key, roc_auc, summary_table
 
 EXIT_INPUT, EXIT_UNEXPECTED, EXIT_INTERRUPTED = 2, 1, 130

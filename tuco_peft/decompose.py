@@ -66,7 +66,8 @@ class _BlockProbe:
         out = block_output(output)
         # With a multi-device device_map, accelerate moves a block's inputs inside its forward (after our
         # pre-hook): work where the block ran, keep the results where the batch lives.
-        x, args, kwargs = _to_device((x, args, kwargs), out.device)
+        if x.device != out.device:
+            x, args, kwargs = _to_device((x, args, kwargs), out.device)
         batch, home = self.batch.to(out.device), self.batch.input_ids.device
         x_rows = gather_rows(x, batch.rows).float()
         out_rows = gather_rows(out, batch.rows).float()

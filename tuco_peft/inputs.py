@@ -35,6 +35,17 @@ class Batch:
         return self.attention_mask.gather(1, self.rows).bool()
 
 
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` with every sequence ending at the last column."""
+    width = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(sequences):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, width - len(ids) :] = 1
+    return input_ids, attention_mask
+
+
 def last_real_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """Index of the last non-padding token of each row, for left or right padding."""
     n = attention_mask.shape[1]

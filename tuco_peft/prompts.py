@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .errors import InputError
 
 PromptId = int | str
@@ -158,14 +156,3 @@ def fit_context(ids: Sequence[int], context_length: int | None) -> list[int]:
     """Keep the last ``context_length`` tokens: TuCo is read at the last token, so the end is what counts."""
     ids = list(ids)
     return ids if context_length is None or len(ids) <= context_length else ids[-context_length:]
-
-
-def left_pad(sequences: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``input_ids`` and ``attention_mask`` with every prompt ending at the last column (id 0 as padding)."""
-    width = max(len(ids) for ids in sequences)
-    input_ids = torch.zeros(len(sequences), width, dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, ids in enumerate(sequences):
-        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, width - len(ids) :] = 1
-    return input_ids, attention_mask

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .errors import InputError
+from .inputs import left_pad
 from .steering import ftc_scale
 
 PAPER_ALPHAS = (0.75, 0.9, 0.95, 1.0, 1.05, 1.1, 1.25)
@@ -195,23 +196,13 @@ def encode_items(
     return contexts, options
 
 
-def _left_padded(prompts: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt) :] = torch.tensor(prompt)
-        mask[row, width - len(prompt) :] = 1
-    return ids, mask
-
-
 @torch.no_grad()
 def _predictions(model: nn.Module, prompts, options, batch_size: int, pad_id: int) -> list[int]:
     """Index of the most probable option of each item: one forward per item, batched."""
     device = model.get_input_embeddings().weight.device
     predictions = []
     for start in range(0, len(prompts), batch_size):
-        ids, mask = _left_padded(prompts[start : start + batch_size], pad_id)
+        ids, mask = left_pad(prompts[start : start + batch_size], pad_id)
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         ids, mask, position_ids = ids.to(device), mask.to(device), position_ids.to(device)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits[:, -1]
