@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .block_calls import hidden_states
 from .blocks import block_output
 from .decomposition import tuco_from_sums
 from .inputs import last_real_index
@@ -59,7 +60,7 @@ def _two_pass_tuco(
     ptc_sum = ftc_sum = 0.0
     with pretrained_context():
         for layer, (args, kwargs, ft_out) in zip(pt_layers, records):
-            x = args[0] if args else kwargs["hidden_states"]
+            x = hidden_states(args, kwargs)
             pt_update = block_output(layer(*args, **kwargs)).float() - x.float()
             ft_update = ft_out.float() - x.float()
             ptc_sum = ptc_sum + pt_update[rows, last]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +11,13 @@ import torch
 from torch import nn
 
 from .backend import Backend, LoraLinearRouter, resolve_backend
+from .block_calls import hidden_states
 from .blocks import PretrainedPath, block_output, gather_rows, pretrained_path
 from .decomposition import Decomposition
 from .errors import UnsupportedModelError
 from .inputs import Batch, Positions, prepare_batch
 from .introspection import ModelParts, model_parts
+from .paired import PairedBlock
 from .pretrained import PretrainedBlocks, analysis_states, checked_pretrained_blocks
 
 
@@ -57,8 +59,7 @@ class _BlockProbe:
                 handle.remove()
 
     def _before(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        hidden = args[0] if args else kwargs["hidden_states"]
-        self._input = (hidden, args, kwargs)
+        self._input = (hidden_states(args, kwargs), args, kwargs)
 
     def _after(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
         x, args, kwargs = self._input
@@ -77,6 +78,49 @@ class _BlockProbe:
         self.ftc = (self.out_rows - self.x_rows) - self.ptc
 
 
+class _PairedProbe:
+    """One decoder block run paired (``paired.PairedBlock``): its pre-trained and fine-tuned outputs at every
+    position from one forward, so each weight is read once for both. Used for all-position decompositions
+    on the Triton backend, where the pre-trained path is needed at every row anyway."""
+
+    def __init__(self, index: int, paired: PairedBlock, batch: Batch):
+        self.index = index
+        self.paired = paired
+        self.batch = batch
+        self.x_rows: torch.Tensor | None = None
+        self.out_rows: torch.Tensor | None = None
+        self.ptc: torch.Tensor | None = None
+        self.ftc: torch.Tensor | None = None
+
+    def attached(self) -> AbstractContextManager[None]:
+        return self.paired.attached(self._record)
+
+    def _record(self, x: torch.Tensor, pretrained: torch.Tensor, finetuned: torch.Tensor) -> torch.Tensor:
+        rows = self.batch.rows
+        self.x_rows = gather_rows(x, rows).float()
+        self.out_rows = gather_rows(finetuned, rows).float()
+        self.ptc = gather_rows(pretrained, rows).float() - self.x_rows
+        self.ftc = (self.out_rows - self.x_rows) - self.ptc
+        return finetuned
+
+
+Probe = _BlockProbe | _PairedProbe
+
+
+def _probe(
+    index: int, layer: nn.Module, parts: ModelParts, source: PretrainedBlocks, batch: Batch,
+    router: LoraLinearRouter, replay: bool,
+) -> Probe:
+    """The cheapest exact probe: paired where every row is wanted on the Triton backend, else the block's
+    pre-trained path (rows only, or a replay)."""
+    every_row = batch.rows.shape[1] == batch.input_ids.shape[1]
+    pairable = router.backend == "triton" and every_row and not (replay or source.separate_model)
+    if pairable and PairedBlock.supports(layer, parts.config):
+        return _PairedProbe(index, PairedBlock(layer, parts.config, router), batch)
+    path = pretrained_path(layer, parts.config, separate_model=source.separate_model, replay_only=replay)
+    return _BlockProbe(index, layer, path, source, batch, router)
+
+
 def _to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, torch.Tensor):
         return value.to(device)
@@ -87,11 +131,7 @@ def _to_device(value: Any, device: torch.device) -> Any:
     return value
 
 
-def _input_device(parts: ModelParts) -> torch.device:
-    return parts.causal_lm.get_input_embeddings().weight.device
-
-
-def _assemble(probes: list[_BlockProbe], batch: Batch) -> Decomposition:
+def _assemble(probes: list[Probe], batch: Batch) -> Decomposition:
     for previous, probe in zip(probes, probes[1:]):
         if probe.x_rows is None or not torch.equal(previous.out_rows, probe.x_rows):
             raise UnsupportedModelError(
@@ -140,23 +180,15 @@ def decompose(
         replay: run every block's pre-trained path as a second pass through the block (the generic path),
             even where the one-pass path applies; for cross-checks.
         backend: ``"auto"`` (default: fused Triton kernels on CUDA when Triton is importable), ``"torch"``
-            or ``"triton"``; ``None`` reads the ``TUCO_PEFT_BACKEND`` environment variable.
+            or ``"triton"``; ``None`` reads the ``TUCO_PEFT_BACKEND`` environment variable. On Triton, the
+            q/k/v projections give both paths from one kernel; with ``positions="all"`` each block runs
+            paired (``paired.PairedBlock``), every weight read once for both paths.
     """
     parts = model_parts(model)
     source = checked_pretrained_blocks(parts, base_model)
-    batch = prepare_batch(input_ids, attention_mask, positions, _input_device(parts))
+    batch = prepare_batch(input_ids, attention_mask, positions, parts.input_device)
     router = LoraLinearRouter(resolve_backend(backend, batch.input_ids.device))
-    probes = [
-        _BlockProbe(
-            i,
-            layer,
-            pretrained_path(layer, parts.config, separate_model=source.separate_model, replay_only=replay),
-            source,
-            batch,
-            router,
-        )
-        for i, layer in enumerate(parts.layers)
-    ]
+    probes = [_probe(i, layer, parts, source, batch, router, replay) for i, layer in enumerate(parts.layers)]
     with ExitStack() as stack:
         stack.enter_context(analysis_states(parts, source))
         for probe in probes:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .backend import Backend
 from .decomposition import tuco_from_sums
 from .errors import InputError, TuCoError
 from .inputs import prepare_batch
@@ -105,13 +106,14 @@ def generate(
     *,
     alpha: Alpha = 1.0,
     base_model: nn.Module | str | Path | None = None,
+    backend: Backend | None = None,
     **generate_kwargs: Any,
 ) -> SteeredGeneration:
     """``model.generate`` under ``ftc_scale(model, alpha, base_model=base_model)``, with the TuCo of every
     generated token.
 
     ``base_model`` is the pre-trained model of a full fine-tune (loaded, or a safetensors checkpoint
-    path), as in ``decompose``; omit it for adapter fine-tunes.
+    path), as in ``decompose``; omit it for adapter fine-tunes. ``backend`` as in ``ftc_scale``.
 
     At α = 1 (default) ``tuco[:, k]`` equals ``decompose(model, prefix, base_model=base_model).tuco`` for
     the prefix that precedes new token k. At α ≠ 1 it is TuCo of the steered trajectory with the
@@ -127,14 +129,14 @@ def generate(
     """
     parts = model_parts(model)
     _refuse_unfollowable_decoding(parts.causal_lm, generate_kwargs)
-    batch = prepare_batch(input_ids, attention_mask, "last", parts.causal_lm.get_input_embeddings().weight.device)
+    batch = prepare_batch(input_ids, attention_mask, "last", parts.input_device)
     if not bool(batch.attention_mask[:, -1].all()):
         raise InputError(
             "the prompts are right-padded; batched generation needs left padding "
             "(tokenizer.padding_side = 'left'), so that every prompt ends at the last column."
         )
     recorder = _LastTokenTuCo(layer_alphas(alpha, parts.n_layers))
-    with steered_forward(model, alpha, observer=recorder, base_model=base_model), torch.no_grad():
+    with steered_forward(model, alpha, observer=recorder, base_model=base_model, backend=backend), torch.no_grad():
         output = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **generate_kwargs)
     sequences = output if isinstance(output, torch.Tensor) else output.sequences
     new_tokens = sequences[:, batch.input_ids.shape[1] :]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cache
 
+import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -34,6 +35,11 @@ class ModelParts:
     @property
     def d_model(self) -> int:
         return self.config.hidden_size
+
+    @property
+    def input_device(self) -> torch.device:
+        """Where the token ids go: the input embeddings' device (the first of several with a device_map)."""
+        return self.causal_lm.get_input_embeddings().weight.device
 
 
 @cache

@@ -13,7 +13,8 @@ those slots too, so beam search and sampling need no special handling. Where a b
 ``dual_cache``), the fine-tuned slot then shrinks to the rank-r LoRA inputs, since both blocks see the same
 state and their keys/values differ only by the low-rank delta; elsewhere (sliding-window or static slots,
 k_norm, fused qkv, GPT-2) both slots hold full keys/values (2× plain memory). Every block whose α ≠ 1 runs
-twice per forward.
+twice per forward; on the Triton backend an adapter block runs once on its input stacked twice instead
+(``paired``), its first half with adapters off, so every weight is read once for both blocks.
 
 Full fine-tunes (``base_model=``). The pre-trained block of layer l is then block l of the base model,
 loaded or streamed from its safetensors checkpoint (``pretrained.pretrained_blocks``), run on the same
@@ -27,7 +28,6 @@ steered block from disk at every forward: memory of one model plus one block, at
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 import numbers
 import weakref
@@ -41,10 +41,13 @@ from torch import nn
 from transformers.cache_utils import DynamicLayer
 
 from .adapters import adapters_disabled, is_switchable
+from .backend import Backend, LoraLinearRouter, resolve_backend
+from .block_calls import cache_position, find_cache, hidden_states, replace_output, with_cache
 from .blocks import block_output
 from .dual_cache import LowRankDelta, LowRankSlot
 from .errors import InputError, UnsupportedModelError
 from .introspection import ModelParts, model_parts
+from .paired import PairedBlock
 from .pretrained import PretrainedBlocks, analysis_states, checked_pretrained_blocks
 
 Alpha = Union[float, Sequence[float], torch.Tensor]
@@ -52,7 +55,6 @@ Alpha = Union[float, Sequence[float], torch.Tensor]
 # Called after every steered block with (layer index, block input, pre-trained output, fine-tuned output).
 BlockObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
-_CACHE_ARGUMENT = "past_key_values"
 _steered_models: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
@@ -129,27 +131,13 @@ def _prepare_cache(cache: Any, n_layers: int, first_steered: int, deltas: dict[i
         )
 
 
-def _cache_position(layer: nn.Module) -> int | None:
-    """Index of the cache parameter among the layer's positional parameters (GPT-2 passes it positionally)."""
-    names = [
-        name
-        for name, p in inspect.signature(layer.forward).parameters.items()
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-    ]
-    return names.index(_CACHE_ARGUMENT) if _CACHE_ARGUMENT in names else None
-
-
-def _find_cache(args: tuple, kwargs: dict[str, Any], position: int | None) -> Any:
-    if _CACHE_ARGUMENT in kwargs:
-        return kwargs[_CACHE_ARGUMENT]
-    if position is not None and len(args) > position:
-        return args[position]
-    return None
-
-
 class _SteeredBlock:
-    """Forward hook of one block: mixes its fine-tuned output with its pre-trained block's output on the same
-    input (the block itself with adapters off, or the base model's block)."""
+    """One steered block: its fine-tuned output mixed with its pre-trained block's output on the same input.
+
+    Either a forward hook runs the pre-trained block (the block itself with adapters off, or the base
+    model's block) after the fine-tuned one, or, for an adapter block on the Triton backend, the block runs
+    paired (``paired.PairedBlock``): both outputs from one forward, each weight read once for both.
+    """
 
     def __init__(
         self,
@@ -159,39 +147,47 @@ class _SteeredBlock:
         alpha: float,
         n_layers: int,
         observer: BlockObserver | None,
+        paired: PairedBlock | None,
     ):
         self.index = index
+        self.layer = layer
         self.source = source
         self.alpha = alpha
-        self.n_layers = n_layers
         self.observer = observer
+        self.paired = paired
+        self.pretrained_slot = n_layers + index
         self.switchable = [] if source.separate_model else [m for m in layer.modules() if is_switchable(m)]
-        self.cache_position = _cache_position(layer)
+        self.cache_position = cache_position(layer)
 
-    def _with_pretrained_slots(self, args: tuple, kwargs: dict[str, Any], cache: Any) -> tuple[tuple, dict]:
-        slots = _PretrainedSlots(cache, self.n_layers + self.index)
-        if _CACHE_ARGUMENT in kwargs:
-            return args, {**kwargs, _CACHE_ARGUMENT: slots}
-        position = self.cache_position
-        return (*args[:position], slots, *args[position + 1 :]), kwargs
+    @contextmanager
+    def attached(self) -> Iterator[None]:
+        if self.paired is not None:
+            with self.paired.attached(self.mix, self.pretrained_slot):
+                yield
+            return
+        handle = self.layer.register_forward_hook(self._run_pretrained, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
 
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
-        x = args[0] if args else kwargs["hidden_states"]
-        cache = _find_cache(args, kwargs, self.cache_position)
-        if cache is not None:
-            args, kwargs = self._with_pretrained_slots(args, kwargs, cache)
-        # ``forward``, not the module call: for an adapter fine-tune the block is the hooked block itself.
-        with self.source.block(self.index) as block, adapters_disabled(self.switchable):
-            pretrained = block_output(block.forward(*args, **kwargs))
-        finetuned = block_output(output)
+    def mix(self, x: torch.Tensor, pretrained: torch.Tensor, finetuned: torch.Tensor) -> torch.Tensor:
+        """x + PTC + α·FTC from the two blocks' outputs; lerp is exact at α = 0 and α = 1."""
         if self.observer is not None:
             self.observer(self.index, x, pretrained, finetuned)
         if self.alpha == 1.0:
-            return None
-        steered = torch.lerp(pretrained.float(), finetuned.float(), self.alpha).to(finetuned.dtype)
-        if isinstance(output, tuple):
-            return (steered, *output[1:])
-        return steered
+            return finetuned
+        return torch.lerp(pretrained.float(), finetuned.float(), self.alpha).to(finetuned.dtype)
+
+    def _run_pretrained(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+        x = hidden_states(args, kwargs)
+        cache = find_cache(args, kwargs, self.cache_position)
+        if cache is not None:
+            args, kwargs = with_cache(args, kwargs, self.cache_position, _PretrainedSlots(cache, self.pretrained_slot))
+        # ``forward``, not the module call: for an adapter fine-tune the block is the hooked block itself.
+        with self.source.block(self.index) as block, adapters_disabled(self.switchable):
+            pretrained = block_output(block.forward(*args, **kwargs))
+        return replace_output(output, self.mix(x, pretrained, block_output(output)))
 
 
 def _lean_deltas(parts: ModelParts, steered: list[int], stack: ExitStack) -> dict[int, LowRankDelta]:
@@ -213,6 +209,7 @@ def steered_forward(
     observer: BlockObserver | None = None,
     *,
     base_model: nn.Module | str | Path | None = None,
+    backend: Backend | None = None,
 ) -> Iterator[ModelParts]:
     """``ftc_scale`` with an optional observer of every block's pre-trained and fine-tuned outputs.
 
@@ -222,6 +219,7 @@ def steered_forward(
     parts = model_parts(model)
     alphas = layer_alphas(alpha, parts.n_layers)
     source = checked_pretrained_blocks(parts, base_model)
+    router = LoraLinearRouter(resolve_backend(backend, parts.input_device))
     if parts.causal_lm in _steered_models:
         raise InputError(
             "this model is already inside ftc_scale (or tuco_peft.generate); nesting is not supported. Leave the "
@@ -235,24 +233,38 @@ def steered_forward(
         if steered:
             deltas = {} if source.separate_model else _lean_deltas(parts, steered, stack)
             first = parts.layers[0]
-            first_cache_position = _cache_position(first)
+            first_cache_position = cache_position(first)
 
             def prepare(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-                cache = _find_cache(args, kwargs, first_cache_position)
+                cache = find_cache(args, kwargs, first_cache_position)
                 if cache is not None:
                     _prepare_cache(cache, parts.n_layers, steered[0], deltas)
 
             stack.callback(first.register_forward_pre_hook(prepare, with_kwargs=True).remove)
         for index in steered:
             layer = parts.layers[index]
-            hook = _SteeredBlock(index, layer, source, alphas[index], parts.n_layers, observer)
-            stack.callback(layer.register_forward_hook(hook, with_kwargs=True).remove)
+            paired = _paired_block(layer, parts, source, router)
+            block = _SteeredBlock(index, layer, source, alphas[index], parts.n_layers, observer, paired)
+            stack.enter_context(block.attached())
         yield parts
+
+
+def _paired_block(
+    layer: nn.Module, parts: ModelParts, source: PretrainedBlocks, router: LoraLinearRouter
+) -> PairedBlock | None:
+    """Pair the two blocks where that saves weight reads: adapter blocks on the Triton backend."""
+    if router.backend != "triton" or source.separate_model or not PairedBlock.supports(layer, parts.config):
+        return None
+    return PairedBlock(layer, parts.config, router)
 
 
 @contextmanager
 def ftc_scale(
-    model: nn.Module, alpha: Alpha, *, base_model: nn.Module | str | Path | None = None
+    model: nn.Module,
+    alpha: Alpha,
+    *,
+    base_model: nn.Module | str | Path | None = None,
+    backend: Backend | None = None,
 ) -> Iterator[nn.Module]:
     """Inside the block, every forward of ``model`` follows x_{l+1} = x_l + PTC_l + α_l·FTC_l.
 
@@ -267,6 +279,9 @@ def ftc_scale(
     block l is the pre-trained block of layer l; embedding, final norm and head remain ``model``'s, so α = 0
     gives the base blocks under the fine-tuned embeddings and head (the base model only where those agree).
 
+    ``backend``: as in ``decompose``. On the Triton backend, the steered blocks of an adapter fine-tune run
+    paired: both blocks in one forward, each weight (and 4-bit tile) read once for both (``paired``).
+
     Example::
 
         with ftc_scale(model, 1.1):
@@ -274,5 +289,5 @@ def ftc_scale(
         with ftc_scale(chat_model, 1.1, base_model="path/to/base"):
             out = chat_model.generate(input_ids, max_new_tokens=20)
     """
-    with steered_forward(model, alpha, base_model=base_model):
+    with steered_forward(model, alpha, base_model=base_model, backend=backend):
         yield model

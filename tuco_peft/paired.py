@@ -1,0 +1,149 @@
+"""The pre-trained and the fine-tuned block of a layer in one forward, on the same input stacked twice.
+
+FTC_α steering and decomposing every position need, at every block, f_PT(x) and f_FT(x) for the same x.
+Instead of running the block a second time with its adapters off, a paired block runs once on [x; x]:
+every module PEFT can switch computes the first half with its adapters off and the second half with them
+on; everything else in the block (norms, attention, rotary embeddings) is batch-wise anyway. The LoRA
+linears go through the backend router: on the Triton backend, one fused kernel reads (and dequantizes)
+each weight tile once for both halves, and the q/k/v projections, whose two halves are the same normed x,
+use the shared-input kernel.
+
+A cache passed to the block is seen through ``PairedSlots``: the fine-tuned half's keys/values go to the
+block's own slot, the pre-trained half's to the slot the caller keeps for the pre-trained block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from .adapters import adapters_disabled, is_additive_lora, is_switchable
+from .backend import LoraLinearRouter
+from .block_calls import cache_position, find_cache, hidden_states, replace_output, with_cache
+from .blocks import LAYOUTS, SharedProjectionBlock, block_output
+
+# (block input x [b, ...], pre-trained output, fine-tuned output) → the output the model continues with.
+PairedOutputs = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+_BATCHWISE_ATTENTION = ("eager", "sdpa")
+
+
+def _stacked(value: Any, batch: int) -> Any:
+    """``value`` for the stacked batch: per-example tensors ([batch, ...], 2-D or more: hidden states, masks,
+    position ids and embeddings) repeated, the rest kept (1-D cache positions, caches, flags)."""
+    if isinstance(value, torch.Tensor):
+        return torch.cat([value, value]) if value.ndim >= 2 and value.shape[0] == batch else value
+    if type(value) in (tuple, list):
+        return type(value)(_stacked(item, batch) for item in value)
+    return value
+
+
+def _hooked(module: nn.Module) -> bool:
+    """True when someone observes the module's inner layers (e.g. the lean KV cache records ``lora_A``)."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules() if m is not module)
+
+
+class PairedSlots:
+    """The cache as the paired block sees it: halves of each key/value update go to their own slots.
+
+    The fine-tuned half is written first: a lean fine-tuned slot rebuilds its past from the pre-trained
+    slot, which must not yet hold the new tokens.
+    """
+
+    def __init__(self, cache: Any, pretrained_slot: int):
+        self._cache = cache
+        self._pretrained_slot = pretrained_slot
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        half = key_states.shape[0] // 2
+        keys_ft, values_ft = self._cache.update(key_states[half:], value_states[half:], layer_idx, *args, **kwargs)
+        keys_pt, values_pt = self._cache.update(
+            key_states[:half], value_states[:half], self._pretrained_slot, *args, **kwargs
+        )
+        return torch.cat([keys_pt, keys_ft]), torch.cat([values_pt, values_ft])
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cache, name)
+
+
+class PairedBlock:
+    """One adapter fine-tuned decoder block run as its pre-trained and fine-tuned self at once."""
+
+    def __init__(self, layer: nn.Module, config: PretrainedConfig, router: LoraLinearRouter):
+        self.layer = layer
+        self.router = router
+        self._torch_router = LoraLinearRouter("torch")
+        self.cache_position = cache_position(layer)
+        layout = LAYOUTS[type(layer).__name__]
+        attention = getattr(layer, layout.attention)
+        shared = SharedProjectionBlock.supports(layer, layout)
+        self.shared_input = [getattr(attention, name) for name in layout.projections] if shared else []
+        switchable = [m for m in layer.modules() if is_switchable(m)]
+        nested = {id(inner) for m in switchable for inner in m.modules() if inner is not m}
+        self.switchable = [m for m in switchable if id(m) not in nested]
+
+    @staticmethod
+    def supports(layer: nn.Module, config: PretrainedConfig) -> bool:
+        """A known block layout, batch-wise attention, and no forward already replaced on an instance
+        (accelerate's device hooks), which the stacked call would bypass."""
+        return (
+            type(layer).__name__ in LAYOUTS
+            and config._attn_implementation in _BATCHWISE_ATTENTION
+            and not any("forward" in m.__dict__ for m in layer.modules())
+        )
+
+    @contextmanager
+    def attached(self, on_outputs: PairedOutputs, pretrained_slot: int | None = None) -> Iterator[None]:
+        """While active, every forward of the block computes both outputs and continues with ``on_outputs``.
+
+        ``pretrained_slot``: the cache slot for the pre-trained block's keys/values (when called with a cache).
+        """
+        inputs: list[torch.Tensor] = []
+
+        def stack_inputs(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
+            x = hidden_states(args, kwargs)
+            inputs.append(x)
+            cache = find_cache(args, kwargs, self.cache_position)
+            args, kwargs = _stacked(args, x.shape[0]), {k: _stacked(v, x.shape[0]) for k, v in kwargs.items()}
+            if cache is not None:
+                if pretrained_slot is None:
+                    raise RuntimeError("a paired block got a cache but has no slot for its pre-trained half.")
+                args, kwargs = with_cache(args, kwargs, self.cache_position, PairedSlots(cache, pretrained_slot))
+            return args, kwargs
+
+        def split_outputs(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+            x = inputs.pop()
+            pretrained, finetuned = block_output(output).split(x.shape[0])
+            return replace_output(output, on_outputs(x, pretrained, finetuned))
+
+        with ExitStack() as stack:
+            stack.callback(self.layer.register_forward_pre_hook(stack_inputs, with_kwargs=True).remove)
+            stack.callback(self.layer.register_forward_hook(split_outputs, with_kwargs=True).remove)
+            for module in self.switchable:
+                module.forward = self._paired_forward(module)
+                stack.callback(module.__dict__.pop, "forward", None)
+            yield
+
+    def _paired_forward(self, module: nn.Module) -> Callable[..., torch.Tensor]:
+        shared_input = any(module is m for m in self.shared_input)
+
+        def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            half = x.shape[0] // 2
+            if is_additive_lora(module) and not args and not kwargs:
+                router = self._torch_router if _hooked(module) else self.router
+                if shared_input:
+                    outputs = router.dual(x[half:], module)
+                else:
+                    outputs = router.two_stream(x[:half], x[half:], module)
+            else:
+                with adapters_disabled([module]):
+                    pretrained = type(module).forward(module, x[:half], *args, **kwargs)
+                outputs = pretrained, type(module).forward(module, x[half:], *args, **kwargs)
+            return torch.cat(outputs)
+
+        return forward
