@@ -132,3 +132,52 @@ def test_everything_is_restored_after_an_exception_inside_ftc_scale():
         assert "forward" not in module.__dict__
         assert not module._forward_hooks and not module._forward_pre_hooks
     assert flags == {name: m.__dict__.get("_disable_adapters") for name, m in model.named_modules()}
+
+
+def _trained_attention_norms(model):
+    """A fine-tune that also trains each block's input norm (modules_to_save), away from the base's."""
+    for module in model.modules():
+        if type(module).__name__ == "LlamaRMSNorm" and module.weight.requires_grad:
+            module.weight.data.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_cached_steps_with_a_trained_attention_norm_match_the_uncached_reference(backend):
+    """The two blocks then project differently normed states: no lean (low-rank) fine-tuned cache slot."""
+    pretrained, model = model_pair("llama", modules_to_save=["input_layernorm"])
+    _trained_attention_norms(model)
+    ids, mask = padded_batch(lengths=(6, 4))
+    n_new = 3
+    with torch.no_grad(), ftc_scale(model, ALPHAS, backend=backend):
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
+            pad_token_id=0, return_dict_in_generate=True, output_scores=True,
+        )
+    full_mask = torch.cat([mask, torch.ones(mask.shape[0], n_new, dtype=mask.dtype)], dim=1)
+    expected = steered_logits(model, pretrained, out.sequences, full_mask, ALPHAS)
+    for step, scores in enumerate(out.scores):
+        allowed = torch.isfinite(scores)  # min_new_tokens masks the end-of-sequence token
+        torch.testing.assert_close(scores[allowed], expected[:, ids.shape[1] - 1 + step][allowed], atol=2e-5, rtol=2e-5)
+
+
+def test_hooks_on_a_steered_block_and_output_hidden_states_see_the_steered_stream():
+    """Forward hooks on a block (transformers' output recorders, users') see one stream on both backends."""
+    _, model = model_pair("llama")
+    ids, mask = padded_batch(lengths=(5, 3))
+    seen = []
+    handle = model_parts(model).layers[1].register_forward_hook(lambda module, args, output: seen.append(output))
+    hidden = {}
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, output_hidden_states=True)  # transformers installs its recorders
+            for backend in ("torch", "triton"):
+                with ftc_scale(model, ALPHAS, backend=backend):
+                    out = model(input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=True)
+                hidden[backend] = out.hidden_states
+                assert [tuple(h.shape) for h in out.hidden_states] == [(2, 5, 64)] * 4
+                torch.testing.assert_close(seen[-1], out.hidden_states[2])  # block 1's steered output
+    finally:
+        handle.remove()
+    for fused, reference in zip(hidden["triton"], hidden["torch"]):
+        torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)

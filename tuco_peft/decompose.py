@@ -108,15 +108,20 @@ Probe = _BlockProbe | _PairedProbe
 
 
 def _probe(
-    index: int, layer: nn.Module, parts: ModelParts, source: PretrainedBlocks, batch: Batch,
-    router: LoraLinearRouter, replay: bool,
+    index: int,
+    layer: nn.Module,
+    parts: ModelParts,
+    source: PretrainedBlocks,
+    batch: Batch,
+    router: LoraLinearRouter,
+    replay: bool,
 ) -> Probe:
     """The cheapest exact probe: paired where every row is wanted on the Triton backend, else the block's
     pre-trained path (rows only, or a replay)."""
     every_row = batch.rows.shape[1] == batch.input_ids.shape[1]
     pairable = router.backend == "triton" and every_row and not (replay or source.separate_model)
     if pairable and PairedBlock.supports(layer, parts.config):
-        return _PairedProbe(index, PairedBlock(layer, parts.config, router), batch)
+        return _PairedProbe(index, PairedBlock(layer, router), batch)
     path = pretrained_path(layer, parts.config, separate_model=source.separate_model, replay_only=replay)
     return _BlockProbe(index, layer, path, source, batch, router)
 

@@ -7,9 +7,10 @@ the fine-tuned slot keeps only u_k, u_v (rank r each) and the position ids, and 
 keys/values from them at every step. Memory: 1 + (r + 1)/(kv_heads·head_dim) of plain generation
 instead of 2×.
 
-Applies to blocks with separate q/k/v projections, no k_norm (a non-linearity after the projection)
-and RoPE from the decoder's ``rotary_emb`` (Llama, Mistral, Qwen2, Gemma, Gemma2), on full-attention
-``DynamicLayer`` slots; every other block keeps two full slots.
+Applies to blocks with separate q/k/v projections, no k_norm (a non-linearity after the projection), no
+adapter on the attention norm (the two blocks would project differently normed states) and RoPE from the
+decoder's ``rotary_emb`` (Llama, Mistral, Qwen2, Gemma, Gemma2), on full-attention ``DynamicLayer`` slots;
+every other block keeps two full slots.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicLayer
 
-from .adapters import is_additive_lora, is_switchable
-from .blocks import LAYOUTS
+from .adapters import is_additive_lora
+from .blocks import LAYOUTS, SharedProjectionBlock
 from .errors import TuCoError
 
 
@@ -49,9 +50,9 @@ class LowRankDelta:
             return None
         if getattr(attention, "k_norm", None) is not None or not hasattr(decoder, "rotary_emb"):
             return None
-        projections = (attention.k_proj, attention.v_proj)
-        if any(is_switchable(p) and not is_additive_lora(p) for p in projections):
+        if not SharedProjectionBlock.supports(layer, layout):  # e.g. a trained attention norm: k_FT ≠ k_PT + B·A·n(x)
             return None
+        projections = (attention.k_proj, attention.v_proj)
         n_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         return LowRankDelta(projections, decoder.rotary_emb, rotate, (n_kv_heads, attention.head_dim))
 

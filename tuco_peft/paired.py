@@ -43,8 +43,9 @@ def _stacked(value: Any, batch: int) -> Any:
     return value
 
 
-def _hooked(module: nn.Module) -> bool:
-    """True when someone observes the module's inner layers (e.g. the lean KV cache records ``lora_A``)."""
+def _inner_layers_hooked(module: nn.Module) -> bool:
+    """True when something observes the module's inner layers (the lean KV cache records ``lora_A``'s
+    output): a fused kernel would never call them, so such a layer runs on the torch path."""
     return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules() if m is not module)
 
 
@@ -74,7 +75,7 @@ class PairedSlots:
 class PairedBlock:
     """One adapter fine-tuned decoder block run as its pre-trained and fine-tuned self at once."""
 
-    def __init__(self, layer: nn.Module, config: PretrainedConfig, router: LoraLinearRouter):
+    def __init__(self, layer: nn.Module, router: LoraLinearRouter):
         self.layer = layer
         self.router = router
         self._torch_router = LoraLinearRouter("torch")
@@ -102,40 +103,42 @@ class PairedBlock:
         """While active, every forward of the block computes both outputs and continues with ``on_outputs``.
 
         ``pretrained_slot``: the cache slot for the pre-trained block's keys/values (when called with a cache).
+        The stacking happens inside the block's forward, so hooks on the block itself (transformers' output
+        recorders, users') see one stream, as without pairing; hooks inside the block see both halves.
         """
-        inputs: list[torch.Tensor] = []
+        with ExitStack() as stack:
+            self.layer.forward = self._stacked_forward(on_outputs, pretrained_slot)
+            stack.callback(self.layer.__dict__.pop, "forward", None)
+            for module in self.switchable:
+                module.forward = self._paired_forward(module, fusable=not _inner_layers_hooked(module))
+                stack.callback(module.__dict__.pop, "forward", None)
+            yield
 
-        def stack_inputs(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict]:
+    def _stacked_forward(self, on_outputs: PairedOutputs, pretrained_slot: int | None) -> Callable[..., Any]:
+        layer = self.layer
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
             x = hidden_states(args, kwargs)
-            inputs.append(x)
             cache = find_cache(args, kwargs, self.cache_position)
             args, kwargs = _stacked(args, x.shape[0]), {k: _stacked(v, x.shape[0]) for k, v in kwargs.items()}
             if cache is not None:
                 if pretrained_slot is None:
                     raise RuntimeError("a paired block got a cache but has no slot for its pre-trained half.")
                 args, kwargs = with_cache(args, kwargs, self.cache_position, PairedSlots(cache, pretrained_slot))
-            return args, kwargs
-
-        def split_outputs(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
-            x = inputs.pop()
+            output = type(layer).forward(layer, *args, **kwargs)
             pretrained, finetuned = block_output(output).split(x.shape[0])
             return replace_output(output, on_outputs(x, pretrained, finetuned))
 
-        with ExitStack() as stack:
-            stack.callback(self.layer.register_forward_pre_hook(stack_inputs, with_kwargs=True).remove)
-            stack.callback(self.layer.register_forward_hook(split_outputs, with_kwargs=True).remove)
-            for module in self.switchable:
-                module.forward = self._paired_forward(module)
-                stack.callback(module.__dict__.pop, "forward", None)
-            yield
+        return forward
 
-    def _paired_forward(self, module: nn.Module) -> Callable[..., torch.Tensor]:
+    def _paired_forward(self, module: nn.Module, fusable: bool) -> Callable[..., torch.Tensor]:
+        """``module``'s forward on the stacked batch; ``fusable``: its LoRA may run inside a fused kernel."""
         shared_input = any(module is m for m in self.shared_input)
+        router = self.router if fusable else self._torch_router
 
         def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
             half = x.shape[0] // 2
             if is_additive_lora(module) and not args and not kwargs:
-                router = self._torch_router if _hooked(module) else self.router
                 if shared_input:
                     outputs = router.dual(x[half:], module)
                 else:

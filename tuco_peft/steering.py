@@ -165,7 +165,8 @@ class _SteeredBlock:
             with self.paired.attached(self.mix, self.pretrained_slot):
                 yield
             return
-        handle = self.layer.register_forward_hook(self._run_pretrained, with_kwargs=True)
+        # First among the block's forward hooks, so that the others (output capture, users') see the steered output.
+        handle = self.layer.register_forward_hook(self._run_pretrained, with_kwargs=True, prepend=True)
         try:
             yield
         finally:
@@ -255,7 +256,7 @@ def _paired_block(
     """Pair the two blocks where that saves weight reads: adapter blocks on the Triton backend."""
     if router.backend != "triton" or source.separate_model or not PairedBlock.supports(layer, parts.config):
         return None
-    return PairedBlock(layer, parts.config, router)
+    return PairedBlock(layer, router)
 
 
 @contextmanager
