@@ -1,19 +1,29 @@
-"""Fused Triton LoRA linears against the torch path and cuBLAS, on Llama-7B/8B projection shapes.
+"""The GPU benchmark of the Triton backend in one run: decompose end to end, steered generation, kernels.
 
-For each projection shape, row count M and base weight (dense in the activation dtype, or NF4 with nested
-absmax), it times:
+1. ``decompose`` end to end on a random Llama-style model of about 1B parameters (``bench_decompose``'s),
+   dense bf16 and NF4 (quantized by transformers from a checkpoint of the same model), LoRA r = 16 on every
+   linear, batch 4 × 512: ``tuco_peft.benchmark.compare_methods`` once per backend (torch, triton), so
+   every method is timed against a plain forward of the same PeftModel, interleaved round-robin.
+2. ``tuco_peft.generate(alpha=1.1)`` tokens/s on each backend against plain ``generate`` (bf16, batch 4,
+   64-token prompts, 32 greedy new tokens), with ``bench_steering``'s timing.
+3. Kernels, on Llama-7B/8B projection shapes at M = 1, 16, 128, 2048 rows (smallest first), for a base
+   weight dense in the activation dtype and NF4 with nested absmax:
 
-- ``torch dual``: ``W = dequantize_4bit(W4)`` (NF4 only), ``Y_base = X·Wᵀ``, ``Y_ft = addmm(Y_base, X·Aᵀ, Bᵀ, s)``;
-- ``torch two-stream``: the same dequantization once, ``X_pt·Wᵀ``, ``X_ft·Wᵀ`` and the LoRA addmm;
-- ``kernel dual`` / ``kernel two-stream``: ``dual_lora_linear`` / ``two_stream_lora_linear``;
-- ``cuBLAS bf16``: ``X·Wᵀ`` on a dense bf16 weight, the floor for one stream without LoRA.
+   - ``torch dual``: ``W = dequantize_4bit(W4)`` (NF4 only), ``Y_base = X·Wᵀ``, ``Y_ft = addmm(Y_base, X·Aᵀ, Bᵀ, s)``;
+   - ``torch two-stream``: the same dequantization once, ``X_pt·Wᵀ``, ``X_ft·Wᵀ`` and the LoRA addmm;
+   - ``kernel dual`` / ``kernel two-stream``: ``dual_lora_linear`` / ``two_stream_lora_linear``;
+   - ``cuBLAS bf16``: ``X·Wᵀ`` on a dense bf16 weight, the floor for one stream without LoRA.
 
-It prints each kernel's speed-up over its torch path and its time relative to cuBLAS, and writes every row
-to JSON as soon as it is measured. The issue's target: two-stream NF4 ≥ 1.5× faster than torch at M ≤ 128.
+It prints the ratios side by side and writes everything to one JSON file as it goes, so a run cut short
+keeps what it measured (what it loses first is the kernels at M = 2048, which no target needs). It ends
+with the issue's targets: two-stream NF4 ≥ 1.5× faster than the torch path at M ≤ 128;
+``decompose(positions="last")`` ≤ 1.15× the time and ≤ 1.10× the peak memory of a plain forward.
 
-    python benchmarks/bench_kernels.py                       # on a CUDA GPU, a few minutes
-    python benchmarks/bench_kernels.py --smoke               # CPU, Triton interpreter, tiny shapes: checks
-                                                             # the code path and the numbers; times blank
+    python benchmarks/bench_kernels.py                       # CUDA GPU; meant to take about 5 minutes on an
+                                                             # H200, autotuning included (not yet measured)
+    python benchmarks/bench_kernels.py --parts decompose     # a subset of: decompose steering kernels
+    python benchmarks/bench_kernels.py --smoke               # CPU, Triton interpreter, tiny shapes and model:
+                                                             # every code path; kernel times blank, the rest CPU times
 """
 
 from __future__ import annotations
@@ -22,24 +32,23 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
+import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
+from typing import Any
 
-# Llama-2-7B and Llama-3-8B projections as (name, in_features, out_features).
-GPU_SHAPES = {
-    "llama2-7b": [("q/k/v/o_proj", 4096, 4096), ("gate/up_proj", 4096, 11008), ("down_proj", 11008, 4096)],
-    "llama3-8b": [("k/v_proj", 4096, 1024), ("gate/up_proj", 4096, 14336), ("down_proj", 14336, 4096)],
-}
-GPU_ROWS = (1, 16, 128, 2048)
-SMOKE_SHAPES = {"tiny": [("proj", 72, 40), ("proj_wide", 64, 136)]}
-SMOKE_ROWS = (1, 17)
+PARTS = ("decompose", "steering", "kernels")
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny shapes, no timings")
+    parser.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny shapes and model")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="what to run (default: all)")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--out", default="benchmarks/bench_kernels.json")
     return parser.parse_args()
@@ -51,10 +60,56 @@ if ARGS.smoke:  # the interpreter must be chosen before triton is imported
 
 import bitsandbytes as bnb  # noqa: E402
 import torch  # noqa: E402
+from bench_decompose import build_base, lora_finetune  # noqa: E402
+from bench_steering import plain, timed_runs  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from torch import nn  # noqa: E402
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
 
+from tuco_peft.benchmark import compare_methods  # noqa: E402
+from tuco_peft.generation import generate  # noqa: E402
 from tuco_peft.kernels import dual_lora_linear, two_stream_lora_linear  # noqa: E402
+
+BACKENDS = ("torch", "triton")
+STEERING_ALPHA = 1.1
+# Issue targets: kernel speed-up over the torch path; decompose(positions="last") over a plain forward.
+TWO_STREAM_NF4_SPEEDUP, TWO_STREAM_MAX_ROWS = 1.5, 128
+DECOMPOSE_TIME_RATIO, DECOMPOSE_MEMORY_RATIO = 1.15, 1.10
+
+
+@dataclass(frozen=True)
+class Setting:
+    """The sizes of a run: the GPU benchmark, or the CPU smoke test of the same code paths."""
+
+    shapes: dict[str, list[tuple[str, int, int]]]  # model → (projection, in_features, out_features)
+    kernel_rows: tuple[int, ...]
+    hidden: int
+    layers: int
+    vocab: int
+    batch: int
+    seq: int  # decompose
+    prompt: int  # steering
+    new_tokens: int
+    decompose_repeats: int
+    steering_repeats: int  # best of
+
+
+GPU = Setting(
+    # Llama-2-7B and Llama-3-8B projections (Llama-3-8B's q/o_proj are Llama-2-7B's).
+    shapes={
+        "llama2-7b": [("q/k/v/o_proj", 4096, 4096), ("gate/up_proj", 4096, 11008), ("down_proj", 11008, 4096)],
+        "llama3-8b": [("k/v_proj", 4096, 1024), ("gate/up_proj", 4096, 14336), ("down_proj", 14336, 4096)],
+    },
+    kernel_rows=(1, 16, 128, 2048),
+    hidden=2048, layers=16, vocab=32000,  # 1.0B parameters (intermediate size 3 × hidden)
+    batch=4, seq=512, prompt=64, new_tokens=32, decompose_repeats=10, steering_repeats=3,
+)
+SMOKE = Setting(
+    shapes={"tiny": [("proj", 72, 40), ("proj_wide", 64, 136)]},
+    kernel_rows=(1, 17),
+    hidden=64, layers=2, vocab=97,
+    batch=2, seq=8, prompt=6, new_tokens=3, decompose_repeats=1, steering_repeats=1,
+)
 
 
 @dataclass
@@ -117,13 +172,16 @@ def torch_paths(layer: nn.Module) -> tuple[Callable, Callable]:
 
 
 def time_ms(fn: Callable[[], object], on_gpu: bool) -> float | None:
-    """Median milliseconds on a GPU (Triton's do_bench, after autotuning); None on CPU (interpreter)."""
+    """Median milliseconds on a GPU (Triton's do_bench, after autotuning); None on CPU (interpreter).
+
+    Short windows (hundreds of launches even at M = 2048) keep the whole sweep within a few minutes.
+    """
     if not on_gpu:
         fn()
         return None
     import triton.testing
 
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
 
 
 def max_relative_error(actual: tuple[torch.Tensor, ...], expected: tuple[torch.Tensor, ...]) -> float:
@@ -161,31 +219,24 @@ def _cell(value: float | None, unit: str = "") -> str:
     return "—" if value is None else f"{value:.3f}{unit}"
 
 
-def main() -> None:
-    on_gpu = torch.cuda.is_available() and not ARGS.smoke
-    if not on_gpu and not ARGS.smoke:
-        sys.exit("No CUDA device: run with --smoke for the CPU check (times are left blank).")
-    shapes, all_rows = (GPU_SHAPES, GPU_ROWS) if on_gpu else (SMOKE_SHAPES, SMOKE_ROWS)
-    report = {
-        "device": torch.cuda.get_device_name() if on_gpu else f"cpu, Triton interpreter ({platform.processor()})",
-        "gpu_figures": "measured" if on_gpu else "blank: no GPU in this run",
-        "rank": ARGS.rank,
-        "activations": "bfloat16" if on_gpu else "float32",
-        "rows": [],
-    }
-    print(f"{report['device']}; GPU figures {report['gpu_figures']}")
-    header = f"{'model':10} {'projection':13} {'M':>5} {'W':5} | {'dual ×torch':>11} {'2-str ×torch':>12} | " \
-             f"{'dual/cuBLAS':>11} {'2-str/cuBLAS':>12} | {'max rel err':>11}"
-    print(header)
-    started = time.perf_counter()
-    for model, projections in shapes.items():
-        for name, n_in, n_out in projections:
-            for rows in all_rows:
+def save(report: dict[str, Any]) -> None:
+    """Rewrite the JSON, targets included, after every measurement: a run cut short keeps what it measured."""
+    report["targets"] = check_targets(report)
+    with open(ARGS.out, "w") as handle:
+        json.dump(report, handle, indent=1)
+
+
+def run_kernels(report: dict[str, Any], setting: Setting, on_gpu: bool) -> None:
+    """The kernel sweep, smallest M first: a run cut short loses the prefill rows, not the targets' M ≤ 128."""
+    print(f"{'model':10} {'projection':13} {'M':>5} {'W':5} | {'dual ×torch':>11} {'2-str ×torch':>12} | "
+          f"{'dual/cuBLAS':>11} {'2-str/cuBLAS':>12} | {'max rel err':>11}")
+    for rows in setting.kernel_rows:
+        for model, projections in setting.shapes.items():
+            for name, n_in, n_out in projections:
                 for weight in ("dense", "nf4"):
                     row = measure(model, name, n_in, n_out, rows, weight, on_gpu)
-                    report["rows"].append(asdict(row))
-                    with open(ARGS.out, "w") as handle:  # written as we go: a cut-short run keeps its rows
-                        json.dump(report, handle, indent=1)
+                    report["kernels"].append(asdict(row))
+                    save(report)
                     print(
                         f"{model:10} {name:13} {rows:5} {weight:5} | "
                         f"{_cell(row.ratio('torch_dual', 'kernel_dual'), '×'):>11} "
@@ -195,7 +246,189 @@ def main() -> None:
                         f"{max(row.max_relative_error.values()):11.2e}",
                         flush=True,
                     )
-    print(f"{len(report['rows'])} rows in {time.perf_counter() - started:.0f} s → {ARGS.out}")
+
+
+def model_args(setting: Setting, on_gpu: bool) -> argparse.Namespace:
+    """The settings ``bench_decompose.build_base``, ``lora_finetune`` and ``bench_steering.timed_runs`` read."""
+    return argparse.Namespace(
+        vocab=setting.vocab, hidden=setting.hidden, layers=setting.layers,
+        seq=max(setting.seq, setting.prompt + setting.new_tokens), rank=ARGS.rank,
+        device="cuda" if on_gpu else "cpu", dtype="bfloat16",
+        new=setting.new_tokens, repeats=setting.steering_repeats,
+    )
+
+
+def lora_models(args: argparse.Namespace) -> dict[str, nn.Module]:
+    """The random Llama-style model with LoRA on every linear: dense, and its NF4 (nested absmax) quantization,
+    loaded by transformers from a checkpoint as a QLoRA fine-tune loads its base."""
+    with torch.device(args.device):  # initialized where it runs: 1B parameters are slow to initialize on a CPU
+        base = build_base(args)
+    dtype = getattr(torch, args.dtype)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+    )
+    with tempfile.TemporaryDirectory() as checkpoint:
+        base.save_pretrained(checkpoint)
+        nf4 = AutoModelForCausalLM.from_pretrained(
+            checkpoint, quantization_config=quantization, dtype=dtype, device_map=args.device,
+            attn_implementation="sdpa",
+        )
+    return {"dense": lora_finetune(base, args), "nf4": lora_finetune(nf4, args)}
+
+
+def run_decompose(
+    report: dict[str, Any], models: dict[str, nn.Module], setting: Setting, args: argparse.Namespace
+) -> None:
+    """Every ``compare_methods`` method on each model and backend, with the backends side by side."""
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, setting.vocab, (setting.batch, setting.seq), generator=generator).to(args.device)
+    attention_mask = torch.ones_like(input_ids)
+    for weight, model in models.items():
+        results = report["decompose"][weight] = {}
+        for backend in BACKENDS:
+            results[backend] = compare_methods(
+                model, None, input_ids, attention_mask, repeats=setting.decompose_repeats, backend=backend
+            )
+            save(report)
+        print(f"\ndecompose end to end, {weight} base, batch {setting.batch}×{setting.seq}: median ms, "
+              f"× plain_forward in time and in peak memory (weights included)")
+        print(f"{'method':26}" + "".join(f" | {b + ' ms':>10} {'× time':>7} {'× mem':>6}" for b in BACKENDS))
+        for method in results[BACKENDS[0]]["methods"]:
+            cells = (results[backend]["methods"][method] for backend in BACKENDS)
+            print(f"{method:26}" + "".join(
+                f" | {1e3 * c['median_s']:10.1f} {c['time_ratio']:7.2f} {c['peak_total_ratio']:6.2f}" for c in cells
+            ))
+        print("max TuCo disagreement between methods: "
+              + ", ".join(f"{b} {results[b]['max_tuco_disagreement']:.1e}" for b in BACKENDS), flush=True)
+
+
+def run_steering(report: dict[str, Any], model: nn.Module, setting: Setting, args: argparse.Namespace) -> None:
+    """Tokens/s and KV bytes of ``tuco_peft.generate`` on each backend against plain ``generate``."""
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(1, setting.vocab, (setting.batch, setting.prompt), generator=generator).to(args.device)
+    runs = {"plain_generate": plain}
+    runs.update(
+        (f"generate_alpha_{STEERING_ALPHA}_{backend}", partial(generate, alpha=STEERING_ALPHA, backend=backend))
+        for backend in BACKENDS
+    )
+    results = report["steering"] = timed_runs(runs, model, args, input_ids)
+    for row in results.values():
+        row["speed_ratio"] = row["tokens_per_s"] / results["plain_generate"]["tokens_per_s"]
+        row["kv_ratio"] = row["kv_bytes"] / results["plain_generate"]["kv_bytes"]
+    save(report)
+    print(f"\nsteered generation, dense base, batch {setting.batch}, {setting.prompt}-token prompts, "
+          f"{setting.new_tokens} greedy new tokens, best of {setting.steering_repeats}")
+    print(f"{'run':28} {'tokens/s':>9} {'× plain':>8} {'KV × plain':>10}")
+    for name, row in results.items():
+        print(f"{name:28} {row['tokens_per_s']:9.1f} {row['speed_ratio']:8.2f} {row['kv_ratio']:10.2f}", flush=True)
+
+
+def check_targets(report: dict[str, Any]) -> dict[str, Any]:
+    """The issue's targets against what this run measured; ``met`` is None off the GPU (not the target's setting)."""
+    on_gpu = report["gpu"]
+    speedups = [
+        row["ms"]["torch_two_stream"] / row["ms"]["kernel_two_stream"]
+        for row in report["kernels"]
+        if row["weight"] == "nf4" and row["rows"] <= TWO_STREAM_MAX_ROWS and row["ms"]["kernel_two_stream"] is not None
+    ]
+    targets: dict[str, Any] = {
+        "two_stream_nf4_speedup": {
+            "target": f">= {TWO_STREAM_NF4_SPEEDUP}x at M <= {TWO_STREAM_MAX_ROWS}",
+            "worst": min(speedups, default=None),
+            "median": statistics.median(speedups) if speedups else None,
+            "met": min(speedups) >= TWO_STREAM_NF4_SPEEDUP if speedups and on_gpu else None,
+        },
+    }
+    for weight, results in report["decompose"].items():
+        for backend, result in results.items():
+            last = result["methods"]["decompose_last"]
+            time_ratio, memory_ratio = last["time_ratio"], last["peak_total_ratio"]
+            met = time_ratio <= DECOMPOSE_TIME_RATIO and memory_ratio <= DECOMPOSE_MEMORY_RATIO
+            targets[f"decompose_last_{weight}_{backend}"] = {
+                "target": f"<= {DECOMPOSE_TIME_RATIO}x time, <= {DECOMPOSE_MEMORY_RATIO}x peak memory",
+                "time_ratio": time_ratio,
+                "memory_ratio": memory_ratio,
+                "met": met if on_gpu else None,
+            }
+    return targets
+
+
+def print_targets(report: dict[str, Any]) -> None:
+    verdicts = {True: "met", False: "NOT met", None: "no verdict: not a GPU run"}
+    print(f"\nissue targets, measured on {report['device']}")
+    for name, target in report["targets"].items():
+        if "worst" in target:
+            measured = f"worst {_cell(target['worst'], '×')}, median {_cell(target['median'], '×')}"
+        else:
+            measured = f"{target['time_ratio']:.2f}× time, {target['memory_ratio']:.2f}× memory"
+        print(f"{name:30} {target['target']:44} {measured}: {verdicts[target['met']]}")
+    errors = [error for row in report["kernels"] for error in row["max_relative_error"].values()]
+    if errors:
+        print(f"{'kernels: largest error':30} {'vs the torch path, relative to its max':44} {max(errors):.2e}")
+
+
+def timed_part(report: dict[str, Any], part: str, run: Callable[..., Any], *args: Any) -> Any:
+    """``run(*args)`` with its seconds in the report (what each part costs a GPU session's budget).
+
+    A part that raises is reported and the run goes on (returning None): a GPU session may get one run.
+    """
+    start = time.perf_counter()
+    try:
+        return run(*args)
+    except Exception:  # noqa: BLE001 - recorded in the JSON, printed, and the other parts still run
+        report["errors"][part] = traceback.format_exc()
+        print(f"\n{part} FAILED:\n{report['errors'][part]}", file=sys.stderr, flush=True)
+        return None
+    finally:
+        report["elapsed_s"][part] = round(time.perf_counter() - start, 1)
+        save(report)
+        print(f"[{part}: {report['elapsed_s'][part]:.0f} s]", flush=True)
+
+
+def main() -> None:
+    on_gpu = torch.cuda.is_available() and not ARGS.smoke
+    if not on_gpu and not ARGS.smoke:
+        sys.exit("No CUDA device: run with --smoke for the CPU check.")
+    setting = GPU if on_gpu else SMOKE
+    args = model_args(setting, on_gpu)
+    device = torch.cuda.get_device_name() if on_gpu else f"cpu, Triton interpreter ({platform.processor()})"
+    report: dict[str, Any] = {
+        "device": device,
+        "gpu": on_gpu,
+        "setting": asdict(setting),
+        "rank": ARGS.rank,
+        "kernel_activations": "bfloat16" if on_gpu else "float32",
+        "model_dtype": args.dtype,
+        "torch": torch.__version__,
+        "elapsed_s": {},
+        "errors": {},
+        "decompose": {},
+        "steering": {},
+        "kernels": [],
+    }
+    print(device if on_gpu else f"{device}: no GPU figures (kernel times blank, the rest CPU times, no verdicts)")
+    started = time.perf_counter()
+    models = None
+    if {"decompose", "steering"} & set(ARGS.parts):
+        models = timed_part(report, "build_models", lora_models, args)
+    if models is not None:
+        trainable, total = models["dense"].get_nb_trainable_parameters()
+        report["base_parameters"] = total - trainable
+        print(f"Llama-style model, {(total - trainable) / 1e6:.1f}M parameters, {args.dtype}, "
+              f"LoRA r={ARGS.rank} on every linear (built in {report['elapsed_s']['build_models']:.0f} s)")
+        if "decompose" in ARGS.parts:
+            timed_part(report, "decompose", run_decompose, report, models, setting, args)
+        if "steering" in ARGS.parts:
+            timed_part(report, "steering", run_steering, report, models["dense"], setting, args)
+        del models
+    if "kernels" in ARGS.parts:
+        print()
+        timed_part(report, "kernels", run_kernels, report, setting, on_gpu)
+    print_targets(report)
+    parts = ", ".join(f"{part} {seconds:.0f} s" for part, seconds in report["elapsed_s"].items())
+    print(f"done in {time.perf_counter() - started:.0f} s ({parts}) → {ARGS.out}")
+    if report["errors"]:
+        sys.exit(f"failed: {', '.join(report['errors'])} (tracebacks above and in the JSON)")
 
 
 if __name__ == "__main__":

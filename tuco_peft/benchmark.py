@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .backend import Backend
 from .baselines import disable_adapter_tuco, two_model_tuco
 from .decompose import decompose
 from .inputs import last_real_index
@@ -130,22 +131,27 @@ def compare_methods(
     attention_mask: torch.Tensor,
     *,
     repeats: int = 3,
+    backend: Backend | None = None,
 ) -> dict[str, Any]:
     """An adapter fine-tune: time and peak memory of each way to get TuCo, against a plain forward.
 
     Methods: ``plain_forward`` (the PeftModel's own forward, logits included: the yardstick),
     ``decoder_forward`` (the blocks alone, without the LM head, which TuCo does not need),
-    ``decompose_last`` and ``decompose_all`` (tuco-peft), ``disable_adapter_two_pass`` (two passes over one
-    copy via PEFT) and, given ``pretrained`` (a second copy of the base model), ``two_model_two_pass`` (the
-    paper's Algorithm 1).
+    ``decompose_last`` and ``decompose_all`` (tuco-peft, on ``backend``), ``disable_adapter_two_pass`` (two
+    passes over one copy via PEFT) and, given ``pretrained`` (a second copy of the base model),
+    ``two_model_two_pass`` (the paper's Algorithm 1).
     """
     last = last_real_index(attention_mask)[:, None]
     decoder = model_parts(model).decoder
+
+    def decompose_all() -> torch.Tensor:
+        return decompose(model, input_ids, attention_mask, positions="all", backend=backend).tuco.gather(1, last)[:, 0]
+
     methods: dict[str, Callable[[], Any]] = {
         "plain_forward": lambda: model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False),
         "decoder_forward": lambda: decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False),
-        "decompose_last": lambda: decompose(model, input_ids, attention_mask).tuco,
-        "decompose_all": lambda: decompose(model, input_ids, attention_mask, positions="all").tuco.gather(1, last)[:, 0],
+        "decompose_last": lambda: decompose(model, input_ids, attention_mask, backend=backend).tuco,
+        "decompose_all": decompose_all,
         "disable_adapter_two_pass": lambda: disable_adapter_tuco(model, input_ids, attention_mask),
     }
     weights = dict.fromkeys(methods, _weight_bytes(model))
@@ -174,7 +180,9 @@ def compare_full_finetune_methods(
         "two_model_two_pass": lambda: two_model_tuco(finetuned, pretrained, input_ids, attention_mask),
     }
     one, two = _weight_bytes(finetuned), _weight_bytes(finetuned) + _weight_bytes(pretrained)
-    weights = {"plain_forward": one, "decompose_resident_base": two, "decompose_streamed_base": one, "two_model_two_pass": two}
+    weights = {
+        "plain_forward": one, "decompose_resident_base": two, "decompose_streamed_base": one, "two_model_two_pass": two
+    }
     report = _measure(methods, weights, input_ids.device, repeats)
     return {"batch": list(input_ids.shape), "model_weight_bytes": one, **report}
 
