@@ -38,7 +38,7 @@ class DenseWeight:
             w_ptr=matrix, stride_wn=matrix.stride(0), stride_wk=matrix.stride(1),
             absmax_ptr=matrix, code_ptr=matrix, nested_code_ptr=matrix, nested_absmax_ptr=matrix,
             nested_offset_ptr=matrix, QUANT_BLOCK=1, NESTED_BLOCK=1, WEIGHT_4BIT=False, NESTED=False,
-            WEIGHT_DTYPE=triton_dtype(matrix.dtype),
+            BLOCKWISE_4BIT=False, WEIGHT_DTYPE=triton_dtype(matrix.dtype),
         )
 
     def dense(self) -> torch.Tensor:
@@ -88,6 +88,15 @@ class Packed4bitWeight:
     def nested(self) -> bool:
         return self.nested_code is not None
 
+    @property
+    def blockwise(self) -> bool:
+        """Whether every quantization block lies in one row (``in_features % blocksize == 0``, a power of two).
+
+        Then the kernels decode a tile from whole bytes and one absmax per block; otherwise element-wise.
+        """
+        size = self.blocksize
+        return size >= 2 and size & (size - 1) == 0 and self.shape[1] % size == 0
+
     def kernel_args(self) -> dict[str, Any]:
         nested = self.nested
         return dict(
@@ -96,7 +105,7 @@ class Packed4bitWeight:
             nested_absmax_ptr=self.nested_absmax if nested else self.code,
             nested_offset_ptr=self.nested_offset if nested else self.code,
             QUANT_BLOCK=self.blocksize, NESTED_BLOCK=self.nested_blocksize, WEIGHT_4BIT=True, NESTED=nested,
-            WEIGHT_DTYPE=triton_dtype(self.dtype),
+            BLOCKWISE_4BIT=self.blockwise, WEIGHT_DTYPE=triton_dtype(self.dtype),
         )
 
     def dense(self) -> torch.Tensor:

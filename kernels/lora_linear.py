@@ -21,28 +21,48 @@ import triton
 import triton.language as tl
 
 from .base_weight import BaseWeight
-from .bnb_4bit import decode_4bit
+from .bnb_4bit import decode_4bit, decode_4bit_tile
 from .lora_factors import LoraFactors
 from .rounding import round_to
-from .settings import dot_dtype, matmul_configs, rank_tile, rows_bucket, triton_dtype
+from .settings import (
+    NO_FP_FUSION,
+    dot_dtype,
+    matmul_configs,
+    prune_matmul_configs,
+    rank_tile,
+    rows_bucket,
+    triton_dtype,
+)
 
 
 @triton.jit
 def _load_weight_tile(
     w_ptr, stride_wn, stride_wk, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, nested_offset_ptr,
-    offs_n, offs_k, N, K,
+    offs_n, k0, N, K,
     QUANT_BLOCK: tl.constexpr, NESTED_BLOCK: tl.constexpr, WEIGHT_4BIT: tl.constexpr, NESTED: tl.constexpr,
-    WEIGHT_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    BLOCKWISE_4BIT: tl.constexpr, WEIGHT_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """The ``[BLOCK_N, BLOCK_K]`` tile of W (zero outside the matrix), as tl.dot operands."""
-    valid = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+    """The ``[BLOCK_N, BLOCK_K]`` tile of W at columns ``k0 ..`` (zero outside the matrix), as tl.dot operands.
+
+    4-bit weights are decoded block-wise (one byte tile, one absmax per quantization block) when every
+    quantization block lies in one row (``BLOCKWISE_4BIT``, set by the launcher), else element-wise.
+    """
+    offs_k = k0 + tl.arange(0, BLOCK_K)
     if WEIGHT_4BIT:
-        flat = offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
-        tile = decode_4bit(
-            w_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, nested_offset_ptr, flat, valid,
-            QUANT_BLOCK, NESTED, NESTED_BLOCK, WEIGHT_DTYPE,
-        )
+        if BLOCKWISE_4BIT:
+            tile = decode_4bit_tile(
+                w_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, nested_offset_ptr,
+                offs_n, k0, N, K, QUANT_BLOCK, NESTED, NESTED_BLOCK, WEIGHT_DTYPE, BLOCK_K,
+            )
+        else:
+            valid = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+            flat = offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
+            tile = decode_4bit(
+                w_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, nested_offset_ptr, flat, valid,
+                QUANT_BLOCK, NESTED, NESTED_BLOCK, WEIGHT_DTYPE,
+            )
     else:
+        valid = (offs_n < N)[:, None] & (offs_k < K)[None, :]
         offsets = offs_n.to(tl.int64)[:, None] * stride_wn + offs_k[None, :] * stride_wk
         tile = tl.load(w_ptr + offsets, mask=valid, other=0.0)
     return tile.to(DOT_DTYPE)
@@ -63,7 +83,8 @@ def _store_rows(ptr, values, offs_m, offs_n, rows, N, OUT_DTYPE: tl.constexpr):
 
 @triton.autotune(
     configs=matmul_configs(),
-    key=["rows_bucket", "N", "K", "RANK_TILE", "WEIGHT_4BIT", "TWO_STREAMS", "DOT_DTYPE"],
+    key=["rows_bucket", "N", "K", "RANK_TILE", "WEIGHT_4BIT", "BLOCKWISE_4BIT", "TWO_STREAMS", "DOT_DTYPE"],
+    prune_configs_by={"early_config_prune": prune_matmul_configs},
 )
 @triton.jit
 def _lora_linear_kernel(
@@ -73,7 +94,8 @@ def _lora_linear_kernel(
     rows_pt, rows_ft, N, K, rank,
     rows_bucket,  # autotune key only
     QUANT_BLOCK: tl.constexpr, NESTED_BLOCK: tl.constexpr, WEIGHT_4BIT: tl.constexpr, NESTED: tl.constexpr,
-    WEIGHT_DTYPE: tl.constexpr, TWO_STREAMS: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    BLOCKWISE_4BIT: tl.constexpr, WEIGHT_DTYPE: tl.constexpr, TWO_STREAMS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, OUT_DTYPE: tl.constexpr, RANK_TILE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -88,18 +110,23 @@ def _lora_linear_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         w = _load_weight_tile(
             w_ptr, stride_wn, stride_wk, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr,
-            nested_offset_ptr, offs_n, offs_k, N, K,
-            QUANT_BLOCK, NESTED_BLOCK, WEIGHT_4BIT, NESTED, WEIGHT_DTYPE, DOT_DTYPE,
+            nested_offset_ptr, offs_n, k0, N, K,
+            QUANT_BLOCK, NESTED_BLOCK, WEIGHT_4BIT, NESTED, BLOCKWISE_4BIT, WEIGHT_DTYPE, DOT_DTYPE, BLOCK_K,
         )
         x_pt = _load_rows(x_pt_ptr, offs_m, offs_k, rows_pt, K, DOT_DTYPE)
-        acc_pt = tl.dot(x_pt, tl.trans(w), acc_pt, input_precision=INPUT_PRECISION)
         if TWO_STREAMS:
             x_ft = _load_rows(x_ft_ptr, offs_m, offs_k, rows_ft, K, DOT_DTYPE)
-            acc_ft = tl.dot(x_ft, tl.trans(w), acc_ft, input_precision=INPUT_PRECISION)
         else:
             x_ft = x_pt
         a = _load_rows(a_ptr, offs_r, offs_k, rank, K, DOT_DTYPE)
+        # The dots of one iteration share operands, so Triton lays them out as a chain, after whichever
+        # it converts first: the last one. With the base product last, warps split its [BLOCK_M, BLOCK_N]
+        # tile along BLOCK_N on skinny tiles; with the narrow X·Aᵀ last, every warp would hold the whole
+        # weight tile in registers (measured: 255 registers and spills at 16×128×64).
         x_a = tl.dot(x_ft, tl.trans(a), x_a, input_precision=INPUT_PRECISION)
+        acc_pt = tl.dot(x_pt, tl.trans(w), acc_pt, input_precision=INPUT_PRECISION)
+        if TWO_STREAMS:
+            acc_ft = tl.dot(x_ft, tl.trans(w), acc_ft, input_precision=INPUT_PRECISION)
     if not TWO_STREAMS:
         acc_ft = acc_pt
     if HAS_BIAS:
@@ -146,6 +173,6 @@ def lora_linear_forward(
         rows_bucket=rows_bucket(max(rows_pt, rows_ft)),
         TWO_STREAMS=two_streams, HAS_BIAS=bias is not None, DOT_DTYPE=operand,
         INPUT_PRECISION="ieee" if operand == tl.float32 else "tf32", OUT_DTYPE=triton_dtype(x_pt.dtype),
-        RANK_TILE=rank_tile(factors.rank),
+        RANK_TILE=rank_tile(factors.rank), **NO_FP_FUSION,
     )
     return y_pt, y_ft

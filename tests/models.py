@@ -29,7 +29,9 @@ def family_config(family: str):
     if family == "mistral":
         return MistralConfig(**_COMMON, num_key_value_heads=2, sliding_window=4)
     if family == "qwen2":
-        return Qwen2Config(**_COMMON, num_key_value_heads=2, use_sliding_window=True, sliding_window=5, max_window_layers=1)
+        return Qwen2Config(
+            **_COMMON, num_key_value_heads=2, use_sliding_window=True, sliding_window=5, max_window_layers=1
+        )
     if family == "qwen3":
         return Qwen3Config(**_COMMON, num_key_value_heads=2, head_dim=24)
     if family == "gemma":
@@ -40,7 +42,10 @@ def family_config(family: str):
             attn_logit_softcapping=5.0, final_logit_softcapping=30.0,
         )
     if family == "phi3":
-        return Phi3Config(**_COMMON, num_key_value_heads=2, pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, partial_rotary_factor=0.5, bos_token_id=1, eos_token_id=2)
+        return Phi3Config(
+            **_COMMON, num_key_value_heads=2, pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
+            partial_rotary_factor=0.5, bos_token_id=1, eos_token_id=2,
+        )
     if family == "gpt2":
         return GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, n_positions=64)
     raise KeyError(family)

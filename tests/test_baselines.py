@@ -27,7 +27,8 @@ def test_compare_methods_reports_every_method_against_the_plain_forward():
     ids, mask = padded_batch()
     report = compare_methods(model, pretrained, ids, mask, repeats=1)
     assert set(report["methods"]) == {
-        "plain_forward", "decoder_forward", "decompose_last", "decompose_all", "disable_adapter_two_pass", "two_model_two_pass"
+        "plain_forward", "decoder_forward", "decompose_last", "decompose_all", "disable_adapter_two_pass",
+        "two_model_two_pass",
     }
     assert report["max_tuco_disagreement"] < 1e-5
     assert report["methods"]["plain_forward"]["time_ratio"] == 1.0

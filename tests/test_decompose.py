@@ -151,7 +151,10 @@ def test_tuco_is_the_decomposition_tuco():
     "config",
     [
         GPTNeoXConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4),
-        OPTConfig(vocab_size=97, hidden_size=64, ffn_dim=96, num_hidden_layers=3, num_attention_heads=4, word_embed_proj_dim=64),
+        OPTConfig(
+            vocab_size=97, hidden_size=64, ffn_dim=96, num_hidden_layers=3, num_attention_heads=4,
+            word_embed_proj_dim=64,
+        ),
         FalconConfig(vocab_size=97, hidden_size=64, num_hidden_layers=3, num_attention_heads=4),
         OlmoConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4),
     ],

@@ -139,7 +139,10 @@ def test_base_model_dropout_in_training_mode_is_refused():
     [
         (lambda base: get_peft_model(base, IA3Config(target_modules=["q_proj"], feedforward_modules=[])), "LoRA/QLoRA"),
         (lambda base: get_peft_model(base, LoHaConfig(target_modules=["q_proj"])), "LoRA/QLoRA"),
-        (lambda base: get_peft_model(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)), "prompt learning"),
+        (
+            lambda base: get_peft_model(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)),
+            "prompt learning",
+        ),
         (lambda base: get_peft_model(base, LoraConfig(target_modules=["q_proj"], use_dora=True)), "DoRA"),
         (lambda base: base, "no LoRA adapters"),
         (lambda base: torch.nn.Linear(2, 2), "PeftModel"),
@@ -164,7 +167,8 @@ def test_merged_adapters_are_refused_and_left_merged():
 
 
 def test_a_model_that_is_not_a_causal_decoder_is_refused():
-    bert = BertForMaskedLM(BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64))
+    config = BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    bert = BertForMaskedLM(config)
     model = get_peft_model(bert, LoraConfig(target_modules=["query", "value"], init_lora_weights=False))
     with pytest.raises(tuco_peft.UnsupportedModelError, match="not a decoder-only causal LM"):
         tuco_peft.tuco(model, torch.ones(1, 4, dtype=torch.long))

@@ -11,12 +11,14 @@ import bitsandbytes as bnb
 import bitsandbytes.functional as bnb_functional
 import pytest
 import torch
+import triton
+import triton.language as tl
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from tuco_peft.errors import InputError, UnsupportedModelError
-from tuco_peft.kernels import dequantize_4bit, dual_lora_linear, two_stream_lora_linear
+from tuco_peft.kernels import dequantize_4bit, dual_lora_linear, settings, two_stream_lora_linear
 from tuco_peft.kernels.base_weight import Packed4bitWeight, base_weight
 from tuco_peft.kernels.lora_linear import _lora_linear_kernel
 
@@ -108,6 +110,24 @@ def test_interpreter_autotunes_over_a_single_config():
     assert len(_lora_linear_kernel.configs) == 1
 
 
+def test_gpu_config_lists_respect_the_dot_side_and_prune_by_kind():
+    kinds = [(False, tl.float16, False), (False, tl.bfloat16, False), (False, tl.float32, False)]
+    kinds += [(True, dtype, blockwise) for dtype in (tl.float16, tl.bfloat16) for blockwise in (True, False)]
+    union = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+             for m, n, k, w, s in dict.fromkeys(sum((settings.config_shapes(*kind) for kind in kinds), ()))]
+    for weight_4bit, dtype, blockwise in kinds:
+        shapes = settings.config_shapes(weight_4bit, dtype, blockwise)
+        assert shapes and all(min(m, n, k) >= settings.MIN_DOT_SIDE for m, n, k, _, _ in shapes)
+        assert any(m == settings.MIN_DOT_SIDE for m, *_ in shapes)  # a skinny tile for decode steps
+        assert any(m >= 64 and n >= 64 for m, n, *_ in shapes)  # square tiles for prefill
+        kept = settings.prune_matmul_configs(
+            union, {"WEIGHT_4BIT": weight_4bit}, DOT_DTYPE=dtype, BLOCKWISE_4BIT=blockwise
+        )
+        kept_shapes = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+                       for c in kept]
+        assert sorted(kept_shapes) == sorted(shapes)
+
+
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("nested", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -127,6 +147,101 @@ def test_dequantize_4bit_with_a_larger_block_and_a_partial_last_block():
     packed, state = bnb_functional.quantize_4bit(weight, blocksize=128, quant_type="nf4", compress_statistics=True)
     actual = dequantize_4bit(Packed4bitWeight.from_quant_state(packed, state))
     assert torch.equal(actual, bnb_functional.dequantize_4bit(packed, state))
+
+
+def _probe_columns(in_features: int, step: int = 16) -> torch.Tensor:
+    """Columns 16j and 16j + 1 (a high and a low nibble in every quantization block), and the last two."""
+    columns = torch.arange(0, in_features, step)
+    return torch.cat([columns, columns + 1, torch.tensor([in_features - 2, in_features - 1])]).unique()
+
+
+def _one_hot_rows(columns: torch.Tensor, in_features: int, dtype: torch.dtype) -> torch.Tensor:
+    """Inputs whose base output rows are columns of W exactly: one product per sum, no bias."""
+    return torch.eye(in_features, dtype=dtype)[columns]
+
+
+_BLOCKWISE_CASES = [
+    (quant_type, nested, dtype, (128, 40), 64)
+    for quant_type in ("nf4", "fp4") for nested in (False, True)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16)
+] + [("nf4", True, torch.bfloat16, (256, 96), 128), ("fp4", False, torch.float16, (256, 96), 128)]
+
+
+@pytest.mark.parametrize("quant_type,nested,dtype,shape,blocksize", _BLOCKWISE_CASES)
+def test_blockwise_4bit_tile_decode_is_bit_identical_to_bitsandbytes(quant_type, nested, dtype, shape, blocksize):
+    """K a multiple of the quantization block: the GEMM decodes whole byte tiles, one absmax per block.
+
+    With one-hot rows as inputs and no bias, the base output rows are columns of W (one product per sum),
+    so the decoded values are compared bit for bit, in every quantization block and tile. The second shape has more quantization blocks than one nested
+    block (256) holds, and tiles inside one quantization block (BLOCK_K 32 < 128).
+    """
+    layer = lora_layer(linear_4bit(quant_type, nested, dtype, shape=shape), ranks=(8,))
+    base = layer.get_base_layer()
+    # Quantized from the weight in ``dtype``, so that bitsandbytes decodes to ``dtype`` (rounded once).
+    base.weight.data, base.weight.quant_state = bnb_functional.quantize_4bit(
+        dense_linear(dtype, shape=shape).weight.data, blocksize=blocksize, quant_type=quant_type,
+        compress_statistics=nested,
+    )
+    assert Packed4bitWeight.from_quant_state(base.weight.data, base.weight.quant_state).blockwise
+    with torch.no_grad():
+        base.bias.zero_()
+    columns = _probe_columns(shape[0])
+    y_base, y_ft = dual_lora_linear(_one_hot_rows(columns, shape[0], dtype), layer)
+    expected = bnb_functional.dequantize_4bit(base.weight.data, base.weight.quant_state)
+    assert expected.dtype == dtype and torch.equal(y_base, expected[:, columns].t())
+    x = inputs(3, dtype=dtype)[:, :1].expand(3, shape[0]) * torch.linspace(-1, 1, shape[0], dtype=dtype)
+    y_base, y_ft = dual_lora_linear(x.contiguous(), layer)
+    with torch.no_grad():
+        expected_base, expected_ft = reference_outputs(x.double(), x.double(), layer)
+    assert_close(y_base, expected_base, TOLERANCE[dtype])
+    assert_close(y_ft, expected_ft, TOLERANCE[dtype])
+
+
+def test_blockwise_decode_is_used_only_when_blocks_lie_in_rows():
+    def packed(shape, blocksize):
+        weight = torch.randn(*shape, generator=torch.Generator().manual_seed(2))
+        return Packed4bitWeight.from_quant_state(*bnb_functional.quantize_4bit(weight, blocksize=blocksize))
+
+    assert packed((40, 128), 64).blockwise and packed((8, 256), 128).blockwise
+    assert not packed((40, IN), 64).blockwise  # 72 columns: blocks straddle rows, element-wise decode
+    assert not packed((8, 64), 128).blockwise
+
+
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("two_streams", [False, True], ids=["dual", "two-stream"])
+def test_tiles_spanning_several_quantization_blocks_via_the_config_pruner(monkeypatch, nested, two_streams):
+    """BLOCK_K 128 over 64-column quantization blocks, with a partial last tile (K = 192).
+
+    The autotuner is given two configs and a 4-bit config list holding only the wide one: the pruner
+    must leave that one (a single config is launched without timing, so this runs in the interpreter).
+    """
+    narrow = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
+    wide = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4, num_stages=1)
+    monkeypatch.setattr(_lora_linear_kernel, "configs", [narrow, wide])
+    monkeypatch.setattr(_lora_linear_kernel, "cache", {})
+    monkeypatch.setattr(settings, "PACKED_4BIT_SHAPES", ((16, 32, 128, 4, 1),))
+    monkeypatch.setattr(settings, "HALF_DENSE_SHAPES", ((16, 32, 32, 4, 1),))
+    monkeypatch.setattr(settings, "FP32_DENSE_SHAPES", ((16, 32, 32, 4, 1),))
+    layer = lora_layer(linear_4bit("nf4", nested, shape=(192, 40)), ranks=(8,))
+    base = layer.get_base_layer()
+    with torch.no_grad():
+        base.bias.zero_()
+    columns = _probe_columns(192)
+    x_pt = _one_hot_rows(columns, 192, torch.float32)
+    x_ft = torch.randn(5, 192, generator=torch.Generator().manual_seed(4)) if two_streams else x_pt
+    if two_streams:
+        y_base, y_ft = two_stream_lora_linear(x_pt, x_ft, layer)
+    else:
+        y_base, y_ft = dual_lora_linear(x_pt, layer)
+    assert _lora_linear_kernel.best_config is wide
+    expected = bnb_functional.dequantize_4bit(base.weight.data, base.weight.quant_state)
+    assert torch.equal(y_base, expected[:, columns].t())
+    with torch.no_grad():
+        assert_close(y_ft, reference_outputs(x_pt.double(), x_ft.double(), layer)[1], 1e-5)
+        assert_close(y_ft, layer(x_ft), 1e-4)
+    dense_layer = lora_layer(dense_linear(shape=(192, 40)))
+    dual_lora_linear(torch.randn(3, 192), dense_layer)
+    assert _lora_linear_kernel.best_config is narrow
 
 
 @pytest.mark.parametrize("rank", [1, 8, 64, 128])

@@ -40,7 +40,9 @@ def _pair(family="llama", **lora_kwargs):
         dict(lora_bias=True),
         dict(modules_to_save=["lm_head"]),
     ],
-    ids=["rslora", "rank-alpha-patterns", "layers-without-adapters", "mlp-and-output-only", "lora-bias", "lm-head-saved"],
+    ids=[
+        "rslora", "rank-alpha-patterns", "layers-without-adapters", "mlp-and-output-only", "lora-bias", "lm-head-saved"
+    ],
 )
 def test_lora_variants_match_oracle(lora_kwargs):
     _check_against_oracle(*_pair(**lora_kwargs))
@@ -60,8 +62,10 @@ def test_several_active_adapters_are_summed():
     base = base_model("qwen2")
     pretrained = copy.deepcopy(base)
     torch.manual_seed(3)
-    model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False), adapter_name="first")
-    model.add_adapter("second", LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "up_proj"], init_lora_weights=False))
+    first = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    model = get_peft_model(base, first, adapter_name="first")
+    second = LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "up_proj"], init_lora_weights=False)
+    model.add_adapter("second", second)
     model.base_model.set_adapter(["first", "second"])
     model.eval()
     _check_against_oracle(pretrained, model)

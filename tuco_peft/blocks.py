@@ -47,7 +47,9 @@ class BlockLayout:
     window_from_config: bool = False  # the family reads config.sliding_window (Mistral, Phi-3), not a per-layer one
 
 
-_PRE_NORM = BlockLayout("self_attn", "input_layernorm", "post_attention_layernorm", ("q_proj", "k_proj", "v_proj"), "o_proj")
+_PRE_NORM = BlockLayout(
+    "self_attn", "input_layernorm", "post_attention_layernorm", ("q_proj", "k_proj", "v_proj"), "o_proj"
+)
 _SANDWICH_NORM = BlockLayout(
     "self_attn",
     "input_layernorm",
@@ -248,4 +250,6 @@ def pretrained_path(
         return ReplayBlock()
     if separate_model:
         return OwnProjectionBlock(layer, layout, config) if _layout_matches(layer, layout) else ReplayBlock()
-    return SharedProjectionBlock(layer, layout, config) if SharedProjectionBlock.supports(layer, layout) else ReplayBlock()
+    if SharedProjectionBlock.supports(layer, layout):
+        return SharedProjectionBlock(layer, layout, config)
+    return ReplayBlock()

@@ -460,8 +460,9 @@ def _bench(args: argparse.Namespace) -> int:
     print(f"largest TuCo disagreement between methods: {report['max_tuco_disagreement']:.2e}")
     if report["batch"][0] * report["batch"][1] < _OVERHEAD_BOUND_TOKENS:
         print(
-            f"note: {report['batch'][0] * report['batch'][1]} tokens is little work per forward pass, so these times are "
-            "mostly per-call overhead; pass --prompts with longer prompts and a larger --batch-size to measure compute."
+            f"note: {report['batch'][0] * report['batch'][1]} tokens is little work per forward pass, so these "
+            "times are mostly per-call overhead; pass --prompts with longer prompts and a larger --batch-size to "
+            "measure compute."
         )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

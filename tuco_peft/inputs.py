@@ -103,17 +103,22 @@ def prepare_batch(
     device: torch.device,
 ) -> Batch:
     if not isinstance(input_ids, torch.Tensor):
-        raise InputError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}; tokenize with return_tensors='pt'.")
+        raise InputError(
+            f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}; tokenize with return_tensors='pt'."
+        )
     if input_ids.ndim != 2:
         raise InputError(
-            f"input_ids must be 2-D [batch, seq], got shape {tuple(input_ids.shape)}; use input_ids.unsqueeze(0) for one prompt."
+            f"input_ids must be 2-D [batch, seq], got shape {tuple(input_ids.shape)}; use input_ids.unsqueeze(0) "
+            "for one prompt."
         )
     if input_ids.numel() == 0:
         raise InputError(f"the batch is empty (input_ids shape {tuple(input_ids.shape)}).")
     if input_ids.dtype not in (torch.int32, torch.int64):
         raise InputError(f"input_ids must hold integer token ids, got {input_ids.dtype}.")
     input_ids = input_ids.to(device=device, dtype=torch.long)
-    mask = _as_mask(input_ids, attention_mask.to(device) if isinstance(attention_mask, torch.Tensor) else attention_mask)
+    if isinstance(attention_mask, torch.Tensor):
+        attention_mask = attention_mask.to(device)
+    mask = _as_mask(input_ids, attention_mask)
     rows, squeeze = _rows(positions, mask)
     # Position ids follow the mask, so a padded prompt sees the positions it would see alone.
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)

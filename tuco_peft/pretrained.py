@@ -44,7 +44,9 @@ class ModelBlocks(_ResidentBlocks):
     separate_model = True
 
     def __init__(self, parts: ModelParts, base: ModelParts):
-        _check_same_architecture(parts, type(base.layers[0]).__name__, len(base.layers), base.config.hidden_size, "base_model")
+        _check_same_architecture(
+            parts, type(base.layers[0]).__name__, len(base.layers), base.config.hidden_size, "base_model"
+        )
         for index, (ours, theirs) in enumerate(zip(parts.layers, base.layers)):
             mine, other = next(ours.parameters()), next(theirs.parameters())
             same_device = mine.device == other.device or "meta" in (mine.device.type, other.device.type)
@@ -94,7 +96,8 @@ class StreamedBlocks:
         tensors: dict[str, torch.Tensor] = {}
         for file in {self.file_of_key[key] for key in keys}:
             with safe_open(file, framework="pt", device="cpu") as handle:
-                tensors.update((key[len(prefix):], handle.get_tensor(key)) for key in keys if self.file_of_key[key] == file)
+                in_file = [key for key in keys if self.file_of_key[key] == file]
+                tensors.update((key[len(prefix) :], handle.get_tensor(key)) for key in in_file)
         return tensors
 
     @contextmanager
