@@ -312,9 +312,6 @@ def run_steering(report: dict[str, Any], model: nn.Module, setting: Setting, arg
         for backend in BACKENDS
     )
     results = report["steering"] = timed_runs(runs, model, args, input_ids)
-    for row in results.values():
-        row["speed_ratio"] = row["tokens_per_s"] / results["plain_generate"]["tokens_per_s"]
-        row["kv_ratio"] = row["kv_bytes"] / results["plain_generate"]["kv_bytes"]
     save(report)
     print(f"\nsteered generation, dense base, batch {setting.batch}, {setting.prompt}-token prompts, "
           f"{setting.new_tokens} greedy new tokens, best of {setting.steering_repeats}")

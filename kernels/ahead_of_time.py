@@ -35,6 +35,7 @@ from .settings import INTERPRETING, NO_FP_FUSION, configs_for
 
 # Largest dynamic shared memory one block may use (CUDA programming guide, compute capabilities table).
 SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+_ACTIVATIONS = {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32}
 _POINTER_TYPES = {tl.float16: "*fp16", tl.bfloat16: "*bf16", tl.float32: "*fp32"}
 
 
@@ -54,7 +55,7 @@ class Variant:
 
     @property
     def activation_type(self) -> tl.dtype:
-        return {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32}[self.dtype]
+        return _ACTIVATIONS[self.dtype]
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,9 @@ def lora_linear_variants() -> list[Variant]:
     ]
     variants += [  # blockwise=False: in_features not a multiple of the quantization block, element-wise decode
         Variant(dtype, weight_4bit=True, nested=nested, two_streams=two, has_bias=False, blockwise=blockwise)
-        for blockwise, dtype, nested, two in itertools.product((True, False), ("fp16", "bf16"), (False, True), (False, True))
+        for blockwise, dtype, nested, two in itertools.product(
+            (True, False), ("fp16", "bf16"), (False, True), (False, True)
+        )
     ]
     variants += [
         Variant(dtype, weight_4bit=four_bit, nested=four_bit, two_streams=two, has_bias=False, fp32_lora=True)
@@ -145,7 +148,7 @@ def compile_lora_linear(variant: Variant, config: triton.Config, arch: int):
 
 
 def compile_dequantize_4bit(dtype: str, nested: bool, arch: int):
-    activation = Variant(dtype, True, nested, False, False).activation_type
+    activation = _ACTIVATIONS[dtype]
     pointers = dict(out_ptr=_POINTER_TYPES[activation], packed_ptr="*u8", absmax_ptr="*u8" if nested else "*fp32")
     pointers.update(code_ptr="*fp32", nested_code_ptr="*fp32", nested_absmax_ptr="*fp32", nested_offset_ptr="*fp32")
     constants = dict(QUANT_BLOCK=64, NESTED=nested, NESTED_BLOCK=256, WEIGHT_DTYPE=activation, BLOCK=1024)

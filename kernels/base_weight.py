@@ -15,11 +15,10 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from tuco_peft.errors import UnsupportedModelError
+from tuco_peft.state import cpu_repacked, is_bnb_4bit
 
 from .bnb_4bit import dequantize_4bit
 from .settings import SUPPORTED_DTYPES, triton_dtype
-
-_BNB_4BIT_CLASSES = frozenset({"Linear4bit", "LinearNF4", "LinearFP4"})
 
 
 @dataclass(frozen=True)
@@ -119,8 +118,8 @@ def base_weight(layer: nn.Module) -> BaseWeight:
     """The weight of a LoRA layer's ``base_layer``, or UnsupportedModelError saying why the kernels can't read it."""
     name = type(layer).__name__
     quant_state = getattr(getattr(layer, "weight", None), "quant_state", None)
-    if name in _BNB_4BIT_CLASSES and quant_state is not None:
-        if getattr(quant_state, "packing_format_for_cpu", False):
+    if is_bnb_4bit(layer) and quant_state is not None:
+        if cpu_repacked(layer):
             raise UnsupportedModelError(
                 f"this {name} weight was repacked by bitsandbytes for its CPU AVX512 kernel "
                 "(quant_state.packing_format_for_cpu), a layout the Triton kernels do not read. Set "

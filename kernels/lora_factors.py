@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from torch import nn
@@ -53,7 +54,16 @@ def lora_factors(layer: nn.Module) -> LoraFactors:
         return LoraFactors(a=empty.reshape(0, n_in), b=empty.reshape(n_out, 0), scale=empty)
     a = [layer.lora_A[name].weight for name in adapters]
     b = [layer.lora_B[name].weight for name in adapters]
-    scale = [torch.full((w.shape[0],), float(layer.scaling[name]), device=w.device) for name, w in zip(adapters, a)]
+    scalings = tuple(float(layer.scaling[name]) for name in adapters)
+    scale = _rank_scales(tuple(w.shape[0] for w in a), scalings, a[0].device)
     if len(adapters) == 1:
-        return LoraFactors(a=a[0].contiguous(), b=b[0].contiguous(), scale=scale[0])
-    return LoraFactors(a=torch.cat(a).contiguous(), b=torch.cat(b, dim=1).contiguous(), scale=torch.cat(scale))
+        return LoraFactors(a=a[0].contiguous(), b=b[0].contiguous(), scale=scale)
+    return LoraFactors(a=torch.cat(a).contiguous(), b=torch.cat(b, dim=1).contiguous(), scale=scale)
+
+
+@lru_cache(maxsize=256)
+def _rank_scales(ranks: tuple[int, ...], scalings: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """Each adapter's scaling repeated over its rank, made once per layout: not a fill kernel per linear call.
+
+    Read-only for everyone (the kernel reads it, backward casts a copy), so one tensor serves every call."""
+    return torch.cat([torch.full((rank,), scaling, device=device) for rank, scaling in zip(ranks, scalings)])

@@ -9,8 +9,9 @@ for 4-bit weights, decoded) once and feeds:
 
 The low-rank projection ``X·Aᵀ`` is accumulated next to the base product in the same K loop, and
 ``Bᵀ`` is applied to it once at the end. Every column tile recomputes ``X·Aᵀ`` for its rows (rank/BLOCK_N
-extra work over the base product), the price of one launch without a second pass. Several adapters arrive concatenated along the rank, with the
-scaling of each as a per-rank vector ``s``; the rank is padded to a power of two ≥ 16 and masked.
+extra work over the base product), the price of one launch without a second pass. Several adapters arrive
+concatenated along the rank, with the scaling of each as a per-rank vector ``s``; the rank is padded to a
+power of two ≥ 16 and masked.
 Accumulation is in fp32; fp32 dots are IEEE (no TF32), so the analysis keeps full precision.
 """
 

@@ -7,13 +7,13 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 import torch
 from models import family_config, lora_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from tuco_peft.demo.build import build_tokenizer, single_thread
+from tuco_peft.cli import main
+from tuco_peft.demo.build import build_tokenizer
 
 CONTEXT = 40  # small, so that an over-long prompt is easy to write
 _TEXT = [
@@ -21,13 +21,6 @@ _TEXT = [
     "a small model reads a short prompt and writes a shorter answer",
     "how can I help you today? tell me about the old mill by the water",
 ] * 20
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Models this small run fastest on one thread, and far faster than on two on a busy machine."""
-    with single_thread():
-        yield
 
 
 @dataclass(frozen=True)
@@ -73,3 +66,24 @@ def save_checkpoints(root: Path) -> Checkpoints:
     config["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}
     config_file.write_text(json.dumps(config))
     return paths
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def fails(argv: list[str], capsys, *fragments: str, status: int | None = None) -> str:
+    """Run the CLI expecting a one-line error that contains ``fragments`` (and exit ``status``, if given)."""
+    code = main(argv)
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code != 0 if status is None else code == status, err
+    assert lines[-1].startswith("tuco-peft: error: ") and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in lines[-1], lines[-1]
+    return lines[-1]

@@ -14,7 +14,16 @@ _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _REPO_ROOT]
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 # Tiny models gain nothing from threads, and oversubscribe a shared 2-core machine.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Tiny base, adapter and variant checkpoints on disk for the command-line tests (cli_fixtures.py)."""
+    from cli_fixtures import save_checkpoints
+
+    return save_checkpoints(tmp_path_factory.mktemp("checkpoints"))

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import bitsandbytes as bnb
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 from torch import nn
 
 import tuco_peft.kernels.api as kernels_api
 from models import base_model, lora_model, padded_batch
+from test_kernels import CustomForwardLinear, cpu_repacked_linear_4bit, lora_layer
 from tuco_peft import backend
 from tuco_peft.adapters import is_additive_lora
 from tuco_peft.backend import LoraLinearRouter, resolve_backend
@@ -48,16 +47,9 @@ def test_bad_or_impossible_requests_say_why(monkeypatch):
         resolve_backend("triton", CUDA)
 
 
-def _lora_linear(base: nn.Module) -> nn.Module:
-    torch.manual_seed(3)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False)
-    model = get_peft_model(nn.Sequential(base), config)
-    return model.base_model.model[0].eval()
-
-
 def test_router_backends_agree_on_dual_and_two_stream():
     torch.manual_seed(0)
-    layer = _lora_linear(nn.Linear(48, 40))
+    layer = lora_layer(nn.Linear(48, 40), ranks=(4,))
     x_pt, x_ft = torch.randn(3, 48), torch.randn(2, 5, 48)
     torch_router, triton_router = LoraLinearRouter("torch"), LoraLinearRouter("triton")
     with torch.no_grad():
@@ -71,19 +63,12 @@ def test_router_backends_agree_on_dual_and_two_stream():
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-class _EightBitLike(nn.Linear):
-    """A linear whose forward is not x·Wᵀ + b, like 8-bit, GPTQ or AWQ layers."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x) * 0.5
-
-
 def test_unsupported_layers_fall_back_to_torch_with_one_warning():
     torch.manual_seed(0)
-    layers = [_lora_linear(_EightBitLike(48, 40)) for _ in range(2)]
+    layers = [lora_layer(CustomForwardLinear(48, 40), ranks=(4,)) for _ in range(2)]
     router = LoraLinearRouter("triton")
     x = torch.randn(4, 48)
-    with pytest.warns(UserWarning, match="torch path.*_EightBitLike") as caught:
+    with pytest.warns(UserWarning, match="torch path.*CustomForwardLinear") as caught:
         outputs = [router.dual(x, layer) for layer in layers for _ in range(2)]
     assert len(caught) == 1
     with torch.no_grad():
@@ -93,14 +78,7 @@ def test_unsupported_layers_fall_back_to_torch_with_one_warning():
 
 
 def test_cpu_repacked_4bit_falls_back_to_torch(recwarn):
-    dense = nn.Linear(128, 64)
-    base = bnb.nn.Linear4bit(128, 64, compute_dtype=torch.float32, quant_type="nf4")
-    base.load_state_dict(dense.state_dict())
-    base = base.to("cpu")
-    base.weight.data, base.weight.quant_state = bnb.functional._convert_weight_packed_for_cpu(
-        base.weight.data, base.weight.quant_state
-    )
-    layer = _lora_linear(base)
+    layer = lora_layer(cpu_repacked_linear_4bit(), ranks=(4,))
     x = torch.randn(2, 128)
     with torch.no_grad():
         y_base, y_ft = LoraLinearRouter("triton").dual(x, layer)
@@ -148,7 +126,7 @@ def test_reported_base_outputs_and_logits_match_a_hooked_plain_forward(backend_n
 
 def test_instance_forwards_and_plain_layers_are_hooked_and_everything_is_restored():
     torch.manual_seed(0)
-    fusable, accelerated = _lora_linear(nn.Linear(16, 16)), _lora_linear(nn.Linear(16, 16))
+    fusable, accelerated = lora_layer(nn.Linear(16, 16), ranks=(4,)), lora_layer(nn.Linear(16, 16), ranks=(4,))
     plain = nn.Linear(16, 16)
     hooked_forward = accelerated.forward  # stands for the forward accelerate's device hooks install
     accelerated.forward = hooked_forward

@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from cli_fixtures import CONTEXT, one_thread, save_checkpoints  # noqa: F401 (one_thread: autouse fixture)
+from cli_fixtures import CONTEXT, fails, read_rows, write_lines
 from oracle import decoder_blocks, tuco_at_last, two_pass
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -32,11 +32,6 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    return save_checkpoints(tmp_path_factory.mktemp("checkpoints"))
-
-
-@pytest.fixture(scope="module")
 def loaded(checkpoints):
     """The pair loaded independently of tuco_peft.loading, and a separate pre-trained copy for the oracle."""
     tokenizer = AutoTokenizer.from_pretrained(checkpoints.base)
@@ -49,15 +44,6 @@ def loaded(checkpoints):
 
 def _model_args(checkpoints, base=None):
     return ["--base", str(base or checkpoints.base), "--adapter", str(checkpoints.adapter)]
-
-
-def _write(path, lines):
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
-def _rows(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def _alone(model, tokenizer, text, templated=False):
@@ -76,10 +62,10 @@ def _analyze(checkpoints, prompts_file, out, *extra):
 
 def test_analyze_rows_equal_tuco_and_the_two_model_oracle(checkpoints, loaded, tmp_path, capsys):
     model, pretrained, tokenizer = loaded
-    prompts = _write(tmp_path / "p.txt", PROMPTS)
+    prompts = write_lines(tmp_path / "p.txt", PROMPTS)
     out, plot = tmp_path / "rows.jsonl", tmp_path / "profile.png"
     assert _analyze(checkpoints, prompts, out, "--batch-size", "2", "--plot", str(plot)) == 0
-    rows = _rows(out)
+    rows = read_rows(out)
     assert [row["id"] for row in rows] == [1, 2, 3, 4, 5]
     for row, text in zip(rows, PROMPTS):
         expected, ids = _alone(model, tokenizer, text)
@@ -105,10 +91,10 @@ def test_chat_template_system_prompt_and_all_positions(checkpoints, loaded, tmp_
         {"id": "a", "prompt": "how can I help you today?"},
         {"id": "b", "messages": [{"role": "user", "content": "the lazy dog"}]},
     ]
-    prompts = _write(tmp_path / "p.jsonl", [json.dumps(r) for r in records])
+    prompts = write_lines(tmp_path / "p.jsonl", [json.dumps(r) for r in records])
     out = tmp_path / "rows.jsonl"
     assert _analyze(checkpoints, prompts, out, "--chat-template", "--system", "be brief", "--positions", "all") == 0
-    for row, content in zip(_rows(out), ["how can I help you today?", "the lazy dog"]):
+    for row, content in zip(read_rows(out), ["how can I help you today?", "the lazy dog"]):
         messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": content}]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         assert text.endswith("<|assistant|>")
@@ -120,10 +106,10 @@ def test_chat_template_system_prompt_and_all_positions(checkpoints, loaded, tmp_
 
 
 def test_rerun_after_a_cut_resumes_without_duplicates(checkpoints, tmp_path, monkeypatch):
-    prompts = _write(tmp_path / "p.txt", PROMPTS)
+    prompts = write_lines(tmp_path / "p.txt", PROMPTS)
     out = tmp_path / "rows.jsonl"
     assert _analyze(checkpoints, prompts, out) == 0
-    full = _rows(out)
+    full = read_rows(out)
     lines = out.read_text().splitlines(keepends=True)
     out.write_text("".join(lines[:2]) + lines[2][:17])  # two rows, then a row cut mid-write
     computed = []
@@ -132,26 +118,26 @@ def test_rerun_after_a_cut_resumes_without_duplicates(checkpoints, tmp_path, mon
     )
     assert _analyze(checkpoints, prompts, out) == 0
     assert sum(computed) == 3
-    resumed = _rows(out)
+    resumed = read_rows(out)
     assert sorted(row["id"] for row in resumed) == [1, 2, 3, 4, 5]
     by_id = {row["id"]: row for row in resumed}
     for row in full:
         assert by_id[row["id"]]["tuco"] == pytest.approx(row["tuco"], abs=1e-6)
     computed.clear()
     assert _analyze(checkpoints, prompts, out) == 0
-    assert computed == [] and len(_rows(out)) == 5
+    assert computed == [] and len(read_rows(out)) == 5
 
 
 def test_resuming_into_rows_of_other_prompts_is_refused(checkpoints, tmp_path, capsys):
     out = tmp_path / "rows.jsonl"
-    assert _analyze(checkpoints, _write(tmp_path / "a.txt", PROMPTS), out) == 0
-    _fails(
-        _analyze_argv(checkpoints, _write(tmp_path / "b.txt", ["another prompt"]), out),
+    assert _analyze(checkpoints, write_lines(tmp_path / "a.txt", PROMPTS), out) == 0
+    fails(
+        _analyze_argv(checkpoints, write_lines(tmp_path / "b.txt", ["another prompt"]), out),
         capsys,
         "already has a row for id 1 with another prompt",
     )
-    bad = _write(tmp_path / "bad.jsonl", ["not a row"])
-    _fails(
+    bad = write_lines(tmp_path / "bad.jsonl", ["not a row"])
+    fails(
         _analyze_argv(checkpoints, tmp_path / "a.txt", bad),
         capsys,
         "bad.jsonl:1 is not a tuco-peft result row",
@@ -160,7 +146,7 @@ def test_resuming_into_rows_of_other_prompts_is_refused(checkpoints, tmp_path, c
 
 def test_ctrl_c_keeps_written_rows_and_the_rerun_completes(checkpoints, tmp_path):
     n = 300
-    prompts = _write(tmp_path / "p.txt", [f"the quick brown fox {i}" for i in range(n)])
+    prompts = write_lines(tmp_path / "p.txt", [f"the quick brown fox {i}" for i in range(n)])
     out = tmp_path / "rows.jsonl"
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "tuco_peft.cli", *_analyze_argv(checkpoints, prompts, out), "--batch-size", "1"]
@@ -172,20 +158,22 @@ def test_ctrl_c_keeps_written_rows_and_the_rerun_completes(checkpoints, tmp_path
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
     assert "rerun the same command to resume" in stderr and "Traceback" not in stderr
-    kept = _rows(out)
+    kept = read_rows(out)
     assert 3 <= len(kept) < n
     assert main([*_analyze_argv(checkpoints, prompts, out), "--batch-size", "16"]) == 0
-    ids = [row["id"] for row in _rows(out)]
+    ids = [row["id"] for row in read_rows(out)]
     assert sorted(ids) == list(range(1, n + 1))
 
 
 def test_compare_prints_the_roc_auc_of_its_rows(checkpoints, tmp_path, capsys):
-    chat = _write(tmp_path / "chat.txt", ["how can I help you today?", "tell me about the old mill"])
-    web = _write(tmp_path / "web.txt", ["the quick brown fox jumps", "the lazy dog near the river", "a small model"])
+    chat = write_lines(tmp_path / "chat.txt", ["how can I help you today?", "tell me about the old mill"])
+    web = write_lines(
+        tmp_path / "web.txt", ["the quick brown fox jumps", "the lazy dog near the river", "a small model"]
+    )
     out, plot = tmp_path / "rows.jsonl", tmp_path / "hist.png"
     args = ["compare", *_model_args(checkpoints), str(chat), str(web), "--out", str(out), "--plot", str(plot)]
     assert main(args) == 0
-    rows = _rows(out)
+    rows = read_rows(out)
     by_set = {name: [r["tuco"] for r in rows if r["set"] == name] for name in ("chat", "web")}
     assert len(by_set["chat"]) == 2 and len(by_set["web"]) == 3
     assert (
@@ -193,7 +181,7 @@ def test_compare_prints_the_roc_auc_of_its_rows(checkpoints, tmp_path, capsys):
         in capsys.readouterr().out
     )
     assert plot.stat().st_size > 0
-    assert main(args) == 0 and len(_rows(out)) == 5  # resumed: nothing recomputed, nothing duplicated
+    assert main(args) == 0 and len(read_rows(out)) == 5  # resumed: nothing recomputed, nothing duplicated
     err = capsys.readouterr().err
     assert "resuming: 2 of 2 prompts of set 'chat'" in err and "resuming: 3 of 3 prompts of set 'web'" in err
 
@@ -221,7 +209,7 @@ def test_generate_prints_the_tuco_of_each_new_token(checkpoints, loaded, capsys)
 
 
 def test_bench_writes_every_method_to_json(checkpoints, tmp_path):
-    prompts = _write(tmp_path / "p.txt", PROMPTS)
+    prompts = write_lines(tmp_path / "p.txt", PROMPTS)
     report = tmp_path / "bench.json"
     args = [
         "bench",
@@ -246,52 +234,43 @@ def test_bench_writes_every_method_to_json(checkpoints, tmp_path):
 def test_empty_and_over_long_prompts_are_skipped_or_cut_with_a_warning(checkpoints, loaded, tmp_path, capsys):
     model, _, tokenizer = loaded
     long_text = " ".join(["the quick brown fox jumps over the lazy dog"] * 8)
-    prompts = _write(tmp_path / "p.txt", ["the lazy dog", "   ", long_text])
+    prompts = write_lines(tmp_path / "p.txt", ["the lazy dog", "   ", long_text])
     out = tmp_path / "rows.jsonl"
     assert _analyze(checkpoints, prompts, out) == 0
     warnings = capsys.readouterr().err
     assert "prompt 2 (line 2) is empty; skipped" in warnings
     assert f"more than the model's context of {CONTEXT}; analysing its last {CONTEXT} tokens" in warnings
-    rows = _rows(out)
+    rows = read_rows(out)
     assert [row["id"] for row in rows] == [1, 3] and rows[1]["n_tokens"] == CONTEXT
     ids = torch.tensor([tokenizer(long_text)["input_ids"][-CONTEXT:]])
     with torch.no_grad():
         assert abs(rows[1]["tuco"] - float(tuco(model, ids))) < 1e-5
 
 
-def _fails(argv, capsys, *fragments):
-    status = main(argv)
-    err = capsys.readouterr().err
-    assert status != 0
-    lines = err.strip().splitlines()
-    assert lines[-1].startswith("tuco-peft: error: ") and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in lines[-1], lines[-1]
-    return lines[-1]
-
-
 def test_missing_and_unreadable_prompt_files(checkpoints, tmp_path, capsys):
     out = str(tmp_path / "rows.jsonl")
-    _fails(
+    fails(
         _analyze_argv(checkpoints, tmp_path / "none.txt", out),
         capsys,
         "does not exist",
     )
-    _fails(_analyze_argv(checkpoints, tmp_path, out), capsys, "must end in .txt")
+    fails(_analyze_argv(checkpoints, tmp_path, out), capsys, "must end in .txt")
     binary = tmp_path / "bad.txt"
     binary.write_bytes(b"\xff\xfe\x00")
-    _fails(_analyze_argv(checkpoints, binary, out), capsys, "not UTF-8")
+    fails(_analyze_argv(checkpoints, binary, out), capsys, "not UTF-8")
 
 
 def test_malformed_jsonl_names_its_line(checkpoints, tmp_path, capsys):
-    prompts = _write(tmp_path / "p.jsonl", ['{"id": 1, "prompt": "ok"}', '{"id": 2, "prompt": "unclosed', '{"id": 3}'])
-    _fails(
+    prompts = write_lines(
+        tmp_path / "p.jsonl", ['{"id": 1, "prompt": "ok"}', '{"id": 2, "prompt": "unclosed', '{"id": 3}']
+    )
+    fails(
         _analyze_argv(checkpoints, prompts, tmp_path / "o.jsonl"),
         capsys,
         "p.jsonl:2: not valid JSON",
     )
-    duplicate = _write(tmp_path / "d.jsonl", ['{"id": 1, "prompt": "a"}', '{"id": 1, "prompt": "b"}'])
-    _fails(
+    duplicate = write_lines(tmp_path / "d.jsonl", ['{"id": 1, "prompt": "a"}', '{"id": 1, "prompt": "b"}'])
+    fails(
         _analyze_argv(checkpoints, duplicate, tmp_path / "o.jsonl"),
         capsys,
         "d.jsonl:2: id 1 was already used on line 1",
@@ -299,31 +278,31 @@ def test_malformed_jsonl_names_its_line(checkpoints, tmp_path, capsys):
 
 
 def test_adapter_for_another_base_names_module_and_shapes(checkpoints, tmp_path, capsys):
-    prompts = _write(tmp_path / "p.txt", PROMPTS[:1])
+    prompts = write_lines(tmp_path / "p.txt", PROMPTS[:1])
     argv = _analyze_argv(checkpoints, prompts, tmp_path / "o.jsonl", base=checkpoints.other_base)
-    _fails(argv, capsys, "does not fit this base", "model.layers.0.self_attn.q_proj takes inputs of size 32", "(4, 64)")
+    fails(argv, capsys, "does not fit this base", "model.layers.0.self_attn.q_proj takes inputs of size 32", "(4, 64)")
 
 
 def test_pickle_weights_need_trust_pickle(checkpoints, loaded, tmp_path, capsys):
-    prompts = _write(tmp_path / "p.txt", PROMPTS[:1])
+    prompts = write_lines(tmp_path / "p.txt", PROMPTS[:1])
     argv = _analyze_argv(checkpoints, prompts, tmp_path / "o.jsonl", base=checkpoints.pickle_base)
-    _fails(argv, capsys, "pytorch_model.bin", "--trust-pickle")
+    fails(argv, capsys, "pytorch_model.bin", "--trust-pickle")
     assert main([*argv, "--trust-pickle"]) == 0
     model, _, tokenizer = loaded
-    assert abs(_rows(tmp_path / "o.jsonl")[0]["tuco"] - _alone(model, tokenizer, PROMPTS[0])[0]) < 1e-5
+    assert abs(read_rows(tmp_path / "o.jsonl")[0]["tuco"] - _alone(model, tokenizer, PROMPTS[0])[0]) < 1e-5
 
 
 def test_remote_code_needs_trust_remote_code(checkpoints, tmp_path, capsys):
-    prompts = _write(tmp_path / "p.txt", PROMPTS[:1])
+    prompts = write_lines(tmp_path / "p.txt", PROMPTS[:1])
     argv = _analyze_argv(checkpoints, prompts, tmp_path / "o.jsonl", base=checkpoints.remote_code_base)
-    _fails(argv, capsys, "custom model code", "--trust-remote-code")
+    fails(argv, capsys, "custom model code", "--trust-remote-code")
 
 
 def test_hub_id_without_network_says_so(checkpoints, tmp_path, capsys):
-    prompts = _write(tmp_path / "p.txt", PROMPTS[:1])
+    prompts = write_lines(tmp_path / "p.txt", PROMPTS[:1])
     argv = _analyze_argv(checkpoints, prompts, tmp_path / "o.jsonl", base="tuco-test-org/no-such-model")
-    _fails(argv, capsys, "tuco-test-org/no-such-model is not a local directory", "offline")
-    _fails([*argv[:2], "./not/here", *argv[3:]], capsys, "./not/here: no such directory")
+    fails(argv, capsys, "tuco-test-org/no-such-model is not a local directory", "offline")
+    fails([*argv[:2], "./not/here", *argv[3:]], capsys, "./not/here: no such directory")
 
 
 def test_out_of_memory_suggests_a_smaller_batch(checkpoints, tmp_path, capsys, monkeypatch):
@@ -331,43 +310,43 @@ def test_out_of_memory_suggests_a_smaller_batch(checkpoints, tmp_path, capsys, m
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(DECOMPOSE_MODULE, "decompose", exhausted)
-    prompts = _write(tmp_path / "p.txt", PROMPTS)
+    prompts = write_lines(tmp_path / "p.txt", PROMPTS)
     argv = [*_analyze_argv(checkpoints, prompts, tmp_path / "o.jsonl"), "--batch-size", "4"]
-    _fails(argv, capsys, "out of memory on a batch of 4 prompts", "smaller --batch-size")
+    fails(argv, capsys, "out of memory on a batch of 4 prompts", "smaller --batch-size")
 
 
 def test_flags_that_need_each_other_and_debug_traceback(checkpoints, tmp_path, capsys):
-    prompts = _write(tmp_path / "p.txt", PROMPTS[:1])
+    prompts = write_lines(tmp_path / "p.txt", PROMPTS[:1])
     argv = _analyze_argv(checkpoints, prompts, tmp_path / "o.jsonl")
-    _fails([*argv, "--system", "hi"], capsys, "--system needs --chat-template")
-    messages = _write(tmp_path / "m.jsonl", [json.dumps({"messages": [{"role": "user", "content": "hi"}]})])
-    _fails([*argv[:6], str(messages), *argv[7:]], capsys, "has chat messages; pass --chat-template")
+    fails([*argv, "--system", "hi"], capsys, "--system needs --chat-template")
+    messages = write_lines(tmp_path / "m.jsonl", [json.dumps({"messages": [{"role": "user", "content": "hi"}]})])
+    fails([*argv[:6], str(messages), *argv[7:]], capsys, "has chat messages; pass --chat-template")
     with pytest.raises(Exception, match="--system needs --chat-template"):
         main([*argv, "--system", "hi", "--debug"])
 
 
 def test_resuming_with_other_settings_is_refused(checkpoints, tmp_path, capsys):
-    prompts = _write(tmp_path / "p.txt", PROMPTS[:2])
+    prompts = write_lines(tmp_path / "p.txt", PROMPTS[:2])
     out = tmp_path / "rows.jsonl"
     assert _analyze(checkpoints, prompts, out) == 0
-    settings = _rows(out)[0]["settings"]
+    settings = read_rows(out)[0]["settings"]
     assert settings["base"] == str(checkpoints.base.resolve()) and settings["chat_template"] is False
     argv = _analyze_argv(checkpoints, prompts, out)
-    _fails([*argv, "--chat-template"], capsys, "rows computed with other settings (chat_template differ)")
-    _fails([*argv, "--chat-template", "--system", "be brief"], capsys, "(chat_template, system differ)")
-    _fails([*argv, "--positions", "all"], capsys, "(positions differ)")
+    fails([*argv, "--chat-template"], capsys, "rows computed with other settings (chat_template differ)")
+    fails([*argv, "--chat-template", "--system", "be brief"], capsys, "(chat_template, system differ)")
+    fails([*argv, "--positions", "all"], capsys, "(positions differ)")
     other = _analyze_argv(checkpoints, prompts, out, base=checkpoints.pickle_base)
-    _fails([*other, "--trust-pickle"], capsys, "(base differ)")
-    assert _analyze(checkpoints, prompts, out) == 0 and len(_rows(out)) == 2
+    fails([*other, "--trust-pickle"], capsys, "(base differ)")
+    assert _analyze(checkpoints, prompts, out) == 0 and len(read_rows(out)) == 2
 
 
 def test_out_must_be_a_results_file_other_than_the_prompts(checkpoints, tmp_path, capsys):
-    prompts = _write(tmp_path / "p.jsonl", [json.dumps({"id": 1, "prompt": "the lazy dog"})])
-    _fails(_analyze_argv(checkpoints, prompts, prompts), capsys, "is the prompt file")
-    other = _write(tmp_path / "other.jsonl", [json.dumps({"id": 1, "prompt": "the lazy dog"})])
-    _fails(_analyze_argv(checkpoints, prompts, other), capsys, "other.jsonl:1 is not a tuco-peft result row")
-    chat = _write(tmp_path / "chat.txt", ["how can I help you today?"])
-    _fails(["compare", *_model_args(checkpoints), str(chat), str(prompts), "--out", str(chat)], capsys, "prompt file")
+    prompts = write_lines(tmp_path / "p.jsonl", [json.dumps({"id": 1, "prompt": "the lazy dog"})])
+    fails(_analyze_argv(checkpoints, prompts, prompts), capsys, "is the prompt file")
+    other = write_lines(tmp_path / "other.jsonl", [json.dumps({"id": 1, "prompt": "the lazy dog"})])
+    fails(_analyze_argv(checkpoints, prompts, other), capsys, "other.jsonl:1 is not a tuco-peft result row")
+    chat = write_lines(tmp_path / "chat.txt", ["how can I help you today?"])
+    fails(["compare", *_model_args(checkpoints), str(chat), str(prompts), "--out", str(chat)], capsys, "prompt file")
 
 
 @pytest.fixture
@@ -382,7 +361,7 @@ def loading_forbidden(monkeypatch):
 
 
 def test_resume_with_empty_prompts_loads_nothing(checkpoints, tmp_path, capsys, monkeypatch):
-    prompts = _write(tmp_path / "p.txt", ["the lazy dog", "   ", "a small model reads", ""])
+    prompts = write_lines(tmp_path / "p.txt", ["the lazy dog", "   ", "a small model reads", ""])
     out = tmp_path / "rows.jsonl"
     assert _analyze(checkpoints, prompts, out) == 0
     err = capsys.readouterr().err
@@ -390,8 +369,8 @@ def test_resume_with_empty_prompts_loads_nothing(checkpoints, tmp_path, capsys, 
     monkeypatch.setattr(importlib.import_module("tuco_peft.cli"), "load_pair", None)  # a reload would fail
     assert _analyze(checkpoints, prompts, out) == 0
     assert "resuming: 2 of 2 prompts are already in" in capsys.readouterr().err
-    assert [row["id"] for row in _rows(out)] == [1, 3]
-    _fails(_analyze_argv(checkpoints, _write(tmp_path / "e.txt", ["", " "]), out), capsys, "all empty")
+    assert [row["id"] for row in read_rows(out)] == [1, 3]
+    fails(_analyze_argv(checkpoints, write_lines(tmp_path / "e.txt", ["", " "]), out), capsys, "all empty")
 
 
 def test_prompt_files_split_on_newline_only(tmp_path):
@@ -411,21 +390,21 @@ def test_prompt_files_split_on_newline_only(tmp_path):
 
 
 def test_bad_input_is_refused_before_any_model_loads(checkpoints, tmp_path, capsys, monkeypatch, loading_forbidden):
-    prompts = _write(tmp_path / "p.txt", PROMPTS[:1])
+    prompts = write_lines(tmp_path / "p.txt", PROMPTS[:1])
     argv = _analyze_argv(checkpoints, prompts, tmp_path / "o.jsonl")
-    messages = _write(tmp_path / "m.jsonl", [json.dumps({"messages": [{"role": "user", "content": "hi"}]})])
-    _fails([*argv[:6], str(messages), *argv[7:]], capsys, "has chat messages; pass --chat-template")
-    _fails([*argv, "--plot", str(tmp_path / "profile.xyz")], capsys, "--plot", "must end in one of", ".png")
+    messages = write_lines(tmp_path / "m.jsonl", [json.dumps({"messages": [{"role": "user", "content": "hi"}]})])
+    fails([*argv[:6], str(messages), *argv[7:]], capsys, "has chat messages; pass --chat-template")
+    fails([*argv, "--plot", str(tmp_path / "profile.xyz")], capsys, "--plot", "must end in one of", ".png")
     generate = ["generate", *_model_args(checkpoints)]
-    _fails([*generate, "the lazy dog", "--max-new-tokens", "0"], capsys, "--max-new-tokens must be at least 1")
-    _fails([*generate, " "], capsys, "the prompt is empty")
-    _fails([*generate, "the lazy dog", "--alpha", "inf"], capsys, "--alpha must be a finite number")
-    _fails([*generate, "the lazy dog", "--alpha", "nan"], capsys, "--alpha must be a finite number")
+    fails([*generate, "the lazy dog", "--max-new-tokens", "0"], capsys, "--max-new-tokens must be at least 1")
+    fails([*generate, " "], capsys, "the prompt is empty")
+    fails([*generate, "the lazy dog", "--alpha", "inf"], capsys, "--alpha must be a finite number")
+    fails([*generate, "the lazy dog", "--alpha", "nan"], capsys, "--alpha must be a finite number")
     bench = ["bench", *_model_args(checkpoints), "--prompts", str(prompts)]
-    _fails([*bench, "--repeats", "0"], capsys, "--repeats must be at least 1")
-    _fails(["bench", "--prompts", str(tmp_path / "missing.txt")], capsys, "missing.txt does not exist")
+    fails([*bench, "--repeats", "0"], capsys, "--repeats must be at least 1")
+    fails(["bench", "--prompts", str(tmp_path / "missing.txt")], capsys, "missing.txt does not exist")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    _fails([*argv, "--device", "cuda"], capsys, "CUDA is not available; pass --device cpu")
+    fails([*argv, "--device", "cuda"], capsys, "CUDA is not available; pass --device cpu")
 
 
 def test_generate_keeps_room_for_new_tokens_in_the_context(checkpoints, loaded, capsys):
@@ -439,7 +418,7 @@ def test_generate_keeps_room_for_new_tokens_in_the_context(checkpoints, loaded, 
     step_zero = next(line for line in captured.out.splitlines() if line.strip().startswith("0 "))
     with torch.no_grad():
         assert float(step_zero.split()[1]) == pytest.approx(float(tuco(model, ids)), abs=1e-3)
-    _fails(["generate", *_model_args(checkpoints), "the lazy dog", "--max-new-tokens", str(CONTEXT)], capsys, "no room")
+    fails(["generate", *_model_args(checkpoints), "the lazy dog", "--max-new-tokens", str(CONTEXT)], capsys, "no room")
 
 
 def test_bench_without_a_model_honours_prompts_and_cache_dir(checkpoints, tmp_path, capsys, monkeypatch):
@@ -450,11 +429,11 @@ def test_bench_without_a_model_honours_prompts_and_cache_dir(checkpoints, tmp_pa
         "ensure_demo_checkpoints",
         lambda cache_dir=None: asked.append(cache_dir) or (checkpoints.base, checkpoints.adapter),
     )
-    prompts = _write(tmp_path / "p.txt", PROMPTS[:3])
+    prompts = write_lines(tmp_path / "p.txt", PROMPTS[:3])
     report = tmp_path / "bench.json"
     argv = ["bench", "--prompts", str(prompts), "--cache-dir", str(tmp_path / "cache"), "--repeats", "1"]
     assert main([*argv, "--json", str(report)]) == 0
     assert asked == [str(tmp_path / "cache")]
     assert json.loads(report.read_text())["batch"][0] == 3
     assert "mostly per-call overhead" in capsys.readouterr().out
-    _fails(["bench", *_model_args(checkpoints), "--prompts", str(prompts), "--cache-dir", "x"], capsys, "--cache-dir")
+    fails(["bench", *_model_args(checkpoints), "--prompts", str(prompts), "--cache-dir", "x"], capsys, "--cache-dir")

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_fixtures import one_thread, save_checkpoints  # noqa: F401 (one_thread: autouse fixture)
+from cli_fixtures import read_rows
 
 from tuco_peft.cli import main
 from tuco_peft.distributed import Ranks, part_file, parts_directory
@@ -25,11 +25,6 @@ PROMPTS = [
     "a shorter answer",
 ]
 SENTINEL = 0.123456  # a TuCo no computation here gives: a row that keeps it was not recomputed
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    return save_checkpoints(tmp_path_factory.mktemp("checkpoints"))
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +46,7 @@ def _analyze_argv(checkpoints, prompts, out):
 def one_process_rows(checkpoints, prompts, tmp_path_factory):
     out = tmp_path_factory.mktemp("single") / "rows.jsonl"
     assert main(_analyze_argv(checkpoints, prompts, out)) == 0
-    return _rows(out)
-
-
-def _rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return read_rows(out)
 
 
 def _free_port() -> int:
@@ -103,7 +94,7 @@ def test_two_ranks_write_the_rows_of_one_process_in_prompt_order(checkpoints, pr
     run = _launch_two_ranks(_analyze_argv(checkpoints, prompts, out))
     assert run.returncode == 0, run.stderr
     assert [row["id"] for row in one_process_rows] == [1, 2, 4, 5, 6, 7]
-    _assert_same_rows(_rows(out), one_process_rows)
+    _assert_same_rows(read_rows(out), one_process_rows)
     assert not parts_directory(out).exists()
     assert "rank 0/2" in run.stderr and "rank 1/2" in run.stderr  # both ranks did their share
     assert run.stdout.count("prompts: 6") == 1  # one summary, from rank 0
@@ -126,7 +117,7 @@ def test_interrupted_distributed_run_resumes_under_two_ranks(checkpoints, prompt
     assert run.returncode == 0, run.stderr
     assert "resuming: 2 of 6 prompts are already in" in run.stderr  # the empty prompt is never counted
     assert run.stderr.count("prompt 3 (line 3) is empty; skipped") == 1
-    _assert_same_rows(_rows(out), one_process_rows, keep_tuco={1, 2})
+    _assert_same_rows(read_rows(out), one_process_rows, keep_tuco={1, 2})
     assert not parts_directory(out).exists()
 
 
@@ -134,7 +125,7 @@ def test_interrupted_distributed_run_resumes_in_one_process(checkpoints, prompts
     out = tmp_path / "rows.jsonl"
     _interrupted_run(out, one_process_rows)
     assert main(_analyze_argv(checkpoints, prompts, out)) == 0
-    resumed = sorted(_rows(out), key=lambda row: row["id"])  # one process appends in the order it computes
+    resumed = sorted(read_rows(out), key=lambda row: row["id"])  # one process appends in the order it computes
     _assert_same_rows(resumed, one_process_rows, keep_tuco={1, 2})
     assert not parts_directory(out).exists()
 

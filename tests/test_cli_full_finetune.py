@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from cli_fixtures import one_thread, save_checkpoints  # noqa: F401 (one_thread: autouse fixture)
+from cli_fixtures import fails, read_rows, write_lines
 from oracle import decoder_blocks, tuco_at_last, two_pass
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -14,11 +14,6 @@ from tuco_peft.cli import main
 from tuco_peft.decompose import tuco
 
 PROMPTS = ["the quick brown fox", "how can I help you today?", "tell me about the old mill by the water", "dog"]
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    return save_checkpoints(tmp_path_factory.mktemp("checkpoints"))
 
 
 @pytest.fixture(scope="module")
@@ -43,37 +38,18 @@ def loaded(checkpoints, finetuned_dir):
     return finetuned, pretrained, AutoTokenizer.from_pretrained(finetuned_dir)
 
 
-def _write(path, lines):
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
-
-def _rows(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 def _full_args(finetuned_dir, pretrained_dir):
     return ["--model", str(finetuned_dir), "--base-model", str(pretrained_dir)]
 
 
-def _fails(argv, capsys, *fragments):
-    status = main(argv)
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert status == 2, err
-    assert lines[-1].startswith("tuco-peft: error: ") and "Traceback" not in err, err
-    for fragment in fragments:
-        assert fragment in lines[-1], lines[-1]
-
-
 def test_analyze_rows_equal_tuco_with_base_model_and_the_two_model_oracle(checkpoints, finetuned_dir, loaded, tmp_path):
     finetuned, pretrained, tokenizer = loaded
-    prompts = _write(tmp_path / "p.txt", PROMPTS)
+    prompts = write_lines(tmp_path / "p.txt", PROMPTS)
     streamed, resident = tmp_path / "streamed.jsonl", tmp_path / "resident.jsonl"
     argv = ["analyze", *_full_args(finetuned_dir, checkpoints.base), "--prompts", str(prompts), "--batch-size", "3"]
     assert main([*argv, "--out", str(streamed)]) == 0
     assert main([*argv, "--out", str(resident), "--resident-base"]) == 0
-    rows = _rows(streamed)
+    rows = read_rows(streamed)
     assert [row["id"] for row in rows] == [1, 2, 3, 4]
     for row, text in zip(rows, PROMPTS):
         ids = torch.tensor([tokenizer(text)["input_ids"]])
@@ -86,7 +62,7 @@ def test_analyze_rows_equal_tuco_with_base_model_and_the_two_model_oracle(checkp
         assert abs(row["tuco"] - float(tuco_at_last(ptc, ftc, ones))) < 1e-5
         torch.testing.assert_close(torch.tensor(row["ftc_l1"]), ftc[0, :, -1].abs().sum(-1), rtol=1e-4, atol=1e-5)
     assert expected > 0.01  # the fine-tune does contribute: a zero FTC would make the comparison vacuous
-    for got, want in zip(_rows(resident), rows):
+    for got, want in zip(read_rows(resident), rows):
         assert got["tuco"] == pytest.approx(want["tuco"], abs=1e-6)
         assert got["ptc_l1"] == pytest.approx(want["ptc_l1"], abs=1e-6)
 
@@ -104,26 +80,27 @@ def test_generate_and_compare_take_a_full_finetune(checkpoints, finetuned_dir, l
     step_zero = next(line for line in printed.splitlines() if line.strip().startswith("0 "))
     assert float(step_zero.split()[1]) == pytest.approx(first, abs=1e-3)
 
-    chat = _write(tmp_path / "chat.txt", PROMPTS[1:3])
-    web = _write(tmp_path / "web.txt", [PROMPTS[0], PROMPTS[3]])
+    chat = write_lines(tmp_path / "chat.txt", PROMPTS[1:3])
+    web = write_lines(tmp_path / "web.txt", [PROMPTS[0], PROMPTS[3]])
     assert main(["compare", *model_args, str(chat), str(web), "--resident-base"]) == 0
     assert "ROC-AUC of TuCo, chat (positive) vs web" in capsys.readouterr().out
 
 
 def test_base_model_of_another_architecture_or_size_is_refused(checkpoints, finetuned_dir, tmp_path, capsys):
-    prompts = _write(tmp_path / "p.txt", PROMPTS[:1])
+    prompts = write_lines(tmp_path / "p.txt", PROMPTS[:1])
     for extra in ([], ["--resident-base"]):
         argv = ["analyze", *_full_args(finetuned_dir, checkpoints.other_base), "--prompts", str(prompts)]
-        _fails([*argv, "--out", str(tmp_path / "o.jsonl"), *extra], capsys, "width 32", "architecture and size")
+        out = ["--out", str(tmp_path / "o.jsonl")]
+        fails([*argv, *out, *extra], capsys, "width 32", "architecture and size", status=2)
     assert not (tmp_path / "o.jsonl").exists()
 
 
 def test_pickle_only_base_model_cannot_be_streamed(checkpoints, finetuned_dir, tmp_path, capsys):
-    prompts = _write(tmp_path / "p.txt", PROMPTS[:1])
+    prompts = write_lines(tmp_path / "p.txt", PROMPTS[:1])
     argv = ["analyze", *_full_args(finetuned_dir, checkpoints.pickle_base), "--prompts", str(prompts)]
     argv += ["--out", str(tmp_path / "o.jsonl")]
-    _fails(argv, capsys, "no .safetensors weights to stream", "--resident-base")
-    _fails([*argv, "--resident-base"], capsys, "pytorch_model.bin", "--trust-pickle")
+    fails(argv, capsys, "no .safetensors weights to stream", "--resident-base", status=2)
+    fails([*argv, "--resident-base"], capsys, "pytorch_model.bin", "--trust-pickle", status=2)
     assert main([*argv, "--resident-base", "--trust-pickle"]) == 0
 
 
@@ -140,12 +117,12 @@ def test_pickle_only_base_model_cannot_be_streamed(checkpoints, finetuned_dir, t
     ],
 )
 def test_ambiguous_or_incomplete_model_flags_are_refused(flags, message, tmp_path, capsys):
-    prompts = _write(tmp_path / "p.txt", PROMPTS[:1])
-    _fails(["analyze", *flags, "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl")], capsys, message)
+    prompts = write_lines(tmp_path / "p.txt", PROMPTS[:1])
+    fails(["analyze", *flags, "--prompts", str(prompts), "--out", str(tmp_path / "o.jsonl")], capsys, message, status=2)
 
 
 def test_bench_measures_streamed_and_resident_base(checkpoints, finetuned_dir, tmp_path):
-    prompts = _write(tmp_path / "p.txt", PROMPTS)
+    prompts = write_lines(tmp_path / "p.txt", PROMPTS)
     report = tmp_path / "bench.json"
     argv = ["bench", *_full_args(finetuned_dir, checkpoints.base), "--prompts", str(prompts), "--batch-size", "2"]
     assert main([*argv, "--repeats", "1", "--json", str(report)]) == 0

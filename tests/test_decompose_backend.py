@@ -7,6 +7,7 @@ from torch import nn
 
 import tuco_peft
 from models import base_model, lora_model, padded_batch
+from test_decompose import _assert_components_close as _assert_close
 
 
 def quantize_decoder_linears(model: nn.Module) -> nn.Module:
@@ -23,11 +24,6 @@ def quantize_decoder_linears(model: nn.Module) -> nn.Module:
                 quantized.support_avx512bf16_for_cpu = False
                 setattr(module, name, quantized)
     return model
-
-
-def _assert_close(actual, expected, rel=1e-4):
-    scale = expected.abs().max().clamp_min(1e-6)
-    assert (actual - expected).abs().max() <= rel * scale
 
 
 def _fp32(family):

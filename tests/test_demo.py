@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from cli_fixtures import one_thread  # noqa: F401 (autouse fixture)
 from transformers import AutoTokenizer
 
 from tuco_peft.cli import main

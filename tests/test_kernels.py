@@ -172,8 +172,9 @@ def test_blockwise_4bit_tile_decode_is_bit_identical_to_bitsandbytes(quant_type,
     """K a multiple of the quantization block: the GEMM decodes whole byte tiles, one absmax per block.
 
     With one-hot rows as inputs and no bias, the base output rows are columns of W (one product per sum),
-    so the decoded values are compared bit for bit, in every quantization block and tile. The second shape has more quantization blocks than one nested
-    block (256) holds, and tiles inside one quantization block (BLOCK_K 32 < 128).
+    so the decoded values are compared bit for bit, in every quantization block and tile. The second shape
+    has more quantization blocks than one nested block (256) holds, and tiles inside one quantization block
+    (BLOCK_K 32 < 128).
     """
     layer = lora_layer(linear_4bit(quant_type, nested, dtype, shape=shape), ranks=(8,))
     base = layer.get_base_layer()
@@ -364,17 +365,22 @@ def test_backward_matches_torch_autograd(make_base, two_streams):
     assert layer.get_base_layer().weight.grad is None
 
 
-def test_cpu_repacked_4bit_weight_is_refused_with_the_way_out():
+def cpu_repacked_linear_4bit() -> nn.Module:
+    """An NF4 Linear4bit [128 → 64] as bitsandbytes leaves it after repacking for its CPU AVX512 kernel."""
     base = linear_4bit("nf4", False, shape=(128, 64))  # the repacking needs whole 32-row groups
     base.weight.data, base.weight.quant_state = bnb_functional._convert_weight_packed_for_cpu(
         base.weight.data, base.weight.quant_state
     )
-    layer = lora_layer(base)
+    return base
+
+
+def test_cpu_repacked_4bit_weight_is_refused_with_the_way_out():
+    layer = lora_layer(cpu_repacked_linear_4bit())
     with pytest.raises(UnsupportedModelError, match="support_avx512bf16_for_cpu"):
         dual_lora_linear(torch.randn(2, 128), layer)
 
 
-class _CustomForwardLinear(nn.Linear):
+class CustomForwardLinear(nn.Linear):
     """Stands for GPTQ/AWQ/8-bit layers: an nn.Linear subclass whose forward is not x·Wᵀ + b."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -384,7 +390,7 @@ class _CustomForwardLinear(nn.Linear):
 def test_unsupported_layers_and_inputs_are_refused_clearly():
     torch.manual_seed(0)
     with pytest.raises(UnsupportedModelError, match="not a plain"):
-        base_weight(_CustomForwardLinear(IN, OUT))
+        base_weight(CustomForwardLinear(IN, OUT))
     with pytest.raises(UnsupportedModelError, match="not a plain"):
         base_weight(bnb.nn.Linear8bitLt(IN, OUT, has_fp16_weights=False))
     with pytest.raises(UnsupportedModelError, match="float64"):

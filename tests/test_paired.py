@@ -15,6 +15,7 @@ import tuco_peft.kernels.api as kernels_api
 from models import base_model, lora_model, model_pair, padded_batch
 from steering_reference import greedy, steered_last_token_tuco, steered_logits
 from test_decompose_backend import quantize_decoder_linears
+from test_steering import _logits
 from tuco_peft.introspection import model_parts
 from tuco_peft.steering import ftc_scale
 
@@ -34,11 +35,6 @@ def kernel_calls(monkeypatch) -> Counter:
 
         monkeypatch.setattr(kernels_api, name, counted)
     return calls
-
-
-def _logits(model, ids, mask):
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    return model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
 
 
 def _assert_paired(calls: Counter, model) -> None:

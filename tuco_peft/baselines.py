@@ -18,7 +18,7 @@ from torch import nn
 from .block_calls import hidden_states
 from .blocks import block_output
 from .decomposition import tuco_from_sums
-from .inputs import last_real_index
+from .inputs import last_real_index, position_ids_from_mask
 from .introspection import model_parts
 
 
@@ -38,7 +38,7 @@ def _record_block_inputs(ft_model: nn.Module, input_ids: torch.Tensor, attention
         ft_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),
+            position_ids=position_ids_from_mask(attention_mask),
             use_cache=False,
         )
     finally:

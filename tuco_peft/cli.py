@@ -19,13 +19,14 @@ import sys
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .distributed import Ranks, fold_parts, part_file, process_group, together
-from .errors import InputError, TuCoError
+from .errors import InputError, TuCoError, first_line
 from .inputs import left_pad
 from .loading import LoadOptions, load_base, load_full_finetune, load_pair, resolve
 from .prompts import Prompt, check_formats, encode_prompt, fit_context, format_prompt, read_prompts
@@ -266,16 +267,18 @@ def _missing(
     return todo
 
 
-def _analyze_shard(args: argparse.Namespace, prompts: Sequence[Prompt], ranks: Ranks) -> None:
+def _analyze_shard(args: argparse.Namespace, prompts: Sequence[Prompt], ranks: Ranks) -> ResultsFile | None:
     """This rank's share of a data-parallel analyze, between two merges of every rank's part into --out by
-    rank 0: the first takes in the rows of an interrupted run, the last this run's."""
+    rank 0: the first takes in the rows of an interrupted run, the last this run's (returned on rank 0)."""
     out = Path(args.out)
 
-    def merge_parts() -> None:
-        if ranks.is_main:
-            results = ResultsFile(out)
-            fold_parts(results)
-            results.sort_by([result_key(None, prompt.id) for prompt in prompts])
+    def merge_parts() -> ResultsFile | None:
+        if not ranks.is_main:
+            return None
+        results = ResultsFile(out)
+        fold_parts(results)
+        results.sort_by([result_key(None, prompt.id) for prompt in prompts])
+        return results
 
     def analyze_own_share() -> None:
         share = ranks.shard(_missing(ResultsFile(out), prompts, _settings(args), announce=ranks.is_main))
@@ -285,7 +288,7 @@ def _analyze_shard(args: argparse.Namespace, prompts: Sequence[Prompt], ranks: R
 
     together(merge_parts)
     together(analyze_own_share)
-    together(merge_parts)
+    return together(merge_parts)
 
 
 def _analyze(args: argparse.Namespace) -> int:
@@ -295,10 +298,9 @@ def _analyze(args: argparse.Namespace) -> int:
     prompts = _analysable(read_prompts(args.prompts), args.chat_template, args.prompts, announce=ranks.is_main)
     if ranks.world_size > 1:
         with process_group(ranks):
-            _analyze_shard(args, prompts, ranks)
-        if not ranks.is_main:
+            results = _analyze_shard(args, prompts, ranks)
+        if results is None:  # not rank 0
             return 0
-        results = ResultsFile(args.out)
     else:
         results = ResultsFile(args.out)
         fold_parts(results)
@@ -434,20 +436,17 @@ def _bench(args: argparse.Namespace) -> int:
     if args.model is not None:
         model, checkpoint, tokenizer = load_full_finetune(args.model, args.base_model, options)
         pretrained = load_base(resolve(args.base_model, "--base-model"), options)
+        measure = partial(compare_full_finetune_methods, model, pretrained, checkpoint)
     else:
         model, tokenizer = load_pair(base, adapter, options)
         pretrained = load_base(resolve(base, "--base"), options)  # the paper's method needs a second model
+        measure = partial(compare_methods, model, pretrained)
     encoded = Analyzer(model, tokenizer, args.chat_template, args.system, args.batch_size).encode(prompts)
     if not encoded:
         raise InputError("bench needs at least one non-empty prompt.")
     input_ids, attention_mask = left_pad([ids for _, ids in encoded[: args.batch_size]])
     input_ids, attention_mask = input_ids.to(options.torch_device()), attention_mask.to(options.torch_device())
-    if args.model is not None:
-        report = compare_full_finetune_methods(
-            model, pretrained, checkpoint, input_ids, attention_mask, repeats=args.repeats
-        )
-    else:
-        report = compare_methods(model, pretrained, input_ids, attention_mask, repeats=args.repeats)
+    report = measure(input_ids, attention_mask, repeats=args.repeats)
     print(
         f"batch {report['batch'][0]} × {report['batch'][1]} tokens on {report['device']}, median of {report['repeats']}"
     )
@@ -603,11 +602,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run ``tuco-peft``; returns the exit status."""
     parser = build_parser()
@@ -630,13 +624,13 @@ def main(argv: list[str] | None = None) -> int:
     except TuCoError as error:
         if args.debug:
             raise
-        print(f"tuco-peft: error: {_first_line(error)}", file=sys.stderr)
+        print(f"tuco-peft: error: {first_line(error)}", file=sys.stderr)
         return EXIT_INPUT
     except Exception as error:  # the last line of defence: one line, not a traceback
         if args.debug:
             raise
         print(
-            f"tuco-peft: error: {type(error).__name__}: {_first_line(error)} (rerun with --debug for the traceback)",
+            f"tuco-peft: error: {type(error).__name__}: {first_line(error)} (rerun with --debug for the traceback)",
             file=sys.stderr,
         )
         return EXIT_UNEXPECTED

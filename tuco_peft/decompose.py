@@ -21,7 +21,22 @@ from .paired import PairedBlock
 from .pretrained import PretrainedBlocks, analysis_states, checked_pretrained_blocks
 
 
-class _BlockProbe:
+class _BlockRecord:
+    """What a probe keeps of one block, at the requested rows: its input and output, and PTC and FTC."""
+
+    def __init__(self, index: int):
+        self.index = index
+        self.x_rows: torch.Tensor | None = None
+        self.out_rows: torch.Tensor | None = None
+        self.ptc: torch.Tensor | None = None
+        self.ftc: torch.Tensor | None = None
+
+    def _record(self, x_rows: torch.Tensor, out_rows: torch.Tensor, ptc: torch.Tensor) -> None:
+        self.x_rows, self.out_rows, self.ptc = x_rows, out_rows, ptc
+        self.ftc = (out_rows - x_rows) - ptc
+
+
+class _BlockProbe(_BlockRecord):
     """Hooks on one decoder block: records its input, then splits its update into PTC and FTC."""
 
     def __init__(
@@ -33,16 +48,12 @@ class _BlockProbe:
         batch: Batch,
         router: LoraLinearRouter,
     ):
-        self.index = index
+        super().__init__(index)
         self.router = router
         self.layer = layer
         self.path = path
         self.source = source
         self.batch = batch
-        self.x_rows: torch.Tensor | None = None
-        self.out_rows: torch.Tensor | None = None
-        self.ptc: torch.Tensor | None = None
-        self.ftc: torch.Tensor | None = None
         self._input: tuple[torch.Tensor, tuple, dict[str, Any]] | None = None
 
     @contextmanager
@@ -74,33 +85,26 @@ class _BlockProbe:
         out_rows = gather_rows(out, batch.rows).float()
         with self.source.block(self.index) as pretrained:
             ptc = self.path.pretrained_update(pretrained, x, args, kwargs, batch)
-        self.x_rows, self.out_rows, self.ptc = x_rows.to(home), out_rows.to(home), ptc.to(home)
-        self.ftc = (self.out_rows - self.x_rows) - self.ptc
+        self._record(x_rows.to(home), out_rows.to(home), ptc.to(home))
 
 
-class _PairedProbe:
+class _PairedProbe(_BlockRecord):
     """One decoder block run paired (``paired.PairedBlock``): its pre-trained and fine-tuned outputs at every
     position from one forward, so each weight is read once for both. Used for all-position decompositions
     on the Triton backend, where the pre-trained path is needed at every row anyway."""
 
     def __init__(self, index: int, paired: PairedBlock, batch: Batch):
-        self.index = index
+        super().__init__(index)
         self.paired = paired
         self.batch = batch
-        self.x_rows: torch.Tensor | None = None
-        self.out_rows: torch.Tensor | None = None
-        self.ptc: torch.Tensor | None = None
-        self.ftc: torch.Tensor | None = None
 
     def attached(self) -> AbstractContextManager[None]:
-        return self.paired.attached(self._record)
+        return self.paired.attached(self._split)
 
-    def _record(self, x: torch.Tensor, pretrained: torch.Tensor, finetuned: torch.Tensor) -> torch.Tensor:
+    def _split(self, x: torch.Tensor, pretrained: torch.Tensor, finetuned: torch.Tensor) -> torch.Tensor:
         rows = self.batch.rows
-        self.x_rows = gather_rows(x, rows).float()
-        self.out_rows = gather_rows(finetuned, rows).float()
-        self.ptc = gather_rows(pretrained, rows).float() - self.x_rows
-        self.ftc = (self.out_rows - self.x_rows) - self.ptc
+        x_rows = gather_rows(x, rows).float()
+        self._record(x_rows, gather_rows(finetuned, rows).float(), gather_rows(pretrained, rows).float() - x_rows)
         return finetuned
 
 

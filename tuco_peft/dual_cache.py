@@ -15,7 +15,6 @@ every other block keeps two full slots.
 
 from __future__ import annotations
 
-import sys
 from typing import Any, Callable
 
 import torch
@@ -23,6 +22,7 @@ from torch import nn
 from transformers.cache_utils import DynamicLayer
 
 from .adapters import is_additive_lora
+from .attention import apply_rope
 from .blocks import LAYOUTS, SharedProjectionBlock
 from .errors import TuCoError
 
@@ -30,13 +30,11 @@ from .errors import TuCoError
 class LowRankDelta:
     """The LoRA part of one block's k/v projections: captures u = A·x in the forward, rebuilds B·u later."""
 
-    def __init__(
-        self, projections: tuple[nn.Module, nn.Module], rotary_emb: nn.Module, rotate: Callable, shape: tuple[int, int]
-    ):
+    def __init__(self, projections: tuple[nn.Module, nn.Module], rotary_emb: nn.Module, shape: tuple[int, int]):
         self.projections = projections
         self.rotary_emb = rotary_emb
-        self.rotate = rotate
         self.n_kv_heads, self.head_dim = shape
+        self._recorded: tuple[list[str], list[str]] = ([], [])  # the adapters whose u = A·x is recorded, k and v
         self._inputs: list[list[torch.Tensor]] = [[], []]
         self._positions: torch.Tensor | None = None
 
@@ -45,8 +43,7 @@ class LowRankDelta:
         """A delta for ``layer`` when its keys/values are base + low-rank linear in the block input, else None."""
         layout = LAYOUTS.get(type(layer).__name__)
         attention = getattr(layer, layout.attention, None) if layout else None
-        rotate = getattr(sys.modules[type(attention).__module__], "apply_rotary_pos_emb", None) if attention else None
-        if layout is None or layout.projections != ("q_proj", "k_proj", "v_proj") or rotate is None:
+        if attention is None or layout.projections != ("q_proj", "k_proj", "v_proj"):
             return None
         if getattr(attention, "k_norm", None) is not None or not hasattr(decoder, "rotary_emb"):
             return None
@@ -54,7 +51,7 @@ class LowRankDelta:
             return None
         projections = (attention.k_proj, attention.v_proj)
         n_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        return LowRankDelta(projections, decoder.rotary_emb, rotate, (n_kv_heads, attention.head_dim))
+        return LowRankDelta(projections, decoder.rotary_emb, (n_kv_heads, attention.head_dim))
 
     def _adapters(self, index: int) -> list[str]:
         projection = self.projections[index]
@@ -65,8 +62,9 @@ class LowRankDelta:
     def hooks(self, layer: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
         """Record u = A·dropout(x) of every active adapter, and the position ids of the block's input."""
         handles = [layer.register_forward_pre_hook(self._record_positions, with_kwargs=True)]
+        self._recorded = (self._adapters(0), self._adapters(1))
         for index, projection in enumerate(self.projections):
-            for adapter in self._adapters(index):
+            for adapter in self._recorded[index]:
                 handles.append(projection.lora_A[adapter].register_forward_hook(self._recorder(index)))
         return handles
 
@@ -96,7 +94,7 @@ class LowRankDelta:
     def _delta(self, index: int, u: torch.Tensor) -> torch.Tensor | None:
         """Σ_a s_a·B_a·u_a as [batch, kv_heads, seq, head_dim], or None without adapters."""
         projection, total, start = self.projections[index], None, 0
-        for adapter in self._adapters(index):
+        for adapter in self._recorded[index]:
             lora_b = projection.lora_B[adapter]
             rank = lora_b.in_features
             part = lora_b(u[..., start : start + rank].to(lora_b.weight.dtype)) * projection.scaling[adapter]
@@ -112,7 +110,7 @@ class LowRankDelta:
         delta_k, delta_v = self._delta(0, packed_k[..., :-1]), self._delta(1, packed_v)
         if delta_k is not None:
             cos, sin = self.rotary_emb(delta_k, packed_k[..., -1].long())
-            keys = keys + self.rotate(delta_k, delta_k, cos, sin)[1].to(keys.dtype)
+            keys = keys + apply_rope(delta_k, cos, sin).to(keys.dtype)
         if delta_v is not None:
             values = values + delta_v.to(values.dtype)
         return keys, values

@@ -11,3 +11,9 @@ class UnsupportedModelError(TuCoError, TypeError):
 
 class InputError(TuCoError, ValueError):
     """input_ids, attention_mask or positions are malformed."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type name when it has none), for one-line reports."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

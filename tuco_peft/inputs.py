@@ -120,6 +120,9 @@ def prepare_batch(
         attention_mask = attention_mask.to(device)
     mask = _as_mask(input_ids, attention_mask)
     rows, squeeze = _rows(positions, mask)
-    # Position ids follow the mask, so a padded prompt sees the positions it would see alone.
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    return Batch(input_ids, mask, position_ids, rows, squeeze)
+    return Batch(input_ids, mask, position_ids_from_mask(mask), rows, squeeze)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that follow the mask, so that a padded prompt sees the positions it would see alone."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import InputError
+from .errors import InputError, first_line
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -74,13 +74,20 @@ def resolve(location: str, flag: str) -> Source:
     raise InputError(f"{flag} {location}: no such directory.")
 
 
+def _load_failure(source: Source, error: Exception, reason: str = "{}") -> InputError:
+    """A failed from_pretrained as one line: a hub id that could not be fetched, or the loader's ``reason``."""
+    if source.local is None and isinstance(error, OSError):
+        return _hub_failure(source, error)
+    return InputError(f"{source.describe()}: {reason.format(first_line(error))}")
+
+
 def _hub_failure(source: Source, error: Exception) -> InputError:
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE:
         reason = "the Hugging Face Hub is not reachable in offline mode (HF_HUB_OFFLINE=1)"
     else:
-        reason = f"fetching it from the Hugging Face Hub failed ({str(error).strip().splitlines()[0]})"
+        reason = f"fetching it from the Hugging Face Hub failed ({first_line(error)})"
     return InputError(
         f"{source.describe()} is not a local directory and {reason}; download it where there is network "
         "(hf download ID --local-dir DIR) and pass the directory."
@@ -138,9 +145,7 @@ def load_base(source: Source, options: LoadOptions) -> nn.Module:
             source.location if source.local is None else source.local, **kwargs
         )
     except OSError as error:
-        if source.local is None:
-            raise _hub_failure(source, error) from error
-        raise InputError(f"{source.describe()}: {str(error).strip().splitlines()[0]}") from error
+        raise _load_failure(source, error) from error
     if not options.load_in_4bit:
         model = model.to(options.torch_device())
     return model.eval()
@@ -204,9 +209,7 @@ def load_adapter(base: nn.Module, source: Source, options: LoadOptions) -> nn.Mo
     try:
         model = PeftModel.from_pretrained(base, source.location if source.local is None else str(source.local))
     except (OSError, ValueError) as error:
-        if source.local is None and isinstance(error, OSError):
-            raise _hub_failure(source, error) from error
-        raise InputError(f"{source.describe()}: {str(error).strip().splitlines()[0]}") from error
+        raise _load_failure(source, error) from error
     return model.eval()
 
 
@@ -227,9 +230,7 @@ def load_tokenizer(base: Source, finetune: Source | None, options: LoadOptions):
             source.location if source.local is None else source.local, trust_remote_code=options.trust_remote_code
         )
     except OSError as error:
-        if source.local is None:
-            raise _hub_failure(source, error) from error
-        raise InputError(f"{source.describe()}: no usable tokenizer ({str(error).strip().splitlines()[0]}).") from error
+        raise _load_failure(source, error, "no usable tokenizer ({}).") from error
 
 
 def load_pair(base: str, adapter: str, options: LoadOptions) -> tuple[nn.Module, object]:

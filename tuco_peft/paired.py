@@ -135,10 +135,11 @@ class PairedBlock:
         """``module``'s forward on the stacked batch; ``fusable``: its LoRA may run inside a fused kernel."""
         shared_input = any(module is m for m in self.shared_input)
         router = self.router if fusable else self._torch_router
+        additive = is_additive_lora(module)
 
         def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
             half = x.shape[0] // 2
-            if is_additive_lora(module) and not args and not kwargs:
+            if additive and not args and not kwargs:
                 if shared_input:
                     outputs = router.dual(x[half:], module)
                 else:

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .errors import InputError
-from .results import Row
+from .results import Row, mean_per_layer
 
 
 def _pyplot():
@@ -33,11 +33,6 @@ def check_plot_path(path: str | Path) -> None:
         )
 
 
-def _mean_per_layer(rows: Sequence[Row], field: str) -> list[float]:
-    n_layers = len(rows[0][field])
-    return [sum(row[field][layer] for row in rows) / len(rows) for layer in range(n_layers)]
-
-
 def _histogram(axis, groups: Mapping[str, Sequence[Row]]) -> None:
     bins = [i / 40 for i in range(41)]
     for name, rows in groups.items():
@@ -55,8 +50,8 @@ def plot_analysis(groups: Mapping[str, Sequence[Row]], path: str | Path, title: 
     for name, rows in groups.items():
         layers = range(len(rows[0]["ptc_l1"]))
         prefix = f"{name}: " if len(groups) > 1 else ""
-        profile.plot(layers, _mean_per_layer(rows, "ptc_l1"), marker="o", label=f"{prefix}‖PTC_l‖₁")
-        profile.plot(layers, _mean_per_layer(rows, "ftc_l1"), marker="s", linestyle="--", label=f"{prefix}‖FTC_l‖₁")
+        profile.plot(layers, mean_per_layer(rows, "ptc_l1"), marker="o", label=f"{prefix}‖PTC_l‖₁")
+        profile.plot(layers, mean_per_layer(rows, "ftc_l1"), marker="s", linestyle="--", label=f"{prefix}‖FTC_l‖₁")
     profile.set_xticks(list(layers))
     profile.set_xlabel("layer (decoder block)")
     profile.set_ylabel("mean L1 norm at the last token")

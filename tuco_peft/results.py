@@ -47,32 +47,34 @@ def decomposition_rows(
     per_position = decomposition.positions.ndim == 2
     if per_position:
         last = last_real_index(attention_mask.to(decomposition.ptc.device))
-        index = last[:, None, None, None].expand(-1, decomposition.n_layers, 1, decomposition.ptc.shape[-1])
+        prompt_index = torch.arange(len(last), device=last.device)
         at_last = Decomposition(
-            ptc=decomposition.ptc.gather(2, index)[:, :, 0],
-            ftc=decomposition.ftc.gather(2, index)[:, :, 0],
-            x0=decomposition.x0[torch.arange(len(last)), last],
-            xL=decomposition.xL[torch.arange(len(last)), last],
+            ptc=decomposition.ptc[prompt_index, :, last],
+            ftc=decomposition.ftc[prompt_index, :, last],
+            x0=decomposition.x0[prompt_index, last],
+            xL=decomposition.xL[prompt_index, last],
             positions=last,
         )
+        token_tuco = decomposition.tuco
     else:
         at_last = decomposition
     ptc_norm, ftc_norm = at_last.layer_norms()
     cumulative = at_last.cumulative_tuco()
+    tuco = at_last.tuco.tolist()
     rows = []
     for b, prompt in enumerate(prompts):
         row = {
             "id": prompt.id,
             "prompt": prompt.as_json(),
             "n_tokens": n_tokens[b],
-            "tuco": float(at_last.tuco[b]),
+            "tuco": tuco[b],
             "ptc_l1": ptc_norm[b].tolist(),
             "ftc_l1": ftc_norm[b].tolist(),
             "cumulative_tuco": cumulative[b].tolist(),
         }
         if per_position:
             real = attention_mask[b].bool().to(decomposition.ptc.device)
-            row["token_tuco"] = decomposition.tuco[b][real].tolist()
+            row["token_tuco"] = token_tuco[b][real].tolist()
         rows.append(row)
     return rows
 
@@ -176,6 +178,11 @@ def roc_auc(positive: Sequence[float], negative: Sequence[float]) -> float:
     return wins / (len(positive) * len(negative))
 
 
+def mean_per_layer(rows: Sequence[Row], field: str) -> list[float]:
+    """The mean over ``rows`` of a per-layer field (``ptc_l1``, ``ftc_l1``, ``cumulative_tuco``), layer by layer."""
+    return [statistics.fmean(values) for values in zip(*(row[field] for row in rows))]
+
+
 def summary_table(rows: Sequence[Row]) -> str:
     """Count, mean and median TuCo, then the mean per-layer norms and cumulative TuCo."""
     values = [row["tuco"] for row in rows]
@@ -183,9 +190,7 @@ def summary_table(rows: Sequence[Row]) -> str:
         f"prompts: {len(values)}   TuCo mean {statistics.fmean(values):.4f}   median {statistics.median(values):.4f}"
     ]
     lines.append(f"{'layer':>5}  {'mean |PTC|_1':>13}  {'mean |FTC|_1':>13}  {'cumulative TuCo':>15}")
-    for layer in range(len(rows[0]["ptc_l1"])):
-        ptc = statistics.fmean(row["ptc_l1"][layer] for row in rows)
-        ftc = statistics.fmean(row["ftc_l1"][layer] for row in rows)
-        share = statistics.fmean(row["cumulative_tuco"][layer] for row in rows)
+    columns = (mean_per_layer(rows, field) for field in ("ptc_l1", "ftc_l1", "cumulative_tuco"))
+    for layer, (ptc, ftc, share) in enumerate(zip(*columns)):
         lines.append(f"{layer:>5}  {ptc:>13.4f}  {ftc:>13.4f}  {share:>15.4f}")
     return "\n".join(lines)

@@ -12,13 +12,15 @@ from torch import nn
 from .errors import UnsupportedModelError
 
 
-def _is_bnb_4bit(module: nn.Module) -> bool:
+def is_bnb_4bit(module: nn.Module) -> bool:
+    """A bitsandbytes 4-bit linear (Linear4bit and its NF4/FP4 subclasses)."""
     return type(module).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4") and hasattr(module, "weight") and (
         type(module).__module__.startswith("bitsandbytes")
     )
 
 
-def _cpu_repacked(module: nn.Module) -> bool:
+def cpu_repacked(module: nn.Module) -> bool:
+    """Its 4-bit weight was repacked in place by bitsandbytes for AVX512-BF16 CPU inference."""
     quant_state = getattr(module.weight, "quant_state", None)
     return bool(getattr(quant_state, "packing_format_for_cpu", False))
 
@@ -33,14 +35,14 @@ def analysis_state(layers: nn.ModuleList) -> Iterator[None]:
       on the first eval no-grad forward, after which dequantization and gradients are wrong.
     """
     checkpointed = [m for m in layers.modules() if getattr(m, "gradient_checkpointing", False) is True]
-    quantized = [m for m in layers.modules() if _is_bnb_4bit(m) and hasattr(m, "support_avx512bf16_for_cpu")]
-    if torch.is_grad_enabled() and any(_cpu_repacked(m) for m in layers.modules() if _is_bnb_4bit(m)):
+    quantized = [m for m in layers.modules() if is_bnb_4bit(m)]
+    if torch.is_grad_enabled() and any(cpu_repacked(m) for m in quantized):
         raise UnsupportedModelError(
             "bitsandbytes has repacked this model's 4-bit weights for AVX512-BF16 CPU inference, and gradients "
             "through repacked weights are wrong. Reload the model (tuco-peft prevents the repacking during its "
             "own calls), or run the analysis under torch.no_grad()."
         )
-    repack_flags = [(m, m.support_avx512bf16_for_cpu) for m in quantized]
+    repack_flags = [(m, m.support_avx512bf16_for_cpu) for m in quantized if hasattr(m, "support_avx512bf16_for_cpu")]
     try:
         for module in checkpointed:
             module.gradient_checkpointing = False

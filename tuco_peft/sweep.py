@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from .errors import InputError
-from .inputs import left_pad
+from .inputs import left_pad, position_ids_from_mask
+from .introspection import model_parts
 from .steering import ftc_scale
 
 PAPER_ALPHAS = (0.75, 0.9, 0.95, 1.0, 1.05, 1.1, 1.25)
@@ -199,12 +200,12 @@ def encode_items(
 @torch.no_grad()
 def _predictions(model: nn.Module, prompts, options, batch_size: int, pad_id: int) -> list[int]:
     """Index of the most probable option of each item: one forward per item, batched."""
-    device = model.get_input_embeddings().weight.device
+    device = model_parts(model).input_device
     predictions = []
     for start in range(0, len(prompts), batch_size):
         ids, mask = left_pad(prompts[start : start + batch_size], pad_id)
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        ids, mask, position_ids = ids.to(device), mask.to(device), position_ids.to(device)
+        ids, mask = ids.to(device), mask.to(device)
+        position_ids = position_ids_from_mask(mask)
         logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits[:, -1]
         for row, option_ids in enumerate(options[start : start + batch_size]):
             predictions.append(int(logits[row, option_ids].argmax()))

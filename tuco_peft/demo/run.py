@@ -18,6 +18,7 @@ import torch
 
 from ..prompts import Prompt
 from ..results import Row, roc_auc
+from ..steering import ftc_scale
 from . import corpus
 from .build import ensure_demo_checkpoints, is_built, single_thread
 from .prompts import demo_prompts
@@ -44,8 +45,6 @@ def _mean_tuco(analyzer, texts: list[str], name: str) -> list[float]:
 
 def _refusal_probability(model, tokenizer, requests: list[str], alphas: tuple[float, ...]) -> dict[float, float]:
     """Mean next-token probability of the refusal's first token after the assistant marker, for each α."""
-    from ..steering import ftc_scale
-
     refusal_start = tokenizer(corpus.REFUSAL, add_special_tokens=False)["input_ids"][0]
     encoded = [
         torch.tensor([tokenizer(corpus.chat_prompt(r), add_special_tokens=False)["input_ids"]]) for r in requests
@@ -56,14 +55,6 @@ def _refusal_probability(model, tokenizer, requests: list[str], alphas: tuple[fl
             probabilities = [float(model(input_ids=ids).logits[0, -1].softmax(-1)[refusal_start]) for ids in encoded]
         figures[alpha] = statistics.fmean(probabilities)
     return figures
-
-
-def _steering_available() -> bool:
-    try:
-        from ..steering import ftc_scale  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def run_demo(cache_dir: str | Path | None = None, out: TextIO | None = None) -> DemoFigures:
@@ -117,9 +108,6 @@ def _run(cache_dir: str | Path | None, out: TextIO | None) -> DemoFigures:
     )
 
     figures = DemoFigures({name: statistics.fmean(v) for name, v in scores.items()}, auc, padding)
-    if not _steering_available():
-        say("3. FTC_α steering: tuco_peft.steering is not installed in this build; skipped.")
-        return figures
     figures.refusal_probability = _refusal_probability(model, tokenizer, requests, STEERING_ALPHAS)
     say("3. FTC_α steering moves the fine-tuned behaviour (α = 0: base model, 1: fine-tune)")
     say(f"   probability that the reply to a harmful request starts with {corpus.REFUSAL!r}:")
@@ -132,8 +120,6 @@ def _run(cache_dir: str | Path | None, out: TextIO | None) -> DemoFigures:
 
 
 def _steered_replies(model, tokenizer, request: str, alphas: tuple[float, ...]) -> dict[float, str]:
-    from ..steering import ftc_scale
-
     input_ids = torch.tensor([tokenizer(corpus.chat_prompt(request), add_special_tokens=False)["input_ids"]])
     replies = {}
     for alpha in alphas:
