@@ -22,8 +22,16 @@ VOCAB = 97
 _COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4)
 
 
-def family_config(family: str):
-    """A 3-block config per family, with the family's quirks switched on (GQA, sliding windows, softcaps)."""
+def family_config(family: str, **overrides):
+    """A 3-block config per family, with the family's quirks switched on (GQA, sliding windows, softcaps);
+    ``overrides`` replace config fields (e.g. ``intermediate_size``)."""
+    config = _family_config(family)
+    for name, value in overrides.items():
+        setattr(config, name, value)
+    return config
+
+
+def _family_config(family: str):
     if family == "llama":
         return LlamaConfig(**_COMMON, num_key_value_heads=2, attention_bias=True)
     if family == "mistral":
@@ -54,9 +62,10 @@ def family_config(family: str):
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2")
 
 
-def base_model(family: str, seed: int = 0, dtype=torch.float32):
+def base_model(family: str, seed: int = 0, dtype=torch.float32, **overrides):
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(family_config(family), attn_implementation="eager").to(dtype)
+    config = family_config(family, **overrides)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").to(dtype)
     return model.eval()
 
 

@@ -14,6 +14,8 @@ from tuco_peft.adapters import is_additive_lora
 from tuco_peft.backend import LoraLinearRouter, resolve_backend
 from tuco_peft.errors import InputError
 
+pytestmark = pytest.mark.interpreter
+
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 

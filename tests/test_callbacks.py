@@ -145,12 +145,15 @@ def draw_random(module, args, kwargs):
     ],
     ids=["accumulation+dropout", "checkpointing+bf16"],
 )
-def test_training_is_identical_with_and_without_the_callback(tmp_path, setting):
+@pytest.mark.device
+def test_training_is_identical_with_and_without_the_callback(tmp_path, setting, device):
+    """On the device under test (the Trainer's own choice on a GPU, cuda:0)."""
     runs = []
     for every_n_steps in (None, 2):
         model = lora_model(base_model("llama"), lora_dropout=0.2)
         model.get_base_model().model.register_forward_pre_hook(draw_random, with_kwargs=True)
-        trainer = train(model, training_args(tmp_path, **setting), every_n_steps=every_n_steps)
+        args = training_args(tmp_path, use_cpu=device.type == "cpu", **setting)
+        trainer = train(model, args, every_n_steps=every_n_steps)
         runs.append((trainer.state.log_history, trainable_state(model)))
     (plain_history, plain_weights), (probed_history, probed_weights) = runs
 

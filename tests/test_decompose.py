@@ -22,28 +22,44 @@ def _oracle(pretrained, model, ids, mask):
         return two_pass(model, decoder_blocks(pretrained), ids, mask)
 
 
+# Tolerances of decompose against the oracle run at the model's own precision, relative to the largest
+# |component| (TuCo: absolute). float32: reduction order only. Half precision: the one-pass path runs the
+# pre-trained block on one row per prompt where the oracle runs every row, and a GPU may pick other kernels
+# (and accumulation orders) for the two shapes, so each block output may round differently: a few units
+# of the format's rounding step (2^-8 for bfloat16, 2^-11 for float16), compounded over three blocks.
+ORACLE_TOLERANCE = {
+    torch.float32: (1e-4, 1e-5),
+    torch.bfloat16: (6e-2, 2e-2),
+    torch.float16: (8e-3, 3e-3),
+}
+
+
+@pytest.mark.device
+@pytest.mark.parametrize("dtype", list(ORACLE_TOLERANCE), ids=lambda dtype: str(dtype).removeprefix("torch."))
 @pytest.mark.parametrize("family", FAMILIES)
-def test_last_token_matches_two_model_oracle(family):
-    pretrained, model = model_pair(family)
-    ids, mask = padded_batch(side="left")
+def test_last_token_matches_two_model_oracle(family, dtype, device):
+    pretrained, model = (m.to(device, dtype) for m in model_pair(family))
+    ids, mask = (t.to(device) for t in padded_batch(side="left"))
     ptc, ftc, x0, xL = _oracle(pretrained, model, ids, mask)
     with torch.no_grad():
         d = tuco_peft.decompose(model, ids, mask)
-    t, rows = last_index(mask), torch.arange(ids.shape[0])
-    assert d.ptc.shape == (3, 3, 64) and d.ptc.dtype == torch.float32
-    _assert_components_close(d.ptc, ptc[rows, :, t])
-    _assert_components_close(d.ftc, ftc[rows, :, t])
+    t, rows = last_index(mask), torch.arange(ids.shape[0], device=device)
+    assert d.ptc.shape == (3, 3, 64) and d.ptc.dtype == torch.float32 and d.ptc.device.type == device.type
+    components, tuco = ORACLE_TOLERANCE[dtype]
+    _assert_components_close(d.ptc, ptc[rows, :, t], components)
+    _assert_components_close(d.ftc, ftc[rows, :, t], components)
     torch.testing.assert_close(d.x0, x0[rows, t])
-    torch.testing.assert_close(d.xL, xL[rows, t])
+    torch.testing.assert_close(d.xL, xL[rows, t], rtol=components, atol=components * float(xL.abs().max()))
     expected = tuco_at_last(ptc, ftc, mask)
-    assert (d.tuco - expected).abs().max() < 1e-5
+    assert (d.tuco - expected).abs().max() < tuco
     assert 0.05 < float(d.tuco.min()) and float(d.tuco.max()) < 0.999  # a non-degenerate check
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("family", ["llama", "gemma2", "phi3", "gpt2", "qwen2"])
-def test_all_positions_match_oracle_and_zero_padding(family):
-    pretrained, model = model_pair(family)
-    ids, mask = padded_batch(side="right")
+def test_all_positions_match_oracle_and_zero_padding(family, device):
+    pretrained, model = (m.to(device) for m in model_pair(family))
+    ids, mask = (t.to(device) for t in padded_batch(side="right"))
     ptc, ftc, _, _ = _oracle(pretrained, model, ids, mask)
     with torch.no_grad():
         d = tuco_peft.decompose(model, ids, mask, positions="all")

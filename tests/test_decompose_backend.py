@@ -9,6 +9,8 @@ import tuco_peft
 from models import base_model, lora_model, padded_batch
 from test_decompose import _assert_components_close as _assert_close
 
+pytestmark = pytest.mark.interpreter
+
 
 def quantize_decoder_linears(model: nn.Module) -> nn.Module:
     """Every nn.Linear inside the decoder blocks → a bitsandbytes NF4 Linear4bit (nested absmax), on CPU."""
@@ -26,19 +28,28 @@ def quantize_decoder_linears(model: nn.Module) -> nn.Module:
     return model
 
 
+def nf4_llama() -> nn.Module:
+    """A Llama fine-tune on an NF4 base whose every in_features is a multiple of the 64-wide quantization
+    block: bitsandbytes' AVX512 CPU dequantization (seen on 0.50) is wrong for other widths (it decodes row by row),
+    so its own forward would not be the reference there. The kernels' decoding of such widths is checked
+    against bitsandbytes' format in test_kernels."""
+    return lora_model(quantize_decoder_linears(base_model("llama", intermediate_size=128)))
+
+
 def _fp32(family):
     return lambda: lora_model(base_model(family))
 
 
 @pytest.mark.parametrize(
     "make_model",
-    [_fp32("llama"), _fp32("phi3"), _fp32("gpt2"), lambda: lora_model(quantize_decoder_linears(base_model("llama")))],
+    [_fp32("llama"), _fp32("phi3"), _fp32("gpt2"), nf4_llama],
     ids=["llama", "phi3", "gpt2", "llama-nf4"],
 )
 @pytest.mark.parametrize("positions", ["last", "all"])
-def test_triton_equals_torch(make_model, positions):
-    model = make_model()
-    ids, mask = padded_batch(lengths=(6, 4))
+@pytest.mark.device
+def test_triton_equals_torch(make_model, positions, device):
+    model = make_model().to(device)  # moving a 4-bit base to a GPU quantizes it there
+    ids, mask = (t.to(device) for t in padded_batch(lengths=(6, 4)))
     with torch.no_grad():
         reference = tuco_peft.decompose(model, ids, mask, positions=positions, backend="torch")
         fused = tuco_peft.decompose(model, ids, mask, positions=positions, backend="triton")

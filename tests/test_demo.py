@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from transformers import AutoTokenizer
 
 from tuco_peft.cli import main
@@ -12,6 +13,7 @@ from tuco_peft.demo.run import run_demo
 TINY = DemoRecipe(pretrain_steps=3, finetune_steps=2)
 
 
+@pytest.mark.slow
 def test_build_is_deterministic_and_cached(tmp_path):
     base, adapter = ensure_demo_checkpoints(tmp_path / "a", TINY)
     weights = adapter / "adapter_model.safetensors"
@@ -49,6 +51,7 @@ def test_demo_command_runs_offline(tmp_path, monkeypatch, capsys):
     assert "ROC-AUC (chat vs web)" in printed and "padded" in printed and "α = 1.5" in printed
 
 
+@pytest.mark.slow
 def test_full_demo_separates_chat_from_web_and_steering_moves_refusals(tmp_path, monkeypatch):
     """The real recipe (about a CPU-minute to build): the figures the README quotes."""
     monkeypatch.delenv(SCALE_ENV, raising=False)

@@ -17,14 +17,15 @@ def _prefixes(sequences, mask):
     """(ids, mask) of every prefix that chose a new token: prompt, prompt + 1 new token, ..."""
     width = mask.shape[1]
     for k in range(sequences.shape[1] - width):
-        extended = torch.cat([mask, torch.ones(mask.shape[0], k, dtype=mask.dtype)], dim=1)
+        extended = torch.cat([mask, mask.new_ones(mask.shape[0], k)], dim=1)
         yield sequences[:, : width + k], extended
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2"])
-def test_tuco_of_each_token_equals_decompose_on_its_prefix(family):
-    _, model = model_pair(family)
-    ids, mask = padded_batch(lengths=(7, 4, 9))
+def test_tuco_of_each_token_equals_decompose_on_its_prefix(family, device):
+    model = model_pair(family)[1].to(device)
+    ids, mask = (t.to(device) for t in padded_batch(lengths=(7, 4, 9)))
     out = generate(model, ids, mask, max_new_tokens=N_NEW, min_new_tokens=N_NEW, do_sample=False, pad_token_id=0)
     plain = model.generate(
         input_ids=ids, attention_mask=mask, max_new_tokens=N_NEW, min_new_tokens=N_NEW, do_sample=False, pad_token_id=0
@@ -37,9 +38,10 @@ def test_tuco_of_each_token_equals_decompose_on_its_prefix(family):
     assert out.tuco.std() > 1e-3  # the values move from token to token
 
 
-def test_steered_tuco_and_tokens_match_the_no_cache_reference():
-    pretrained, model = model_pair("llama")
-    ids, mask = padded_batch(lengths=(5, 8))
+@pytest.mark.device
+def test_steered_tuco_and_tokens_match_the_no_cache_reference(device):
+    pretrained, model = (m.to(device) for m in model_pair("llama"))
+    ids, mask = (t.to(device) for t in padded_batch(lengths=(5, 8)))
     alphas = [1.4, 0.5, 1.9]
     out = generate(
         model, ids, mask, alpha=alphas, max_new_tokens=N_NEW, min_new_tokens=N_NEW, do_sample=False, pad_token_id=0

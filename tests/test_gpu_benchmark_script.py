@@ -11,6 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = [pytest.mark.interpreter, pytest.mark.slow]
+
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -22,6 +22,8 @@ from tuco_peft.kernels import dequantize_4bit, dual_lora_linear, settings, two_s
 from tuco_peft.kernels.base_weight import Packed4bitWeight, base_weight
 from tuco_peft.kernels.lora_linear import _lora_linear_kernel
 
+pytestmark = pytest.mark.interpreter
+
 IN, OUT = 72, 40  # not multiples of the interpreter's 16×32×32 tiles
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}  # relative to the largest |y|
 
@@ -32,15 +34,20 @@ def dense_linear(dtype: torch.dtype = torch.float32, seed: int = 0, shape: tuple
 
 
 def linear_4bit(
-    quant_type: str, nested: bool, dtype: torch.dtype = torch.float32, shape: tuple[int, int] = (IN, OUT)
+    quant_type: str,
+    nested: bool,
+    dtype: torch.dtype = torch.float32,
+    shape: tuple[int, int] = (IN, OUT),
+    device: torch.device | str = "cpu",
 ) -> nn.Module:
-    """A bitsandbytes Linear4bit quantized on the CPU, kept in the standard (not CPU-repacked) layout."""
+    """A bitsandbytes Linear4bit quantized on ``device`` (on a CPU kept in the standard, not repacked,
+    layout)."""
     dense = dense_linear(dtype, shape=shape)
     layer = bnb.nn.Linear4bit(
         *shape, bias=True, compute_dtype=dtype, quant_type=quant_type, compress_statistics=nested
     )
     layer.load_state_dict(dense.state_dict())
-    layer = layer.to("cpu")
+    layer = layer.to(device)
     layer.support_avx512bf16_for_cpu = False
     return layer
 
@@ -220,6 +227,8 @@ def test_tiles_spanning_several_quantization_blocks_via_the_config_pruner(monkey
     wide = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128}, num_warps=4, num_stages=1)
     monkeypatch.setattr(_lora_linear_kernel, "configs", [narrow, wide])
     monkeypatch.setattr(_lora_linear_kernel, "cache", {})
+    # Triton 3.6 times even a lone surviving config (3.9 does not), and the interpreter has no timer for it.
+    monkeypatch.setattr(_lora_linear_kernel, "_bench", lambda *args, config, **kwargs: [0.0, 0.0, 0.0])
     monkeypatch.setattr(settings, "PACKED_4BIT_SHAPES", ((16, 32, 128, 4, 1),))
     monkeypatch.setattr(settings, "HALF_DENSE_SHAPES", ((16, 32, 32, 4, 1),))
     monkeypatch.setattr(settings, "FP32_DENSE_SHAPES", ((16, 32, 32, 4, 1),))
@@ -245,11 +254,12 @@ def test_tiles_spanning_several_quantization_blocks_via_the_config_pruner(monkey
     assert _lora_linear_kernel.best_config is narrow
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("rank", [1, 8, 64, 128])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_dual_dense_matches_reference_and_peft(rank, dtype):
-    layer = lora_layer(dense_linear(dtype), ranks=(rank,))
-    x = inputs(2, 5, dtype=dtype)
+def test_dual_dense_matches_reference_and_peft(rank, dtype, device):
+    layer = lora_layer(dense_linear(dtype), ranks=(rank,)).to(device)
+    x = inputs(2, 5, dtype=dtype).to(device)
     y_base, y_ft = dual_lora_linear(x, layer)
     assert y_base.dtype == y_ft.dtype == dtype and y_ft.shape == (2, 5, OUT)
     with torch.no_grad():
@@ -261,11 +271,12 @@ def test_dual_dense_matches_reference_and_peft(rank, dtype):
     assert (y_ft - y_base).abs().max() > 1e-2  # the adapter really contributes
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("nested", [False, True])
-def test_dual_4bit_matches_dequantize_plus_matmul_and_peft(quant_type, nested):
-    layer = lora_layer(linear_4bit(quant_type, nested), ranks=(8,))
-    x = inputs(7)
+def test_dual_4bit_matches_dequantize_plus_matmul_and_peft(quant_type, nested, device):
+    layer = lora_layer(linear_4bit(quant_type, nested, device=device), ranks=(8,))
+    x = inputs(7).to(device)
     y_base, y_ft = dual_lora_linear(x, layer)
     base = layer.get_base_layer()
     dense = bnb_functional.dequantize_4bit(base.weight.data, base.weight.quant_state)
@@ -275,10 +286,11 @@ def test_dual_4bit_matches_dequantize_plus_matmul_and_peft(quant_type, nested):
         assert_close(y_ft, layer(x), 1e-4)
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_dual_4bit_in_half_precision(dtype):
-    layer = lora_layer(linear_4bit("nf4", True, dtype), ranks=(16,))
-    x = inputs(3, dtype=dtype)
+def test_dual_4bit_in_half_precision(dtype, device):
+    layer = lora_layer(linear_4bit("nf4", True, dtype, device=device), ranks=(16,))
+    x = inputs(3, dtype=dtype).to(device)
     y_base, y_ft = dual_lora_linear(x, layer)
     with torch.no_grad():
         expected_base, expected_ft = reference_outputs(x.double(), x.double(), layer)
@@ -287,10 +299,16 @@ def test_dual_4bit_in_half_precision(dtype):
     assert_close(y_ft, expected_ft, TOLERANCE[dtype])
 
 
-@pytest.mark.parametrize("make_base", [dense_linear, lambda: linear_4bit("nf4", True)], ids=["dense", "nf4"])
-def test_two_stream_matches_two_reference_products(make_base):
-    layer = lora_layer(make_base(), ranks=(8,))
-    x_pt, x_ft = inputs(3, seed=6), inputs(2, 9, seed=7)  # different row counts
+def _base_on(device: torch.device, kind: str) -> nn.Module:
+    """A dense fp32 linear moved to ``device``, or an NF4 one (nested absmax) quantized there."""
+    return dense_linear().to(device) if kind == "dense" else linear_4bit("nf4", True, device=device)
+
+
+@pytest.mark.device
+@pytest.mark.parametrize("kind", ["dense", "nf4"])
+def test_two_stream_matches_two_reference_products(kind, device):
+    layer = lora_layer(_base_on(device, kind), ranks=(8,))
+    x_pt, x_ft = inputs(3, seed=6).to(device), inputs(2, 9, seed=7).to(device)  # different row counts
     y_pt, y_ft = two_stream_lora_linear(x_pt, x_ft, layer)
     assert y_pt.shape == (3, OUT) and y_ft.shape == (2, 9, OUT)
     with torch.no_grad():
@@ -336,7 +354,7 @@ def test_gpt2_conv1d_base_reads_the_transposed_weight():
 def _loss(outputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """A loss that weights the two outputs differently, so a swapped gradient would show."""
     first, second = outputs
-    weights = torch.linspace(-1.0, 2.0, OUT)
+    weights = torch.linspace(-1.0, 2.0, OUT, device=first.device)
     return (first * weights).sum() + (second * weights.flip(0) ** 2).sum()
 
 
@@ -346,14 +364,15 @@ def _trainables(layer: nn.Module) -> list[torch.Tensor]:
     return params + ([bias] if bias.requires_grad else [])
 
 
-@pytest.mark.parametrize("make_base", [dense_linear, lambda: linear_4bit("nf4", True)], ids=["dense", "nf4"])
+@pytest.mark.device
+@pytest.mark.parametrize("kind", ["dense", "nf4"])
 @pytest.mark.parametrize("two_streams", [False, True], ids=["dual", "two-stream"])
-def test_backward_matches_torch_autograd(make_base, two_streams):
-    layer = lora_layer(make_base(), ranks=(8,))
-    if isinstance(layer.get_base_layer(), nn.Linear) and not isinstance(layer.get_base_layer(), bnb.nn.Linear4bit):
+def test_backward_matches_torch_autograd(kind, two_streams, device):
+    layer = lora_layer(_base_on(device, kind), ranks=(8,))
+    if kind == "dense":
         layer.get_base_layer().bias.requires_grad_(True)
-    x_pt = inputs(2, 3, seed=8).requires_grad_(True)
-    x_ft = inputs(5, seed=9).requires_grad_(True) if two_streams else x_pt
+    x_pt = inputs(2, 3, seed=8).to(device).requires_grad_(True)
+    x_ft = inputs(5, seed=9).to(device).requires_grad_(True) if two_streams else x_pt
     leaves = [x_pt, x_ft] if two_streams else [x_pt]
     params = _trainables(layer)
 

@@ -16,6 +16,8 @@ import textwrap
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("triton.backends.nvidia")
 
 # Each kernel kind with its smallest and largest autotune config, and the dequantize kernel; then the

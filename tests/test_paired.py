@@ -14,10 +14,12 @@ import tuco_peft
 import tuco_peft.kernels.api as kernels_api
 from models import base_model, lora_model, model_pair, padded_batch
 from steering_reference import greedy, steered_last_token_tuco, steered_logits
-from test_decompose_backend import quantize_decoder_linears
+from test_decompose_backend import nf4_llama
 from test_steering import _logits
 from tuco_peft.introspection import model_parts
 from tuco_peft.steering import ftc_scale
+
+pytestmark = pytest.mark.interpreter
 
 ALPHAS = (0.5, 0.0, 1.7)
 
@@ -44,10 +46,11 @@ def _assert_paired(calls: Counter, model) -> None:
         assert "forward" not in module.__dict__ and not module._forward_hooks
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "phi3", "gpt2"])
-def test_steered_logits_match_the_two_model_reference(family, kernel_calls, recwarn):
-    pretrained, model = model_pair(family)
-    ids, mask = padded_batch()
+def test_steered_logits_match_the_two_model_reference(family, kernel_calls, recwarn, device):
+    pretrained, model = (m.to(device) for m in model_pair(family))
+    ids, mask = (t.to(device) for t in padded_batch())
     with torch.no_grad(), ftc_scale(model, ALPHAS, backend="triton"):
         steered = _logits(model, ids, mask)
     expected = steered_logits(model, pretrained, ids, mask, ALPHAS)
@@ -58,11 +61,13 @@ def test_steered_logits_match_the_two_model_reference(family, kernel_calls, recw
     assert not [w for w in recwarn if "tuco-peft" in str(w.message)]
 
 
+@pytest.mark.device
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
-def test_generation_with_cache_follows_the_reference(family, kernel_calls):
+def test_generation_with_cache_follows_the_reference(family, kernel_calls, device):
     """Lean fine-tuned slots (llama), sliding-window slots (gemma2), a positional cache argument (gpt2)."""
-    pretrained, model = model_pair(family)
-    ids, mask = padded_batch()
+    pretrained, model = (m.to(device) for m in model_pair(family))
+    ids, mask = (t.to(device) for t in padded_batch())
     n_new = 4
     expected = greedy(model, pretrained, ids, mask, ALPHAS, n_new)
     out = tuco_peft.generate(
@@ -76,7 +81,7 @@ def test_generation_with_cache_follows_the_reference(family, kernel_calls):
 
 
 def test_steering_a_4bit_base_matches_the_torch_backend(kernel_calls):
-    model = lora_model(quantize_decoder_linears(base_model("llama")))
+    model = nf4_llama()
     ids, mask = padded_batch(lengths=(6, 4))
     with torch.no_grad():
         with ftc_scale(model, 0.6, backend="torch"):

@@ -19,34 +19,39 @@ def _repacked(model):
     return [m for m in _linear4bit_modules(model) if getattr(m.weight.quant_state, "packing_format_for_cpu", False)]
 
 
-def _quantized_lora_model(tmp_path, quantization):
+def _quantized_lora_model(tmp_path, quantization, device="cpu"):
+    """A LoRA fine-tune of a tiny Llama whose linears bitsandbytes quantized on ``device`` (its own kernels
+    there: CUDA, or the CPU backend)."""
     base_model("llama").save_pretrained(tmp_path)
-    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quantization, device_map="cpu")
+    device_map = {"": str(device)}
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quantization, device_map=device_map)
     for module in _linear4bit_modules(model):
         module.support_avx512bf16_for_cpu = False  # keep the oracle's weights as loaded
     return lora_model(model)
 
 
-def qlora_model(tmp_path, quant_type="nf4", double_quant=False):
+def qlora_model(tmp_path, quant_type="nf4", double_quant=False, device="cpu"):
     quantization = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant_type,
         bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=torch.float32,
     )
-    return _quantized_lora_model(tmp_path, quantization)
+    return _quantized_lora_model(tmp_path, quantization, device)
 
 
 def _oracle(model, ids, mask):
     return two_pass(model, decoder_blocks(model), ids, mask, pt_context=model.disable_adapter)
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain-absmax", "nested-absmax"])
-def test_qlora_matches_oracle(tmp_path, quant_type, double_quant):
-    model = qlora_model(tmp_path, quant_type, double_quant)
+def test_qlora_matches_oracle(tmp_path, quant_type, double_quant, device):
+    model = qlora_model(tmp_path, quant_type, double_quant, device)
     assert len(_linear4bit_modules(model)) == 21
-    ids, mask = padded_batch()
+    assert all(m.weight.device.type == device.type for m in _linear4bit_modules(model))
+    ids, mask = (t.to(device) for t in padded_batch())
     with torch.no_grad():
         ptc, ftc, _, _ = _oracle(model, ids, mask)
         d = tuco_peft.decompose(model, ids, mask, positions="all")
@@ -79,9 +84,10 @@ def test_decompose_never_repacks_and_leaves_the_flag(tmp_path):
     assert all(m.support_avx512bf16_for_cpu for m in _linear4bit_modules(model))
 
 
-def test_gradients_through_a_4bit_base_match_the_oracle(tmp_path):
-    model = qlora_model(tmp_path)
-    ids, mask = padded_batch()
+@pytest.mark.device
+def test_gradients_through_a_4bit_base_match_the_oracle(tmp_path, device):
+    model = qlora_model(tmp_path, device=device)
+    ids, mask = (t.to(device) for t in padded_batch())
     tuco_peft.tuco(model, ids, mask).sum().backward()
     ours = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     assert sum("layers.0." in n for n in ours) > 0  # reaches the first block through every 4-bit layer

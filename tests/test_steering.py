@@ -59,10 +59,11 @@ def test_alpha_one_is_the_fine_tuned_model_and_zero_the_base_model(family):
     assert (finetuned - at_zero).abs().max() > 1e-2  # the adapter matters, so the checks above can fail
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("family", FAMILIES)
-def test_scaled_logits_match_two_model_reference(family):
-    pretrained, model = model_pair(family)
-    ids, mask = padded_batch()
+def test_scaled_logits_match_two_model_reference(family, device):
+    pretrained, model = (m.to(device) for m in model_pair(family))
+    ids, mask = (t.to(device) for t in padded_batch())
     alpha = 1.3 if family in ("llama", "gpt2") else [0.5, 1.0, 1.8]  # one float, or one value per block
     with ftc_scale(model, alpha):
         steered = _logits(model, ids, mask)
@@ -71,10 +72,11 @@ def test_scaled_logits_match_two_model_reference(family):
     assert (_real(steered, mask) - _real(_logits(model, ids, mask), mask)).abs().max() > 1e-3
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("family", ["llama", "gpt2", "mistral", "gemma2"])
-def test_greedy_generation_with_cache_equals_reference_without(family):
-    pretrained, model = model_pair(family)
-    ids, mask = padded_batch(lengths=(7, 4, 9))
+def test_greedy_generation_with_cache_equals_reference_without(family, device):
+    pretrained, model = (m.to(device) for m in model_pair(family))
+    ids, mask = (t.to(device) for t in padded_batch(lengths=(7, 4, 9)))
     alphas = [1.5, 0.6, 2.0]
     with ftc_scale(model, alphas):
         generated = _greedy_generate(model, ids, mask, 8)

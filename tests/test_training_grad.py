@@ -28,12 +28,13 @@ def assert_gradients_equal(actual, expected, names):
         assert float((a - e).abs().max()) <= 1e-5 * scale, name
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("family", ["llama", "gemma2", "phi3"])
-def test_tuco_gradients_equal_the_two_model_reference_with_checkpointing_on(family):
-    pretrained, model = model_pair(family)
+def test_tuco_gradients_equal_the_two_model_reference_with_checkpointing_on(family, device):
+    pretrained, model = (m.to(device) for m in model_pair(family))
     pretrained.requires_grad_(False)
     parameters = lora_parameters(model)
-    ids, mask = padded_batch()
+    ids, mask = (t.to(device) for t in padded_batch())
     model.train()
     model.gradient_checkpointing_enable()
     assert all(checkpointing_flags(model))
