@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from cli_fixtures import CONTEXT, fails, read_rows, write_lines
+from cli_fixtures import CONTEXT, fails, loading_forbidden, read_rows, write_lines  # noqa: F401 (a fixture)
 from oracle import decoder_blocks, tuco_at_last, two_pass
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -144,6 +144,7 @@ def test_resuming_into_rows_of_other_prompts_is_refused(checkpoints, tmp_path, c
     )
 
 
+@pytest.mark.slow  # a process of its own
 def test_ctrl_c_keeps_written_rows_and_the_rerun_completes(checkpoints, tmp_path):
     n = 300
     prompts = write_lines(tmp_path / "p.txt", [f"the quick brown fox {i}" for i in range(n)])
@@ -336,7 +337,7 @@ def test_resuming_with_other_settings_is_refused(checkpoints, tmp_path, capsys):
     fails([*argv, "--chat-template", "--system", "be brief"], capsys, "(chat_template, system differ)")
     fails([*argv, "--positions", "all"], capsys, "(positions differ)")
     other = _analyze_argv(checkpoints, prompts, out, base=checkpoints.pickle_base)
-    fails([*other, "--trust-pickle"], capsys, "(base differ)")
+    fails([*other, "--trust-pickle"], capsys, "(base files differ)")  # weights of other content
     assert _analyze(checkpoints, prompts, out) == 0 and len(read_rows(out)) == 2
 
 
@@ -347,17 +348,6 @@ def test_out_must_be_a_results_file_other_than_the_prompts(checkpoints, tmp_path
     fails(_analyze_argv(checkpoints, prompts, other), capsys, "other.jsonl:1 is not a tuco-peft result row")
     chat = write_lines(tmp_path / "chat.txt", ["how can I help you today?"])
     fails(["compare", *_model_args(checkpoints), str(chat), str(prompts), "--out", str(chat)], capsys, "prompt file")
-
-
-@pytest.fixture
-def loading_forbidden(monkeypatch):
-    """Make loading a model an error, so that a test can show a check ran before it."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded")
-
-    for name in ("load_pair", "load_full_finetune", "load_base"):
-        monkeypatch.setattr(importlib.import_module("tuco_peft.cli"), name, refuse)
 
 
 def test_resume_with_empty_prompts_loads_nothing(checkpoints, tmp_path, capsys, monkeypatch):
@@ -389,7 +379,8 @@ def test_prompt_files_split_on_newline_only(tmp_path):
     assert [(p.id, p.text) for p in read_prompts(records)] == [(1, "one\u2028line")]
 
 
-def test_bad_input_is_refused_before_any_model_loads(checkpoints, tmp_path, capsys, monkeypatch, loading_forbidden):
+@pytest.mark.usefixtures("loading_forbidden")
+def test_bad_input_is_refused_before_any_model_loads(checkpoints, tmp_path, capsys, monkeypatch):
     prompts = write_lines(tmp_path / "p.txt", PROMPTS[:1])
     argv = _analyze_argv(checkpoints, prompts, tmp_path / "o.jsonl")
     messages = write_lines(tmp_path / "m.jsonl", [json.dumps({"messages": [{"role": "user", "content": "hi"}]})])

@@ -14,6 +14,7 @@ from cli_fixtures import read_rows
 
 from tuco_peft.cli import main
 from tuco_peft.distributed import Ranks, part_file, parts_directory
+from tuco_peft.locking import lock_path, results_lock
 
 PROMPTS = [
     "the quick brown fox",
@@ -89,13 +90,14 @@ def _assert_same_rows(got: list[dict], expected: list[dict], keep_tuco: set[int]
             assert row[field] == pytest.approx(reference[field], abs=1e-6, rel=1e-6)
 
 
+@pytest.mark.slow  # processes of their own
 def test_two_ranks_write_the_rows_of_one_process_in_prompt_order(checkpoints, prompts, one_process_rows, tmp_path):
     out = tmp_path / "rows.jsonl"
     run = _launch_two_ranks(_analyze_argv(checkpoints, prompts, out))
     assert run.returncode == 0, run.stderr
     assert [row["id"] for row in one_process_rows] == [1, 2, 4, 5, 6, 7]
     _assert_same_rows(read_rows(out), one_process_rows)
-    assert not parts_directory(out).exists()
+    assert not parts_directory(out).exists() and not lock_path(out).exists()
     assert "rank 0/2" in run.stderr and "rank 1/2" in run.stderr  # both ranks did their share
     assert run.stdout.count("prompts: 6") == 1  # one summary, from rank 0
 
@@ -110,6 +112,7 @@ def _interrupted_run(out: Path, rows: list[dict]) -> None:
     rank1.write_text(json.dumps(by_id[2]) + "\n")
 
 
+@pytest.mark.slow  # processes of their own
 def test_interrupted_distributed_run_resumes_under_two_ranks(checkpoints, prompts, one_process_rows, tmp_path):
     out = tmp_path / "rows.jsonl"
     _interrupted_run(out, one_process_rows)
@@ -121,6 +124,7 @@ def test_interrupted_distributed_run_resumes_under_two_ranks(checkpoints, prompt
     assert not parts_directory(out).exists()
 
 
+@pytest.mark.slow  # processes of their own
 def test_interrupted_distributed_run_resumes_in_one_process(checkpoints, prompts, one_process_rows, tmp_path):
     out = tmp_path / "rows.jsonl"
     _interrupted_run(out, one_process_rows)
@@ -130,6 +134,7 @@ def test_interrupted_distributed_run_resumes_in_one_process(checkpoints, prompts
     assert not parts_directory(out).exists()
 
 
+@pytest.mark.slow  # processes of their own
 def test_an_error_stops_every_rank_with_one_line(checkpoints, prompts, tmp_path):
     out = tmp_path / "rows.jsonl"
     out.write_text("not a row\n")
@@ -140,6 +145,18 @@ def test_an_error_stops_every_rank_with_one_line(checkpoints, prompts, tmp_path)
     assert any("rows.jsonl:1 is not a tuco-peft result row" in line for line in errors), run.stderr
     assert "Traceback" not in workers
     assert out.read_text() == "not a row\n" and not parts_directory(out).exists()
+
+
+@pytest.mark.slow  # processes of their own
+def test_ranks_hold_one_lock_and_a_held_lock_stops_every_rank(checkpoints, prompts, tmp_path):
+    out = tmp_path / "rows.jsonl"
+    with results_lock(out):  # another run writing --out
+        run = _launch_two_ranks(_analyze_argv(checkpoints, prompts, out))
+    assert run.returncode != 0
+    workers = run.stderr.split("torch/distributed/elastic", 1)[0]
+    assert f"being written by another tuco-peft run (pid {os.getpid()})" in workers, run.stderr
+    assert "Traceback" not in workers
+    assert not out.exists() and not parts_directory(out).exists() and not lock_path(out).exists()
 
 
 def test_process_group_waits_long_for_slow_ranks(monkeypatch):

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from .views import TokenReport
 
 
 def tuco_from_sums(ptc_sum: torch.Tensor, ftc_sum: torch.Tensor) -> torch.Tensor:
@@ -57,3 +62,24 @@ class Decomposition:
         The last entry is ``tuco``; entry l is the last-token analogue of the paper's β_{l+1} (§4.4).
         """
         return tuco_from_sums(self.ptc.cumsum(1), self.ftc.cumsum(1))
+
+    def view(
+        self,
+        tokenizer: Any | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        titles: Sequence[str] | None = None,
+    ) -> TokenReport:
+        """The prompts with each decomposed token coloured by its TuCo: shows in a notebook, ``.save("x.html")``.
+
+        Pass the ``input_ids`` (and ``attention_mask``) that were decomposed and the ``tokenizer`` to see the
+        text; without them the decomposed positions are shown as ``[index]``. See ``tuco_peft.views``.
+        """
+        from .views import TokenReport, texts_from_decomposition
+
+        texts = texts_from_decomposition(self, input_ids, attention_mask, tokenizer, titles)
+        return TokenReport(texts, "TuCo per token")
+
+    def _repr_html_(self) -> str:
+        """Notebook display: TuCo at each decomposed position (token text needs ``view(tokenizer, input_ids)``)."""
+        return self.view()._repr_html_()

@@ -4,6 +4,11 @@ Each rank analyses every ``world_size``-th prompt still missing from ``--out`` a
 part file as they are computed; at the end rank 0 folds the parts into ``--out``, in the prompt file's order.
 Rows travel through files, never through collectives: the process group (gloo, which runs on CPU and so
 beside CUDA ranks too) only lets the ranks agree on when each step is over and whether every rank succeeded.
+
+One lock guards ``--out`` and its parts (see ``locking``): rank 0 takes it in the first step, before any
+rank reads or writes a row, and holds it until the last merge. Every other rank writes only its own part
+file, and only in the steps between, so the ranks of one run act as its single writer; a second run on the
+same ``--out`` is refused by rank 0, and with it every rank.
 """
 
 from __future__ import annotations
@@ -15,8 +20,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import TypeVar
-
-import torch
 
 from .errors import InputError, TuCoError
 from .results import ResultsFile
@@ -83,6 +86,7 @@ def process_group(ranks: Ranks) -> Iterator[None]:
 
 
 def _all_succeeded(succeeded: bool) -> bool:
+    import torch
     import torch.distributed as dist
 
     flag = torch.tensor([int(succeeded)])
@@ -117,18 +121,19 @@ def part_file(out: Path, ranks: Ranks) -> Path:
     return parts_directory(out) / f"rank{ranks.rank}-of-{ranks.world_size}.jsonl"
 
 
-def fold_parts(results: ResultsFile) -> None:
+def fold_parts(results: ResultsFile, *, repair: bool = False) -> None:
     """Move the rows of part files (a finished or an interrupted data-parallel run) into ``results``.
 
-    Rows already in ``results`` are not repeated; a part's last row cut short by an interruption is dropped.
-    Then the part files are removed, so a rerun with any number of ranks starts from ``results`` alone.
+    Rows already in ``results`` are not repeated; a part's last row cut short by an interruption is dropped
+    (and with ``repair``, any line that is not a row). Then the part files are removed, so a rerun with any
+    number of ranks starts from ``results`` alone. The caller holds ``results``'s lock.
     """
     directory = parts_directory(results.path)
     if not directory.is_dir():
         return
     parts = sorted(directory.glob("rank*-of-*.jsonl"))
     for part in parts:
-        results.append([row for row in ResultsFile(part).rows if not results.has_row(row)])
+        results.append([row for row in ResultsFile(part, repair=repair).rows if not results.has_row(row)])
     for part in parts:
         part.unlink()
     with suppress(OSError):  # something else was put there: leave the directory to its owner

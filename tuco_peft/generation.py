@@ -7,9 +7,10 @@ is ever re-run.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -20,6 +21,9 @@ from .errors import InputError, TuCoError
 from .inputs import prepare_batch
 from .introspection import model_parts
 from .steering import Alpha, layer_alphas, steered_forward
+
+if TYPE_CHECKING:
+    from .views import TokenReport
 
 
 @dataclass
@@ -34,6 +38,23 @@ class SteeredGeneration:
     sequences: torch.Tensor
     tuco: torch.Tensor
     output: Any
+
+    def view(
+        self,
+        tokenizer: Any | None = None,
+        attention_mask: torch.Tensor | None = None,
+        titles: Sequence[str] | None = None,
+    ) -> TokenReport:
+        """Prompt and continuation, each new token coloured by the TuCo behind it: shows in a notebook,
+        ``.save("x.html")``. Without a ``tokenizer`` tokens show as ``[id]``; ``attention_mask`` is the
+        prompts' (else leading pad tokens are dropped). See ``tuco_peft.views``."""
+        from .views import TokenReport, texts_from_generation
+
+        return TokenReport(texts_from_generation(self, tokenizer, attention_mask, titles), "TuCo per generated token")
+
+    def _repr_html_(self) -> str:
+        """Notebook display (token ids; ``view(tokenizer)`` shows the text)."""
+        return self.view()._repr_html_()
 
 
 class _LastTokenTuCo:

@@ -3,24 +3,42 @@ a fully fine-tuned model and its pre-trained checkpoint; and the tokenizer.
 
 Weights load from safetensors only, unless the user trusts pickle files (``--trust-pickle``); remote code
 runs only with ``--trust-remote-code``. Every checkpoint is a local directory or a Hugging Face Hub id.
+
+The checks of a local checkpoint (``check_checkpoint``, ``check_tokenizer``) read no weights, so the
+command line runs them before anything loads: a wrong folder or a truncated file is reported at once.
+torch and transformers are imported only by what loads.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from .errors import InputError, first_line
 
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# A folder holds a tokenizer when it has one of the markers; TOKENIZER_FILES are all it is read from.
+_TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+TOKENIZER_FILES = (
+    *_TOKENIZER_MARKERS,
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+_MAX_SAFETENSORS_HEADER = 100 * 2**20  # the safetensors format's own limit
 
 
 @dataclass(frozen=True)
@@ -34,6 +52,8 @@ class LoadOptions:
     trust_remote_code: bool = False
 
     def torch_device(self) -> torch.device:
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         try:
@@ -45,9 +65,11 @@ class LoadOptions:
         return device
 
     def torch_dtype(self) -> torch.dtype:
+        import torch
+
         if self.dtype == "auto":
             return torch.bfloat16 if self.torch_device().type == "cuda" else torch.float32
-        return _DTYPES[self.dtype]
+        return getattr(torch, self.dtype)
 
 
 @dataclass(frozen=True)
@@ -94,11 +116,47 @@ def _hub_failure(source: Source, error: Exception) -> InputError:
     )
 
 
+def safetensors_header(path: Path) -> bytes:
+    """The JSON header of a safetensors file, once the file is known to be as long as the header says.
+
+    Raises ``ValueError`` saying what is wrong with a truncated file or one that is not safetensors.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise ValueError(f"{size} bytes, too short for a safetensors header")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > min(_MAX_SAFETENSORS_HEADER, size - 8):
+            raise ValueError(f"its header claims {length} bytes of the file's {size}")
+        header = handle.read(length)
+    try:
+        entries = json.loads(header)
+        end = max(
+            (int(entry["data_offsets"][1]) for name, entry in entries.items() if name != "__metadata__"), default=0
+        )
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        raise ValueError("its header is not a safetensors header") from None
+    if 8 + length + end != size:
+        raise ValueError(f"its header describes {8 + length + end} bytes, the file has {size}")
+    return header
+
+
+def _check_safetensors(source: Source) -> None:
+    for path in sorted(source.local.glob("*.safetensors")):
+        try:
+            safetensors_header(path)
+        except ValueError as error:
+            raise InputError(
+                f"{source.describe()}: {path} is truncated or corrupt ({error}); save or download it again."
+            ) from None
+
+
 def _check_weight_files(source: Source, safetensors_names: tuple[str, ...], trust_pickle: bool) -> None:
     files = [p.name for p in source.local.iterdir() if p.is_file()]
     if any(name.endswith(".safetensors") and name.startswith(safetensors_names) for name in files):
         return
-    pickled = sorted(name for name in files if name.endswith(_PICKLE_SUFFIXES))
+    pickled = sorted(name for name in files if name.endswith(PICKLE_SUFFIXES))
     if not pickled:
         raise InputError(f"{source.describe()} holds no weights (no .safetensors file).")
     if not trust_pickle:
@@ -123,15 +181,81 @@ def _check_remote_code(source: Source, trust_remote_code: bool) -> None:
         )
 
 
+def _check_kind(source: Source, adapter: bool) -> None:
+    """A model folder where a model is wanted, an adapter folder where an adapter is."""
+    has_model, has_adapter = ((source.local / name).is_file() for name in ("config.json", "adapter_config.json"))
+    if adapter and not has_adapter:
+        if has_model:
+            raise InputError(
+                f"{source.describe()} is a full model (config.json), not a PEFT adapter; pass it as --base with "
+                "its adapter as --adapter, or as --model for a full fine-tune."
+            )
+        raise InputError(f"{source.describe()} is not a PEFT adapter (no adapter_config.json).")
+    if not adapter and not has_model:
+        if has_adapter:
+            partner = " and this folder as --adapter" if source.flag == "--base" else ""
+            raise InputError(
+                f"{source.describe()} is a PEFT adapter (adapter_config.json), not a model; pass the model it was "
+                f"trained on as {source.flag}{partner}."
+            )
+        raise InputError(
+            f"{source.describe()} is not a transformers checkpoint (no config.json); pass the folder of the "
+            "model's config.json and weights."
+        )
+
+
+def check_checkpoint(source: Source, options: LoadOptions, kind: str = "model") -> None:
+    """Every check of a checkpoint that loads no weights, so that it can run before anything loads.
+
+    ``kind`` is "model" (loaded by transformers), "adapter" (loaded by PEFT) or "streamed" (a pre-trained
+    checkpoint whose safetensors decompose streams). A local folder must be of that kind, hold weights it
+    may load, need no code it may not run and hold whole safetensors files; a hub id is checked when fetched.
+    """
+    if kind == "streamed" and options.load_in_4bit:
+        raise InputError(
+            "--load-in-4bit with a streamed --base-model is not supported (streamed blocks are read unquantized); "
+            "add --resident-base to load both models in 4-bit."
+        )
+    if source.local is None:
+        return
+    _check_kind(source, adapter=kind == "adapter")
+    if kind == "streamed":
+        if not any(source.local.glob("*.safetensors")):
+            raise InputError(
+                f"{source.describe()} has no .safetensors weights to stream; convert them, or add --resident-base "
+                "(with --trust-pickle for pickle weights you trust)."
+            )
+    else:
+        _check_weight_files(source, ("adapter_model",) if kind == "adapter" else ("model",), options.trust_pickle)
+        if kind == "model":
+            _check_remote_code(source, options.trust_remote_code)
+    _check_safetensors(source)
+
+
+def tokenizer_source(base: Source, finetune: Source | None) -> Source:
+    """Where the tokenizer is read from: the fine-tune (adapter or fine-tuned model) when it ships one
+    (fine-tunes often add a chat template), else the base."""
+    ships_one = finetune is not None and finetune.local is not None
+    if ships_one and any((finetune.local / name).is_file() for name in _TOKENIZER_MARKERS):
+        return finetune
+    return base
+
+
+def check_tokenizer(source: Source) -> None:
+    """A local folder the tokenizer is read from holds one."""
+    if source.local is not None and not any((source.local / name).is_file() for name in _TOKENIZER_MARKERS):
+        raise InputError(
+            f"{source.describe()} holds no tokenizer ({', '.join(_TOKENIZER_MARKERS)}), nor does its fine-tune; "
+            "save the tokenizer into it with tokenizer.save_pretrained(DIR)."
+        )
+
+
 def load_base(source: Source, options: LoadOptions) -> nn.Module:
     """The pre-trained causal LM, in eval mode, on the requested device and dtype."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
-    if source.local is not None:
-        if not (source.local / "config.json").is_file():
-            raise InputError(f"{source.describe()} is not a transformers checkpoint (no config.json).")
-        _check_weight_files(source, ("model",), options.trust_pickle)
-        _check_remote_code(source, options.trust_remote_code)
+    check_checkpoint(source, options)
     kwargs = {
         "dtype": options.torch_dtype(),
         "use_safetensors": None if options.trust_pickle else True,
@@ -144,7 +268,7 @@ def load_base(source: Source, options: LoadOptions) -> nn.Module:
         model = AutoModelForCausalLM.from_pretrained(
             source.location if source.local is None else source.local, **kwargs
         )
-    except OSError as error:
+    except (OSError, SafetensorError) as error:
         raise _load_failure(source, error) from error
     if not options.load_in_4bit:
         model = model.to(options.torch_device())
@@ -199,32 +323,24 @@ def check_adapter_fits(base: nn.Module, adapter_dir: Path) -> None:
 def load_adapter(base: nn.Module, source: Source, options: LoadOptions) -> nn.Module:
     """Wrap ``base`` with the LoRA adapter at ``source``, in eval mode."""
     from peft import PeftModel
+    from safetensors import SafetensorError
 
-    if source.local is not None:
-        if not (source.local / "adapter_config.json").is_file():
-            raise InputError(f"{source.describe()} is not a PEFT adapter (no adapter_config.json).")
-        _check_weight_files(source, ("adapter_model",), options.trust_pickle)
-        if (source.local / "adapter_model.safetensors").is_file():
-            check_adapter_fits(base, source.local)
+    check_checkpoint(source, options, "adapter")
+    if source.local is not None and (source.local / "adapter_model.safetensors").is_file():
+        check_adapter_fits(base, source.local)
     try:
         model = PeftModel.from_pretrained(base, source.location if source.local is None else str(source.local))
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, SafetensorError) as error:
         raise _load_failure(source, error) from error
     return model.eval()
 
 
 def load_tokenizer(base: Source, finetune: Source | None, options: LoadOptions):
-    """The fine-tune's tokenizer (adapter or fine-tuned model) when it ships one (fine-tunes often add a chat
-    template), else the base's."""
+    """The tokenizer of ``tokenizer_source``."""
     from transformers import AutoTokenizer
 
-    source = base
-    if (
-        finetune is not None
-        and finetune.local is not None
-        and any((finetune.local / f).is_file() for f in _TOKENIZER_FILES)
-    ):
-        source = finetune
+    source = tokenizer_source(base, finetune)
+    check_tokenizer(source)
     try:
         return AutoTokenizer.from_pretrained(
             source.location if source.local is None else source.local, trust_remote_code=options.trust_remote_code
@@ -233,22 +349,53 @@ def load_tokenizer(base: Source, finetune: Source | None, options: LoadOptions):
         raise _load_failure(source, error, "no usable tokenizer ({}).") from error
 
 
+@dataclass(frozen=True)
+class Checkpoints:
+    """The checkpoints of a fine-tune, by flag without its dashes, and where its tokenizer is read from."""
+
+    by_flag: dict[str, Source]
+    tokenizer: Source
+
+
+def check_pair(base: str, adapter: str, options: LoadOptions) -> Checkpoints:
+    """A base model and its LoRA adapter, each checked as far as it can be without loading it."""
+    base_source, adapter_source = resolve(base, "--base"), resolve(adapter, "--adapter")
+    check_checkpoint(base_source, options)
+    check_checkpoint(adapter_source, options, "adapter")
+    return _with_tokenizer({"base": base_source, "adapter": adapter_source}, base_source, adapter_source)
+
+
+def check_full_finetune(
+    finetuned: str, pretrained: str, options: LoadOptions, *, resident: bool = False
+) -> Checkpoints:
+    """A fully fine-tuned model and its pre-trained checkpoint (to load with ``resident``, else to stream),
+    each checked as far as it can be without loading it."""
+    finetuned_source, pretrained_source = resolve(finetuned, "--model"), resolve(pretrained, "--base-model")
+    check_checkpoint(finetuned_source, options)
+    check_checkpoint(pretrained_source, options, "model" if resident else "streamed")
+    return _with_tokenizer(
+        {"model": finetuned_source, "base_model": pretrained_source}, pretrained_source, finetuned_source
+    )
+
+
+def _with_tokenizer(by_flag: dict[str, Source], base: Source, finetune: Source) -> Checkpoints:
+    tokenizer = tokenizer_source(base, finetune)
+    check_tokenizer(tokenizer)
+    return Checkpoints(by_flag, tokenizer)
+
+
 def load_pair(base: str, adapter: str, options: LoadOptions) -> tuple[nn.Module, object]:
     """(PeftModel in eval mode, tokenizer) for the command line."""
-    base_source, adapter_source = resolve(base, "--base"), resolve(adapter, "--adapter")
-    tokenizer = load_tokenizer(base_source, adapter_source, options)
-    model = load_adapter(load_base(base_source, options), adapter_source, options)
+    checkpoints = check_pair(base, adapter, options)
+    tokenizer = load_tokenizer(checkpoints.by_flag["base"], checkpoints.by_flag["adapter"], options)
+    model = load_adapter(load_base(checkpoints.by_flag["base"], options), checkpoints.by_flag["adapter"], options)
     return model, tokenizer
 
 
 def streamable_checkpoint(source: Source, options: LoadOptions) -> Path:
     """The local directory of a pre-trained checkpoint's safetensors, which decompose streams block by block
     (fetched from the hub first when ``source`` is a hub id)."""
-    if options.load_in_4bit:
-        raise InputError(
-            "--load-in-4bit with a streamed --base-model is not supported (streamed blocks are read unquantized); "
-            "add --resident-base to load both models in 4-bit."
-        )
+    check_checkpoint(source, options, "streamed")
     directory = source.local
     if directory is None:
         from huggingface_hub import snapshot_download
@@ -257,13 +404,7 @@ def streamable_checkpoint(source: Source, options: LoadOptions) -> Path:
             directory = Path(snapshot_download(source.location, allow_patterns=["*.json", "*.safetensors"]))
         except Exception as error:  # offline, unknown id, no access: all mean "not available here"
             raise _hub_failure(source, error) from error
-    if not (directory / "config.json").is_file():
-        raise InputError(f"{source.describe()} is not a transformers checkpoint (no config.json).")
-    if not any(directory.glob("*.safetensors")):
-        raise InputError(
-            f"{source.describe()} has no .safetensors weights to stream; convert them, or add --resident-base "
-            "(with --trust-pickle for pickle weights you trust)."
-        )
+        check_checkpoint(Source(source.flag, source.location, directory), options, "streamed")
     return directory
 
 
@@ -279,7 +420,8 @@ def load_full_finetune(
     from .introspection import model_parts
     from .pretrained import checked_pretrained_blocks
 
-    finetuned_source, pretrained_source = resolve(finetuned, "--model"), resolve(pretrained, "--base-model")
+    checkpoints = check_full_finetune(finetuned, pretrained, options, resident=resident)
+    finetuned_source, pretrained_source = checkpoints.by_flag["model"], checkpoints.by_flag["base_model"]
     tokenizer = load_tokenizer(pretrained_source, finetuned_source, options)
     model = load_base(finetuned_source, options)
     if resident:

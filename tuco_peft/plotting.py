@@ -1,4 +1,4 @@
-"""Figures for the command line (matplotlib, an optional dependency: pip install 'tuco-peft[plot]')."""
+"""Figures for the command line (matplotlib, a dependency of tuco-peft)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def _pyplot():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise InputError("--plot needs matplotlib: pip install 'tuco-peft[plot]'.") from None
+        raise InputError("--plot needs matplotlib, a dependency of tuco-peft: pip install 'matplotlib>=3.8'.") from None
     return plt
 
 

@@ -1,4 +1,10 @@
-"""Rows of an analysis: one JSON line per prompt, written as computed, resumable, and summarised."""
+"""Rows of an analysis: one JSON line per prompt, written as computed, resumable, and summarised.
+
+Each row records what produced it: ``settings`` (where each checkpoint was, the dtype, how prompts were
+formatted) and ``fingerprint`` (the command, and the content of each checkpoint and of the tokenizer, see
+``fingerprint``). A results file holds the rows of one computation: a rerun that would compute rows another
+way is refused rather than mixed in.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +13,21 @@ import os
 import statistics
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from .decomposition import Decomposition
 from .errors import InputError
-from .inputs import last_real_index
 from .prompts import Prompt, PromptId
+
+if TYPE_CHECKING:
+    import torch
+
+    from .decomposition import Decomposition
 
 Row = dict[str, Any]
 Settings = dict[str, Any]
+Fingerprint = dict[str, str]
 REQUIRED_FIELDS = ("id", "prompt", "tuco", "ptc_l1", "settings")
+_LOCATIONS = ("base", "adapter", "model", "base_model")  # settings that the fingerprint replaces by content
 
 
 def result_key(set_name: str | None, prompt_id: PromptId) -> str:
@@ -34,6 +43,26 @@ def _json_line(row: Row) -> str:
     return json.dumps(row, ensure_ascii=False) + "\n"
 
 
+def _parse_row(line: bytes) -> Row | None:
+    try:
+        row = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if not isinstance(row, dict) or any(field not in row for field in REQUIRED_FIELDS):
+        return None
+    return row
+
+
+def _write_atomically(path: Path, rows: Iterable[Row]) -> None:
+    """Replace ``path`` by ``rows`` in one rename, so that an interruption leaves one file or the other whole."""
+    staging = path.with_name(path.name + ".writing")
+    with open(staging, "w", encoding="utf-8") as handle:
+        handle.writelines(_json_line(row) for row in rows)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(staging, path)
+
+
 def decomposition_rows(
     decomposition: Decomposition,
     prompts: Sequence[Prompt],
@@ -44,6 +73,11 @@ def decomposition_rows(
 
     With ``positions="all"`` the row also gets ``token_tuco``, the TuCo at every token of the prompt.
     """
+    import torch
+
+    from .decomposition import Decomposition
+    from .inputs import last_real_index
+
     per_position = decomposition.positions.ndim == 2
     if per_position:
         last = last_real_index(attention_mask.to(decomposition.ptc.device))
@@ -82,58 +116,97 @@ def decomposition_rows(
 class ResultsFile:
     """A JSONL file of rows that a rerun extends instead of repeating.
 
-    Each row is flushed as soon as it is written, so an interrupted run keeps every finished row. A last
-    line cut short by the interruption is dropped when the file is reopened.
+    Each row is flushed as soon as it is written, so an interrupted run keeps every finished row; a last
+    line cut short by the interruption is dropped when the file is reopened. Any other line that is not a
+    row, or repeats one, is an error that names it; with ``repair`` such lines are dropped instead (listed
+    in ``dropped_lines``), every good row is kept, and what was dropped is computed again.
+
+    Opening may rewrite the file, so only the holder of its lock opens it (see ``locking``).
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, repair: bool = False):
         self.path = Path(path)
-        self.rows: list[Row] = self._load()
+        self.dropped_lines: list[int] = []
+        self.rows: list[Row] = self._load(repair)
         self._by_key = {row_key(row): row for row in self.rows}
 
-    def _load(self) -> list[Row]:
+    def _load(self, repair: bool) -> list[Row]:
         if not self.path.exists():
             return []
         if not self.path.is_file():
-            raise InputError(f"--out {self.path} is not a file.")
+            raise InputError(f"--out {self.path} is not a file; pass a file for the rows.")
         data = self.path.read_bytes()
         lines = data.split(b"\n")
         complete, tail = lines[:-1], lines[-1]
-        rows = []
+        rows: list[Row] = []
+        first_line_of: dict[str, int] = {}
+        problems: list[tuple[int, str]] = []
         for number, line in enumerate(complete, start=1):
-            try:
-                row = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                row = None
-            if not isinstance(row, dict) or any(field not in row for field in REQUIRED_FIELDS):
-                raise InputError(
-                    f"{self.path}:{number} is not a tuco-peft result row; pass another --out, or delete the file "
-                    "to start over."
-                )
-            rows.append(row)
-        if tail:  # a row whose write was interrupted: drop it so that it is computed again
+            row = _parse_row(line)
+            if row is None:
+                problems.append((number, "is not a tuco-peft result row"))
+            elif row_key(row) in first_line_of:
+                problems.append((number, f"repeats the row of line {first_line_of[row_key(row)]} (id {row['id']!r})"))
+            else:
+                first_line_of[row_key(row)] = number
+                rows.append(row)
+        if problems and not rows:
+            raise InputError(
+                f"{self.path}:{problems[0][0]} is not a tuco-peft result row, and the file holds none; pass another "
+                "--out."
+            )
+        if problems and not repair:
+            number, problem = problems[0]
+            more = f" (and {len(problems) - 1} more lines)" if len(problems) > 1 else ""
+            raise InputError(
+                f"{self.path}:{number} {problem}{more}; rerun with --repair to keep its {len(rows)} good rows and "
+                "compute the rest again."
+            )
+        if problems:
+            _write_atomically(self.path, rows)
+            self.dropped_lines = [number for number, _ in problems]
+        elif tail:  # a row whose write was interrupted: drop it so that it is computed again
             with open(self.path, "r+b") as handle:
                 handle.truncate(len(data) - len(tail))
         return rows
 
-    def done(self, set_name: str | None, prompt: Prompt, settings: Settings) -> bool:
-        """Whether ``prompt`` already has its row, computed with the same ``settings`` (model, formatting,
-        positions); a stored row for the same id but another prompt or other settings is an error."""
+    def check_made_like(self, settings: Settings, fingerprint: Fingerprint) -> None:
+        """Refuse a file whose rows were computed otherwise than with ``settings`` and ``fingerprint``: by
+        another command, from other checkpoint or tokenizer content, or with other settings.
+
+        Checkpoints are compared by content alone, so a folder that moved still resumes.
+        """
+        expected = {**settings, **fingerprint}
+        for row in self.rows:
+            if "fingerprint" not in row:
+                raise InputError(
+                    f"{self.path} holds rows of an earlier tuco-peft, which do not record their checkpoints' "
+                    "content; pass a new --out to start a new file."
+                )
+            found = {**row["settings"], **row["fingerprint"]}
+            if found == expected:
+                continue
+            if found.get("command") != expected["command"]:
+                raise InputError(
+                    f"{self.path} holds rows of tuco-peft {found.get('command')}, not of {expected['command']}; "
+                    "pass another --out."
+                )
+            changed = sorted(key for key in {*found, *expected} if found.get(key) != expected.get(key))
+            names = [f"{key} files" if key in fingerprint or key in row["fingerprint"] else key for key in changed]
+            raise InputError(
+                f"{self.path} has rows computed with other settings ({', '.join(names)} differ); rerun with the "
+                "settings and files they were computed with, or pass a new --out to start a new file."
+            )
+
+    def done(self, set_name: str | None, prompt: Prompt) -> bool:
+        """Whether ``prompt`` already has its row; a stored row for the same id but another prompt is an error."""
         row = self._by_key.get(result_key(set_name, prompt.id))
         if row is None:
             return False
         if row["prompt"] != prompt.as_json():
             raise InputError(
                 f"{self.path} already has a row for id {prompt.id!r} with another prompt, so it belongs to another "
-                "prompt file; pass another --out, or delete the file to start over."
-            )
-        if row["settings"] != settings:
-            changed = sorted(
-                key for key in {*settings, *row["settings"]} if settings.get(key) != row["settings"].get(key)
-            )
-            raise InputError(
-                f"{self.path} has rows computed with other settings ({', '.join(changed)} differ); pass another "
-                "--out, rerun with the same settings, or delete the file to start over."
+                "prompt file; pass another --out."
             )
         return True
 
@@ -152,22 +225,21 @@ class ResultsFile:
             os.fsync(handle.fileno())
 
     def sort_by(self, keys: Sequence[str]) -> None:
-        """Rewrite the file with the rows of ``keys`` in that order, after any other rows (kept as they were).
-
-        The new file replaces the old one in one rename, so an interruption leaves one or the other whole.
-        """
+        """Rewrite the file with the rows of ``keys`` in that order, after any other rows (kept as they were)."""
         if not self.path.exists():
             return
         rank = {key: index for index, key in enumerate(keys)}
         others = [row for row in self.rows if row_key(row) not in rank]
         ordered = sorted((row for row in self.rows if row_key(row) in rank), key=lambda row: rank[row_key(row)])
-        staging = self.path.with_name(self.path.name + ".sorting")
-        with open(staging, "w", encoding="utf-8") as handle:
-            handle.writelines(_json_line(row) for row in [*others, *ordered])
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(staging, self.path)
         self.rows = [*others, *ordered]
+        _write_atomically(self.path, self.rows)
+
+
+def rows_for(rows: Iterable[Row], prompts: Sequence[Prompt], set_name: str | None = None) -> list[Row]:
+    """The row of each of ``prompts`` (in prompt set ``set_name``) that has one, in the prompts' order."""
+    by_key = {row_key(row): row for row in rows}
+    keys = (result_key(set_name, prompt.id) for prompt in prompts)
+    return [by_key[key] for key in keys if key in by_key]
 
 
 def roc_auc(positive: Sequence[float], negative: Sequence[float]) -> float:
