@@ -78,7 +78,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
 
 from tuco_peft.benchmark import compare_methods  # noqa: E402
 from tuco_peft.generation import generate  # noqa: E402
-from tuco_peft.kernels import dual_lora_linear, two_stream_lora_linear  # noqa: E402
+from tuco_peft.fused_lora import dual_lora_linear, two_stream_lora_linear  # noqa: E402
 
 BACKENDS = ("torch", "triton")
 STEERING_ALPHA = 1.1

@@ -1,7 +1,8 @@
-"""Triton kernels of tuco-peft, installed as ``tuco_peft.kernels``.
+"""Triton kernels of tuco-peft, installed as ``tuco_peft.kernels``: pure ops, tensors in and tensors out.
 
 Fused LoRA linears that read each base-weight tile (dense, or bitsandbytes NF4/FP4 decoded in the tile)
-once for the pre-trained and the fine-tuned outputs. Using them needs Triton; on CPU, set
+once for the pre-trained and the fine-tuned outputs. They import torch and triton only: reading PEFT
+layers into these tensors is ``tuco_peft.lora_tensors``' job. Using them needs Triton; on CPU, set
 TRITON_INTERPRET=1 before triton is imported.
 
 Names load on first use: in a source checkout this folder is also importable as a top-level ``kernels``,
@@ -11,9 +12,13 @@ which transformers probes for the unrelated Hugging Face package of that name; i
 from importlib import import_module
 
 _EXPORTS = {
-    "dual_lora_linear": ".api",
-    "two_stream_lora_linear": ".api",
+    "lora_linear": ".ops",
     "dequantize_4bit": ".bnb_4bit",
+    "DenseWeight": ".weights",
+    "Packed4bitWeight": ".weights",
+    "BaseWeight": ".weights",
+    "INTERPRETING": ".settings",
+    "SUPPORTED_DTYPES": ".settings",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -30,7 +30,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from .bnb_4bit import _dequantize_4bit_kernel
-from .lora_linear import _lora_linear_kernel
+from .lora_linear_kernel import _lora_linear_kernel
 from .settings import INTERPRETING, NO_FP_FUSION, configs_for
 
 # Largest dynamic shared memory one block may use (CUDA programming guide, compute capabilities table).

@@ -11,9 +11,8 @@ from typing import Any
 
 import torch
 
-from .base_weight import BaseWeight
-from .lora_factors import LoraFactors
-from .lora_linear import lora_linear_forward
+from .lora_linear_kernel import lora_linear_forward
+from .weights import BaseWeight
 
 
 class FusedLoraLinear(torch.autograd.Function):
@@ -32,7 +31,7 @@ class FusedLoraLinear(torch.autograd.Function):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.save_for_backward(x_pt, x_ft, a, b, scale, bias)
         ctx.weight = weight
-        return lora_linear_forward(x_pt, x_ft, weight, bias, LoraFactors(a, b, scale))
+        return lora_linear_forward(x_pt, x_ft, a, b, scale, bias, weight)
 
     @staticmethod
     def backward(ctx: Any, grad_pt: torch.Tensor, grad_ft: torch.Tensor) -> tuple[torch.Tensor | None, ...]:

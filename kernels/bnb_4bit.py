@@ -24,7 +24,7 @@ from .rounding import round_to
 from .settings import NO_FP_FUSION, triton_dtype
 
 if TYPE_CHECKING:
-    from .base_weight import Packed4bitWeight
+    from .weights import Packed4bitWeight
 
 
 @triton.jit

@@ -93,10 +93,10 @@ def fails(argv: list[str], capsys, *fragments: str, status: int | None = None) -
 @pytest.fixture
 def loading_forbidden(monkeypatch):
     """Make loading a model an error, so that a test can show a check ran before it."""
-    import tuco_peft.cli
+    import tuco_peft.loading
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
     for name in ("load_pair", "load_full_finetune", "load_base"):
-        monkeypatch.setattr(tuco_peft.cli, name, refuse)
+        monkeypatch.setattr(tuco_peft.loading, name, refuse)

@@ -11,12 +11,16 @@ from transformers import (
     Gemma2Config,
     GemmaConfig,
     GPT2Config,
+    GPTNeoXConfig,
     LlamaConfig,
     MistralConfig,
+    Olmo2Config,
     Phi3Config,
     Qwen2Config,
     Qwen3Config,
 )
+
+from tuco_peft.families import registered_model_types
 
 VOCAB = 97
 _COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4)
@@ -56,10 +60,14 @@ def _family_config(family: str):
         )
     if family == "gpt2":
         return GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, n_positions=64)
+    if family == "gpt_neox":  # parallel residual, partial rotary (a quarter of each head)
+        return GPTNeoXConfig(**_COMMON, bos_token_id=1, eos_token_id=2)
+    if family == "olmo2":
+        return Olmo2Config(**_COMMON, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     raise KeyError(family)
 
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "gpt2")
+FAMILIES = registered_model_types()  # every registered family is covered by every family test
 
 
 def base_model(family: str, seed: int = 0, dtype=torch.float32, **overrides):

@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-import tuco_peft.kernels.api as kernels_api
+import tuco_peft.fused_lora as kernels_api
 from models import base_model, lora_model, padded_batch
 from test_kernels import CustomForwardLinear, cpu_repacked_linear_4bit, lora_layer
 from tuco_peft import backend
 from tuco_peft.adapters import is_additive_lora
-from tuco_peft.backend import LoraLinearRouter, resolve_backend
+from tuco_peft.backend import LoraLinearBackend, make_backend, resolve_backend
 from tuco_peft.errors import InputError
 
 pytestmark = pytest.mark.interpreter
@@ -53,7 +53,7 @@ def test_router_backends_agree_on_dual_and_two_stream():
     torch.manual_seed(0)
     layer = lora_layer(nn.Linear(48, 40), ranks=(4,))
     x_pt, x_ft = torch.randn(3, 48), torch.randn(2, 5, 48)
-    torch_router, triton_router = LoraLinearRouter("torch"), LoraLinearRouter("triton")
+    torch_router, triton_router = make_backend("torch"), make_backend("triton")
     with torch.no_grad():
         expected = (layer.base_layer(x_ft), layer(x_ft))
         for actual in (torch_router.dual(x_ft, layer), triton_router.dual(x_ft, layer)):
@@ -68,7 +68,7 @@ def test_router_backends_agree_on_dual_and_two_stream():
 def test_unsupported_layers_fall_back_to_torch_with_one_warning():
     torch.manual_seed(0)
     layers = [lora_layer(CustomForwardLinear(48, 40), ranks=(4,)) for _ in range(2)]
-    router = LoraLinearRouter("triton")
+    router = make_backend("triton")
     x = torch.randn(4, 48)
     with pytest.warns(UserWarning, match="torch path.*CustomForwardLinear") as caught:
         outputs = [router.dual(x, layer) for layer in layers for _ in range(2)]
@@ -83,7 +83,7 @@ def test_cpu_repacked_4bit_falls_back_to_torch(recwarn):
     layer = lora_layer(cpu_repacked_linear_4bit(), ranks=(4,))
     x = torch.randn(2, 128)
     with torch.no_grad():
-        y_base, y_ft = LoraLinearRouter("triton").dual(x, layer)
+        y_base, y_ft = make_backend("triton").dual(x, layer)
         torch.testing.assert_close(y_ft, layer(x))
     assert [str(w.message) for w in recwarn if "packing_format_for_cpu" in str(w.message)]
 
@@ -92,7 +92,7 @@ def _lora_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if is_additive_lora(m)]
 
 
-def _run_capturing_base_outputs(model: nn.Module, router: LoraLinearRouter | None, ids, mask):
+def _run_capturing_base_outputs(model: nn.Module, router: LoraLinearBackend | None, ids, mask):
     """Logits and every LoRA layer's base output: through hooks (router None) or fused forwards."""
     layers = _lora_layers(model)
     captured: dict[nn.Module, torch.Tensor] = {}
@@ -117,7 +117,7 @@ def test_reported_base_outputs_and_logits_match_a_hooked_plain_forward(backend_n
     model = lora_model(base_model("llama"))
     ids, mask = padded_batch(lengths=(5, 3))
     expected_logits, expected_bases = _run_capturing_base_outputs(model, None, ids, mask)
-    logits, bases = _run_capturing_base_outputs(model, LoraLinearRouter(backend_name), ids, mask)
+    logits, bases = _run_capturing_base_outputs(model, make_backend(backend_name), ids, mask)
     assert len(bases) == 3 * 7
     torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-4)
     for got, want in zip(bases, expected_bases):
@@ -135,7 +135,7 @@ def test_instance_forwards_and_plain_layers_are_hooked_and_everything_is_restore
     reported: list[nn.Module] = []
     x = torch.randn(2, 16)
     with pytest.raises(RuntimeError, match="boom"):
-        with LoraLinearRouter("triton").report_base_outputs(
+        with make_backend("triton").report_base_outputs(
             [fusable, accelerated, plain], lambda module, args, output: reported.append(module)
         ):
             assert "forward" in fusable.__dict__ and accelerated.forward is hooked_forward

@@ -356,7 +356,7 @@ def test_resume_with_empty_prompts_loads_nothing(checkpoints, tmp_path, capsys, 
     assert _analyze(checkpoints, prompts, out) == 0
     err = capsys.readouterr().err
     assert "prompts 2 (line 2), 4 (line 4) are empty; skipped" in err and err.count("empty") == 1
-    monkeypatch.setattr(importlib.import_module("tuco_peft.cli"), "load_pair", None)  # a reload would fail
+    monkeypatch.setattr(importlib.import_module("tuco_peft.loading"), "load_pair", None)  # a reload would fail
     assert _analyze(checkpoints, prompts, out) == 0
     assert "resuming: 2 of 2 prompts are already in" in capsys.readouterr().err
     assert [row["id"] for row in read_rows(out)] == [1, 3]

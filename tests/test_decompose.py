@@ -4,12 +4,12 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, FalconConfig, GPTNeoXConfig, OlmoConfig, OPTConfig
+from transformers import AutoModelForCausalLM, FalconConfig, OlmoConfig, OPTConfig
 
 import tuco_peft
 from models import FAMILIES, base_model, family_config, lora_model, model_pair, padded_batch
 from oracle import decoder_blocks, last_index, tuco_at_last, two_pass
-from tuco_peft.blocks import ReplayBlock, pretrained_path
+from tuco_peft.blocks import ReplayBlock, SharedProjectionBlock, pretrained_path
 
 
 def _assert_components_close(actual, expected, rel=1e-4):
@@ -56,7 +56,7 @@ def test_last_token_matches_two_model_oracle(family, dtype, device):
 
 
 @pytest.mark.device
-@pytest.mark.parametrize("family", ["llama", "gemma2", "phi3", "gpt2", "qwen2"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_all_positions_match_oracle_and_zero_padding(family, device):
     pretrained, model = (m.to(device) for m in model_pair(family))
     ids, mask = (t.to(device) for t in padded_batch(side="right"))
@@ -166,7 +166,6 @@ def test_tuco_is_the_decomposition_tuco():
 @pytest.mark.parametrize(
     "config",
     [
-        GPTNeoXConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4),
         OPTConfig(
             vocab_size=97, hidden_size=64, ffn_dim=96, num_hidden_layers=3, num_attention_heads=4,
             word_embed_proj_dim=64,
@@ -191,6 +190,29 @@ def test_other_decoder_families_take_the_exact_replay_path(config):
     _assert_components_close(d.ptc, ptc[rows, :, t])
     _assert_components_close(d.ftc, ftc[rows, :, t])
     assert (d.tuco - tuco_at_last(ptc, ftc, mask)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("family", "overrides"),
+    [("gpt_neox", {}), ("gpt_neox", {"use_parallel_residual": False}), ("olmo2", {})],
+    ids=["gpt_neox-parallel", "gpt_neox-sequential", "olmo2-post-norm"],
+)
+def test_parallel_residual_and_post_norm_families_take_the_one_pass_path(family, overrides):
+    torch.manual_seed(0)
+    base = base_model(family, **overrides)
+    pretrained = copy.deepcopy(base)
+    model = lora_model(base)
+    assert isinstance(pretrained_path(decoder_blocks(model)[0], base.config), SharedProjectionBlock)
+    ids, mask = padded_batch()
+    ptc, ftc, _, _ = _oracle(pretrained, model, ids, mask)
+    with torch.no_grad():
+        d = tuco_peft.decompose(model, ids, mask)
+        every = tuco_peft.decompose(model, ids, mask, positions="all")
+    t, rows = last_index(mask), torch.arange(ids.shape[0])
+    _assert_components_close(d.ptc, ptc[rows, :, t])
+    _assert_components_close(d.ftc, ftc[rows, :, t])
+    assert (d.tuco - tuco_at_last(ptc, ftc, mask)).abs().max() < 1e-5
+    _assert_components_close(every.ptc, ptc * mask.bool()[:, None, :, None])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -7,7 +7,7 @@ import torch
 from accelerate import dispatch_model
 
 import tuco_peft
-from models import base_model, lora_model, padded_batch
+from models import FAMILIES, base_model, lora_model, padded_batch
 from oracle import decoder_blocks, last_index, tuco_at_last, two_pass
 
 
@@ -21,7 +21,7 @@ def full_finetune_pair(family):
     return pretrained, finetuned
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "phi3", "gpt2"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("positions", ["last", "all"])
 def test_full_finetune_matches_two_model_oracle(family, positions):
     pretrained, finetuned = full_finetune_pair(family)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from models import base_model, model_pair, padded_batch
+from models import FAMILIES, base_model, model_pair, padded_batch
 from steering_reference import greedy, steered_last_token_tuco
 from tuco_peft.decompose import decompose
 from tuco_peft.errors import InputError
@@ -22,7 +22,7 @@ def _prefixes(sequences, mask):
 
 
 @pytest.mark.device
-@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_tuco_of_each_token_equals_decompose_on_its_prefix(family, device):
     model = model_pair(family)[1].to(device)
     ids, mask = (t.to(device) for t in padded_batch(lengths=(7, 4, 9)))

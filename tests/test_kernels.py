@@ -18,9 +18,10 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from tuco_peft.errors import InputError, UnsupportedModelError
-from tuco_peft.kernels import dequantize_4bit, dual_lora_linear, settings, two_stream_lora_linear
-from tuco_peft.kernels.base_weight import Packed4bitWeight, base_weight
-from tuco_peft.kernels.lora_linear import _lora_linear_kernel
+from tuco_peft.fused_lora import dual_lora_linear, two_stream_lora_linear
+from tuco_peft.kernels import Packed4bitWeight, dequantize_4bit, settings
+from tuco_peft.kernels.lora_linear_kernel import _lora_linear_kernel
+from tuco_peft.lora_tensors import base_weight
 
 pytestmark = pytest.mark.interpreter
 

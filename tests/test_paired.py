@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import tuco_peft
-import tuco_peft.kernels.api as kernels_api
+import tuco_peft.fused_lora as kernels_api
 from models import base_model, lora_model, model_pair, padded_batch
 from steering_reference import greedy, steered_last_token_tuco, steered_logits
 from test_decompose_backend import nf4_llama
@@ -47,7 +47,7 @@ def _assert_paired(calls: Counter, model) -> None:
 
 
 @pytest.mark.device
-@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "phi3", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "phi3", "gpt2", "gpt_neox", "olmo2"])
 def test_steered_logits_match_the_two_model_reference(family, kernel_calls, recwarn, device):
     pretrained, model = (m.to(device) for m in model_pair(family))
     ids, mask = (t.to(device) for t in padded_batch())
@@ -63,9 +63,10 @@ def test_steered_logits_match_the_two_model_reference(family, kernel_calls, recw
 
 @pytest.mark.device
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2", "gpt_neox"])
 def test_generation_with_cache_follows_the_reference(family, kernel_calls, device):
-    """Lean fine-tuned slots (llama), sliding-window slots (gemma2), a positional cache argument (gpt2)."""
+    """Lean fine-tuned slots (llama), sliding-window slots (gemma2), a positional cache argument (gpt2), a cache
+    argument of another name (gpt_neox's ``layer_past``)."""
     pretrained, model = (m.to(device) for m in model_pair(family))
     ids, mask = (t.to(device) for t in padded_batch())
     n_new = 4

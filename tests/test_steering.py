@@ -73,7 +73,7 @@ def test_scaled_logits_match_two_model_reference(family, device):
 
 
 @pytest.mark.device
-@pytest.mark.parametrize("family", ["llama", "gpt2", "mistral", "gemma2"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_generation_with_cache_equals_reference_without(family, device):
     pretrained, model = (m.to(device) for m in model_pair(family))
     ids, mask = (t.to(device) for t in padded_batch(lengths=(7, 4, 9)))

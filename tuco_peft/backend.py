@@ -2,8 +2,10 @@
 
 ``backend="auto"`` (the default, or the ``TUCO_PEFT_BACKEND`` environment variable) picks Triton on CUDA
 when it is importable; ``"torch"`` is the reference path; ``"triton"`` forces the kernels (on CPU this needs
-``TRITON_INTERPRET=1`` before triton is imported). A layer the kernels cannot compute (8-bit, GPTQ, AWQ,
-an unsupported dtype, a CPU-repacked 4-bit weight, ...) runs on the torch path, with one warning per reason.
+``TRITON_INTERPRET=1`` before triton is imported). Each is a ``LoraLinearBackend``: ``TorchBackend`` or
+``TritonBackend``, built from the resolved name by ``make_backend``. A layer the kernels cannot compute
+(8-bit, GPTQ, AWQ, an unsupported dtype, a CPU-repacked 4-bit weight, ...) runs on the torch path, with one
+warning per reason.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, Literal
+from types import ModuleType
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -28,12 +32,14 @@ Backend = Literal["auto", "torch", "triton"]
 ResolvedBackend = Literal["torch", "triton"]
 # Same signature as a forward hook: (base layer, its inputs, its output).
 BaseOutputSink = Callable[[nn.Module, tuple, torch.Tensor], Any]
+_Outputs = tuple[torch.Tensor, torch.Tensor]
 
 
-def _kernels() -> Any | None:
-    """The kernels' entry points (``tuco_peft.kernels.api``), or None when Triton cannot be imported here."""
+def _kernels() -> ModuleType | None:
+    """The fused kernels' entry points on layers (``tuco_peft.fused_lora``), or None when Triton cannot be
+    imported here."""
     try:
-        return importlib.import_module("tuco_peft.kernels.api")
+        return importlib.import_module("tuco_peft.fused_lora")
     except ImportError:
         return None
 
@@ -71,48 +77,38 @@ def _capture_base_output(layer: nn.Module, run: Callable[[], torch.Tensor]) -> t
     return captured[-1], output
 
 
-class LoraLinearRouter:
-    """Computes LoRA linears on the resolved backend; per layer, falls back to torch where kernels can't."""
+class LoraLinearBackend(ABC):
+    """Computes a LoRA linear's pre-trained and fine-tuned outputs together: one subclass per implementation,
+    so that callers never branch on which one runs."""
 
-    def __init__(self, backend: ResolvedBackend):
-        self.backend = backend
-        self._warned: set[str] = set()
+    name: ClassVar[ResolvedBackend]
+    # Whether a block run paired (``paired.PairedBlock``) saves weight reads: its linears read each weight
+    # once for both halves.
+    pairs_blocks: ClassVar[bool]
 
+    @abstractmethod
     def dual(self, x: torch.Tensor, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """``(layer.base_layer(x), layer(x))``."""
-        if self.backend == "triton":
-            try:
-                return _kernels().dual_lora_linear(x, layer)
-            except UnsupportedModelError as error:
-                self._warn_once(error)
-        return _capture_base_output(layer, lambda: type(layer).forward(layer, x))
 
+    @abstractmethod
     def two_stream(self, x_pt: torch.Tensor, x_ft: torch.Tensor, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """``(layer.base_layer(x_pt), layer(x_ft))``."""
-        if self.backend == "triton":
-            try:
-                return _kernels().two_stream_lora_linear(x_pt, x_ft, layer)
-            except UnsupportedModelError as error:
-                self._warn_once(error)
-        return layer.get_base_layer()(x_pt), type(layer).forward(layer, x_ft)
 
-    def _warn_once(self, error: UnsupportedModelError) -> None:
-        reason = str(error)
-        if reason not in self._warned:
-            self._warned.add(reason)
-            warnings.warn(f"tuco-peft: using the torch path where the Triton kernels can't run: {reason}", stacklevel=4)
+    @abstractmethod
+    def fuses(self, layer: nn.Module) -> bool:
+        """Whether ``report_base_outputs`` computes ``layer``'s base output with its output (``dual``) rather
+        than reading it from a forward hook."""
 
     @contextmanager
     def report_base_outputs(self, layers: Iterable[nn.Module], on_base_output: BaseOutputSink) -> Iterator[None]:
         """While active, every forward of ``layers`` reports its base output as ``on_base_output(base, args, y)``.
 
-        On the Triton backend a LoRA linear computes its base and fine-tuned outputs in one fused kernel
-        (``dual``) and returns the fine-tuned one. Elsewhere the base output comes from a forward hook: on the
-        torch backend, for plain (non-LoRA) layers, and for LoRA layers whose forward is already replaced
-        on the instance (accelerate's device hooks), which are left alone. Forwards are restored exactly.
+        A layer this backend ``fuses`` computes its base and fine-tuned outputs with ``dual`` and returns the
+        fine-tuned one. Every other layer (plain layers, and all of them on the torch backend) reports through
+        a forward hook on its pre-trained projection. Forwards are restored exactly.
         """
         layers = list(layers)
-        fused = [m for m in layers if self.backend == "triton" and is_additive_lora(m) and "forward" not in m.__dict__]
+        fused = [m for m in layers if self.fuses(m)]
         hooked = [pretrained_projection(m) for m in layers if not any(m is f for f in fused)]
         handles = [m.register_forward_hook(on_base_output) for m in hooked]
         try:
@@ -135,3 +131,69 @@ class LoraLinearRouter:
             return y_ft
 
         return forward
+
+
+class TorchBackend(LoraLinearBackend):
+    """PEFT's own forwards: the reference path, and where the kernels can't compute a layer."""
+
+    name = "torch"
+    pairs_blocks = False
+
+    def dual(self, x: torch.Tensor, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        return _capture_base_output(layer, lambda: type(layer).forward(layer, x))
+
+    def two_stream(self, x_pt: torch.Tensor, x_ft: torch.Tensor, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        return layer.get_base_layer()(x_pt), type(layer).forward(layer, x_ft)
+
+    def fuses(self, layer: nn.Module) -> bool:
+        return False
+
+
+class TritonBackend(LoraLinearBackend):
+    """The fused kernels (``tuco_peft.fused_lora``); per layer, the torch path where they can't run."""
+
+    name = "triton"
+    pairs_blocks = True
+
+    def __init__(self) -> None:
+        self._fallback = TorchBackend()
+        self._warned: set[str] = set()
+
+    def dual(self, x: torch.Tensor, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._fused_or_fallback(
+            lambda: _kernels().dual_lora_linear(x, layer), lambda: self._fallback.dual(x, layer)
+        )
+
+    def two_stream(self, x_pt: torch.Tensor, x_ft: torch.Tensor, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._fused_or_fallback(
+            lambda: _kernels().two_stream_lora_linear(x_pt, x_ft, layer),
+            lambda: self._fallback.two_stream(x_pt, x_ft, layer),
+        )
+
+    def fuses(self, layer: nn.Module) -> bool:
+        """A PEFT LoRA linear whose forward is not replaced on the instance (accelerate's device hooks), which
+        is left alone."""
+        return is_additive_lora(layer) and "forward" not in layer.__dict__
+
+    def _fused_or_fallback(self, fused: Callable[[], _Outputs], fallback: Callable[[], _Outputs]) -> _Outputs:
+        try:
+            return fused()
+        except UnsupportedModelError as error:
+            reason = str(error)
+            if reason not in self._warned:
+                self._warned.add(reason)
+                warnings.warn(
+                    f"tuco-peft: using the torch path where the Triton kernels can't run: {reason}", stacklevel=4
+                )
+        return fallback()
+
+
+BACKEND_CLASSES: dict[ResolvedBackend, type[LoraLinearBackend]] = {
+    backend.name: backend for backend in (TorchBackend, TritonBackend)
+}
+
+
+def make_backend(name: ResolvedBackend) -> LoraLinearBackend:
+    """The backend called ``name``, as ``resolve_backend`` returns it."""
+    return BACKEND_CLASSES[name]()
+

@@ -1,46 +1,55 @@
 """The arguments a decoder block is called with, as hooks see them: its hidden states and its cache.
 
-Decoders pass some of these by keyword and some positionally (GPT-2 passes the cache positionally), so a
-hook that reads or replaces one must look in both places.
+Decoders pass some of these by keyword and some positionally (GPT-2 passes the cache positionally), and
+name the cache differently (GPT-NeoX: ``layer_past``), so a hook that reads or replaces one must look in
+both places, under the block's own name.
 """
 
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-CACHE_ARGUMENT = "past_key_values"
+_CACHE_NAMES = ("past_key_values", "layer_past", "past_key_value")
 
 
 def hidden_states(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
-def cache_position(layer: nn.Module) -> int | None:
-    """Index of the cache parameter among the layer's positional parameters, if it has one."""
-    names = [
-        name
-        for name, p in inspect.signature(layer.forward).parameters.items()
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-    ]
-    return names.index(CACHE_ARGUMENT) if CACHE_ARGUMENT in names else None
+@dataclass(frozen=True)
+class CacheArgument:
+    """The name of a block's cache parameter and its index among the positional parameters (None: keyword only)."""
+
+    name: str
+    position: int | None
 
 
-def find_cache(args: tuple, kwargs: dict[str, Any], position: int | None) -> Any:
-    if CACHE_ARGUMENT in kwargs:
-        return kwargs[CACHE_ARGUMENT]
-    if position is not None and len(args) > position:
-        return args[position]
+def cache_position(layer: nn.Module) -> CacheArgument:
+    """Where ``layer``'s forward takes its cache (the first known cache name of its signature)."""
+    parameters = inspect.signature(layer.forward).parameters
+    name = next((n for n in _CACHE_NAMES if n in parameters), _CACHE_NAMES[0])
+    positional = [n for n, p in parameters.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return CacheArgument(name, positional.index(name) if name in positional else None)
+
+
+def find_cache(args: tuple, kwargs: dict[str, Any], argument: CacheArgument) -> Any:
+    if argument.name in kwargs:
+        return kwargs[argument.name]
+    if argument.position is not None and len(args) > argument.position:
+        return args[argument.position]
     return None
 
 
-def with_cache(args: tuple, kwargs: dict[str, Any], position: int | None, cache: Any) -> tuple[tuple, dict]:
+def with_cache(args: tuple, kwargs: dict[str, Any], argument: CacheArgument, cache: Any) -> tuple[tuple, dict]:
     """The same call with ``cache`` in place of the one it was given (see ``find_cache``)."""
-    if CACHE_ARGUMENT in kwargs:
-        return args, {**kwargs, CACHE_ARGUMENT: cache}
+    if argument.name in kwargs:
+        return args, {**kwargs, argument.name: cache}
+    position = argument.position
     return (*args[:position], cache, *args[position + 1 :]), kwargs
 
 

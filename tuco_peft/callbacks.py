@@ -23,6 +23,7 @@ from .decomposition import tuco_from_sums
 from .errors import InputError
 from .inputs import left_pad
 from .introspection import model_parts
+from .prompts import encode_prompt
 
 Prompts = Union[Sequence[str], Mapping[str, Sequence[str]]]
 
@@ -79,7 +80,7 @@ def _named_groups(prompts: Prompts) -> dict[str, list[str]]:
 def _tokenized_batches(
     name: str, group: list[str], tokenizer: Any, batch_size: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    token_lists = [list(tokenizer(prompt)["input_ids"]) for prompt in group]
+    token_lists = [encode_prompt(tokenizer, prompt).ids for prompt in group]
     empty = [index for index, tokens in enumerate(token_lists) if not tokens]
     if empty:
         raise InputError(f"prompts {empty} of group {name!r} tokenize to no tokens; drop them or give them text.")

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .backend import Backend, LoraLinearRouter, resolve_backend
+from .backend import Backend, LoraLinearBackend, make_backend, resolve_backend
 from .block_calls import hidden_states
 from .blocks import PretrainedPath, block_output, gather_rows, pretrained_path
 from .decomposition import Decomposition
@@ -18,6 +18,7 @@ from .errors import UnsupportedModelError
 from .inputs import Batch, Positions, prepare_batch
 from .introspection import ModelParts, model_parts
 from .paired import PairedBlock
+from .pairing import paired_block
 from .pretrained import PretrainedBlocks, analysis_states, checked_pretrained_blocks
 
 
@@ -46,7 +47,7 @@ class _BlockProbe(_BlockRecord):
         path: PretrainedPath,
         source: PretrainedBlocks,
         batch: Batch,
-        router: LoraLinearRouter,
+        router: LoraLinearBackend,
     ):
         super().__init__(index)
         self.router = router
@@ -117,15 +118,15 @@ def _probe(
     parts: ModelParts,
     source: PretrainedBlocks,
     batch: Batch,
-    router: LoraLinearRouter,
+    router: LoraLinearBackend,
     replay: bool,
 ) -> Probe:
     """The cheapest exact probe: paired where every row is wanted on the Triton backend, else the block's
     pre-trained path (rows only, or a replay)."""
     every_row = batch.rows.shape[1] == batch.input_ids.shape[1]
-    pairable = router.backend == "triton" and every_row and not (replay or source.separate_model)
-    if pairable and PairedBlock.supports(layer, parts.config):
-        return _PairedProbe(index, PairedBlock(layer, router), batch)
+    paired = paired_block(layer, parts.config, router, source.separate_model) if every_row and not replay else None
+    if paired is not None:
+        return _PairedProbe(index, paired, batch)
     path = pretrained_path(layer, parts.config, separate_model=source.separate_model, replay_only=replay)
     return _BlockProbe(index, layer, path, source, batch, router)
 
@@ -196,7 +197,7 @@ def decompose(
     parts = model_parts(model)
     source = checked_pretrained_blocks(parts, base_model)
     batch = prepare_batch(input_ids, attention_mask, positions, parts.input_device)
-    router = LoraLinearRouter(resolve_backend(backend, batch.input_ids.device))
+    router = make_backend(resolve_backend(backend, batch.input_ids.device))
     probes = [_probe(i, layer, parts, source, batch, router, replay) for i, layer in enumerate(parts.layers)]
     with ExitStack() as stack:
         stack.enter_context(analysis_states(parts, source))

@@ -7,10 +7,10 @@ the fine-tuned slot keeps only u_k, u_v (rank r each) and the position ids, and 
 keys/values from them at every step. Memory: 1 + (r + 1)/(kv_heads·head_dim) of plain generation
 instead of 2×.
 
-Applies to blocks with separate q/k/v projections, no k_norm (a non-linearity after the projection), no
-adapter on the attention norm (the two blocks would project differently normed states) and RoPE from the
-decoder's ``rotary_emb`` (Llama, Mistral, Qwen2, Gemma, Gemma2), on full-attention ``DynamicLayer`` slots;
-every other block keeps two full slots.
+Applies to the families whose spec allows it (``FamilySpec.lean_cache``: separate q/k/v projections, no
+k-norm, RoPE from the decoder's ``rotary_module``), when no adapter sits on the attention norm (the two
+blocks would project differently normed states), on full-attention ``DynamicLayer`` slots; every other
+block keeps two full slots.
 """
 
 from __future__ import annotations
@@ -19,12 +19,14 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 from transformers.cache_utils import DynamicLayer
 
 from .adapters import is_additive_lora
 from .attention import apply_rope
-from .blocks import LAYOUTS, SharedProjectionBlock
+from .blocks import SharedProjectionBlock
 from .errors import TuCoError
+from .families import attention_heads, spec_for
 
 
 class LowRankDelta:
@@ -39,19 +41,18 @@ class LowRankDelta:
         self._positions: torch.Tensor | None = None
 
     @staticmethod
-    def for_block(layer: nn.Module, decoder: nn.Module, config: Any) -> LowRankDelta | None:
+    def for_block(layer: nn.Module, decoder: nn.Module, config: PretrainedConfig) -> LowRankDelta | None:
         """A delta for ``layer`` when its keys/values are base + low-rank linear in the block input, else None."""
-        layout = LAYOUTS.get(type(layer).__name__)
-        attention = getattr(layer, layout.attention, None) if layout else None
-        if attention is None or layout.projections != ("q_proj", "k_proj", "v_proj"):
+        spec = spec_for(layer, config)
+        if spec is None or not spec.lean_cache or not hasattr(decoder, spec.rotary_module):
             return None
-        if getattr(attention, "k_norm", None) is not None or not hasattr(decoder, "rotary_emb"):
+        if not SharedProjectionBlock.supports(layer, spec):  # e.g. a trained attention norm: k_FT ≠ k_PT + B·A·n(x)
             return None
-        if not SharedProjectionBlock.supports(layer, layout):  # e.g. a trained attention norm: k_FT ≠ k_PT + B·A·n(x)
-            return None
-        projections = (attention.k_proj, attention.v_proj)
-        n_kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        return LowRankDelta(projections, decoder.rotary_emb, (n_kv_heads, attention.head_dim))
+        attention = getattr(layer, spec.attention)
+        _, key, value = (getattr(attention, name) for name in spec.projections)
+        _, n_kv_heads = attention_heads(config)
+        head_dim = getattr(attention, spec.head_dim)
+        return LowRankDelta((key, value), getattr(decoder, spec.rotary_module), (n_kv_heads, head_dim))
 
     def _adapters(self, index: int) -> list[str]:
         projection = self.projections[index]

@@ -4,7 +4,7 @@ FTC_α steering and decomposing every position need, at every block, f_PT(x) and
 Instead of running the block a second time with its adapters off, a paired block runs once on [x; x]:
 every module PEFT can switch computes the first half with its adapters off and the second half with them
 on; everything else in the block (norms, attention, rotary embeddings) is batch-wise anyway. The LoRA
-linears go through the backend router: on the Triton backend, one fused kernel reads (and dequantizes)
+linears go through the backend: on the Triton backend, one fused kernel reads (and dequantizes)
 each weight tile once for both halves, and the q/k/v projections, whose two halves are the same normed x,
 use the shared-input kernel.
 
@@ -23,9 +23,10 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from .adapters import adapters_disabled, is_additive_lora, is_switchable
-from .backend import LoraLinearRouter
+from .backend import LoraLinearBackend, TorchBackend
 from .block_calls import cache_position, find_cache, hidden_states, replace_output, with_cache
-from .blocks import LAYOUTS, SharedProjectionBlock, block_output
+from .blocks import SharedProjectionBlock, block_output, has_parts
+from .families import attention_implementation, spec_for
 
 # (block input x [b, ...], pre-trained output, fine-tuned output) → the output the model continues with.
 PairedOutputs = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -75,26 +76,29 @@ class PairedSlots:
 class PairedBlock:
     """One adapter fine-tuned decoder block run as its pre-trained and fine-tuned self at once."""
 
-    def __init__(self, layer: nn.Module, router: LoraLinearRouter):
+    def __init__(self, layer: nn.Module, config: PretrainedConfig, backend: LoraLinearBackend):
         self.layer = layer
-        self.router = router
-        self._torch_router = LoraLinearRouter("torch")
+        self.backend = backend
+        self._torch_backend = TorchBackend()
         self.cache_position = cache_position(layer)
-        layout = LAYOUTS[type(layer).__name__]
-        attention = getattr(layer, layout.attention)
-        shared = SharedProjectionBlock.supports(layer, layout)
-        self.shared_input = [getattr(attention, name) for name in layout.projections] if shared else []
+        spec = spec_for(layer, config)
+        attention = getattr(layer, spec.attention)
+        shared = SharedProjectionBlock.supports(layer, spec)
+        self.shared_input = [getattr(attention, name) for name in spec.projections] if shared else []
         switchable = [m for m in layer.modules() if is_switchable(m)]
         nested = {id(inner) for m in switchable for inner in m.modules() if inner is not m}
         self.switchable = [m for m in switchable if id(m) not in nested]
 
     @staticmethod
     def supports(layer: nn.Module, config: PretrainedConfig) -> bool:
-        """A known block layout, batch-wise attention, and no forward already replaced on an instance
-        (accelerate's device hooks), which the stacked call would bypass."""
+        """A family whose spec allows pairing, batch-wise attention, and no forward already replaced on an
+        instance (accelerate's device hooks), which the stacked call would bypass."""
+        spec = spec_for(layer, config)
         return (
-            type(layer).__name__ in LAYOUTS
-            and config._attn_implementation in _BATCHWISE_ATTENTION
+            spec is not None
+            and spec.pairable
+            and has_parts(layer, spec)
+            and attention_implementation(config) in _BATCHWISE_ATTENTION
             and not any("forward" in m.__dict__ for m in layer.modules())
         )
 
@@ -134,16 +138,16 @@ class PairedBlock:
     def _paired_forward(self, module: nn.Module, fusable: bool) -> Callable[..., torch.Tensor]:
         """``module``'s forward on the stacked batch; ``fusable``: its LoRA may run inside a fused kernel."""
         shared_input = any(module is m for m in self.shared_input)
-        router = self.router if fusable else self._torch_router
+        backend = self.backend if fusable else self._torch_backend
         additive = is_additive_lora(module)
 
         def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
             half = x.shape[0] // 2
             if additive and not args and not kwargs:
                 if shared_input:
-                    outputs = router.dual(x[half:], module)
+                    outputs = backend.dual(x[half:], module)
                 else:
-                    outputs = router.two_stream(x[:half], x[half:], module)
+                    outputs = backend.two_stream(x[:half], x[half:], module)
             else:
                 with adapters_disabled([module]):
                     pretrained = type(module).forward(module, x[:half], *args, **kwargs)

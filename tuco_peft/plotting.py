@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .errors import InputError
-from .results import Row, mean_per_layer
+from .results import ResultRow, mean_per_layer
 
 
 def _pyplot():
@@ -33,22 +33,22 @@ def check_plot_path(path: str | Path) -> None:
         )
 
 
-def _histogram(axis, groups: Mapping[str, Sequence[Row]]) -> None:
+def _histogram(axis, groups: Mapping[str, Sequence[ResultRow]]) -> None:
     bins = [i / 40 for i in range(41)]
     for name, rows in groups.items():
-        axis.hist([row["tuco"] for row in rows], bins=bins, alpha=0.6, label=f"{name} (n={len(rows)})")
+        axis.hist([row.tuco for row in rows], bins=bins, alpha=0.6, label=f"{name} (n={len(rows)})")
     axis.set_xlabel("TuCo at the last prompt token")
     axis.set_ylabel("prompts")
     axis.set_xlim(0, 1)
     axis.legend()
 
 
-def plot_analysis(groups: Mapping[str, Sequence[Row]], path: str | Path, title: str = "") -> Path:
+def plot_analysis(groups: Mapping[str, Sequence[ResultRow]], path: str | Path, title: str = "") -> Path:
     """Per-layer mean ‖PTC_l‖₁ and ‖FTC_l‖₁ of each group (left) and the TuCo histograms (right), as a PNG."""
     plt = _pyplot()
     figure, (profile, histogram) = plt.subplots(1, 2, figsize=(11, 4))
     for name, rows in groups.items():
-        layers = range(len(rows[0]["ptc_l1"]))
+        layers = range(len(rows[0].ptc_l1))
         prefix = f"{name}: " if len(groups) > 1 else ""
         profile.plot(layers, mean_per_layer(rows, "ptc_l1"), marker="o", label=f"{prefix}‖PTC_l‖₁")
         profile.plot(layers, mean_per_layer(rows, "ftc_l1"), marker="s", linestyle="--", label=f"{prefix}‖FTC_l‖₁")

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import nn
+from transformers import CONFIG_MAPPING
 
 from .adapters import check_adapters
 from .errors import UnsupportedModelError
@@ -70,14 +71,8 @@ class StreamedBlocks:
         self.prefixes = [_block_prefix(parts, i) for i in range(parts.n_layers)]
         config_file = (checkpoint if checkpoint.is_dir() else checkpoint.parent) / "config.json"
         if config_file.exists():
-            config = json.loads(config_file.read_text())
             _check_same_architecture(
-                parts,
-                config.get("model_type", "?"),
-                config.get("num_hidden_layers", config.get("n_layer")),
-                config.get("hidden_size", config.get("n_embd")),
-                str(checkpoint),
-                compare_type=parts.config.model_type,
+                parts, *_checkpoint_architecture(config_file), str(checkpoint), compare_type=parts.config.model_type
             )
 
     def _block_tensors(self, index: int) -> dict[str, torch.Tensor]:
@@ -142,6 +137,17 @@ def _block_prefix(parts: ModelParts, index: int) -> str:
         if module is layer:
             return name + "."
     raise UnsupportedModelError(f"block {index} is not a submodule of the fine-tuned model.")
+
+
+def _checkpoint_architecture(config_file: Path) -> tuple[str, int | None, int | None]:
+    """(model_type, blocks, width) of a checkpoint's config.json, read through its family's transformers config
+    class, which knows the family's own field names (GPT-2's ``n_layer``, ``n_embd``)."""
+    fields = json.loads(config_file.read_text())
+    kind = fields.get("model_type", "?")
+    if kind not in CONFIG_MAPPING:
+        return kind, None, None
+    config = CONFIG_MAPPING[kind].from_dict(fields)
+    return kind, config.num_hidden_layers, config.hidden_size
 
 
 def _check_same_architecture(

@@ -126,7 +126,7 @@ def check_formats(prompts: Sequence[Prompt], *, chat_template: bool) -> None:
             )
 
 
-def format_prompt(tokenizer, prompt: Prompt, *, chat_template: bool, system: str | None = None) -> str:
+def format_prompt(tokenizer: Any, prompt: Prompt, *, chat_template: bool, system: str | None = None) -> str:
     """The exact text that is tokenized: the prompt itself, or its chat-template rendering.
 
     With the template, the generation prompt is appended (TuCo is measured where the reply would start)
@@ -147,12 +147,35 @@ def format_prompt(tokenizer, prompt: Prompt, *, chat_template: bool, system: str
     )
 
 
-def encode_prompt(tokenizer, text: str, *, templated: bool) -> list[int]:
-    """Token ids of ``text``. A template already holds its special tokens, so none are added to it."""
-    return list(tokenizer(text, add_special_tokens=not templated)["input_ids"])
+@dataclass(frozen=True)
+class EncodedPrompt:
+    """A prompt's token ids as analysed, and how many of its first tokens were cut to fit the context."""
+
+    prompt: Prompt
+    ids: list[int]
+    n_cut: int = 0
 
 
-def fit_context(ids: Sequence[int], context_length: int | None) -> list[int]:
-    """Keep the last ``context_length`` tokens: TuCo is read at the last token, so the end is what counts."""
-    ids = list(ids)
-    return ids if context_length is None or len(ids) <= context_length else ids[-context_length:]
+def encode_prompt(
+    tokenizer: Any,
+    prompt: Prompt | str,
+    *,
+    chat_template: bool = False,
+    system: str | None = None,
+    context_length: int | None = None,
+) -> EncodedPrompt:
+    """Format ``prompt`` as the flags say, tokenize it and keep its last ``context_length`` tokens.
+
+    The one way prompts become token ids (command line, training callback, α sweep, demo), so that TuCo is
+    measured on the same tokens everywhere. A chat-template rendering, here or by the caller (a text that
+    already starts with the BOS token), holds its special tokens, so none are added to it. The end of an
+    over-long prompt is kept: TuCo is read at the last token.
+    """
+    if isinstance(prompt, str):
+        prompt = Prompt(id=0, line=0, text=prompt)
+    text = format_prompt(tokenizer, prompt, chat_template=chat_template, system=system)
+    bos = getattr(tokenizer, "bos_token", None)
+    templated = chat_template or (bool(bos) and text.startswith(bos))
+    ids = list(tokenizer(text, add_special_tokens=not templated)["input_ids"])
+    kept = ids if context_length is None or len(ids) <= context_length else ids[-context_length:]
+    return EncodedPrompt(prompt, kept, len(ids) - len(kept))

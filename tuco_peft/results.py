@@ -12,6 +12,7 @@ import json
 import os
 import statistics
 from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,11 +24,59 @@ if TYPE_CHECKING:
 
     from .decomposition import Decomposition
 
-Row = dict[str, Any]
 Settings = dict[str, Any]
 Fingerprint = dict[str, str]
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    """One prompt's analysis: TuCo, and per block ‖PTC_l‖₁, ‖FTC_l‖₁ and the cumulative TuCo at its last token.
+
+    ``set`` names the prompt set of ``compare``; ``token_tuco`` is the TuCo at every token (``positions="all"``);
+    ``settings`` and ``fingerprint`` record how it was computed. On disk it is one JSON object whose keys are
+    these fields (those that are ``None`` left out) and any ``extra`` keys it was read with, kept as they were.
+    """
+
+    id: PromptId
+    prompt: str | list[dict[str, str]]
+    tuco: float
+    ptc_l1: list[float]
+    n_tokens: int | None = None
+    ftc_l1: list[float] | None = None
+    cumulative_tuco: list[float] | None = None
+    token_tuco: list[float] | None = None
+    set: str | None = None
+    settings: Settings | None = None
+    fingerprint: Fingerprint | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    _KEY_ORDER = ("set", "id", "prompt", "n_tokens", "tuco", "ptc_l1", "ftc_l1", "cumulative_tuco", "token_tuco")
+
+    @property
+    def key(self) -> str:
+        return result_key(self.set, self.id)
+
+    def to_json(self) -> dict[str, Any]:
+        """The row as written: the keys in the order earlier files have them, ``None`` fields left out."""
+        values = {name: value for name, value in asdict(self).items() if name != "extra" and value is not None}
+        ordered = {name: values.pop(name) for name in self._KEY_ORDER if name in values}
+        return {**ordered, **values, **self.extra}
+
+    @classmethod
+    def from_json(cls, record: Any) -> ResultRow | None:
+        """The row of a JSON value, or None when it is not one (a required field missing, or not an object)."""
+        names = {row_field.name for row_field in fields(cls)} - {"extra"}
+        if not isinstance(record, dict) or any(name not in record for name in REQUIRED_FIELDS):
+            return None
+        known = {name: value for name, value in record.items() if name in names}
+        return cls(**known, extra={name: value for name, value in record.items() if name not in names})
+
+    def made_with(self, provenance: dict[str, Any], set_name: str | None = None) -> ResultRow:
+        """The same row in prompt set ``set_name``, recording the settings and fingerprint it was computed with."""
+        return replace(self, set=set_name, **provenance)
+
+
 REQUIRED_FIELDS = ("id", "prompt", "tuco", "ptc_l1", "settings")
-_LOCATIONS = ("base", "adapter", "model", "base_model")  # settings that the fingerprint replaces by content
 
 
 def result_key(set_name: str | None, prompt_id: PromptId) -> str:
@@ -35,25 +84,19 @@ def result_key(set_name: str | None, prompt_id: PromptId) -> str:
     return json.dumps([set_name, prompt_id])
 
 
-def row_key(row: Row) -> str:
-    return result_key(row.get("set"), row["id"])
+def _json_line(row: ResultRow) -> str:
+    return json.dumps(row.to_json(), ensure_ascii=False) + "\n"
 
 
-def _json_line(row: Row) -> str:
-    return json.dumps(row, ensure_ascii=False) + "\n"
-
-
-def _parse_row(line: bytes) -> Row | None:
+def _parse_row(line: bytes) -> ResultRow | None:
     try:
-        row = json.loads(line)
+        record = json.loads(line)
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
-    if not isinstance(row, dict) or any(field not in row for field in REQUIRED_FIELDS):
-        return None
-    return row
+    return ResultRow.from_json(record)
 
 
-def _write_atomically(path: Path, rows: Iterable[Row]) -> None:
+def _write_atomically(path: Path, rows: Iterable[ResultRow]) -> None:
     """Replace ``path`` by ``rows`` in one rename, so that an interruption leaves one file or the other whole."""
     staging = path.with_name(path.name + ".writing")
     with open(staging, "w", encoding="utf-8") as handle:
@@ -68,7 +111,7 @@ def decomposition_rows(
     prompts: Sequence[Prompt],
     n_tokens: Sequence[int],
     attention_mask: torch.Tensor,
-) -> list[Row]:
+) -> list[ResultRow]:
     """One row per prompt: TuCo, per-layer ‖PTC_l‖₁ and ‖FTC_l‖₁ and the cumulative TuCo, at the last token.
 
     With ``positions="all"`` the row also gets ``token_tuco``, the TuCo at every token of the prompt.
@@ -95,22 +138,19 @@ def decomposition_rows(
     ptc_norm, ftc_norm = at_last.layer_norms()
     cumulative = at_last.cumulative_tuco()
     tuco = at_last.tuco.tolist()
-    rows = []
-    for b, prompt in enumerate(prompts):
-        row = {
-            "id": prompt.id,
-            "prompt": prompt.as_json(),
-            "n_tokens": n_tokens[b],
-            "tuco": tuco[b],
-            "ptc_l1": ptc_norm[b].tolist(),
-            "ftc_l1": ftc_norm[b].tolist(),
-            "cumulative_tuco": cumulative[b].tolist(),
-        }
-        if per_position:
-            real = attention_mask[b].bool().to(decomposition.ptc.device)
-            row["token_tuco"] = token_tuco[b][real].tolist()
-        rows.append(row)
-    return rows
+    return [
+        ResultRow(
+            id=prompt.id,
+            prompt=prompt.as_json(),
+            n_tokens=n_tokens[b],
+            tuco=tuco[b],
+            ptc_l1=ptc_norm[b].tolist(),
+            ftc_l1=ftc_norm[b].tolist(),
+            cumulative_tuco=cumulative[b].tolist(),
+            token_tuco=token_tuco[b][attention_mask[b].bool().to(token_tuco.device)].tolist() if per_position else None,
+        )
+        for b, prompt in enumerate(prompts)
+    ]
 
 
 class ResultsFile:
@@ -127,10 +167,10 @@ class ResultsFile:
     def __init__(self, path: str | Path, *, repair: bool = False):
         self.path = Path(path)
         self.dropped_lines: list[int] = []
-        self.rows: list[Row] = self._load(repair)
-        self._by_key = {row_key(row): row for row in self.rows}
+        self.rows: list[ResultRow] = self._load(repair)
+        self._by_key = {row.key: row for row in self.rows}
 
-    def _load(self, repair: bool) -> list[Row]:
+    def _load(self, repair: bool) -> list[ResultRow]:
         if not self.path.exists():
             return []
         if not self.path.is_file():
@@ -138,17 +178,17 @@ class ResultsFile:
         data = self.path.read_bytes()
         lines = data.split(b"\n")
         complete, tail = lines[:-1], lines[-1]
-        rows: list[Row] = []
+        rows: list[ResultRow] = []
         first_line_of: dict[str, int] = {}
         problems: list[tuple[int, str]] = []
         for number, line in enumerate(complete, start=1):
             row = _parse_row(line)
             if row is None:
                 problems.append((number, "is not a tuco-peft result row"))
-            elif row_key(row) in first_line_of:
-                problems.append((number, f"repeats the row of line {first_line_of[row_key(row)]} (id {row['id']!r})"))
+            elif row.key in first_line_of:
+                problems.append((number, f"repeats the row of line {first_line_of[row.key]} (id {row.id!r})"))
             else:
-                first_line_of[row_key(row)] = number
+                first_line_of[row.key] = number
                 rows.append(row)
         if problems and not rows:
             raise InputError(
@@ -178,12 +218,12 @@ class ResultsFile:
         """
         expected = {**settings, **fingerprint}
         for row in self.rows:
-            if "fingerprint" not in row:
+            if row.fingerprint is None:
                 raise InputError(
                     f"{self.path} holds rows of an earlier tuco-peft, which do not record their checkpoints' "
                     "content; pass a new --out to start a new file."
                 )
-            found = {**row["settings"], **row["fingerprint"]}
+            found = {**row.settings, **row.fingerprint}
             if found == expected:
                 continue
             if found.get("command") != expected["command"]:
@@ -192,7 +232,7 @@ class ResultsFile:
                     "pass another --out."
                 )
             changed = sorted(key for key in {*found, *expected} if found.get(key) != expected.get(key))
-            names = [f"{key} files" if key in fingerprint or key in row["fingerprint"] else key for key in changed]
+            names = [f"{key} files" if key in fingerprint or key in row.fingerprint else key for key in changed]
             raise InputError(
                 f"{self.path} has rows computed with other settings ({', '.join(names)} differ); rerun with the "
                 "settings and files they were computed with, or pass a new --out to start a new file."
@@ -203,24 +243,24 @@ class ResultsFile:
         row = self._by_key.get(result_key(set_name, prompt.id))
         if row is None:
             return False
-        if row["prompt"] != prompt.as_json():
+        if row.prompt != prompt.as_json():
             raise InputError(
                 f"{self.path} already has a row for id {prompt.id!r} with another prompt, so it belongs to another "
                 "prompt file; pass another --out."
             )
         return True
 
-    def has_row(self, row: Row) -> bool:
+    def has_row(self, row: ResultRow) -> bool:
         """Whether a row for the same prompt set and id is already stored."""
-        return row_key(row) in self._by_key
+        return row.key in self._by_key
 
-    def append(self, rows: Iterable[Row]) -> None:
+    def append(self, rows: Iterable[ResultRow]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as handle:
             for row in rows:
                 handle.write(_json_line(row))
                 self.rows.append(row)
-                self._by_key[row_key(row)] = row
+                self._by_key[row.key] = row
             handle.flush()
             os.fsync(handle.fileno())
 
@@ -229,17 +269,22 @@ class ResultsFile:
         if not self.path.exists():
             return
         rank = {key: index for index, key in enumerate(keys)}
-        others = [row for row in self.rows if row_key(row) not in rank]
-        ordered = sorted((row for row in self.rows if row_key(row) in rank), key=lambda row: rank[row_key(row)])
-        self.rows = [*others, *ordered]
-        _write_atomically(self.path, self.rows)
+        others = [row for row in self.rows if row.key not in rank]
+        ordered = sorted((row for row in self.rows if row.key in rank), key=lambda row: rank[row.key])
+        if [*others, *ordered] != self.rows:  # in order already: the file is left as it is
+            self.rows = [*others, *ordered]
+            _write_atomically(self.path, self.rows)
 
 
-def rows_for(rows: Iterable[Row], prompts: Sequence[Prompt], set_name: str | None = None) -> list[Row]:
+def prompt_keys(prompts: Sequence[Prompt], set_name: str | None = None) -> list[str]:
+    """The row key of each prompt (in prompt set ``set_name``), in the prompts' order."""
+    return [result_key(set_name, prompt.id) for prompt in prompts]
+
+
+def rows_for(rows: Iterable[ResultRow], prompts: Sequence[Prompt], set_name: str | None = None) -> list[ResultRow]:
     """The row of each of ``prompts`` (in prompt set ``set_name``) that has one, in the prompts' order."""
-    by_key = {row_key(row): row for row in rows}
-    keys = (result_key(set_name, prompt.id) for prompt in prompts)
-    return [by_key[key] for key in keys if key in by_key]
+    by_key = {row.key: row for row in rows}
+    return [by_key[key] for key in prompt_keys(prompts, set_name) if key in by_key]
 
 
 def roc_auc(positive: Sequence[float], negative: Sequence[float]) -> float:
@@ -250,14 +295,14 @@ def roc_auc(positive: Sequence[float], negative: Sequence[float]) -> float:
     return wins / (len(positive) * len(negative))
 
 
-def mean_per_layer(rows: Sequence[Row], field: str) -> list[float]:
+def mean_per_layer(rows: Sequence[ResultRow], name: str) -> list[float]:
     """The mean over ``rows`` of a per-layer field (``ptc_l1``, ``ftc_l1``, ``cumulative_tuco``), layer by layer."""
-    return [statistics.fmean(values) for values in zip(*(row[field] for row in rows))]
+    return [statistics.fmean(values) for values in zip(*(getattr(row, name) for row in rows))]
 
 
-def summary_table(rows: Sequence[Row]) -> str:
+def summary_table(rows: Sequence[ResultRow]) -> str:
     """Count, mean and median TuCo, then the mean per-layer norms and cumulative TuCo."""
-    values = [row["tuco"] for row in rows]
+    values = [row.tuco for row in rows]
     lines = [
         f"prompts: {len(values)}   TuCo mean {statistics.fmean(values):.4f}   median {statistics.median(values):.4f}"
     ]

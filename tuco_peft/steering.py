@@ -41,13 +41,14 @@ from torch import nn
 from transformers.cache_utils import DynamicLayer
 
 from .adapters import adapters_disabled, is_switchable
-from .backend import Backend, LoraLinearRouter, resolve_backend
+from .backend import Backend, make_backend, resolve_backend
 from .block_calls import cache_position, find_cache, hidden_states, replace_output, with_cache
 from .blocks import block_output
 from .dual_cache import LowRankDelta, LowRankSlot
 from .errors import InputError, UnsupportedModelError
 from .introspection import ModelParts, model_parts
 from .paired import PairedBlock
+from .pairing import paired_block
 from .pretrained import PretrainedBlocks, analysis_states, checked_pretrained_blocks
 
 Alpha = Union[float, Sequence[float], torch.Tensor]
@@ -220,7 +221,7 @@ def steered_forward(
     parts = model_parts(model)
     alphas = layer_alphas(alpha, parts.n_layers)
     source = checked_pretrained_blocks(parts, base_model)
-    router = LoraLinearRouter(resolve_backend(backend, parts.input_device))
+    router = make_backend(resolve_backend(backend, parts.input_device))
     if parts.causal_lm in _steered_models:
         raise InputError(
             "this model is already inside ftc_scale (or tuco_peft.generate); nesting is not supported. Leave the "
@@ -244,19 +245,10 @@ def steered_forward(
             stack.callback(first.register_forward_pre_hook(prepare, with_kwargs=True).remove)
         for index in steered:
             layer = parts.layers[index]
-            paired = _paired_block(layer, parts, source, router)
+            paired = paired_block(layer, parts.config, router, source.separate_model)
             block = _SteeredBlock(index, layer, source, alphas[index], parts.n_layers, observer, paired)
             stack.enter_context(block.attached())
         yield parts
-
-
-def _paired_block(
-    layer: nn.Module, parts: ModelParts, source: PretrainedBlocks, router: LoraLinearRouter
-) -> PairedBlock | None:
-    """Pair the two blocks where that saves weight reads: adapter blocks on the Triton backend."""
-    if router.backend != "triton" or source.separate_model or not PairedBlock.supports(layer, parts.config):
-        return None
-    return PairedBlock(layer, router)
 
 
 @contextmanager

@@ -20,6 +20,7 @@ from torch import nn
 from .errors import InputError
 from .inputs import left_pad, position_ids_from_mask
 from .introspection import model_parts
+from .prompts import encode_prompt
 from .steering import ftc_scale
 
 PAPER_ALPHAS = (0.75, 0.9, 0.95, 1.0, 1.05, 1.1, 1.25)
@@ -163,13 +164,6 @@ def cross_validate(correct: torch.Tensor, alphas: Sequence[float], folds: int = 
     )
 
 
-def _token_ids(tokenizer: Any, text: str) -> list[int]:
-    """``text`` as token ids, adding special tokens only if a chat template has not already put BOS there."""
-    bos = getattr(tokenizer, "bos_token", None)
-    templated = bool(bos) and text.startswith(bos)
-    return tokenizer(text, add_special_tokens=not templated)["input_ids"]
-
-
 def encode_items(
     tokenizer: Any, items: Sequence[ChoiceItem], format_prompt: Callable[[ChoiceItem], str] = ChoiceItem.prompt
 ) -> tuple[list[list[int]], list[list[int]]]:
@@ -182,7 +176,7 @@ def encode_items(
     contexts, options = [], []
     for index, item in enumerate(items):
         prompt = format_prompt(item)
-        completions = [_token_ids(tokenizer, prompt + option) for option in item.options()]
+        completions = [encode_prompt(tokenizer, prompt + option).ids for option in item.options()]
         shared = 0
         while all(shared < len(ids) and ids[shared] == completions[0][shared] for ids in completions):
             shared += 1

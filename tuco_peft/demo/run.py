@@ -16,8 +16,10 @@ from typing import TextIO
 
 import torch
 
-from ..prompts import Prompt
-from ..results import Row, roc_auc
+from ..loading import LoadOptions, load_pair
+from ..prompts import Prompt, encode_prompt
+from ..results import ResultRow, roc_auc
+from ..runner import Batching, Runner
 from ..steering import ftc_scale
 from . import corpus
 from .build import ensure_demo_checkpoints, is_built, single_thread
@@ -37,18 +39,22 @@ class DemoFigures:
     refusal_probability: dict[float, float] = field(default_factory=dict)  # α → P(reply starts with a refusal)
 
 
-def _mean_tuco(analyzer, texts: list[str], name: str) -> list[float]:
-    rows: list[Row] = []
-    analyzer.run([Prompt(id=i, line=i + 1, text=text) for i, text in enumerate(texts)], rows.extend, set_name=name)
-    return [row["tuco"] for row in rows]
+def _tuco(runner: Runner, texts: list[str], name: str) -> list[float]:
+    """The TuCo of each text, in the order of ``texts``."""
+    rows: list[ResultRow] = []
+    runner.run([Prompt(id=i, line=i + 1, text=text) for i, text in enumerate(texts)], rows.extend, set_name=name)
+    return [row.tuco for row in sorted(rows, key=lambda row: row.id)]
+
+
+def _chat_ids(tokenizer, request: str) -> torch.Tensor:
+    """A request in the demo's chat format, as a batch of one."""
+    return torch.tensor([encode_prompt(tokenizer, corpus.chat_prompt(request)).ids])
 
 
 def _refusal_probability(model, tokenizer, requests: list[str], alphas: tuple[float, ...]) -> dict[float, float]:
     """Mean next-token probability of the refusal's first token after the assistant marker, for each α."""
     refusal_start = tokenizer(corpus.REFUSAL, add_special_tokens=False)["input_ids"][0]
-    encoded = [
-        torch.tensor([tokenizer(corpus.chat_prompt(r), add_special_tokens=False)["input_ids"]]) for r in requests
-    ]
+    encoded = [_chat_ids(tokenizer, request) for request in requests]
     figures = {}
     for alpha in alphas:
         with torch.no_grad(), ftc_scale(model, alpha):
@@ -64,9 +70,6 @@ def run_demo(cache_dir: str | Path | None = None, out: TextIO | None = None) -> 
 
 
 def _run(cache_dir: str | Path | None, out: TextIO | None) -> DemoFigures:
-    from ..cli import Analyzer
-    from ..loading import LoadOptions, load_pair
-
     def say(text: str = "") -> None:
         print(text, file=out or sys.stdout, flush=True)
 
@@ -77,10 +80,10 @@ def _run(cache_dir: str | Path | None, out: TextIO | None) -> DemoFigures:
     base_dir, adapter_dir = ensure_demo_checkpoints(cache_dir)
     say(f"base: {base_dir}\nadapter: {adapter_dir}\n")
     model, tokenizer = load_pair(str(base_dir), str(adapter_dir), LoadOptions(dtype="float32", device="cpu"))
-    analyzer = Analyzer(model, tokenizer, batch_size=16)
+    runner = Runner(model, tokenizer, batching=Batching(batch_size=16))
 
     groups = demo_prompts()
-    scores = {name: _mean_tuco(analyzer, texts, name) for name, texts in groups.items()}
+    scores = {name: _tuco(runner, texts, name) for name, texts in groups.items()}
     auc = roc_auc(scores["chat"], scores["web"])
     say("1. TuCo separates fine-tune-style prompts from pre-training-style text")
     say(f"   example chat prompt: {groups['chat'][1]!r}")
@@ -96,7 +99,7 @@ def _run(cache_dir: str | Path | None, out: TextIO | None) -> DemoFigures:
     requests = [corpus.harmful_request(rng) for _ in range(20)]
     plain = [corpus.chat_prompt(r) for r in requests]
     padded = [corpus.chat_prompt(f"{r} {corpus.web_text(rng, 2)}") for r in requests]
-    plain_tuco, padded_tuco = _mean_tuco(analyzer, plain, "plain"), _mean_tuco(analyzer, padded, "padded")
+    plain_tuco, padded_tuco = _tuco(runner, plain, "plain"), _tuco(runner, padded, "padded")
     padding = {"plain": statistics.fmean(plain_tuco), "padded": statistics.fmean(padded_tuco)}
     lowered = sum(after < before for before, after in zip(plain_tuco, padded_tuco))
     say("2. Padding a request with pre-training-style text lowers TuCo (as jailbreak suffixes do in the paper)")
@@ -120,7 +123,7 @@ def _run(cache_dir: str | Path | None, out: TextIO | None) -> DemoFigures:
 
 
 def _steered_replies(model, tokenizer, request: str, alphas: tuple[float, ...]) -> dict[float, str]:
-    input_ids = torch.tensor([tokenizer(corpus.chat_prompt(request), add_special_tokens=False)["input_ids"]])
+    input_ids = _chat_ids(tokenizer, request)
     replies = {}
     for alpha in alphas:
         with torch.no_grad(), ftc_scale(model, alpha):

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
     from ..decomposition import Decomposition
     from ..generation import SteeredGeneration
+    from ..results import ResultRow
 
 _DECODE_WINDOW = 8  # tokens of left context decoded with each token, so spaces and merges come out as in the text
 NO_BLOCK_NORMS = "per-block norms are not recorded during generation; new tokens show TuCo only"
@@ -145,19 +146,19 @@ def texts_from_decomposition(
 
 
 def text_from_row(
-    row: dict[str, Any], input_ids: Sequence[int], tokenizer: Any | None, title: str, note: str = ""
+    row: ResultRow, input_ids: Sequence[int], tokenizer: Any | None, title: str, note: str = ""
 ) -> ScoredText:
     """A stored ``analyze --positions all`` row as a ``ScoredText``, for prompts whose decomposition is gone
     (resumed, or computed by another rank): TuCo at every token from ``token_tuco``, and the per-block
     norms the row keeps, those at the last token. ``input_ids`` are the tokens analysed (``n_tokens`` of them).
     """
-    values = row["token_tuco"]
+    values = row.token_tuco or []
     if len(values) != len(input_ids):
-        raise ValueError(f"row {row.get('id')!r} has {len(values)} token TuCo values for {len(input_ids)} tokens.")
+        raise ValueError(f"row {row.id!r} has {len(values)} token TuCo values for {len(input_ids)} tokens.")
     labels = _labels(tokenizer, input_ids)
     last = len(labels) - 1
     tokens = tuple(
-        ScoredToken(label, value, *((tuple(row["ptc_l1"]), tuple(row["ftc_l1"])) if k == last else ()))
+        ScoredToken(label, value, *((tuple(row.ptc_l1), tuple(row.ftc_l1)) if k == last else ()))
         for k, (label, value) in enumerate(zip(labels, values))
     )
     return ScoredText(title, tokens, note)

@@ -1,8 +1,9 @@
-"""The base layer's weight as the fused kernels read it: a dense matrix or a bitsandbytes 4-bit one.
+"""The base weight as the fused kernels read it: a dense matrix or a bitsandbytes 4-bit one, as tensors.
 
 Both views describe ``W`` of shape ``[out_features, in_features]`` so that the layer computes
 ``x·Wᵀ + bias``; each knows the kernel arguments that locate it and how to rebuild the dense matrix (for
-backward, which re-dequantizes instead of keeping a dense copy alive).
+backward, which re-dequantizes instead of keeping a dense copy alive). They hold tensors and ints only:
+no layer, and no bitsandbytes object, reaches the kernels.
 """
 
 from __future__ import annotations
@@ -11,14 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
-from transformers.pytorch_utils import Conv1D
-
-from tuco_peft.errors import UnsupportedModelError
-from tuco_peft.state import cpu_repacked, is_bnb_4bit
 
 from .bnb_4bit import dequantize_4bit
-from .settings import SUPPORTED_DTYPES, triton_dtype
+from .settings import triton_dtype
 
 
 @dataclass(frozen=True)
@@ -65,6 +61,8 @@ class Packed4bitWeight:
 
     @classmethod
     def from_quant_state(cls, packed: torch.Tensor, quant_state: Any) -> Packed4bitWeight:
+        """The packed bytes and a ``bitsandbytes.functional.QuantState`` (read by attribute, so bitsandbytes
+        need not be importable here) as the kernels' tensors."""
         nested = bool(quant_state.nested)
         state2 = quant_state.state2 if nested else None
         offset = None
@@ -112,31 +110,3 @@ class Packed4bitWeight:
 
 
 BaseWeight = DenseWeight | Packed4bitWeight
-
-
-def base_weight(layer: nn.Module) -> BaseWeight:
-    """The weight of a LoRA layer's ``base_layer``, or UnsupportedModelError saying why the kernels can't read it."""
-    name = type(layer).__name__
-    quant_state = getattr(getattr(layer, "weight", None), "quant_state", None)
-    if is_bnb_4bit(layer) and quant_state is not None:
-        if cpu_repacked(layer):
-            raise UnsupportedModelError(
-                f"this {name} weight was repacked by bitsandbytes for its CPU AVX512 kernel "
-                "(quant_state.packing_format_for_cpu), a layout the Triton kernels do not read. Set "
-                "module.support_avx512bf16_for_cpu = False before the first forward, or use backend='torch'."
-            )
-        if quant_state.dtype not in SUPPORTED_DTYPES:
-            raise UnsupportedModelError(f"{name} dequantizes to {quant_state.dtype}; the kernels need fp16/bf16/fp32.")
-        return Packed4bitWeight.from_quant_state(layer.weight.data, quant_state)
-    if isinstance(layer, Conv1D):
-        matrix = layer.weight.t()
-    elif isinstance(layer, nn.Linear) and type(layer).forward is nn.Linear.forward:
-        matrix = layer.weight
-    else:
-        raise UnsupportedModelError(
-            f"the base layer is a {type(layer).__module__}.{name}, whose forward is not a plain x·Wᵀ + b the "
-            "Triton kernels can fuse (8-bit, GPTQ and AWQ layers are not supported); use backend='torch'."
-        )
-    if matrix.dtype not in SUPPORTED_DTYPES:
-        raise UnsupportedModelError(f"the {name} weight is {matrix.dtype}; the kernels need fp16/bf16/fp32.")
-    return DenseWeight(matrix)

@@ -1,4 +1,9 @@
-"""The active LoRA adapters of a PEFT layer as one low-rank factor pair the kernels can read."""
+"""A PEFT LoRA linear read as the fused kernels' tensors: its base weight and its active adapters' factors.
+
+This is the bridge from PEFT, bitsandbytes and transformers layers to ``tuco_peft.kernels``, which know
+tensors only. Whatever the kernels cannot compute is refused here with UnsupportedModelError saying why,
+so that the backend can run that layer on the torch path instead.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,39 @@ from functools import lru_cache
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
-from tuco_peft.errors import UnsupportedModelError
+from .errors import UnsupportedModelError
+from .kernels import SUPPORTED_DTYPES, BaseWeight, DenseWeight, Packed4bitWeight
+from .state import cpu_repacked, is_bnb_4bit
+
+
+def base_weight(layer: nn.Module) -> BaseWeight:
+    """The weight of a LoRA layer's ``base_layer``, or UnsupportedModelError saying why the kernels can't read it."""
+    name = type(layer).__name__
+    quant_state = getattr(getattr(layer, "weight", None), "quant_state", None)
+    if is_bnb_4bit(layer) and quant_state is not None:
+        if cpu_repacked(layer):
+            raise UnsupportedModelError(
+                f"this {name} weight was repacked by bitsandbytes for its CPU AVX512 kernel "
+                "(quant_state.packing_format_for_cpu), a layout the Triton kernels do not read. Set "
+                "module.support_avx512bf16_for_cpu = False before the first forward, or use backend='torch'."
+            )
+        if quant_state.dtype not in SUPPORTED_DTYPES:
+            raise UnsupportedModelError(f"{name} dequantizes to {quant_state.dtype}; the kernels need fp16/bf16/fp32.")
+        return Packed4bitWeight.from_quant_state(layer.weight.data, quant_state)
+    if isinstance(layer, Conv1D):
+        matrix = layer.weight.t()
+    elif isinstance(layer, nn.Linear) and type(layer).forward is nn.Linear.forward:
+        matrix = layer.weight
+    else:
+        raise UnsupportedModelError(
+            f"the base layer is a {type(layer).__module__}.{name}, whose forward is not a plain x·Wᵀ + b the "
+            "Triton kernels can fuse (8-bit, GPTQ and AWQ layers are not supported); use backend='torch'."
+        )
+    if matrix.dtype not in SUPPORTED_DTYPES:
+        raise UnsupportedModelError(f"the {name} weight is {matrix.dtype}; the kernels need fp16/bf16/fp32.")
+    return DenseWeight(matrix)
 
 
 @dataclass(frozen=True)
@@ -16,16 +52,12 @@ class LoraFactors:
     """``Σ_adapters s·B·A`` as ``B_cat · diag(scale) · A_cat``: adapters concatenated along the rank.
 
     ``a`` is ``[rank, in]``, ``b`` is ``[out, rank]``, ``scale`` float32 ``[rank]`` (each adapter's
-    scaling repeated over its rank). ``rank`` is 0 when no adapter is active.
+    scaling repeated over its rank). The rank is 0 when no adapter is active.
     """
 
     a: torch.Tensor
     b: torch.Tensor
     scale: torch.Tensor
-
-    @property
-    def rank(self) -> int:
-        return self.a.shape[0]
 
 
 def _check_plain_lora(layer: nn.Module, adapter: str) -> None:

@@ -21,9 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .base_weight import BaseWeight
 from .bnb_4bit import decode_4bit, decode_4bit_tile
-from .lora_factors import LoraFactors
 from .rounding import round_to
 from .settings import (
     NO_FP_FUSION,
@@ -34,6 +32,7 @@ from .settings import (
     rows_bucket,
     triton_dtype,
 )
+from .weights import BaseWeight
 
 
 @triton.jit
@@ -144,15 +143,14 @@ def _lora_linear_kernel(
 
 
 def lora_linear_forward(
-    x_pt: torch.Tensor,
-    x_ft: torch.Tensor | None,
-    weight: BaseWeight,
-    bias: torch.Tensor | None,
-    factors: LoraFactors,
+    x_pt: torch.Tensor, x_ft: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor,
+    bias: torch.Tensor | None, weight: BaseWeight,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the fused kernel on 2-D contiguous inputs; ``x_ft=None`` means one shared input.
+    """Launch the fused kernel on 2-D contiguous inputs (``FusedLoraLinear``'s forward, in its argument order);
+    ``x_ft=None`` means one shared input.
 
-    Returns ``(y_pt, y_ft)`` in the inputs' dtype; the rows of the two streams may differ in number.
+    ``a`` ``[rank, in]``, ``b`` ``[out, rank]`` and ``scale`` float32 ``[rank]`` are contiguous. Returns
+    ``(y_pt, y_ft)`` in the inputs' dtype; the rows of the two streams may differ in number.
     """
     n_out, n_in = weight.shape
     two_streams = x_ft is not None
@@ -161,6 +159,7 @@ def lora_linear_forward(
     y_pt = x_pt.new_empty(rows_pt, n_out)
     y_ft = x_pt.new_empty(rows_ft, n_out)
     operand = dot_dtype(x_pt.dtype)
+    rank = a.shape[0]
 
     def grid(meta: dict) -> tuple[int, int]:
         return triton.cdiv(n_out, meta["BLOCK_N"]), triton.cdiv(max(rows_pt, rows_ft), meta["BLOCK_M"])
@@ -169,11 +168,11 @@ def lora_linear_forward(
         y_pt, y_ft, x_pt, x_ft_or_pt,
         **weight.kernel_args(),
         bias_ptr=bias if bias is not None else x_pt,
-        a_ptr=factors.a, b_ptr=factors.b, scale_ptr=factors.scale,
-        rows_pt=rows_pt, rows_ft=rows_ft, N=n_out, K=n_in, rank=factors.rank,
+        a_ptr=a, b_ptr=b, scale_ptr=scale,
+        rows_pt=rows_pt, rows_ft=rows_ft, N=n_out, K=n_in, rank=rank,
         rows_bucket=rows_bucket(max(rows_pt, rows_ft)),
         TWO_STREAMS=two_streams, HAS_BIAS=bias is not None, DOT_DTYPE=operand,
         INPUT_PRECISION="ieee" if operand == tl.float32 else "tf32", OUT_DTYPE=triton_dtype(x_pt.dtype),
-        RANK_TILE=rank_tile(factors.rank), **NO_FP_FUSION,
+        RANK_TILE=rank_tile(rank), **NO_FP_FUSION,
     )
     return y_pt, y_ft

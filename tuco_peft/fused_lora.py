@@ -1,17 +1,20 @@
-"""Entry points on PEFT LoRA layers: both outputs of a LoRA linear from one fused kernel launch."""
+"""Both outputs of a PEFT LoRA linear from one fused kernel launch: the Triton backend's entry points.
+
+Checks the layer and the inputs, reads the layer into tensors (``lora_tensors``) and calls the pure op
+``tuco_peft.kernels.lora_linear``. Importing this module imports Triton: the backend imports it lazily.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from tuco_peft.adapters import is_additive_lora
-from tuco_peft.errors import InputError, UnsupportedModelError
+from .adapters import is_additive_lora
+from .errors import InputError, UnsupportedModelError
+from .kernels import INTERPRETING, SUPPORTED_DTYPES, lora_linear
+from .lora_tensors import base_weight, lora_factors
 
-from .autograd import FusedLoraLinear
-from .base_weight import base_weight
-from .lora_factors import lora_factors
-from .settings import INTERPRETING, SUPPORTED_DTYPES
+__all__ = ["INTERPRETING", "dual_lora_linear", "two_stream_lora_linear"]
 
 
 def _check_layer_kind(layer: nn.Module) -> None:
@@ -22,36 +25,26 @@ def _check_layer_kind(layer: nn.Module) -> None:
         )
 
 
-def _check_inputs(inputs: tuple[torch.Tensor, ...]) -> None:
-    for x in inputs:
-        if x.dtype not in SUPPORTED_DTYPES:
-            raise UnsupportedModelError(
-                f"inputs of dtype {x.dtype} are not supported; the kernels take fp16/bf16/fp32."
-            )
-        if x.device.type != "cuda" and not INTERPRETING:
-            raise UnsupportedModelError(
-                f"inputs on {x.device} need the Triton interpreter: set TRITON_INTERPRET=1 before importing "
-                "triton, or use backend='torch'."
-            )
-
-
-def _rows(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+def _check_input(x: torch.Tensor, layer: nn.Module) -> None:
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise UnsupportedModelError(f"inputs of dtype {x.dtype} are not supported; the kernels take fp16/bf16/fp32.")
+    if x.device.type != "cuda" and not INTERPRETING:
+        raise UnsupportedModelError(
+            f"inputs on {x.device} need the Triton interpreter: set TRITON_INTERPRET=1 before importing "
+            "triton, or use backend='torch'."
+        )
     if x.shape[-1] != layer.in_features:
         raise InputError(f"inputs end in {x.shape[-1]} features but the layer takes {layer.in_features}.")
-    return x.reshape(-1, x.shape[-1]).contiguous()
 
 
 def _apply(layer: nn.Module, x_pt: torch.Tensor, x_ft: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     _check_layer_kind(layer)
     base_layer = layer.get_base_layer()
     weight, factors = base_weight(base_layer), lora_factors(layer)
-    _check_inputs(tuple(x for x in (x_pt, x_ft) if x is not None))
-    y_pt, y_ft = FusedLoraLinear.apply(
-        _rows(x_pt, layer), None if x_ft is None else _rows(x_ft, layer),
-        factors.a, factors.b, factors.scale, base_layer.bias, weight,
-    )
-    x_ft = x_pt if x_ft is None else x_ft
-    return y_pt.reshape(*x_pt.shape[:-1], -1), y_ft.reshape(*x_ft.shape[:-1], -1)
+    for x in (x_pt, x_ft):
+        if x is not None:
+            _check_input(x, layer)
+    return lora_linear(x_pt, x_ft, weight, base_layer.bias, factors.a, factors.b, factors.scale)
 
 
 def dual_lora_linear(x: torch.Tensor, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:

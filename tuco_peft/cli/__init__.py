@@ -1,0 +1,112 @@
+"""The ``tuco-peft`` command line: analyze, compare, generate, eval, bench, demo (a module per command).
+
+The model analysed is a LoRA fine-tune (``--base BASE --adapter ADAPTER``) or a full fine-tune beside its
+pre-trained checkpoint (``--model FINETUNED --base-model PRETRAINED``). ``analyze`` runs data-parallel when
+launched by ``torchrun`` or ``accelerate launch`` (see ``distributed``).
+
+Every command reports bad input as one line on stderr and a non-zero exit status (2 for input the user
+can fix, 1 for anything unexpected, 130 when interrupted, at any moment); ``--debug`` shows the traceback
+instead. Everything that can be checked without a model (flags, prompt files, checkpoint folders, the
+results file and its lock) is checked before one loads, and torch, transformers and peft are imported only
+by a command that needs them, so that ``--help`` and usage errors answer at once (lm-eval only by ``eval``).
+
+``analyze`` and ``compare --out`` hold the results file's lock (``locking``) for the whole run, and resume
+only rows computed from the same checkpoint content, tokenizer and settings (``fingerprint``, ``results``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+import warnings
+from contextlib import suppress
+from typing import TYPE_CHECKING
+
+from ..errors import TuCoError, first_line
+from . import analyze, bench, compare, demo, eval, generate
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+EXIT_INPUT, EXIT_UNEXPECTED, EXIT_INTERRUPTED = 2, 1, 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tuco-peft",
+        description="Tuning Contribution (TuCo) of LoRA/QLoRA fine-tunes, prompt by prompt, in one forward pass.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    # --debug is taken after the command too; with no default there, it leaves the one given before alone.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in (analyze, compare, generate, eval, bench, demo):
+        command.add_parser(commands, common)
+    return parser
+
+
+class _ExitOnCtrlC:
+    """While held, Ctrl-C prints one line and ends the process with exit status 130, whatever it was doing.
+
+    Raising KeyboardInterrupt instead would reach code that cannot take it: inside torch's import it aborts
+    the process from C++, and transformers reports it from a lazy import as a missing module. Nothing needs
+    unwinding: rows are flushed as written and a row cut short is dropped on reload, a sorted or repaired
+    results file replaces the old one in one rename, and the operating system releases the lock.
+    ``note`` is added to the line (what happens to the rows).
+    """
+
+    def __init__(self) -> None:
+        self.note = ""
+        self._previous = None
+
+    def __enter__(self) -> Self:
+        if threading.current_thread() is threading.main_thread():  # signal handlers belong to the main thread
+            self._previous = signal.signal(signal.SIGINT, self._exit)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _exit(self, signum: int, frame: object) -> None:
+        with suppress(OSError, ValueError):  # a closed or broken stdout must not keep the process alive
+            sys.stdout.flush()
+        print(f"\ntuco-peft: interrupted{self.note}.", file=sys.stderr, flush=True)
+        os._exit(EXIT_INTERRUPTED)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``tuco-peft``; returns the exit status."""
+    with _ExitOnCtrlC() as ctrl_c:
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as exit_:  # --help, or a usage error argparse has reported
+            return int(exit_.code or 0)
+        if getattr(args, "out", None) and args.command in ("analyze", "compare"):
+            ctrl_c.note = "; rows already written are kept, rerun the same command to resume"
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecations: nothing a CLI user can act on
+    try:
+        return args.run(args)
+    except TuCoError as error:
+        if args.debug:
+            raise
+        print(f"tuco-peft: error: {first_line(error)}", file=sys.stderr)
+        return EXIT_INPUT
+    except Exception as error:  # the last line of defence: one line, not a traceback
+        if args.debug:
+            raise
+        print(
+            f"tuco-peft: error: {type(error).__name__}: {first_line(error)} (rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_UNEXPECTED

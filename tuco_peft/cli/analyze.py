@@ -1,0 +1,192 @@
+"""``tuco-peft analyze``: the TuCo of every prompt of a file, one JSON row each, resumable; data-parallel
+under ``torchrun`` or ``accelerate launch`` (see ``distributed``)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import loading
+from ..distributed import Ranks, fold_parts, part_file, process_group, together
+from ..errors import InputError
+from ..prompts import Prompt, encode_prompt
+from ..results import ResultRow, ResultsFile, prompt_keys, rows_for, summary_table
+from ..runner import ModelChoice, Runner, quiet_libraries, view_title
+from .checks import analysable_prompts, check_html, check_out
+from .options import PromptOptions, ResultsOptions, check_common, model_choice, provenance
+from .options import add_model_arguments, add_prompt_arguments, add_results_arguments
+from .stored_rows import locked_results, missing_prompts
+
+
+@dataclass(frozen=True)
+class AnalyzeOptions:
+    model: ModelChoice
+    prompts: PromptOptions
+    results: ResultsOptions
+    prompt_file: str
+    positions: str
+    plot: str | None
+    html: str | None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> AnalyzeOptions:
+        return cls(
+            model_choice(args),
+            PromptOptions.from_args(args),
+            ResultsOptions.from_args(args),
+            args.prompts,
+            args.positions,
+            args.plot,
+            args.html,
+        )
+
+    @property
+    def out(self) -> str:
+        return self.results.out
+
+    def runner_settings(self, provenance: dict[str, Any]) -> dict[str, Any]:
+        return dict(
+            prompt_format=self.prompts.format,
+            batching=self.prompts.batching,
+            positions=self.positions,
+            provenance=provenance,
+        )
+
+
+def add_parser(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    analyze = commands.add_parser(
+        "analyze",
+        parents=[common],
+        help="TuCo of every prompt of a file, to JSONL",
+        description="TuCo of every prompt of a file, to JSONL. Launched by torchrun or accelerate launch, it runs "
+        "data-parallel: each rank analyses a share of the prompts into --out.parts/, and rank 0 merges them into "
+        "--out in the prompt file's order (a rerun resumes, with any number of ranks).",
+    )
+    add_model_arguments(analyze)
+    analyze.add_argument(
+        "--prompts", required=True, help=".txt (one prompt per line) or .jsonl ({id, prompt|messages})"
+    )
+    analyze.add_argument("--out", required=True, help="JSONL of rows; rerunning with the same file resumes")
+    add_results_arguments(analyze)
+    add_prompt_arguments(analyze, token_budget=True)
+    analyze.add_argument(
+        "--positions",
+        choices=["last", "all"],
+        default="last",
+        help="all: also store the TuCo at every prompt token (token_tuco)",
+    )
+    analyze.add_argument("--plot", help="PNG of the per-layer PTC/FTC profile and the TuCo histogram")
+    analyze.add_argument(
+        "--html",
+        metavar="FILE",
+        help="one self-contained HTML page: each prompt's tokens coloured by their TuCo, per-block norms on "
+        "click (needs --positions all)",
+    )
+    analyze.set_defaults(run=lambda args: analyze_prompts(AnalyzeOptions.from_args(args)))
+
+
+def analyze_prompts(options: AnalyzeOptions) -> int:
+    check_common(options.model, options.prompts, options.results, options.plot)
+    check_out(options.out, [options.prompt_file])
+    if options.html:
+        if options.positions != "all":
+            raise InputError("--html colours every prompt token by its TuCo; add --positions all.")
+        check_html(options.html, options.out, options.prompt_file)
+    ranks = Ranks.from_environment()
+    prompts = analysable_prompts(options.prompt_file, options.prompts.chat_template, announce=ranks.is_main)
+    made_with = provenance(options.model, options.prompts.format, options.positions, "analyze")
+    runner = None
+    if ranks.world_size > 1:
+        with process_group(ranks):
+            results = _analyze_shard(options, prompts, ranks, made_with)
+        if results is None:  # not rank 0
+            return 0
+    else:
+        with locked_results(options.results, made_with) as results:
+            todo = missing_prompts(results, prompts, announce=True)
+            if todo:
+                runner = Runner.load(options.model, **options.runner_settings(made_with))
+                if options.html:
+                    runner.views = {}
+                runner.run(todo, results.append)
+            results.sort_by(prompt_keys(prompts))  # rows were appended by length: back to the file's order
+    rows = rows_for(results.rows, prompts)
+    if not rows:
+        raise InputError(f"no prompt of {options.prompt_file} could be analysed (none has a token).")
+    print(summary_table(rows))
+    print(f"rows: {options.out}")
+    if options.plot:
+        from ..plotting import plot_analysis
+
+        print(f"plot: {plot_analysis({Path(options.prompt_file).name: rows}, options.plot)}")
+    if options.html:
+        print(f"html: {_write_token_page(options, prompts, rows, runner)}")
+    return 0
+
+
+def _analyze_shard(
+    options: AnalyzeOptions, prompts: Sequence[Prompt], ranks: Ranks, made_with: dict[str, Any]
+) -> ResultsFile | None:
+    """This rank's share of a data-parallel analyze, between two merges of every rank's part into --out by
+    rank 0: the first takes in the rows of an interrupted run, the last this run's (returned on rank 0).
+    Rank 0 holds --out's lock from the first step to the last (see ``distributed``)."""
+    keys = prompt_keys(prompts)
+
+    with ExitStack() as held:
+
+        def lock_and_merge() -> None:
+            if ranks.is_main:
+                held.enter_context(locked_results(options.results, made_with)).sort_by(keys)
+
+        def analyze_own_share() -> None:
+            share = ranks.shard(missing_prompts(ResultsFile(options.out), prompts, announce=ranks.is_main))
+            if share:
+                part = ResultsFile(part_file(Path(options.out), ranks))
+                runner = Runner.load(options.model, **options.runner_settings(made_with))
+                runner.run(share, part.append, label=f"rank {ranks.rank}/{ranks.world_size}")
+
+        def merge_parts() -> ResultsFile | None:
+            if not ranks.is_main:
+                return None
+            results = ResultsFile(options.out)
+            fold_parts(results)
+            results.sort_by(keys)
+            return results
+
+        together(lock_and_merge)
+        together(analyze_own_share)
+        return together(merge_parts)
+
+
+def _write_token_page(
+    options: AnalyzeOptions, prompts: Sequence[Prompt], rows: Sequence[ResultRow], runner: Runner | None
+) -> Path:
+    """analyze --html: every prompt's tokens coloured by their TuCo, in the prompt file's order.
+
+    Prompts decomposed by this process show the per-block norms at every token. The others (rows resumed
+    from --out, or computed by other ranks) are drawn from their rows: TuCo at every token (``token_tuco``),
+    per-block norms at the last token only, which is all a row keeps; a note on each says so.
+    """
+    from ..views import text_from_row, write_html
+
+    views = runner.views if runner is not None else {}
+    tokenizer = runner.tokenizer if runner is not None else None
+    by_id = {prompt.id: prompt for prompt in prompts}
+    texts = []
+    for row in rows:
+        prompt = by_id[row.id]
+        if prompt.id in views:
+            texts.append(views[prompt.id])
+            continue
+        if tokenizer is None:
+            quiet_libraries()
+            tokenizer = loading.load_tokenizer(options.model.check().tokenizer, None, options.model.load)
+        chat = options.prompts.format
+        ids = encode_prompt(tokenizer, prompt, chat_template=chat.chat_template, system=chat.system).ids
+        note = f"from its row in {options.out}: per-block norms at the last token only"
+        texts.append(text_from_row(row, ids[-row.n_tokens :], tokenizer, view_title(prompt), note))
+    return write_html(texts, options.html, title=f"TuCo per token: {Path(options.prompt_file).name}")

@@ -1,0 +1,57 @@
+"""The results file of ``analyze`` and ``compare --out``: opened under its lock, resumed, put in order.
+
+Rows are appended as batches finish, longest prompts first (see ``runner``); once a run is complete the
+file is rewritten in the prompt file's order in one rename, so a run killed at any moment leaves every
+finished row, once, and the rerun computes only the rest.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from ..distributed import fold_parts
+from ..locking import results_lock
+from ..prompts import Prompt
+from ..results import ResultsFile
+from ..runner import warn
+from .options import ResultsOptions
+
+
+def missing_prompts(
+    results: ResultsFile, prompts: Sequence[Prompt], announce: bool, set_name: str | None = None
+) -> list[Prompt]:
+    """The prompts without a row in ``results``; with ``announce``, say so when some have one."""
+    todo = [prompt for prompt in prompts if not results.done(set_name, prompt)]
+    if announce and len(todo) < len(prompts):
+        of_set = "" if set_name is None else f" of set {set_name!r}"
+        print(
+            f"resuming: {len(prompts) - len(todo)} of {len(prompts)} prompts{of_set} are already in {results.path}",
+            file=sys.stderr,
+        )
+    return todo
+
+
+def open_results(options: ResultsOptions, provenance: dict[str, Any]) -> ResultsFile:
+    """--out with the rows of any interrupted data-parallel run folded in, once its rows are known to be
+    computed as this run would compute them. The caller holds its lock."""
+    results = ResultsFile(options.out, repair=options.repair)
+    fold_parts(results, repair=options.repair)
+    if results.dropped_lines:
+        lines = ", ".join(map(str, results.dropped_lines))
+        warn(f"--repair dropped line(s) {lines} of {options.out} (not rows, or repeated ones); kept every other row.")
+    results.check_made_like(**provenance)
+    return results
+
+
+@contextmanager
+def locked_results(options: ResultsOptions, provenance: dict[str, Any]) -> Iterator[ResultsFile | None]:
+    """--out, opened under its lock, which is held until the block ends; None when there is no --out."""
+    if options.out is None:
+        yield None
+        return
+    with results_lock(Path(options.out), wait=options.wait):
+        yield open_results(options, provenance)

@@ -1,0 +1,18 @@
+"""Decoder families with a one-pass pre-trained path: one module per family registers its spec."""
+
+from . import gemma, gemma2, gpt2, gpt_neox, llama, mistral, olmo2, phi3, qwen2, qwen3  # noqa: F401 (they register)
+from .registry import register, registered_model_types, spec_for
+from .spec import FamilySpec, QKNorm, QKVLayout, WindowSource, Wiring, attention_heads, attention_implementation
+
+__all__ = [
+    "FamilySpec",
+    "QKNorm",
+    "QKVLayout",
+    "WindowSource",
+    "Wiring",
+    "attention_heads",
+    "attention_implementation",
+    "register",
+    "registered_model_types",
+    "spec_for",
+]

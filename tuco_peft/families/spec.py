@@ -1,0 +1,117 @@
+"""What tuco-peft needs to know about one decoder family: where a block keeps its parts, how they are wired,
+and which of the one-pass capabilities the family allows.
+
+Every family fact lives in one spec (see ``families/<model_type>.py``); blocks, the lean cache, pairing and
+steering read it instead of re-deriving it from class names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from transformers import PretrainedConfig
+
+
+class Wiring(Enum):
+    """How a block combines its attention and MLP with the residual stream."""
+
+    SEQUENTIAL = "sequential"  # h = x + attn(n₁(x));  out = h + mlp(n₂(h))                  (Llama, GPT-2)
+    SANDWICH = "sandwich"  # as sequential, with a second norm after attention and after the MLP   (Gemma2)
+    PARALLEL = "parallel"  # out = x + attn(n₁(x)) + mlp(n₂(x))                                  (GPT-NeoX)
+    POST_NORM = "post_norm"  # h = x + n₁(attn(x));  out = h + n₂(mlp(h))                        (OLMo-2)
+
+
+class QKVLayout(Enum):
+    """How the query, key and value projections are stored."""
+
+    SEPARATE = "separate"  # q_proj, k_proj, v_proj
+    CONCATENATED = "concatenated"  # one projection, output [q | k | v] (Phi-3, GPT-2)
+    INTERLEAVED_BY_HEAD = "interleaved_by_head"  # one projection, [q₁ k₁ v₁ | q₂ k₂ v₂ | …] (GPT-NeoX)
+
+
+class QKNorm(Enum):
+    """Where a norm on queries and keys (``q_norm``/``k_norm`` of the attention) applies."""
+
+    NONE = "none"
+    PER_HEAD = "per_head"  # on each head, after the split into heads (Qwen3)
+    FULL_WIDTH = "full_width"  # on the whole projection, before the split (OLMo-2)
+
+
+class WindowSource(Enum):
+    """Where a sliding attention window comes from."""
+
+    NONE = "none"
+    ATTENTION = "attention"  # the attention module's ``sliding_window`` (per layer; None on full-attention layers)
+    CONFIG = "config"  # ``config.sliding_window``, for every layer (Mistral, Phi-3)
+
+
+_NORMS_OF_WIRING = {  # (pre-attention, pre-MLP, post-attention, post-MLP) norms each wiring has
+    Wiring.SEQUENTIAL: (True, True, False, False),
+    Wiring.SANDWICH: (True, True, True, True),
+    Wiring.PARALLEL: (True, True, False, False),
+    Wiring.POST_NORM: (False, False, True, True),
+}
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """A family's block: attribute names on the decoder layer (norms, ``mlp``, ``attention``) and on its
+    attention (``projections``, ``output``, ``head_dim``), its wiring, and its capabilities.
+
+    Capabilities: ``shared_projections``: the pre-trained q/k/v of an adapter fine-tune are the base outputs of
+    the fine-tuned projections (the one-pass path); ``lean_cache``: under steering, fine-tuned keys/values are
+    the pre-trained ones plus a low-rank delta (separate k/v projections, no k-norm, rotary from the decoder's
+    ``rotary_module``); ``pairable``: the block may run on its input stacked twice (``paired.PairedBlock``).
+    """
+
+    attention: str
+    projections: tuple[str, ...]
+    output: str
+    wiring: Wiring
+    attention_norm: str | None = None
+    mlp_norm: str | None = None
+    post_attention_norm: str | None = None
+    post_mlp_norm: str | None = None
+    mlp: str = "mlp"
+    qkv_layout: QKVLayout = QKVLayout.SEPARATE
+    head_dim: str = "head_dim"
+    rotary_module: str | None = "rotary_emb"  # on the decoder; None: no rotary embedding (GPT-2)
+    window: WindowSource = WindowSource.ATTENTION
+    qk_norm: QKNorm = QKNorm.NONE
+    shared_projections: bool = True
+    lean_cache: bool = False
+    pairable: bool = True
+
+    def __post_init__(self) -> None:
+        norms = (self.attention_norm, self.mlp_norm, self.post_attention_norm, self.post_mlp_norm)
+        if tuple(name is not None for name in norms) != _NORMS_OF_WIRING[self.wiring]:
+            raise ValueError(f"the norms {norms} do not fit the {self.wiring.value} wiring")
+        if (len(self.projections) == 3) != (self.qkv_layout is QKVLayout.SEPARATE):
+            raise ValueError(f"{len(self.projections)} projections do not fit the {self.qkv_layout.value} layout")
+        lean_possible = self.qkv_layout is QKVLayout.SEPARATE and self.qk_norm is QKNorm.NONE and self.rotary_module
+        if self.lean_cache and not lean_possible:
+            raise ValueError("a lean cache needs separate k/v projections, no k-norm and a rotary module")
+
+    @property
+    def layer_parts(self) -> tuple[str, ...]:
+        """The attributes the decoder layer must have."""
+        norms = (self.attention_norm, self.mlp_norm, self.post_attention_norm, self.post_mlp_norm)
+        return (self.attention, self.mlp, *(name for name in norms if name is not None))
+
+    @property
+    def attention_parts(self) -> tuple[str, ...]:
+        """The attributes the attention module must have."""
+        qk_norms = () if self.qk_norm is QKNorm.NONE else ("q_norm", "k_norm")
+        return (*self.projections, self.output, self.head_dim, "scaling", *qk_norms)
+
+
+def attention_heads(config: PretrainedConfig) -> tuple[int, int]:
+    """(query heads, key/value heads): the key/value heads default to the query heads (no GQA)."""
+    n_heads = config.num_attention_heads
+    return n_heads, getattr(config, "num_key_value_heads", None) or n_heads
+
+
+def attention_implementation(config: PretrainedConfig) -> str:
+    """The attention kernel transformers runs ("eager", "sdpa", "flash_attention_2", "flex_attention", …)."""
+    return config._attn_implementation
