@@ -15,7 +15,7 @@ import os
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from types import ModuleType
 from typing import Any, ClassVar, Literal
 
@@ -24,6 +24,7 @@ from torch import nn
 
 from .adapters import is_additive_lora, pretrained_projection
 from .errors import InputError, UnsupportedModelError
+from .interception import forward_replaced, hooked, replaced_forward
 
 BACKENDS = ("auto", "torch", "triton")
 BACKEND_ENV_VAR = "TUCO_PEFT_BACKEND"
@@ -69,11 +70,8 @@ def resolve_backend(backend: Backend | None, device: torch.device) -> ResolvedBa
 def _capture_base_output(layer: nn.Module, run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``run`` (a forward of ``layer``) and return (its base layer's output, the layer's output)."""
     captured: list[torch.Tensor] = []
-    handle = layer.get_base_layer().register_forward_hook(lambda module, args, output: captured.append(output))
-    try:
+    with hooked(layer.get_base_layer(), after=lambda module, args, output: captured.append(output)):
         output = run()
-    finally:
-        handle.remove()
     return captured[-1], output
 
 
@@ -105,21 +103,17 @@ class LoraLinearBackend(ABC):
 
         A layer this backend ``fuses`` computes its base and fine-tuned outputs with ``dual`` and returns the
         fine-tuned one. Every other layer (plain layers, and all of them on the torch backend) reports through
-        a forward hook on its pre-trained projection. Forwards are restored exactly.
+        a forward hook on its pre-trained projection.
         """
         layers = list(layers)
         fused = [m for m in layers if self.fuses(m)]
-        hooked = [pretrained_projection(m) for m in layers if not any(m is f for f in fused)]
-        handles = [m.register_forward_hook(on_base_output) for m in hooked]
-        try:
+        observed = [pretrained_projection(m) for m in layers if not any(m is f for f in fused)]
+        with ExitStack() as stack:
+            for projection in observed:
+                stack.enter_context(hooked(projection, after=on_base_output))
             for layer in fused:
-                layer.forward = self._fused_forward(layer, on_base_output)
+                stack.enter_context(replaced_forward(layer, self._fused_forward(layer, on_base_output)))
             yield
-        finally:
-            for handle in handles:
-                handle.remove()
-            for layer in fused:
-                layer.__dict__.pop("forward", None)
 
     def _fused_forward(self, layer: nn.Module, on_base_output: BaseOutputSink) -> Callable[..., torch.Tensor]:
         def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -173,7 +167,7 @@ class TritonBackend(LoraLinearBackend):
     def fuses(self, layer: nn.Module) -> bool:
         """A PEFT LoRA linear whose forward is not replaced on the instance (accelerate's device hooks), which
         is left alone."""
-        return is_additive_lora(layer) and "forward" not in layer.__dict__
+        return is_additive_lora(layer) and not forward_replaced(layer)
 
     def _fused_or_fallback(self, fused: Callable[[], _Outputs], fallback: Callable[[], _Outputs]) -> _Outputs:
         try:

@@ -9,7 +9,7 @@ not need to.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from typing import Callable
 
 import torch
@@ -19,6 +19,7 @@ from .block_calls import hidden_states
 from .blocks import block_output
 from .decomposition import tuco_from_sums
 from .inputs import last_real_index, position_ids_from_mask
+from .interception import hooked
 from .introspection import model_parts
 
 
@@ -32,18 +33,15 @@ def _record_block_inputs(ft_model: nn.Module, input_ids: torch.Tensor, attention
     def finish(module, args, kwargs, output):
         records[-1][2] = block_output(output)
 
-    handles = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in layers]
-    handles += [layer.register_forward_hook(finish, with_kwargs=True) for layer in layers]
-    try:
+    with ExitStack() as stack:
+        for layer in layers:
+            stack.enter_context(hooked(layer, before=record, after=finish, with_kwargs=True))
         ft_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids_from_mask(attention_mask),
             use_cache=False,
         )
-    finally:
-        for handle in handles:
-            handle.remove()
     return records
 
 

@@ -16,6 +16,7 @@ from .blocks import PretrainedPath, block_output, gather_rows, pretrained_path
 from .decomposition import Decomposition
 from .errors import UnsupportedModelError
 from .inputs import Batch, Positions, prepare_batch
+from .interception import hooked
 from .introspection import ModelParts, model_parts
 from .paired import PairedBlock
 from .pairing import paired_block
@@ -59,16 +60,9 @@ class _BlockProbe(_BlockRecord):
 
     @contextmanager
     def attached(self) -> Iterator[None]:
-        handles = [
-            self.layer.register_forward_pre_hook(self._before, with_kwargs=True),
-            self.layer.register_forward_hook(self._after, with_kwargs=True),
-        ]
-        try:
+        with hooked(self.layer, before=self._before, after=self._after, with_kwargs=True):
             with self.path.capturing(self.router):
                 yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
     def _before(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         self._input = (hidden_states(args, kwargs), args, kwargs)

@@ -15,7 +15,9 @@ block keeps two full slots.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,6 +29,7 @@ from .attention import apply_rope
 from .blocks import SharedProjectionBlock
 from .errors import TuCoError
 from .families import attention_heads, spec_for
+from .interception import hooked
 
 
 class LowRankDelta:
@@ -60,14 +63,17 @@ class LowRankDelta:
             return []
         return [a for a in projection.active_adapters if a in projection.lora_A]
 
-    def hooks(self, layer: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
-        """Record u = A·dropout(x) of every active adapter, and the position ids of the block's input."""
-        handles = [layer.register_forward_pre_hook(self._record_positions, with_kwargs=True)]
+    @contextmanager
+    def recording(self, layer: nn.Module) -> Iterator[None]:
+        """While active, record u = A·dropout(x) of every active adapter, and the position ids of the block's
+        input."""
         self._recorded = (self._adapters(0), self._adapters(1))
-        for index, projection in enumerate(self.projections):
-            for adapter in self._recorded[index]:
-                handles.append(projection.lora_A[adapter].register_forward_hook(self._recorder(index)))
-        return handles
+        with ExitStack() as stack:
+            stack.enter_context(hooked(layer, before=self._record_positions, with_kwargs=True))
+            for index, projection in enumerate(self.projections):
+                for adapter in self._recorded[index]:
+                    stack.enter_context(hooked(projection.lora_A[adapter], after=self._recorder(index)))
+            yield
 
     def _recorder(self, index: int) -> Callable:
         def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:

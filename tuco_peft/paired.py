@@ -8,7 +8,7 @@ linears go through the backend: on the Triton backend, one fused kernel reads (a
 each weight tile once for both halves, and the q/k/v projections, whose two halves are the same normed x,
 use the shared-input kernel.
 
-A cache passed to the block is seen through ``PairedSlots``: the fine-tuned half's keys/values go to the
+A cache passed to the block is seen through ``paired_slots``: the fine-tuned half's keys/values go to the
 block's own slot, the pre-trained half's to the slot the caller keeps for the pre-trained block.
 """
 
@@ -27,6 +27,7 @@ from .backend import LoraLinearBackend, TorchBackend
 from .block_calls import cache_position, find_cache, hidden_states, replace_output, with_cache
 from .blocks import SharedProjectionBlock, block_output, has_parts
 from .families import attention_implementation, spec_for
+from .interception import CacheView, any_forward_replaced, inner_modules_hooked, replaced_forward
 
 # (block input x [b, ...], pre-trained output, fine-tuned output) → the output the model continues with.
 PairedOutputs = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -44,33 +45,20 @@ def _stacked(value: Any, batch: int) -> Any:
     return value
 
 
-def _inner_layers_hooked(module: nn.Module) -> bool:
-    """True when something observes the module's inner layers (the lean KV cache records ``lora_A``'s
-    output): a fused kernel would never call them, so such a layer runs on the torch path."""
-    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules() if m is not module)
-
-
-class PairedSlots:
+def paired_slots(cache: Any, pretrained_slot: int) -> CacheView:
     """The cache as the paired block sees it: halves of each key/value update go to their own slots.
 
     The fine-tuned half is written first: a lean fine-tuned slot rebuilds its past from the pre-trained
     slot, which must not yet hold the new tokens.
     """
 
-    def __init__(self, cache: Any, pretrained_slot: int):
-        self._cache = cache
-        self._pretrained_slot = pretrained_slot
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+    def write(key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
         half = key_states.shape[0] // 2
-        keys_ft, values_ft = self._cache.update(key_states[half:], value_states[half:], layer_idx, *args, **kwargs)
-        keys_pt, values_pt = self._cache.update(
-            key_states[:half], value_states[:half], self._pretrained_slot, *args, **kwargs
-        )
+        keys_ft, values_ft = cache.update(key_states[half:], value_states[half:], layer_idx, *args, **kwargs)
+        keys_pt, values_pt = cache.update(key_states[:half], value_states[:half], pretrained_slot, *args, **kwargs)
         return torch.cat([keys_pt, keys_ft]), torch.cat([values_pt, values_ft])
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._cache, name)
+    return CacheView(cache, write)
 
 
 class PairedBlock:
@@ -99,7 +87,7 @@ class PairedBlock:
             and spec.pairable
             and has_parts(layer, spec)
             and attention_implementation(config) in _BATCHWISE_ATTENTION
-            and not any("forward" in m.__dict__ for m in layer.modules())
+            and not any_forward_replaced(layer)
         )
 
     @contextmanager
@@ -111,11 +99,12 @@ class PairedBlock:
         recorders, users') see one stream, as without pairing; hooks inside the block see both halves.
         """
         with ExitStack() as stack:
-            self.layer.forward = self._stacked_forward(on_outputs, pretrained_slot)
-            stack.callback(self.layer.__dict__.pop, "forward", None)
+            stack.enter_context(replaced_forward(self.layer, self._stacked_forward(on_outputs, pretrained_slot)))
             for module in self.switchable:
-                module.forward = self._paired_forward(module, fusable=not _inner_layers_hooked(module))
-                stack.callback(module.__dict__.pop, "forward", None)
+                # A fused kernel never calls the inner layers, so one that something observes (the lean KV
+                # cache records lora_A's output) keeps the torch path.
+                forward = self._paired_forward(module, fusable=not inner_modules_hooked(module))
+                stack.enter_context(replaced_forward(module, forward))
             yield
 
     def _stacked_forward(self, on_outputs: PairedOutputs, pretrained_slot: int | None) -> Callable[..., Any]:
@@ -128,7 +117,7 @@ class PairedBlock:
             if cache is not None:
                 if pretrained_slot is None:
                     raise RuntimeError("a paired block got a cache but has no slot for its pre-trained half.")
-                args, kwargs = with_cache(args, kwargs, self.cache_position, PairedSlots(cache, pretrained_slot))
+                args, kwargs = with_cache(args, kwargs, self.cache_position, paired_slots(cache, pretrained_slot))
             output = type(layer).forward(layer, *args, **kwargs)
             pretrained, finetuned = block_output(output).split(x.shape[0])
             return replace_output(output, on_outputs(x, pretrained, finetuned))

@@ -46,6 +46,7 @@ from .block_calls import cache_position, find_cache, hidden_states, replace_outp
 from .blocks import block_output
 from .dual_cache import LowRankDelta, LowRankSlot
 from .errors import InputError, UnsupportedModelError
+from .interception import CacheView, hooked
 from .introspection import ModelParts, model_parts
 from .paired import PairedBlock
 from .pairing import paired_block
@@ -82,22 +83,17 @@ def layer_alphas(alpha: Alpha, n_layers: int) -> tuple[float, ...]:
     return tuple(float(v) for v in values)
 
 
-class _PretrainedSlots:
+def _pretrained_slot(cache: Any, slot: int) -> CacheView:
     """The model's cache as seen by the pre-trained block of layer l: its keys/values go to slot ``n_layers + l``.
 
     The slot is fixed by the block's position, not by the ``layer_idx`` its attention passes, so a base
     model's block (loaded or streamed) lands in the right slot whatever index it was built with.
     """
 
-    def __init__(self, cache: Any, slot: int):
-        self._cache = cache
-        self._slot = slot
+    def write(key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+        return cache.update(key_states, value_states, slot, *args, **kwargs)
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        return self._cache.update(key_states, value_states, self._slot, *args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._cache, name)
+    return CacheView(cache, write)
 
 
 def _prepare_cache(cache: Any, n_layers: int, first_steered: int, deltas: dict[int, LowRankDelta]) -> None:
@@ -167,11 +163,8 @@ class _SteeredBlock:
                 yield
             return
         # First among the block's forward hooks, so that the others (output capture, users') see the steered output.
-        handle = self.layer.register_forward_hook(self._run_pretrained, with_kwargs=True, prepend=True)
-        try:
+        with hooked(self.layer, after=self._run_pretrained, with_kwargs=True, first=True):
             yield
-        finally:
-            handle.remove()
 
     def mix(self, x: torch.Tensor, pretrained: torch.Tensor, finetuned: torch.Tensor) -> torch.Tensor:
         """x + PTC + α·FTC from the two blocks' outputs; lerp is exact at α = 0 and α = 1."""
@@ -185,7 +178,7 @@ class _SteeredBlock:
         x = hidden_states(args, kwargs)
         cache = find_cache(args, kwargs, self.cache_position)
         if cache is not None:
-            args, kwargs = with_cache(args, kwargs, self.cache_position, _PretrainedSlots(cache, self.pretrained_slot))
+            args, kwargs = with_cache(args, kwargs, self.cache_position, _pretrained_slot(cache, self.pretrained_slot))
         # ``forward``, not the module call: for an adapter fine-tune the block is the hooked block itself.
         with self.source.block(self.index) as block, adapters_disabled(self.switchable):
             pretrained = block_output(block.forward(*args, **kwargs))
@@ -199,8 +192,7 @@ def _lean_deltas(parts: ModelParts, steered: list[int], stack: ExitStack) -> dic
         delta = LowRankDelta.for_block(parts.layers[index], parts.decoder, parts.config)
         if delta is not None:
             deltas[index] = delta
-            for handle in delta.hooks(parts.layers[index]):
-                stack.callback(handle.remove)
+            stack.enter_context(delta.recording(parts.layers[index]))
     return deltas
 
 
@@ -242,7 +234,7 @@ def steered_forward(
                 if cache is not None:
                     _prepare_cache(cache, parts.n_layers, steered[0], deltas)
 
-            stack.callback(first.register_forward_pre_hook(prepare, with_kwargs=True).remove)
+            stack.enter_context(hooked(first, before=prepare, with_kwargs=True))
         for index in steered:
             layer = parts.layers[index]
             paired = paired_block(layer, parts.config, router, source.separate_model)

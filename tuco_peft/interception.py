@@ -1,0 +1,94 @@
+"""Every way tuco-peft steps into a model's forward, in one place.
+
+The rules every site follows:
+
+- **Undone on exit.** Each interception is a context manager that undoes itself when its block ends, also
+  when the block raises; several are entered on one ``ExitStack`` and undone in reverse order. The model is
+  left exactly as it was found.
+- **Hook order.** Our hooks go after the model's own (transformers' output recorders, users') unless an
+  interception changes a block's output: then it is prepended (``first=True``) so that every other hook
+  sees the changed output, as it would see the output of a model that computes it natively.
+- **Instance forwards.** A forward is replaced only on the instance (``module.forward = …``), never on the
+  class, and removed again by deleting the instance attribute. A forward that something else replaced on
+  an instance (accelerate's device hooks, another library's patch) is detected by ``forward_replaced`` and
+  never stacked on: such a module takes a path that calls it as it is.
+- **Caches.** A block that must write its keys/values somewhere other than its own layer of the cache gets
+  a ``CacheView``: the model's cache with ``update`` redirected and everything else passed through.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from torch import nn
+
+PreHook = Callable[[nn.Module, tuple, dict[str, Any]], Any]
+PostHook = Callable[..., Any]
+
+
+@contextmanager
+def hooked(
+    module: nn.Module,
+    *,
+    before: PreHook | None = None,
+    after: PostHook | None = None,
+    with_kwargs: bool = False,
+    first: bool = False,
+) -> Iterator[None]:
+    """``before`` / ``after`` as forward pre-hook / hook of ``module`` for the block (``with_kwargs``: they also
+    receive the keyword arguments; ``first``: ahead of the hooks already there)."""
+    handles = []
+    try:
+        if before is not None:
+            handles.append(module.register_forward_pre_hook(before, with_kwargs=with_kwargs, prepend=first))
+        if after is not None:
+            handles.append(module.register_forward_hook(after, with_kwargs=with_kwargs, prepend=first))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def forward_replaced(module: nn.Module) -> bool:
+    """Whether something replaced ``module``'s forward on the instance (a call through the class would skip it)."""
+    return "forward" in module.__dict__
+
+
+def any_forward_replaced(module: nn.Module) -> bool:
+    """Whether ``module`` or any module inside it has an instance forward."""
+    return any(forward_replaced(m) for m in module.modules())
+
+
+def inner_modules_hooked(module: nn.Module) -> bool:
+    """Whether a forward hook or pre-hook observes a module inside ``module`` (not ``module`` itself)."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules() if m is not module)
+
+
+@contextmanager
+def replaced_forward(module: nn.Module, forward: Callable[..., Any]) -> Iterator[None]:
+    """``module.forward`` is ``forward`` for the block. Refused where another instance forward is already in
+    place: replacing it would silently drop what it does."""
+    if forward_replaced(module):
+        raise RuntimeError(f"{type(module).__name__}.forward is already replaced on this instance.")
+    module.forward = forward
+    try:
+        yield
+    finally:
+        module.__dict__.pop("forward", None)
+
+
+class CacheView:
+    """A transformers cache as one block sees it: ``update`` goes where ``write`` sends it, the rest passes
+    through to the cache (sequence lengths, masks, reordering)."""
+
+    def __init__(self, cache: Any, write: Callable[..., tuple[Any, Any]]):
+        self._cache = cache
+        self._write = write
+
+    def update(self, key_states: Any, value_states: Any, layer_idx: int, *args: Any, **kwargs: Any):
+        return self._write(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cache, name)
