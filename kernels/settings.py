@@ -52,7 +52,7 @@ def rows_bucket(rows: int) -> int:
 # Every shape compiles for sm_80 and sm_90 with no register spills and within the shared memory of one
 # block, for every variant of its kind (dtype, stream layout, bias, nested, GPT-2's transposed weight):
 # checked by ``python -m tuco_peft.kernels.ahead_of_time --arch 90 80`` (all) and
-# tests/test_kernels_compile.py (a subset). Measured and left out: 128x128 tiles (they spill in two-stream
+# tests/fused_kernels/test_kernels_compile.py (a subset). Measured and left out: 128x128 tiles (they spill in two-stream
 # launches on sm_80, where Triton lays the chained dots of an iteration out with every warp along
 # BLOCK_M), BLOCK_K 128 for dense weights (spills with a transposed weight), fp32 tiles over 64x64 (fp32
 # dots run on FMA units, accumulators in registers).

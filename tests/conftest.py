@@ -19,6 +19,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # which transformers and bitsandbytes probe for.
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _REPO_ROOT]
+# The test files of every area (core/, steering/, …) import the shared code as helpers.<module>.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import pytest  # noqa: E402
@@ -75,8 +76,8 @@ def device(pytestconfig: pytest.Config) -> torch.device:
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """Tiny base, adapter and variant checkpoints on disk for the command-line tests (cli_fixtures.py)."""
-    from cli_fixtures import save_checkpoints
+    """Tiny base, adapter and variant checkpoints on disk for the command-line tests (helpers/cli_fixtures.py)."""
+    from helpers.cli_fixtures import save_checkpoints
 
     return save_checkpoints(tmp_path_factory.mktemp("checkpoints"))
 

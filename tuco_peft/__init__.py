@@ -18,6 +18,7 @@ _EXPORTS = {
     "PAPER_ALPHAS": "sweep",
     "ChoiceItem": "sweep",
     "Decomposition": "decomposition",
+    "DecompositionSums": "decomposition",
     "InputError": "errors",
     "SteeredGeneration": "generation",
     "SweepResult": "sweep",
@@ -33,25 +34,7 @@ _EXPORTS = {
     "tuco_from_sums": "decomposition",
 }
 
-__all__ = [
-    "PAPER_ALPHAS",
-    "ChoiceItem",
-    "Decomposition",
-    "InputError",
-    "SteeredGeneration",
-    "SweepResult",
-    "TuCoCallback",
-    "TuCoError",
-    "UnsupportedModelError",
-    "__version__",
-    "alpha_sweep",
-    "decompose",
-    "ftc_scale",
-    "generate",
-    "load_items",
-    "tuco",
-    "tuco_from_sums",
-]
+__all__ = [*_EXPORTS, "__version__"]
 
 
 def __getattr__(name: str) -> Any:

@@ -27,12 +27,14 @@ def key_visibility(attention_mask: torch.Tensor, rows: torch.Tensor, sliding_win
     ``sliding_window`` positions before it, as in transformers' masks. A query always sees itself, which
     keeps padding rows finite (their values are discarded).
     """
+    # Comparisons of [b, rows, 1] with [seq] indices: boolean [b, rows, seq] masks only, no integer distances
+    # (at every position of a long sequence those would be 8× the mask).
     keys = torch.arange(attention_mask.shape[1], device=rows.device)
-    distance = rows[:, :, None] - keys
-    visible = (distance >= 0) & attention_mask[:, None, :].bool()
+    query = rows[:, :, None]
+    visible = (keys <= query) & attention_mask[:, None, :].bool()
     if sliding_window is not None:
-        visible &= distance < sliding_window
-    visible |= distance == 0
+        visible &= keys > query - sliding_window
+    visible |= keys == query
     return visible[:, None]
 
 
@@ -59,7 +61,8 @@ def attend_rows(
         scores = query @ key.transpose(-1, -2) * scaling
         if softcap is not None:
             scores = torch.tanh(scores / softcap) * softcap
-        weights = scores.masked_fill(~visible, float("-inf")).softmax(-1, dtype=torch.float32).to(value.dtype)
+        # In place: one [b, heads, rows, seq] score tensor fewer at the peak (the fill needs no saved input).
+        weights = scores.masked_fill_(~visible, float("-inf")).softmax(-1, dtype=torch.float32).to(value.dtype)
         out = weights @ value
     else:
         out = F.scaled_dot_product_attention(

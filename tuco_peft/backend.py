@@ -80,9 +80,10 @@ class LoraLinearBackend(ABC):
     so that callers never branch on which one runs."""
 
     name: ClassVar[ResolvedBackend]
-    # Whether a block run paired (``paired.PairedBlock``) saves weight reads: its linears read each weight
-    # once for both halves.
-    pairs_blocks: ClassVar[bool]
+    # Whether an all-position analysis (a prefill, compute-bound) pairs its blocks. Pairing stacks a block's
+    # activations twice; that pays where one kernel decodes each weight tile once for both halves, not where
+    # a matmul would read the weight at full speed anyway.
+    pairs_prefill: ClassVar[bool]
 
     @abstractmethod
     def dual(self, x: torch.Tensor, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,17 +128,49 @@ class LoraLinearBackend(ABC):
         return forward
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+def _base_layer_callable_once(layer: nn.Module) -> bool:
+    """Whether ``layer``'s base layer may compute its output outside PEFT's forward: nothing observes or
+    replaced it (a hook must see each call as it would unpaired) and it is not itself a tuner layer."""
+    base_layer = layer.base_layer
+    return (
+        base_layer is layer.get_base_layer()
+        and not forward_replaced(base_layer)
+        and not (base_layer._forward_hooks or base_layer._forward_pre_hooks)
+    )
+
+
+def _peft_forward_given_base_output(layer: nn.Module, x: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` by PEFT's own forward, its base layer's output already computed: the LoRA arithmetic
+    (casts, scalings, dropout, lora_A hooks such as the lean cache's) stays PEFT's."""
+    with replaced_forward(layer.base_layer, lambda *args, **kwargs: base_output):
+        return type(layer).forward(layer, x)
+
+
 class TorchBackend(LoraLinearBackend):
-    """PEFT's own forwards: the reference path, and where the kernels can't compute a layer."""
+    """PEFT's own forwards: the reference path, and where the kernels can't compute a layer. Each base
+    layer is called once for both outputs, so a paired block reads every base weight once per step."""
 
     name = "torch"
-    pairs_blocks = False
+    pairs_prefill = False
 
     def dual(self, x: torch.Tensor, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        return _capture_base_output(layer, lambda: type(layer).forward(layer, x))
+        if not _base_layer_callable_once(layer):
+            return _capture_base_output(layer, lambda: type(layer).forward(layer, x))
+        base_output = layer.base_layer(x)
+        return base_output, _peft_forward_given_base_output(layer, x, base_output)
 
     def two_stream(self, x_pt: torch.Tensor, x_ft: torch.Tensor, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        return layer.get_base_layer()(x_pt), type(layer).forward(layer, x_ft)
+        """One call of the base layer on the rows of both streams stacked."""
+        if not _base_layer_callable_once(layer):
+            return layer.base_layer(x_pt), type(layer).forward(layer, x_ft)
+        rows_pt, rows_ft = _rows(x_pt), _rows(x_ft)
+        base_pt, base_ft = layer.base_layer(torch.cat([rows_pt, rows_ft])).split([len(rows_pt), len(rows_ft)])
+        base_pt, base_ft = base_pt.reshape(*x_pt.shape[:-1], -1), base_ft.reshape(*x_ft.shape[:-1], -1)
+        return base_pt, _peft_forward_given_base_output(layer, x_ft, base_ft)
 
     def fuses(self, layer: nn.Module) -> bool:
         return False
@@ -147,7 +180,7 @@ class TritonBackend(LoraLinearBackend):
     """The fused kernels (``tuco_peft.fused_lora``); per layer, the torch path where they can't run."""
 
     name = "triton"
-    pairs_blocks = True
+    pairs_prefill = True
 
     def __init__(self) -> None:
         self._fallback = TorchBackend()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -13,8 +13,8 @@ from torch import nn
 from .backend import Backend, LoraLinearBackend, make_backend, resolve_backend
 from .block_calls import hidden_states
 from .blocks import PretrainedPath, block_output, gather_rows, pretrained_path
-from .decomposition import Decomposition
-from .errors import UnsupportedModelError
+from .decomposition import Decomposition, DecompositionSums, tuco_from_sums
+from .errors import InputError, UnsupportedModelError
 from .inputs import Batch, Positions, prepare_batch
 from .interception import hooked
 from .introspection import ModelParts, model_parts
@@ -23,23 +23,122 @@ from .pairing import paired_block
 from .pretrained import PretrainedBlocks, analysis_states, checked_pretrained_blocks
 
 
-class _BlockRecord:
-    """What a probe keeps of one block, at the requested rows: its input and output, and PTC and FTC."""
+class _Components:
+    """Receives each block's rows as the forward reaches it, splits its update into PTC and FTC, and checks
+    that the residual stream runs unchanged from one block into the next. Subclasses decide what is kept."""
 
-    def __init__(self, index: int):
-        self.index = index
-        self.x_rows: torch.Tensor | None = None
-        self.out_rows: torch.Tensor | None = None
+    def __init__(self, n_layers: int, batch: Batch):
+        self.n_layers = n_layers
+        self.batch = batch
+        # Padding rows are zeroed block by block, so the reductions see the same values as ``keep="all"``.
+        real = batch.row_is_real
+        self.real: torch.Tensor | None = None if bool(real.all()) else real[..., None]
+        all_positions = torch.arange(batch.input_ids.shape[1], device=batch.rows.device)
+        self.every_position = batch.rows.shape[1] == len(all_positions) and bool((batch.rows == all_positions).all())
+        self.x0: torch.Tensor | None = None
+        self.xL: torch.Tensor | None = None
+        self.blocks_seen = 0
+
+    def rows_of(self, states: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``states`` [b, seq, ...] at the decomposed ``rows``, in float32; with every position in order, the
+        states themselves (no copy of a float32 model's activations)."""
+        return states.float() if self.every_position else gather_rows(states, rows).float()
+
+    def add(self, index: int, x_rows: torch.Tensor, out_rows: torch.Tensor, ptc: torch.Tensor) -> None:
+        if index != self.blocks_seen or (self.xL is not None and not torch.equal(self.xL, x_rows)):
+            self._discontinuity(index)
+        ftc = (out_rows - x_rows) - ptc
+        if self.real is not None:
+            ptc, ftc = ptc * self.real, ftc * self.real
+        if self.x0 is None:
+            self.x0 = x_rows
+        self.xL = out_rows
+        self._keep(ptc, ftc)
+        self.blocks_seen += 1
+
+    def _keep(self, ptc: torch.Tensor, ftc: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _discontinuity(self, index: int) -> None:
+        raise UnsupportedModelError(
+            f"the residual stream changes between blocks {index - 1} and {index} (or a block was skipped), so "
+            "x_L ≠ x_0 + ΣPTC + ΣFTC for this architecture."
+        )
+
+    def _ends(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x0, xL and the positions, after checking that every block ran."""
+        if self.blocks_seen != self.n_layers:
+            self._discontinuity(self.blocks_seen)
+        x0, xL = self.x0, self.xL
+        if self.real is not None:
+            x0, xL = x0 * self.real, xL * self.real
+        return self._squeezed(x0, 1), self._squeezed(xL, 1), self._squeezed(self.batch.rows, 1)
+
+    def _squeezed(self, tensor: torch.Tensor, positions_axis: int) -> torch.Tensor:
+        """Without the positions axis where ``positions="last"`` asked for one row per prompt."""
+        return tensor.select(positions_axis, 0) if self.batch.squeeze_positions else tensor
+
+
+class _AllComponents(_Components):
+    """Keeps every block's PTC and FTC at every requested row (``keep="all"``), each written into its slot of
+    the [batch, n_layers, rows, d] result as it comes, so the result is never held twice (list and stack)."""
+
+    def __init__(self, n_layers: int, batch: Batch):
+        super().__init__(n_layers, batch)
         self.ptc: torch.Tensor | None = None
         self.ftc: torch.Tensor | None = None
 
-    def _record(self, x_rows: torch.Tensor, out_rows: torch.Tensor, ptc: torch.Tensor) -> None:
-        self.x_rows, self.out_rows, self.ptc = x_rows, out_rows, ptc
-        self.ftc = (out_rows - x_rows) - ptc
+    def _keep(self, ptc: torch.Tensor, ftc: torch.Tensor) -> None:
+        if self.ptc is None:
+            shape = (ptc.shape[0], self.n_layers, *ptc.shape[1:])
+            self.ptc, self.ftc = ptc.new_empty(shape), ftc.new_empty(shape)
+        self.ptc[:, self.blocks_seen] = ptc
+        self.ftc[:, self.blocks_seen] = ftc
+
+    def result(self) -> Decomposition:
+        x0, xL, positions = self._ends()
+        ptc, ftc = self._squeezed(self.ptc, 2), self._squeezed(self.ftc, 2)
+        return Decomposition(ptc=ptc, ftc=ftc, x0=x0, xL=xL, positions=positions)
 
 
-class _BlockProbe(_BlockRecord):
-    """Hooks on one decoder block: records its input, then splits its update into PTC and FTC."""
+class _RunningSums(_Components):
+    """Reduces each block's PTC and FTC as soon as they exist (``keep="sums"``): running ΣPTC and ΣFTC in
+    block order, and per block their L1 norms and the cumulative TuCo, so memory does not grow with depth."""
+
+    def __init__(self, n_layers: int, batch: Batch):
+        super().__init__(n_layers, batch)
+        self.ptc_sum: torch.Tensor | None = None
+        self.ftc_sum: torch.Tensor | None = None
+        self.ptc_l1: list[torch.Tensor] = []
+        self.ftc_l1: list[torch.Tensor] = []
+        self.cumulative: list[torch.Tensor] = []
+
+    def _keep(self, ptc: torch.Tensor, ftc: torch.Tensor) -> None:
+        self.ptc_sum = ptc if self.ptc_sum is None else self.ptc_sum + ptc
+        self.ftc_sum = ftc if self.ftc_sum is None else self.ftc_sum + ftc
+        self.ptc_l1.append(ptc.abs().sum(-1))
+        self.ftc_l1.append(ftc.abs().sum(-1))
+        self.cumulative.append(tuco_from_sums(self.ptc_sum, self.ftc_sum))
+
+    def result(self) -> DecompositionSums:
+        x0, xL, positions = self._ends()
+        ptc_l1, ftc_l1, cumulative = (
+            self._squeezed(torch.stack(values, dim=1), 2) for values in (self.ptc_l1, self.ftc_l1, self.cumulative)
+        )
+        return DecompositionSums(
+            ptc_sum=self._squeezed(self.ptc_sum, 1),
+            ftc_sum=self._squeezed(self.ftc_sum, 1),
+            ptc_l1=ptc_l1,
+            ftc_l1=ftc_l1,
+            cumulative=cumulative,
+            x0=x0,
+            xL=xL,
+            positions=positions,
+        )
+
+
+class _BlockProbe:
+    """Hooks on one decoder block: records its input, then hands its rows and PTC to ``components``."""
 
     def __init__(
         self,
@@ -47,15 +146,16 @@ class _BlockProbe(_BlockRecord):
         layer: nn.Module,
         path: PretrainedPath,
         source: PretrainedBlocks,
-        batch: Batch,
+        components: _Components,
         router: LoraLinearBackend,
     ):
-        super().__init__(index)
+        self.index = index
+        self.components = components
+        self.batch = components.batch
         self.router = router
         self.layer = layer
         self.path = path
         self.source = source
-        self.batch = batch
         self._input: tuple[torch.Tensor, tuple, dict[str, Any]] | None = None
 
     @contextmanager
@@ -76,30 +176,31 @@ class _BlockProbe(_BlockRecord):
         if x.device != out.device:
             x, args, kwargs = _to_device((x, args, kwargs), out.device)
         batch, home = self.batch.to(out.device), self.batch.input_ids.device
-        x_rows = gather_rows(x, batch.rows).float()
-        out_rows = gather_rows(out, batch.rows).float()
+        x_rows = self.components.rows_of(x, batch.rows)
+        out_rows = self.components.rows_of(out, batch.rows)
         with self.source.block(self.index) as pretrained:
             ptc = self.path.pretrained_update(pretrained, x, args, kwargs, batch)
-        self._record(x_rows.to(home), out_rows.to(home), ptc.to(home))
+        self.components.add(self.index, x_rows.to(home), out_rows.to(home), ptc.to(home))
 
 
-class _PairedProbe(_BlockRecord):
+class _PairedProbe:
     """One decoder block run paired (``paired.PairedBlock``): its pre-trained and fine-tuned outputs at every
     position from one forward, so each weight is read once for both. Used for all-position decompositions
     on the Triton backend, where the pre-trained path is needed at every row anyway."""
 
-    def __init__(self, index: int, paired: PairedBlock, batch: Batch):
-        super().__init__(index)
+    def __init__(self, index: int, paired: PairedBlock, components: _Components):
+        self.index = index
         self.paired = paired
-        self.batch = batch
+        self.components = components
 
     def attached(self) -> AbstractContextManager[None]:
         return self.paired.attached(self._split)
 
     def _split(self, x: torch.Tensor, pretrained: torch.Tensor, finetuned: torch.Tensor) -> torch.Tensor:
-        rows = self.batch.rows
-        x_rows = gather_rows(x, rows).float()
-        self._record(x_rows, gather_rows(finetuned, rows).float(), gather_rows(pretrained, rows).float() - x_rows)
+        rows = self.components.batch.rows
+        x_rows = self.components.rows_of(x, rows)
+        ptc = self.components.rows_of(pretrained, rows) - x_rows
+        self.components.add(self.index, x_rows, self.components.rows_of(finetuned, rows), ptc)
         return finetuned
 
 
@@ -111,18 +212,21 @@ def _probe(
     layer: nn.Module,
     parts: ModelParts,
     source: PretrainedBlocks,
-    batch: Batch,
+    components: _Components,
     router: LoraLinearBackend,
     replay: bool,
 ) -> Probe:
     """The cheapest exact probe: paired where every row is wanted on the Triton backend, else the block's
     pre-trained path (rows only, or a replay)."""
+    batch = components.batch
     every_row = batch.rows.shape[1] == batch.input_ids.shape[1]
-    paired = paired_block(layer, parts.config, router, source.separate_model) if every_row and not replay else None
+    paired = None
+    if every_row and not replay:
+        paired = paired_block(layer, parts.config, router, source.separate_model, prefill=True)
     if paired is not None:
-        return _PairedProbe(index, paired, batch)
+        return _PairedProbe(index, paired, components)
     path = pretrained_path(layer, parts.config, separate_model=source.separate_model, replay_only=replay)
-    return _BlockProbe(index, layer, path, source, batch, router)
+    return _BlockProbe(index, layer, path, source, components, router)
 
 
 def _to_device(value: Any, device: torch.device) -> Any:
@@ -135,26 +239,6 @@ def _to_device(value: Any, device: torch.device) -> Any:
     return value
 
 
-def _assemble(probes: list[Probe], batch: Batch) -> Decomposition:
-    for previous, probe in zip(probes, probes[1:]):
-        if probe.x_rows is None or not torch.equal(previous.out_rows, probe.x_rows):
-            raise UnsupportedModelError(
-                f"the residual stream changes between blocks {previous.index} and {probe.index} (or a block "
-                "was skipped), so x_L ≠ x_0 + ΣPTC + ΣFTC for this architecture."
-            )
-    ptc = torch.stack([p.ptc for p in probes], dim=1)
-    ftc = torch.stack([p.ftc for p in probes], dim=1)
-    x0, xL = probes[0].x_rows, probes[-1].out_rows
-    real = batch.row_is_real
-    if not bool(real.all()):
-        ptc, ftc = ptc * real[:, None, :, None], ftc * real[:, None, :, None]
-        x0, xL = x0 * real[..., None], xL * real[..., None]
-    positions = batch.rows
-    if batch.squeeze_positions:
-        ptc, ftc, x0, xL, positions = ptc[:, :, 0], ftc[:, :, 0], x0[:, 0], xL[:, 0], positions[:, 0]
-    return Decomposition(ptc=ptc, ftc=ftc, x0=x0, xL=xL, positions=positions)
-
-
 def decompose(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -164,7 +248,8 @@ def decompose(
     base_model: nn.Module | str | Path | None = None,
     replay: bool = False,
     backend: Backend | None = None,
-) -> Decomposition:
+    keep: Literal["all", "sums"] = "all",
+) -> Decomposition | DecompositionSums:
     """Split every block's update of a LoRA/QLoRA model into pre-trained and fine-tuning components.
 
     One forward pass of the fine-tuned model and one copy of the weights: the pre-trained block is the
@@ -187,12 +272,19 @@ def decompose(
             or ``"triton"``; ``None`` reads the ``TUCO_PEFT_BACKEND`` environment variable. On Triton, the
             q/k/v projections give both paths from one kernel; with ``positions="all"`` each block runs
             paired (``paired.PairedBlock``), every weight read once for both paths.
+        keep: ``"all"`` returns every block's PTC and FTC (a ``Decomposition``); ``"sums"`` reduces each
+            block's components as soon as they are computed and returns a ``DecompositionSums`` (TuCo,
+            per-block L1 norms and cumulative TuCo at every position; no per-block vectors), so that
+            memory grows with the sequence only: use it for TuCo per token over long prompts.
     """
+    if keep not in ("all", "sums"):
+        raise InputError(f"keep must be 'all' or 'sums', got {keep!r}.")
     parts = model_parts(model)
     source = checked_pretrained_blocks(parts, base_model)
     batch = prepare_batch(input_ids, attention_mask, positions, parts.input_device)
     router = make_backend(resolve_backend(backend, batch.input_ids.device))
-    probes = [_probe(i, layer, parts, source, batch, router, replay) for i, layer in enumerate(parts.layers)]
+    components = (_AllComponents if keep == "all" else _RunningSums)(len(parts.layers), batch)
+    probes = [_probe(i, layer, parts, source, components, router, replay) for i, layer in enumerate(parts.layers)]
     with ExitStack() as stack:
         stack.enter_context(analysis_states(parts, source))
         for probe in probes:
@@ -203,7 +295,7 @@ def decompose(
             position_ids=batch.position_ids,
             use_cache=False,
         )
-    return _assemble(probes, batch)
+    return components.result()
 
 
 def tuco(
@@ -211,8 +303,13 @@ def tuco(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     *,
+    positions: Positions = "last",
     base_model: nn.Module | str | Path | None = None,
     backend: Backend | None = None,
 ) -> torch.Tensor:
-    """TuCo of each prompt at its last real token: float32 ``[batch]``, in [0, 1]."""
-    return decompose(model, input_ids, attention_mask, base_model=base_model, backend=backend).tuco
+    """TuCo of each prompt, in [0, 1], float32: at its last real token (``[batch]``), or at ``positions`` as
+    in ``decompose`` (``[batch, k]``, 0 at padding). Only running sums over blocks are kept (``keep="sums"``).
+    """
+    return decompose(
+        model, input_ids, attention_mask, positions=positions, base_model=base_model, backend=backend, keep="sums"
+    ).tuco

@@ -4,9 +4,10 @@ FTC_α steering and decomposing every position need, at every block, f_PT(x) and
 Instead of running the block a second time with its adapters off, a paired block runs once on [x; x]:
 every module PEFT can switch computes the first half with its adapters off and the second half with them
 on; everything else in the block (norms, attention, rotary embeddings) is batch-wise anyway. The LoRA
-linears go through the backend: on the Triton backend, one fused kernel reads (and dequantizes)
-each weight tile once for both halves, and the q/k/v projections, whose two halves are the same normed x,
-use the shared-input kernel.
+linears go through the backend, which reads each base weight once for both halves: on the torch backend,
+one call of the base layer on both halves' rows; on the Triton backend, one fused kernel that reads (and
+dequantizes) each weight tile once. The q/k/v projections, whose two halves are the same normed x, need
+only the fine-tuned forward with its base output (``dual``).
 
 A cache passed to the block is seen through ``paired_slots``: the fine-tuned half's keys/values go to the
 block's own slot, the pre-trained half's to the slot the caller keeps for the pre-trained block.

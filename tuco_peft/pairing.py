@@ -10,14 +10,23 @@ from .paired import PairedBlock
 
 
 def paired_block(
-    layer: nn.Module, config: PretrainedConfig, backend: LoraLinearBackend, separate_model: bool
+    layer: nn.Module,
+    config: PretrainedConfig,
+    backend: LoraLinearBackend,
+    separate_model: bool,
+    *,
+    prefill: bool = False,
 ) -> PairedBlock | None:
     """``layer`` run paired where that saves weight reads, else None (the caller runs both blocks).
 
-    Pairing pays only on a backend that reads each weight once for both halves (``backend.pairs_blocks``),
-    and applies only to an adapter fine-tune (a ``separate_model`` has pre-trained blocks of its own) whose
-    block ``PairedBlock.supports``.
+    Every backend reads each base weight once for both halves of a paired block. Pairing applies only to an
+    adapter fine-tune (a ``separate_model`` has pre-trained blocks of its own) whose block
+    ``PairedBlock.supports`` (known family, batch-wise attention, no accelerate-offloaded forwards). A
+    ``prefill`` (decompose at every position) pairs only on a backend that ``pairs_prefill``: stacking
+    doubles the block's activations, which a compute-bound matmul does not repay.
     """
-    if not backend.pairs_blocks or separate_model or not PairedBlock.supports(layer, config):
+    if separate_model or not PairedBlock.supports(layer, config):
+        return None
+    if prefill and not backend.pairs_prefill:
         return None
     return PairedBlock(layer, config, backend)

@@ -22,7 +22,7 @@ from .prompts import Prompt, PromptId
 if TYPE_CHECKING:
     import torch
 
-    from .decomposition import Decomposition
+    from .decomposition import Decomposition, DecompositionSums
 
 Settings = dict[str, Any]
 Fingerprint = dict[str, str]
@@ -107,7 +107,7 @@ def _write_atomically(path: Path, rows: Iterable[ResultRow]) -> None:
 
 
 def decomposition_rows(
-    decomposition: Decomposition,
+    decomposition: Decomposition | DecompositionSums,
     prompts: Sequence[Prompt],
     n_tokens: Sequence[int],
     attention_mask: torch.Tensor,
@@ -116,22 +116,11 @@ def decomposition_rows(
 
     With ``positions="all"`` the row also gets ``token_tuco``, the TuCo at every token of the prompt.
     """
-    import torch
-
-    from .decomposition import Decomposition
     from .inputs import last_real_index
 
     per_position = decomposition.positions.ndim == 2
     if per_position:
-        last = last_real_index(attention_mask.to(decomposition.ptc.device))
-        prompt_index = torch.arange(len(last), device=last.device)
-        at_last = Decomposition(
-            ptc=decomposition.ptc[prompt_index, :, last],
-            ftc=decomposition.ftc[prompt_index, :, last],
-            x0=decomposition.x0[prompt_index, last],
-            xL=decomposition.xL[prompt_index, last],
-            positions=last,
-        )
+        at_last = decomposition.at(last_real_index(attention_mask.to(decomposition.x0.device)))
         token_tuco = decomposition.tuco
     else:
         at_last = decomposition

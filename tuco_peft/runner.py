@@ -205,8 +205,14 @@ class Runner:
         input_ids, attention_mask = left_pad([tokens.ids for tokens in batch])
         try:
             with torch.no_grad():
+                # Rows and views need TuCo and per-block norms only: running sums keep memory linear in length.
                 decomposition = decompose(
-                    self.model, input_ids, attention_mask, positions=self.positions, base_model=self.base_model
+                    self.model,
+                    input_ids,
+                    attention_mask,
+                    positions=self.positions,
+                    base_model=self.base_model,
+                    keep="sums",
                 )
         except (torch.OutOfMemoryError, RuntimeError) as error:
             message = str(error)

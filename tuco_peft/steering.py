@@ -13,7 +13,7 @@ those slots too, so beam search and sampling need no special handling. Where a b
 ``dual_cache``), the fine-tuned slot then shrinks to the rank-r LoRA inputs, since both blocks see the same
 state and their keys/values differ only by the low-rank delta; elsewhere (sliding-window or static slots,
 k_norm, fused qkv, GPT-2) both slots hold full keys/values (2× plain memory). Every block whose α ≠ 1 runs
-twice per forward; on the Triton backend an adapter block runs once on its input stacked twice instead
+twice per forward; an adapter block of a pairable family runs once on its input stacked twice instead
 (``paired``), its first half with adapters off, so every weight is read once for both blocks.
 
 Full fine-tunes (``base_model=``). The pre-trained block of layer l is then block l of the base model,
@@ -132,7 +132,7 @@ class _SteeredBlock:
     """One steered block: its fine-tuned output mixed with its pre-trained block's output on the same input.
 
     Either a forward hook runs the pre-trained block (the block itself with adapters off, or the base
-    model's block) after the fine-tuned one, or, for an adapter block on the Triton backend, the block runs
+    model's block) after the fine-tuned one, or, for an adapter block of a pairable family, the block runs
     paired (``paired.PairedBlock``): both outputs from one forward, each weight read once for both.
     """
 
@@ -264,7 +264,7 @@ def ftc_scale(
     block l is the pre-trained block of layer l; embedding, final norm and head remain ``model``'s, so α = 0
     gives the base blocks under the fine-tuned embeddings and head (the base model only where those agree).
 
-    ``backend``: as in ``decompose``. On the Triton backend, the steered blocks of an adapter fine-tune run
+    ``backend``: as in ``decompose``. On either backend, the steered blocks of an adapter fine-tune run
     paired: both blocks in one forward, each weight (and 4-bit tile) read once for both (``paired``).
 
     Example::

@@ -1,7 +1,7 @@
 """Texts as token strings with the TuCo at each token: what every token view (HTML, terminal) draws.
 
-Built from a ``Decomposition`` (any ``positions``; per-block ‖PTC_l‖₁ / ‖FTC_l‖₁ at every decomposed
-token) or from a ``SteeredGeneration`` (the TuCo behind each new token; generation records no per-block
+Built from a ``Decomposition`` or ``DecompositionSums`` (any ``positions``; per-block ‖PTC_l‖₁ / ‖FTC_l‖₁
+at every decomposed token) or from a ``SteeredGeneration`` (the TuCo behind each new token; generation records no per-block
 norms, so those tokens carry TuCo only).
 """
 
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from ..decomposition import Decomposition
+    from ..decomposition import Decomposition, DecompositionSums
     from ..generation import SteeredGeneration
     from ..results import ResultRow
 
@@ -93,7 +93,7 @@ def _per_row(tensor: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 def texts_from_decomposition(
-    decomposition: Decomposition,
+    decomposition: Decomposition | DecompositionSums,
     input_ids: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
     tokenizer: Any | None = None,
@@ -106,7 +106,7 @@ def texts_from_decomposition(
     are shown, labelled ``[position]``. Padding is taken from ``attention_mask``, else from the rows that
     ``decompose`` zeroed.
     """
-    batch = decomposition.ptc.shape[0]
+    batch = decomposition.x0.shape[0]
     positions = _per_row(decomposition.positions, batch)
     tuco = _per_row(decomposition.tuco, batch)
     ptc_norm, ftc_norm = decomposition.layer_norms()

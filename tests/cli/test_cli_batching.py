@@ -1,0 +1,124 @@
+"""Length-bucketed batching in analyze and compare: batches of similar length under a token budget, rows
+in the prompt file's order, and an interrupted run resumed without a row lost or repeated."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from helpers.cli_fixtures import read_rows, write_lines
+
+from tuco_peft.cli import main
+from tuco_peft.decompose import decompose
+from tuco_peft.runner import Batching, padding_fraction, plan_batches
+
+DECOMPOSE_MODULE = importlib.import_module("tuco_peft.decompose")  # the package re-exports a function of that name
+WORDS = "the quick brown fox jumps over the lazy dog near the river bank".split()
+MIXED = [" ".join(WORDS[: 1 + (7 * i) % 12]) for i in range(24)]  # 1 to 12 words, shuffled by the stride
+
+
+def _argv(checkpoints, prompts, out, *extra):
+    model = ["--base", str(checkpoints.base), "--adapter", str(checkpoints.adapter)]
+    return ["analyze", *model, "--prompts", str(prompts), "--out", str(out), *extra]
+
+
+@pytest.fixture
+def batches(monkeypatch):
+    """The [batch, length] shape of every batch decompose was called with."""
+    shapes = []
+    monkeypatch.setattr(
+        DECOMPOSE_MODULE, "decompose", lambda m, ids, *a, **k: shapes.append(tuple(ids.shape)) or decompose(m, ids, *a, **k)
+    )
+    return shapes
+
+
+def test_plan_batches_respects_the_token_budget_and_the_batch_size_cap():
+    lengths = [3, 17, 5, 9, 9, 2, 30, 4, 16, 8]
+    plan = plan_batches(lengths, Batching(batch_size=3, max_batch_tokens=40))
+    assert sorted(index for batch in plan for index in batch) == list(range(len(lengths)))
+    for batch in plan:
+        assert len(batch) <= 3
+        assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= 40
+    assert [30] in [[lengths[i] for i in batch] for batch in plan]  # over half the budget: a batch of its own
+    assert [len(batch) for batch in plan_batches(lengths, Batching(batch_size=4))] == [4, 4, 2]
+    assert plan_batches([50], Batching(batch_size=8, max_batch_tokens=10)) == [[0]]  # over the budget alone
+
+
+def test_bucketing_pads_less_than_the_file_order():
+    lengths = [len(text.split()) for text in MIXED] * 4
+    in_file_order = [list(range(start, min(start + 8, len(lengths)))) for start in range(0, len(lengths), 8)]
+    bucketed = plan_batches(lengths, Batching(batch_size=8))
+    assert padding_fraction(lengths, bucketed) < 0.15 < padding_fraction(lengths, in_file_order)
+
+
+def test_rows_come_in_file_order_and_batches_keep_to_the_budget(checkpoints, tmp_path, batches):
+    prompts = write_lines(tmp_path / "p.txt", MIXED)
+    out = tmp_path / "rows.jsonl"
+    assert main(_argv(checkpoints, prompts, out, "--batch-size", "4", "--max-batch-tokens", "40")) == 0
+    assert all(size <= 4 and (size == 1 or size * length <= 40) for size, length in batches)
+    assert sum(size for size, _ in batches) == len(MIXED)
+    rows = read_rows(out)
+    assert [row["id"] for row in rows] == list(range(1, len(MIXED) + 1))
+    alone = tmp_path / "alone.jsonl"
+    assert main(_argv(checkpoints, prompts, alone, "--batch-size", "1")) == 0
+    for row, single in zip(rows, read_rows(alone)):
+        assert row["tuco"] == pytest.approx(single["tuco"], abs=1e-5)
+
+
+def test_compare_rows_come_in_each_files_order(checkpoints, tmp_path):
+    chat, web = write_lines(tmp_path / "chat.txt", MIXED[:7]), write_lines(tmp_path / "web.txt", MIXED[7:15])
+    out = tmp_path / "rows.jsonl"
+    model = ["--base", str(checkpoints.base), "--adapter", str(checkpoints.adapter)]
+    assert main(["compare", *model, str(chat), str(web), "--out", str(out), "--max-batch-tokens", "30"]) == 0
+    assert [(row["set"], row["id"]) for row in read_rows(out)] == [
+        *(("chat", i) for i in range(1, 8)),
+        *(("web", i) for i in range(1, 9)),
+    ]
+
+
+def test_an_interrupted_run_resumes_without_loss_or_duplicates(checkpoints, tmp_path, monkeypatch):
+    prompts = write_lines(tmp_path / "p.txt", MIXED)
+    out = tmp_path / "rows.jsonl"
+    calls = []
+
+    def fails_on_the_third_batch(model, ids, *args, **kwargs):
+        calls.append(len(ids))
+        if len(calls) == 3:
+            raise RuntimeError("the machine went away")
+        return decompose(model, ids, *args, **kwargs)
+
+    monkeypatch.setattr(DECOMPOSE_MODULE, "decompose", fails_on_the_third_batch)
+    assert main(_argv(checkpoints, prompts, out, "--batch-size", "5")) == 1
+    kept = [row["id"] for row in read_rows(out)]
+    assert len(kept) == len(set(kept)) == 10  # two batches of five, longest first
+    monkeypatch.setattr(DECOMPOSE_MODULE, "decompose", decompose)
+    assert main(_argv(checkpoints, prompts, out, "--batch-size", "5")) == 0
+    assert [row["id"] for row in read_rows(out)] == list(range(1, len(MIXED) + 1))
+
+
+@pytest.mark.slow  # a process of its own
+def test_a_killed_run_resumes_without_loss_or_duplicates(checkpoints, tmp_path):
+    n = 200
+    prompts = write_lines(tmp_path / "p.txt", [" ".join(WORDS[: 1 + i % 12]) + f" {i}" for i in range(n)])
+    out = tmp_path / "rows.jsonl"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "tuco_peft.cli", *_argv(checkpoints, prompts, out, "--batch-size", "2")]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 6):
+        time.sleep(0.1)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    complete_lines = out.read_text().split("\n")[:-1]  # a last line cut by the kill is dropped on resume
+    kept = [json.loads(line)["id"] for line in complete_lines]
+    assert len(kept) == len(set(kept)) and 6 <= len(kept) < n
+    assert main(_argv(checkpoints, prompts, out, "--batch-size", "16", "--max-batch-tokens", "128")) == 0
+    assert [row["id"] for row in read_rows(out)] == list(range(1, n + 1))
+    assert torch.isfinite(torch.tensor([row["tuco"] for row in read_rows(out)])).all()

@@ -1,0 +1,194 @@
+"""The results file of `tuco-peft analyze`/`compare`: one writer at a time, rows resumed only when computed from
+the same content, a writable path proven before any model loads, and a damaged file repaired, not discarded."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from helpers.cli_fixtures import fails, loading_forbidden, read_rows, write_lines  # noqa: F401 (a fixture)
+from helpers.models import lora_model
+from transformers import AutoModelForCausalLM
+
+from tuco_peft import fingerprint
+from tuco_peft.cli import main
+from tuco_peft.decompose import decompose
+from tuco_peft.loading import Source
+from tuco_peft.locking import lock_path, results_lock
+
+DECOMPOSE_MODULE = importlib.import_module("tuco_peft.decompose")
+PROMPTS = ["the quick brown fox", "how can I help you today?", "a small model reads", "the lazy dog", "a river"]
+
+
+def _argv(base, adapter, prompts, out):
+    return ["analyze", "--base", str(base), "--adapter", str(adapter), "--prompts", str(prompts), "--out", str(out)]
+
+
+@pytest.fixture
+def computed(monkeypatch):
+    """The batch sizes decompose was called with: what a run computed rather than resumed."""
+    sizes = []
+    monkeypatch.setattr(
+        DECOMPOSE_MODULE, "decompose", lambda m, ids, *a, **k: sizes.append(len(ids)) or decompose(m, ids, *a, **k)
+    )
+    return sizes
+
+
+@pytest.mark.slow  # processes of their own
+def test_a_second_process_on_the_same_out_is_refused_or_waits(checkpoints, tmp_path, capsys):
+    n = 300
+    prompts = write_lines(tmp_path / "p.txt", [f"the quick brown fox {i}" for i in range(n)])
+    out = tmp_path / "rows.jsonl"
+    argv = [*_argv(checkpoints.base, checkpoints.adapter, prompts, out), "--batch-size", "1"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    first = subprocess.Popen(
+        [sys.executable, "-m", "tuco_peft.cli", *argv], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 2):
+            time.sleep(0.1)
+        assert first.poll() is None, "the first run ended before the second could start"
+        fails(argv, capsys, f"is being written by another tuco-peft run (pid {first.pid})", "--wait", status=2)
+        assert main([*argv, "--wait"]) == 0  # starts when the first run is done, and finds every row there
+    finally:
+        first.wait(timeout=120)
+    assert first.returncode == 0, first.stderr.read()
+    err = capsys.readouterr().err
+    assert f"waiting for pid {first.pid} to finish writing" in err and f"resuming: {n} of {n} prompts" in err
+    ids = [row["id"] for row in read_rows(out)]
+    assert sorted(ids) == list(range(1, n + 1))  # each row once
+    assert not lock_path(out).exists()
+
+
+@pytest.mark.usefixtures("loading_forbidden")
+def test_a_held_lock_refuses_before_any_model_loads(checkpoints, tmp_path, capsys):
+    prompts = write_lines(tmp_path / "p.txt", PROMPTS)
+    out = tmp_path / "rows.jsonl"
+    with results_lock(out):
+        fails(_argv(checkpoints.base, checkpoints.adapter, prompts, out), capsys, f"(pid {os.getpid()})", status=2)
+        chat = write_lines(tmp_path / "chat.txt", PROMPTS[:2])
+        compare = ["compare", "--base", str(checkpoints.base), "--adapter", str(checkpoints.adapter)]
+        fails([*compare, str(chat), str(prompts), "--out", str(out)], capsys, "being written by another", status=2)
+    assert not out.exists()
+
+
+def test_the_stale_lock_of_a_dead_process_is_taken_over(checkpoints, tmp_path):
+    prompts = write_lines(tmp_path / "p.txt", PROMPTS[:2])
+    out = tmp_path / "rows.jsonl"
+    gone = subprocess.run([sys.executable, "-c", "print(__import__('os').getpid())"], capture_output=True, check=True)
+    lock_path(out).write_bytes(gone.stdout.strip())  # what a killed run leaves
+    assert main(_argv(checkpoints.base, checkpoints.adapter, prompts, out)) == 0
+    assert len(read_rows(out)) == 2 and not lock_path(out).exists()
+
+
+def test_an_adapter_retrained_in_place_is_not_mixed_in(pair, tmp_path, capsys):
+    base, adapter = pair
+    prompts = write_lines(tmp_path / "p.txt", PROMPTS)
+    out = tmp_path / "rows.jsonl"
+    assert main(_argv(base, adapter, prompts, out)) == 0
+    rows = read_rows(out)
+    assert rows[0]["fingerprint"]["command"] == "analyze" and set(rows[0]["fingerprint"]) == {
+        "command",
+        "base",
+        "adapter",
+        "tokenizer",
+    }
+    lora_model(AutoModelForCausalLM.from_pretrained(base), seed=7).save_pretrained(adapter)  # same folder
+    more = write_lines(tmp_path / "more.txt", [*PROMPTS, "one more prompt"])
+    fails(_argv(base, adapter, more, out), capsys, "(adapter files differ)", "pass a new --out", status=2)
+    assert read_rows(out) == rows
+
+
+def test_a_base_retrained_in_place_or_a_new_chat_template_is_refused(pair, tmp_path, capsys):
+    base, adapter = pair
+    prompts = write_lines(tmp_path / "p.txt", PROMPTS[:2])
+    out = tmp_path / "rows.jsonl"
+    assert main(_argv(base, adapter, prompts, out)) == 0
+    config_file = base / "tokenizer_config.json"
+    original = config_file.read_text()
+    config_file.write_text(json.dumps({**json.loads(original), "chat_template": "{{ messages[0]['content'] }}"}))
+    fails(_argv(base, adapter, prompts, out), capsys, "(tokenizer files differ)", status=2)
+    config_file.write_text(original)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2)
+    model.save_pretrained(base)
+    fails(_argv(base, adapter, prompts, out), capsys, "(base files differ)", status=2)
+
+
+def test_a_moved_checkpoint_resumes_and_large_files_are_keyed_by_header_size_and_time(
+    pair, tmp_path, capsys, monkeypatch, computed
+):
+    monkeypatch.setattr(fingerprint, "HASHED_IN_FULL_BYTES", 0)  # every weight file counts as large
+    base, adapter = pair
+    prompts = write_lines(tmp_path / "p.txt", PROMPTS[:2])
+    out = tmp_path / "rows.jsonl"
+    assert main(_argv(base, adapter, prompts, out)) == 0
+    moved = tmp_path / "moved"
+    shutil.copytree(base, moved)  # copies keep the modification time
+    computed.clear()
+    assert main(_argv(moved, adapter, prompts, out)) == 0 and computed == []
+    weights = moved / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # rewritten later
+    fails(_argv(moved, adapter, prompts, out), capsys, "(base files differ)", status=2)
+
+
+def test_a_hub_id_is_fingerprinted_by_its_id():
+    source = Source("--base", "tuco-test-org/no-such-model", None)
+    assert fingerprint.checkpoint_fingerprint(source) == "hub:tuco-test-org/no-such-model"
+    assert fingerprint.tokenizer_fingerprint(source) == "hub:tuco-test-org/no-such-model"
+
+
+@pytest.mark.usefixtures("loading_forbidden")
+def test_analyze_and_compare_do_not_share_a_results_file(checkpoints, tmp_path, capsys):
+    prompts = write_lines(tmp_path / "p.txt", PROMPTS[:2])
+    analyze_out, compare_out = tmp_path / "analyze.jsonl", tmp_path / "compare.jsonl"
+    row = {"id": 1, "prompt": "x", "tuco": 0.5, "ptc_l1": [1.0], "settings": {}}
+    write_lines(analyze_out, [json.dumps({**row, "fingerprint": {"command": "analyze"}})])
+    write_lines(compare_out, [json.dumps({"set": "p", **row, "fingerprint": {"command": "compare"}})])
+    model = ["--base", str(checkpoints.base), "--adapter", str(checkpoints.adapter)]
+    other = write_lines(tmp_path / "q.txt", PROMPTS[2:])
+    fails(["compare", *model, str(prompts), str(other), "--out", str(analyze_out)], capsys, "rows of tuco-peft analyze")
+    fails(_argv(checkpoints.base, checkpoints.adapter, prompts, compare_out), capsys, "rows of tuco-peft compare")
+    earlier = write_lines(tmp_path / "earlier.jsonl", [json.dumps(row)])  # no fingerprint
+    fails(_argv(checkpoints.base, checkpoints.adapter, prompts, earlier), capsys, "rows of an earlier tuco-peft")
+
+
+@pytest.mark.usefixtures("loading_forbidden")
+def test_an_unwritable_out_is_refused_before_any_model_loads(checkpoints, tmp_path, capsys):
+    prompts = write_lines(tmp_path / "p.txt", PROMPTS[:1])
+    argv = _argv(checkpoints.base, checkpoints.adapter, prompts, prompts / "rows.jsonl")  # under a file
+    fails(argv, capsys, "p.txt/rows.jsonl is not writable", "pass another --out", status=2)
+    fails(_argv(checkpoints.base, checkpoints.adapter, prompts, tmp_path), capsys, "is a directory", status=2)
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "read-only"
+        locked.mkdir(mode=0o500)
+        fails(_argv(checkpoints.base, checkpoints.adapter, prompts, locked / "r.jsonl"), capsys, "not writable")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["p.txt"] + (["read-only"] if os.geteuid() else [])
+
+
+def test_a_damaged_row_is_repaired_keeping_every_good_row(checkpoints, tmp_path, capsys, computed):
+    prompts = write_lines(tmp_path / "p.txt", PROMPTS)
+    out = tmp_path / "rows.jsonl"
+    argv = _argv(checkpoints.base, checkpoints.adapter, prompts, out)
+    assert main(argv) == 0
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join([*lines[:2], lines[2][:30] + "\n", *lines[3:], lines[0]]))  # line 3 cut, line 1 twice
+    message = fails(argv, capsys, "rows.jsonl:3 is not a tuco-peft result row (and 1 more lines)", status=2)
+    assert "--repair to keep its 4 good rows" in message and "delete" not in message
+    computed.clear()
+    assert main([*argv, "--repair"]) == 0
+    assert sum(computed) == 1  # only the damaged row is computed again
+    assert "--repair dropped line(s) 3, 6" in capsys.readouterr().err
+    assert sorted(row["id"] for row in read_rows(out)) == [1, 2, 3, 4, 5]
+    one_line = write_lines(tmp_path / "notes.jsonl", ["not a row"])
+    message = fails([*argv[:-1], str(one_line), "--repair"], capsys, "notes.jsonl:1 is not a tuco-peft result row")
+    assert "holds none; pass another --out" in message and one_line.read_text() == "not a row\n"

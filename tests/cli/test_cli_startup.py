@@ -1,0 +1,89 @@
+"""`tuco-peft` starts at once: --help and usage errors import neither torch, transformers nor peft; --debug
+works before or after the command; Ctrl-C during the heavy imports is one line and exit 130."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from helpers.cli_fixtures import write_lines
+
+from tuco_peft.cli import main
+
+HEAVY = ("torch", "transformers", "peft")
+_ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+
+
+def _python(code: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], env=_ENV, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["analyze", "--help"],
+        ["analyze", "--prompts", "p.txt"],  # argparse: --out is required
+        ["analyze", "--base", "B", "--prompts", "p.txt", "--out", "o.jsonl"],  # --base needs --adapter
+        ["analyze", "--base", "B", "--adapter", "A", "--prompts", "p.txt", "--out", "o", "--batch-size", "0"],
+        ["compare", "--base", "B", "--adapter", "A", "a.txt", "b.txt", "--wait"],  # --wait needs --out
+    ],
+)
+def test_help_and_usage_errors_import_no_heavy_library(argv):
+    run = _python(
+        "import sys; from tuco_peft.cli import main; code = main(sys.argv[1:]); "
+        f"print([name for name in {HEAVY!r} if name in sys.modules]); sys.exit(code)",
+        *argv,
+    )
+    assert run.stdout.strip().splitlines()[-1] == "[]", run.stderr
+    assert run.returncode == (0 if "--help" in argv else 2), run.stderr
+    assert "Traceback" not in run.stderr
+
+
+def test_importing_the_package_imports_no_heavy_library_yet_exports_everything():
+    run = _python(
+        "import sys, tuco_peft; heavy = [n for n in ('torch', 'transformers') if n in sys.modules]; "
+        "from tuco_peft import decompose, tuco, TuCoCallback; import tuco_peft.decompose; "
+        "print(heavy, callable(tuco_peft.decompose), decompose is tuco_peft.decompose, sorted(tuco_peft.__all__) "
+        "== sorted(n for n in tuco_peft.__all__ if hasattr(tuco_peft, n)))"
+    )
+    assert run.stdout.split() == ["[]", "True", "True", "True"], run.stderr
+
+
+def test_debug_shows_the_traceback_before_or_after_the_command(tmp_path, capsys):
+    prompts = write_lines(tmp_path / "p.txt", ["the lazy dog"])
+    argv = ["analyze", "--base", "B", "--adapter", "A", "--prompts", str(prompts), "--out", str(tmp_path / "o")]
+    for debug_first, debug_last in ((["--debug"], []), ([], ["--debug"])):
+        with pytest.raises(Exception, match="--system needs --chat-template"):
+            main([*debug_first, *argv, "--system", "hi", *debug_last])
+    assert main([*argv, "--system", "hi"]) == 2  # and without it, one line
+    assert capsys.readouterr().err.startswith("tuco-peft: error: --system needs --chat-template")
+
+
+@pytest.mark.slow  # processes of their own
+@pytest.mark.parametrize("delay", [0.2, 0.8, 1.6])
+def test_ctrl_c_at_any_moment_is_one_line_and_130(checkpoints, tmp_path, delay):
+    """From main()'s start: torch's import (where a KeyboardInterrupt aborts from C++), transformers' lazy
+    imports (where it becomes an ImportError), the loading and the analysis."""
+    prompts = write_lines(tmp_path / "p.txt", [f"the lazy dog {i}" for i in range(200)])
+    argv = ["analyze", "--base", str(checkpoints.base), "--adapter", str(checkpoints.adapter)]
+    argv += ["--prompts", str(prompts), "--out", str(tmp_path / "rows.jsonl"), "--batch-size", "1"]
+    code = "import sys; from tuco_peft.cli import main; print('ready', flush=True); sys.exit(main(sys.argv[1:]))"
+    process = subprocess.Popen(
+        [sys.executable, "-c", code, *argv], env=_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert process.stdout.readline().strip() == "ready"
+    time.sleep(delay)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == (
+        "tuco-peft: interrupted; rows already written are kept, rerun the same command to resume."
+    )
+    assert "Traceback" not in stderr and "Error" not in stderr, stderr

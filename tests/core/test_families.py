@@ -1,0 +1,73 @@
+"""The family registry (tuco_peft.families): every registered family gets the capabilities its spec claims."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config
+
+from helpers.models import FAMILIES, base_model, family_config, lora_model, model_pair, padded_batch
+from helpers.oracle import decoder_blocks
+from tuco_peft.blocks import OwnProjectionBlock, ReplayBlock, SharedProjectionBlock, pretrained_path
+from tuco_peft.dual_cache import LowRankDelta
+from tuco_peft.families import FamilySpec, QKVLayout, Wiring, spec_for
+from tuco_peft.introspection import model_parts
+from tuco_peft.paired import PairedBlock
+from tuco_peft.steering import ftc_scale
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_family_takes_the_path_its_spec_allows(family):
+    pretrained, model = model_pair(family)
+    parts = model_parts(model)
+    layer, config = parts.layers[0], parts.config
+    spec = spec_for(layer, config)
+    assert spec is not None
+    expected = SharedProjectionBlock if spec.shared_projections else ReplayBlock
+    assert type(pretrained_path(layer, config)) is expected
+    assert isinstance(pretrained_path(layer, config, separate_model=True), OwnProjectionBlock)
+    assert (LowRankDelta.for_block(layer, parts.decoder, config) is not None) == spec.lean_cache
+    assert PairedBlock.supports(layer, config) == spec.pairable
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lean_cache_slots_follow_the_spec(family):
+    """Steered generation makes every full-attention fine-tuned slot lean where the family's spec allows it,
+    and none elsewhere (sliding-window slots stay full)."""
+    _, model = model_pair(family)
+    spec = spec_for(model_parts(model).layers[0], model.config)
+    ids, mask = padded_batch(lengths=(5, 3))
+    with torch.no_grad(), ftc_scale(model, 1.5):
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+    slots = [type(slot).__name__ for slot in out.past_key_values.layers[:3]]
+    assert ("DynamicLayer" if spec.lean_cache else "LowRankSlot") not in slots
+
+
+def test_a_spec_is_checked_against_the_layer_class():
+    llama_config = family_config("llama")
+    gpt2_block = AutoModelForCausalLM.from_config(GPT2Config(n_embd=64, n_layer=1, n_head=4)).transformer.h[0]
+    assert spec_for(gpt2_block, llama_config) is None  # a llama model_type with another block class
+    assert isinstance(pretrained_path(gpt2_block, llama_config), ReplayBlock)
+    llama_config.model_type = "not-a-family"
+    llama_block = decoder_blocks(base_model("llama"))[0]
+    assert spec_for(llama_block, llama_config) is None
+
+
+def test_a_config_flag_can_switch_the_wiring():
+    config = family_config("gpt_neox")
+    layer = decoder_blocks(lora_model(base_model("gpt_neox")))[0]
+    assert spec_for(layer, config).wiring is Wiring.PARALLEL
+    config.use_parallel_residual = False
+    assert spec_for(layer, config).wiring is Wiring.SEQUENTIAL
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(wiring=Wiring.POST_NORM, attention_norm="ln"),  # post-norm blocks have no norm before attention
+        dict(wiring=Wiring.SEQUENTIAL, attention_norm="ln", mlp_norm="ln2", qkv_layout=QKVLayout.CONCATENATED),
+        dict(wiring=Wiring.SEQUENTIAL, attention_norm="ln", mlp_norm="ln2", rotary_module=None, lean_cache=True),
+    ],
+    ids=["norms-vs-wiring", "projections-vs-layout", "lean-cache-without-rotary"],
+)
+def test_inconsistent_specs_are_refused(kwargs):
+    with pytest.raises(ValueError):
+        FamilySpec(attention="attn", projections=("q", "k", "v"), output="o", **kwargs)

@@ -1,0 +1,77 @@
+"""tuco_peft.interception: every interception is undone on exit, also after an exception."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tuco_peft.interception import (
+    CacheView,
+    any_forward_replaced,
+    forward_replaced,
+    hooked,
+    inner_modules_hooked,
+    replaced_forward,
+)
+
+
+class _Boom(Exception):
+    pass
+
+
+def test_hooks_run_in_order_and_are_removed_after_an_exception():
+    layer = nn.Linear(3, 3)
+    seen = []
+    layer.register_forward_hook(lambda module, args, output: seen.append("own"))
+    with pytest.raises(_Boom):
+        with hooked(
+            layer, before=lambda module, args: seen.append("before"), after=lambda module, args, out: seen.append("ours")
+        ):
+            layer(torch.ones(1, 3))
+            with hooked(layer, after=lambda module, args, out: seen.append("first"), first=True):
+                layer(torch.ones(1, 3))
+            raise _Boom
+    assert seen == ["before", "own", "ours", "before", "first", "own", "ours"]
+    assert len(layer._forward_hooks) == 1 and not layer._forward_pre_hooks
+
+
+def test_a_replaced_forward_is_restored_and_never_stacked():
+    block = nn.Sequential(nn.Linear(3, 3))
+    with pytest.raises(_Boom):
+        with replaced_forward(block[0], lambda x: x * 0):
+            assert forward_replaced(block[0]) and any_forward_replaced(block)
+            assert torch.equal(block(torch.ones(1, 3)), torch.zeros(1, 3))
+            with pytest.raises(RuntimeError, match="already replaced"):
+                with replaced_forward(block[0], lambda x: x):
+                    pass
+            raise _Boom
+    assert not any_forward_replaced(block)
+    assert "forward" not in block[0].__dict__
+
+
+def test_inner_hooks_are_seen_but_not_the_modules_own():
+    block = nn.Sequential(nn.Linear(3, 3))
+    with hooked(block, after=lambda module, args, output: None):
+        assert not inner_modules_hooked(block)
+    with hooked(block[0], before=lambda module, args: None):
+        assert inner_modules_hooked(block)
+    assert not inner_modules_hooked(block)
+
+
+def test_a_cache_view_redirects_updates_and_passes_the_rest_through():
+    class Cache:
+        def __init__(self):
+            self.writes = []
+
+        def update(self, key, value, layer_idx):
+            self.writes.append(layer_idx)
+            return key, value
+
+        def get_seq_length(self):
+            return 7
+
+    cache = Cache()
+    view = CacheView(cache, lambda key, value, layer_idx: cache.update(key, value, layer_idx + 10))
+    view.update(1, 2, 3)
+    assert cache.writes == [13] and view.get_seq_length() == 7

@@ -1,0 +1,102 @@
+"""Tiny checkpoints saved to disk for the command-line tests, with a tokenizer trained offline."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from helpers.models import family_config, lora_model
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from tuco_peft.cli import main
+from tuco_peft.demo.build import build_tokenizer
+
+CONTEXT = 40  # small, so that an over-long prompt is easy to write
+_TEXT = [
+    "the quick brown fox jumps over the lazy dog near the river bank",
+    "a small model reads a short prompt and writes a shorter answer",
+    "how can I help you today? tell me about the old mill by the water",
+] * 20
+
+
+@dataclass(frozen=True)
+class Checkpoints:
+    base: Path
+    adapter: Path
+    other_base: Path  # another architecture size: the adapter does not fit it
+    pickle_base: Path  # the base saved as a pickle (pytorch_model.bin) only
+    remote_code_base: Path  # the base with an auto_map entry that asks for custom code
+
+
+def _config(hidden_size: int, vocab_size: int):
+    config = family_config("llama")
+    config.hidden_size, config.vocab_size, config.max_position_embeddings = hidden_size, vocab_size, CONTEXT
+    return config
+
+
+def _save_base(directory: Path, hidden_size: int, tokenizer, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(_config(hidden_size, len(tokenizer)), attn_implementation="eager").eval()
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return model
+
+
+def save_checkpoints(root: Path) -> Checkpoints:
+    tokenizer = build_tokenizer(_TEXT, vocab_size=300)
+    paths = Checkpoints(
+        root / "base", root / "adapter", root / "other_base", root / "pickle_base", root / "remote_base"
+    )
+    base = _save_base(paths.base, 64, tokenizer, seed=0)
+    _save_base(paths.other_base, 32, tokenizer, seed=0)
+    lora_model(base).save_pretrained(paths.adapter)
+
+    shutil.copytree(paths.base, paths.pickle_base)
+    weights = paths.pickle_base / "model.safetensors"
+    torch.save(load_file(weights), paths.pickle_base / "pytorch_model.bin")
+    weights.unlink()
+
+    shutil.copytree(paths.base, paths.remote_code_base)
+    config_file = paths.remote_code_base / "config.json"
+    config = json.loads(config_file.read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}
+    config_file.write_text(json.dumps(config))
+    return paths
+
+
+def write_lines(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def fails(argv: list[str], capsys, *fragments: str, status: int | None = None) -> str:
+    """Run the CLI expecting a one-line error that contains ``fragments`` (and exit ``status``, if given)."""
+    code = main(argv)
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code != 0 if status is None else code == status, err
+    assert lines[-1].startswith("tuco-peft: error: ") and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in lines[-1], lines[-1]
+    return lines[-1]
+
+
+@pytest.fixture
+def loading_forbidden(monkeypatch):
+    """Make loading a model an error, so that a test can show a check ran before it."""
+    import tuco_peft.loading
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    for name in ("load_pair", "load_full_finetune", "load_base"):
+        monkeypatch.setattr(tuco_peft.loading, name, refuse)
