@@ -136,6 +136,15 @@ def test_page_escapes_what_it_shows(tmp_path):
     assert page.count("</script>") == 2  # the data block and the script: nothing in the data closes them
 
 
+def test_a_long_per_text_table_is_folded_so_the_texts_come_first():
+    def texts(count: int) -> list[ScoredText]:
+        return [ScoredText(f"prompt {i}", (ScoredToken("a", 0.5, (1.0,), (1.0,)),)) for i in range(count)]
+
+    short, long = render_html(texts(3)), render_html(texts(40))
+    assert "<details>" not in short and "<td>prompt 2</td>" in short
+    assert "<details><summary>the 40 texts, one row each</summary><table>" in long and "<td>prompt 39</td>" in long
+
+
 def test_write_html_refuses_a_missing_folder(tmp_path):
     with pytest.raises(InputError, match="does not exist") as error:
         write_html([], tmp_path / "missing" / "report.html")

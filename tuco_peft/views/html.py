@@ -100,6 +100,9 @@ def _token_span(token: ScoredToken, text_index: int, token_index: int) -> str:
     )
 
 
+_OPEN_TABLE_ROWS = 12
+
+
 def _summary(texts: Sequence[ScoredText]) -> str:
     rows = []
     for text in texts:
@@ -116,9 +119,10 @@ def _summary(texts: Sequence[ScoredText]) -> str:
         if values
         else ""
     )
-    return (
-        f"{overall}<table><tr><th>text</th><th>tokens</th><th>measure</th><th>value</th></tr>{''.join(rows)}</table>"
-    )
+    table = f"<table><tr><th>text</th><th>tokens</th><th>measure</th><th>value</th></tr>{''.join(rows)}</table>"
+    if len(texts) > _OPEN_TABLE_ROWS:  # a long table would push every text below the fold: folded, one click away
+        table = f"<details><summary>the {len(texts)} texts, one row each</summary>{table}</details>"
+    return overall + table
 
 
 def _legend() -> str:
