@@ -25,7 +25,7 @@ _WORDS = "the quick brown fox jumps over a lazy dog by the river while small mod
 
 
 def _prompts(count: int, rng: random.Random) -> list[str]:
-    """Texts from 2 to 200 words, most of them short, as prompt files usually are."""
+    """Texts from 4 to 200 words, most of them short, as prompt files usually are."""
     return [" ".join(rng.choices(_WORDS, k=min(200, int(rng.paretovariate(1.2) * 4)))) for _ in range(count)]
 
 
@@ -61,8 +61,8 @@ def main() -> None:
     batching = Batching(args.batch_size, args.max_batch_tokens)
     runner = _runner(batching)
     texts = _prompts(args.prompts, random.Random(0))
-    by_length = sorted(texts, key=lambda text: len(runner.encode([Prompt(0, 1, text)])[0].ids))
     lengths = [len(tokens.ids) for tokens in runner.encode([Prompt(i, i + 1, t) for i, t in enumerate(texts)])]
+    by_length = [texts[i] for i in sorted(range(len(texts)), key=lengths.__getitem__)]
     size = args.batch_size
     file_order = [list(range(start, min(start + size, len(lengths)))) for start in range(0, len(lengths), size)]
     print(f"{len(texts)} prompts of {min(lengths)}-{max(lengths)} tokens, --batch-size {size}, "

@@ -19,6 +19,10 @@ while (( $# > 0 )); do
     esac
 done
 repo=$(cd "$(dirname "$0")/.." && pwd)
+if [[ -n $wheels ]]; then  # absolute: the parts run from the repository root
+    wheels=$(cd "$wheels" && pwd) || usage
+    compgen -G "$wheels/*.whl" >/dev/null || { echo "gpu_check: no .whl file in $wheels" >&2; exit 2; }
+fi
 mkdir -p "$out" && out=$(cd "$out" && pwd) || exit 2
 python=${PYTHON:-python3}
 site=$(mktemp -d)/site  # installs go here, on PYTHONPATH: the image's own environment stays as it is
@@ -57,6 +61,7 @@ cd "$repo" || exit 2
 part install 180 "$python" -m pip install --quiet --no-index --no-deps --no-build-isolation --target "$site" \
     "${packages[@]}"
 part versions 60 "$python" -c "$versions"
+# Informational only: torch's view of the GPU (versions part) is what the check relies on.
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$out/nvidia-smi.log"
 part device_tier 240 "$python" -m pytest -m device --device cuda -q -p no:cacheprovider \
     --junitxml "$out/device_tier.xml" --durations 15

@@ -24,7 +24,7 @@ from torch import nn
 
 from .adapters import is_additive_lora, pretrained_projection
 from .errors import InputError, UnsupportedModelError
-from .interception import forward_replaced, hooked, replaced_forward
+from .interception import forward_replaced, hooked, module_hooked, replaced_forward
 
 BACKENDS = ("auto", "torch", "triton")
 BACKEND_ENV_VAR = "TUCO_PEFT_BACKEND"
@@ -93,6 +93,11 @@ class LoraLinearBackend(ABC):
     def two_stream(self, x_pt: torch.Tensor, x_ft: torch.Tensor, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """``(layer.base_layer(x_pt), layer(x_ft))``."""
 
+    def stacked(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+        """A paired block's input ``[x_pt; x_ft]`` (halves along the batch) → ``[base(x_pt); layer(x_ft)]``."""
+        half = x.shape[0] // 2
+        return torch.cat(self.two_stream(x[:half], x[half:], layer))
+
     @abstractmethod
     def fuses(self, layer: nn.Module) -> bool:
         """Whether ``report_base_outputs`` computes ``layer``'s base output with its output (``dual``) rather
@@ -139,7 +144,7 @@ def _base_layer_callable_once(layer: nn.Module) -> bool:
     return (
         base_layer is layer.get_base_layer()
         and not forward_replaced(base_layer)
-        and not (base_layer._forward_hooks or base_layer._forward_pre_hooks)
+        and not module_hooked(base_layer)
     )
 
 
@@ -171,6 +176,14 @@ class TorchBackend(LoraLinearBackend):
         base_pt, base_ft = layer.base_layer(torch.cat([rows_pt, rows_ft])).split([len(rows_pt), len(rows_ft)])
         base_pt, base_ft = base_pt.reshape(*x_pt.shape[:-1], -1), base_ft.reshape(*x_ft.shape[:-1], -1)
         return base_pt, _peft_forward_given_base_output(layer, x_ft, base_ft)
+
+    def stacked(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+        """One call of the base layer on the stacked input as it comes (no copy of its two halves)."""
+        if not _base_layer_callable_once(layer):
+            return super().stacked(x, layer)
+        half = x.shape[0] // 2
+        base_output = layer.base_layer(x)
+        return torch.cat([base_output[:half], _peft_forward_given_base_output(layer, x[half:], base_output[half:])])
 
     def fuses(self, layer: nn.Module) -> bool:
         return False

@@ -209,7 +209,7 @@ class OwnProjectionBlock(_RowwiseBlock):
         attention = getattr(pretrained, self.spec.attention)
         normed = _apply(pretrained, self.spec.attention_norm, x)
         projections = [getattr(attention, name) for name in self.spec.projections]
-        if len(projections) == 1:
+        if self.spec.qkv_layout is not QKVLayout.SEPARATE:  # one fused projection
             query, key, value = self._split([projections[0](normed)])
             return gather_rows(query, batch.rows), key, value
         query = projections[0](gather_rows(normed, batch.rows))

@@ -38,6 +38,9 @@ class _Components:
         self.x0: torch.Tensor | None = None
         self.xL: torch.Tensor | None = None
         self.blocks_seen = 0
+        # Whether each block's input was the previous block's output, kept on the device: a Python bool here
+        # would make the host wait for every block; it is read once, after the forward.
+        self._continues: list[torch.Tensor] = []
 
     def rows_of(self, states: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """``states`` [b, seq, ...] at the decomposed ``rows``, in float32; with every position in order, the
@@ -45,8 +48,10 @@ class _Components:
         return states.float() if self.every_position else gather_rows(states, rows).float()
 
     def add(self, index: int, x_rows: torch.Tensor, out_rows: torch.Tensor, ptc: torch.Tensor) -> None:
-        if index != self.blocks_seen or (self.xL is not None and not torch.equal(self.xL, x_rows)):
+        if index != self.blocks_seen or (self.xL is not None and self.xL.shape != x_rows.shape):
             self._discontinuity(index)
+        if self.xL is not None:
+            self._continues.append((self.xL == x_rows).all())
         ftc = (out_rows - x_rows) - ptc
         if self.real is not None:
             ptc, ftc = ptc * self.real, ftc * self.real
@@ -69,6 +74,10 @@ class _Components:
         """x0, xL and the positions, after checking that every block ran."""
         if self.blocks_seen != self.n_layers:
             self._discontinuity(self.blocks_seen)
+        if self._continues:
+            continues = torch.stack(self._continues)
+            if not bool(continues.all()):
+                self._discontinuity(int((~continues).nonzero()[0]) + 1)
         x0, xL = self.x0, self.xL
         if self.real is not None:
             x0, xL = x0 * self.real, xL * self.real
@@ -147,12 +156,12 @@ class _BlockProbe:
         path: PretrainedPath,
         source: PretrainedBlocks,
         components: _Components,
-        router: LoraLinearBackend,
+        lora_backend: LoraLinearBackend,
     ):
         self.index = index
         self.components = components
         self.batch = components.batch
-        self.router = router
+        self.lora_backend = lora_backend
         self.layer = layer
         self.path = path
         self.source = source
@@ -161,7 +170,7 @@ class _BlockProbe:
     @contextmanager
     def attached(self) -> Iterator[None]:
         with hooked(self.layer, before=self._before, after=self._after, with_kwargs=True):
-            with self.path.capturing(self.router):
+            with self.path.capturing(self.lora_backend):
                 yield
 
     def _before(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -186,7 +195,7 @@ class _BlockProbe:
 class _PairedProbe:
     """One decoder block run paired (``paired.PairedBlock``): its pre-trained and fine-tuned outputs at every
     position from one forward, so each weight is read once for both. Used for all-position decompositions
-    on the Triton backend, where the pre-trained path is needed at every row anyway."""
+    on a backend that ``pairs_prefill``, where the pre-trained path is needed at every row anyway."""
 
     def __init__(self, index: int, paired: PairedBlock, components: _Components):
         self.index = index
@@ -213,20 +222,20 @@ def _probe(
     parts: ModelParts,
     source: PretrainedBlocks,
     components: _Components,
-    router: LoraLinearBackend,
+    lora_backend: LoraLinearBackend,
     replay: bool,
 ) -> Probe:
-    """The cheapest exact probe: paired where every row is wanted on the Triton backend, else the block's
-    pre-trained path (rows only, or a replay)."""
+    """The cheapest exact probe: paired where every row is wanted on a backend that ``pairs_prefill``, else the
+    block's pre-trained path (rows only, or a replay)."""
     batch = components.batch
     every_row = batch.rows.shape[1] == batch.input_ids.shape[1]
     paired = None
     if every_row and not replay:
-        paired = paired_block(layer, parts.config, router, source.separate_model, prefill=True)
+        paired = paired_block(layer, parts.config, lora_backend, source.separate_model, prefill=True)
     if paired is not None:
         return _PairedProbe(index, paired, components)
     path = pretrained_path(layer, parts.config, separate_model=source.separate_model, replay_only=replay)
-    return _BlockProbe(index, layer, path, source, components, router)
+    return _BlockProbe(index, layer, path, source, components, lora_backend)
 
 
 def _to_device(value: Any, device: torch.device) -> Any:
@@ -282,9 +291,9 @@ def decompose(
     parts = model_parts(model)
     source = checked_pretrained_blocks(parts, base_model)
     batch = prepare_batch(input_ids, attention_mask, positions, parts.input_device)
-    router = make_backend(resolve_backend(backend, batch.input_ids.device))
+    lora_backend = make_backend(resolve_backend(backend, batch.input_ids.device))
     components = (_AllComponents if keep == "all" else _RunningSums)(len(parts.layers), batch)
-    probes = [_probe(i, layer, parts, source, components, router, replay) for i, layer in enumerate(parts.layers)]
+    probes = [_probe(i, layer, parts, source, components, lora_backend, replay) for i, layer in enumerate(parts.layers)]
     with ExitStack() as stack:
         stack.enter_context(analysis_states(parts, source))
         for probe in probes:

@@ -117,6 +117,9 @@ class Decomposition(_TokenContributions):
         return tuco_from_sums(self.ptc.cumsum(1), self.ftc.cumsum(1))
 
 
+_NO_COMPONENTS = "only sums over blocks were kept: decompose with keep='all' for the per-block components."
+
+
 @dataclass
 class DecompositionSums(_TokenContributions):
     """A decomposition reduced block by block as it is computed (``decompose(keep="sums")``), in float32.
@@ -146,11 +149,11 @@ class DecompositionSums(_TokenContributions):
 
     @property
     def ptc(self) -> torch.Tensor:
-        raise AttributeError("only sums over blocks were kept: decompose with keep='all' for the per-block components.")
+        raise AttributeError(_NO_COMPONENTS)
 
     @property
     def ftc(self) -> torch.Tensor:
-        return self.ptc
+        raise AttributeError(_NO_COMPONENTS)
 
     def _sums(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.ptc_sum, self.ftc_sum

@@ -61,9 +61,14 @@ def any_forward_replaced(module: nn.Module) -> bool:
     return any(forward_replaced(m) for m in module.modules())
 
 
+def module_hooked(module: nn.Module) -> bool:
+    """Whether a forward hook or pre-hook observes ``module``."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
 def inner_modules_hooked(module: nn.Module) -> bool:
     """Whether a forward hook or pre-hook observes a module inside ``module`` (not ``module`` itself)."""
-    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules() if m is not module)
+    return any(module_hooked(m) for m in module.modules() if m is not module)
 
 
 @contextmanager

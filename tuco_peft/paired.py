@@ -134,14 +134,9 @@ class PairedBlock:
         def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
             half = x.shape[0] // 2
             if additive and not args and not kwargs:
-                if shared_input:
-                    outputs = backend.dual(x[half:], module)
-                else:
-                    outputs = backend.two_stream(x[:half], x[half:], module)
-            else:
-                with adapters_disabled([module]):
-                    pretrained = type(module).forward(module, x[:half], *args, **kwargs)
-                outputs = pretrained, type(module).forward(module, x[half:], *args, **kwargs)
-            return torch.cat(outputs)
+                return torch.cat(backend.dual(x[half:], module)) if shared_input else backend.stacked(x, module)
+            with adapters_disabled([module]):
+                pretrained = type(module).forward(module, x[:half], *args, **kwargs)
+            return torch.cat([pretrained, type(module).forward(module, x[half:], *args, **kwargs)])
 
         return forward

@@ -19,7 +19,8 @@ def paired_block(
 ) -> PairedBlock | None:
     """``layer`` run paired where that saves weight reads, else None (the caller runs both blocks).
 
-    Every backend reads each base weight once for both halves of a paired block. Pairing applies only to an
+    Every backend reads each base weight once for both halves of a paired block (where nothing hooks the base
+    layer, whose observers must see each half on its own). Pairing applies only to an
     adapter fine-tune (a ``separate_model`` has pre-trained blocks of its own) whose block
     ``PairedBlock.supports`` (known family, batch-wise attention, no accelerate-offloaded forwards). A
     ``prefill`` (decompose at every position) pairs only on a backend that ``pairs_prefill``: stacking

@@ -213,7 +213,7 @@ def steered_forward(
     parts = model_parts(model)
     alphas = layer_alphas(alpha, parts.n_layers)
     source = checked_pretrained_blocks(parts, base_model)
-    router = make_backend(resolve_backend(backend, parts.input_device))
+    lora_backend = make_backend(resolve_backend(backend, parts.input_device))
     if parts.causal_lm in _steered_models:
         raise InputError(
             "this model is already inside ftc_scale (or tuco_peft.generate); nesting is not supported. Leave the "
@@ -237,7 +237,7 @@ def steered_forward(
             stack.enter_context(hooked(first, before=prepare, with_kwargs=True))
         for index in steered:
             layer = parts.layers[index]
-            paired = paired_block(layer, parts.config, router, source.separate_model)
+            paired = paired_block(layer, parts.config, lora_backend, source.separate_model)
             block = _SteeredBlock(index, layer, source, alphas[index], parts.n_layers, observer, paired)
             stack.enter_context(block.attached())
         yield parts

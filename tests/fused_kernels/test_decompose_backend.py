@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from torch import nn
 
 import tuco_peft
 from helpers.assertions import assert_components_close

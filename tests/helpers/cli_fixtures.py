@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.models import family_config, lora_model
+from helpers.models import base_model, lora_model
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 
 from tuco_peft.cli import main
 from tuco_peft.demo.build import build_tokenizer
@@ -33,15 +32,10 @@ class Checkpoints:
     remote_code_base: Path  # the base with an auto_map entry that asks for custom code
 
 
-def _config(hidden_size: int, vocab_size: int):
-    config = family_config("llama")
-    config.hidden_size, config.vocab_size, config.max_position_embeddings = hidden_size, vocab_size, CONTEXT
-    return config
-
-
 def _save_base(directory: Path, hidden_size: int, tokenizer, seed: int) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(_config(hidden_size, len(tokenizer)), attn_implementation="eager").eval()
+    model = base_model(
+        "llama", seed=seed, hidden_size=hidden_size, vocab_size=len(tokenizer), max_position_embeddings=CONTEXT
+    )
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return model

@@ -27,9 +27,17 @@ def linear_4bit(
 ) -> nn.Module:
     """A bitsandbytes Linear4bit quantized on ``device`` (on a CPU kept in the standard, not repacked,
     layout)."""
-    dense = dense_linear(dtype, shape=shape)
+    return as_linear_4bit(dense_linear(dtype, shape=shape), quant_type, nested, dtype, device)
+
+
+def as_linear_4bit(
+    dense: nn.Linear, quant_type: str, nested: bool, compute_dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> nn.Module:
+    """``dense`` as a bitsandbytes Linear4bit quantized on ``device`` (on a CPU, kept out of bitsandbytes'
+    in-place repacking)."""
     layer = bnb.nn.Linear4bit(
-        *shape, bias=True, compute_dtype=dtype, quant_type=quant_type, compress_statistics=nested
+        dense.in_features, dense.out_features, bias=dense.bias is not None, compute_dtype=compute_dtype,
+        quant_type=quant_type, compress_statistics=nested,
     )
     layer.load_state_dict(dense.state_dict())
     layer = layer.to(device)

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+from helpers.lora_layers import as_linear_4bit
 from helpers.models import base_model, lora_model
 
 
@@ -13,14 +14,7 @@ def quantize_decoder_linears(model: nn.Module) -> nn.Module:
     for module in list(model.model.layers.modules()):
         for name, child in list(module.named_children()):
             if type(child) is nn.Linear:
-                quantized = bnb.nn.Linear4bit(
-                    child.in_features, child.out_features, bias=child.bias is not None,
-                    compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True,
-                )
-                quantized.load_state_dict(child.state_dict())
-                quantized = quantized.to("cpu")
-                quantized.support_avx512bf16_for_cpu = False
-                setattr(module, name, quantized)
+                setattr(module, name, as_linear_4bit(child, "nf4", True, torch.float32))
     return model
 
 

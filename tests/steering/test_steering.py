@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from helpers.models import FAMILIES, base_model, lora_model, model_pair, padded_batch
+from helpers.models import FAMILIES, base_model, model_pair, padded_batch
 from helpers.oracle import decoder_blocks
 from helpers.quantized_models import quantized_pair
 from helpers.steering import greedy_generate, model_snapshot, plain_logits, real_rows

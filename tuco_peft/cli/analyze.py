@@ -15,34 +15,27 @@ from ..distributed import Ranks, fold_parts, part_file, process_group, together
 from ..errors import InputError
 from ..prompts import Prompt, encode_prompt
 from ..results import ResultRow, ResultsFile, prompt_keys, rows_for, summary_table
-from ..runner import ModelChoice, Runner, quiet_libraries, view_title
+from ..runner import Runner, quiet_libraries, view_title
 from .checks import analysable_prompts, check_html, check_out
-from .options import PromptOptions, ResultsOptions, check_common, model_choice, provenance
-from .options import add_model_arguments, add_prompt_arguments, add_results_arguments
+from .options import (
+    CommandOptions,
+    ResultsOptions,
+    add_model_arguments,
+    add_prompt_arguments,
+    add_results_arguments,
+    check_common,
+    provenance,
+)
 from .stored_rows import locked_results, missing_prompts
 
 
 @dataclass(frozen=True)
-class AnalyzeOptions:
-    model: ModelChoice
-    prompts: PromptOptions
+class AnalyzeOptions(CommandOptions):
     results: ResultsOptions
     prompt_file: str
     positions: str
     plot: str | None
     html: str | None
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> AnalyzeOptions:
-        return cls(
-            model_choice(args),
-            PromptOptions.from_args(args),
-            ResultsOptions.from_args(args),
-            args.prompts,
-            args.positions,
-            args.plot,
-            args.html,
-        )
 
     @property
     def out(self) -> str:
@@ -68,7 +61,11 @@ def add_parser(commands: argparse._SubParsersAction, common: argparse.ArgumentPa
     )
     add_model_arguments(analyze)
     analyze.add_argument(
-        "--prompts", required=True, help=".txt (one prompt per line) or .jsonl ({id, prompt|messages})"
+        "--prompts",
+        dest="prompt_file",
+        metavar="PROMPTS",
+        required=True,
+        help=".txt (one prompt per line) or .jsonl ({id, prompt|messages})",
     )
     analyze.add_argument("--out", required=True, help="JSONL of rows; rerunning with the same file resumes")
     add_results_arguments(analyze)

@@ -13,27 +13,19 @@ from pathlib import Path
 from .. import loading
 from ..errors import InputError
 from ..prompts import Prompt
-from ..runner import ModelChoice, Runner, quiet_libraries
+from ..runner import Runner, quiet_libraries
 from .checks import analysable_prompts
-from .options import PromptOptions, add_model_arguments, add_prompt_arguments, check_common, model_choice
+from .options import CommandOptions, add_model_arguments, add_prompt_arguments, check_common
 
 _OVERHEAD_BOUND_TOKENS = 4096  # below this, a forward pass of a small model is dominated by Python overhead
 
 
 @dataclass(frozen=True)
-class BenchOptions:
-    model: ModelChoice
-    prompts: PromptOptions
+class BenchOptions(CommandOptions):
     prompt_file: str | None
     cache_dir: str | None
     repeats: int
     json: str | None
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> BenchOptions:
-        return cls(
-            model_choice(args), PromptOptions.from_args(args), args.prompts, args.cache_dir, args.repeats, args.json
-        )
 
 
 def add_parser(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -43,7 +35,9 @@ def add_parser(commands: argparse._SubParsersAction, common: argparse.ArgumentPa
         help="time and memory of decompose against the paper's two-model method (demo pair by default)",
     )
     add_model_arguments(bench)
-    bench.add_argument("--prompts", help="prompt file (default: the demo prompts)")
+    bench.add_argument(
+        "--prompts", dest="prompt_file", metavar="PROMPTS", help="prompt file (default: the demo prompts)"
+    )
     bench.add_argument(
         "--cache-dir",
         help="where the demo pair is built and cached when no model is given (default ~/.cache/tuco-peft/demo)",

@@ -10,32 +10,26 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..results import ResultRow, prompt_keys, roc_auc, rows_for
-from ..runner import ModelChoice, Runner
+from ..runner import Runner
 from .checks import analysable_prompts, check_out
-from .options import PromptOptions, ResultsOptions, check_common, model_choice, provenance
-from .options import add_model_arguments, add_prompt_arguments, add_results_arguments
+from .options import (
+    CommandOptions,
+    ResultsOptions,
+    add_model_arguments,
+    add_prompt_arguments,
+    add_results_arguments,
+    check_common,
+    provenance,
+)
 from .stored_rows import locked_results, missing_prompts
 
 
 @dataclass(frozen=True)
-class CompareOptions:
-    model: ModelChoice
-    prompts: PromptOptions
+class CompareOptions(CommandOptions):
     results: ResultsOptions
     set_a: str
     set_b: str
     plot: str | None
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> CompareOptions:
-        return cls(
-            model_choice(args),
-            PromptOptions.from_args(args),
-            ResultsOptions.from_args(args),
-            args.set_a,
-            args.set_b,
-            args.plot,
-        )
 
     def set_names(self) -> tuple[str, str]:
         a, b = Path(self.set_a).stem, Path(self.set_b).stem

@@ -9,15 +9,18 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
-from ..runner import ModelChoice, Runner
+from ..runner import Runner
 from .checks import check_alpha, check_output_file
-from .options import PromptOptions, add_model_arguments, add_prompt_arguments, check_common, model_choice
+from .options import (
+    CommandOptions,
+    add_model_arguments,
+    add_prompt_arguments,
+    check_common,
+)
 
 
 @dataclass(frozen=True)
-class EvalOptions:
-    model: ModelChoice
-    prompts: PromptOptions
+class EvalOptions(CommandOptions):
     tasks: str
     alphas: str
     out: str
@@ -26,21 +29,6 @@ class EvalOptions:
     num_fewshot: int | None
     cv: int | None
     cv_metric: str | None
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> EvalOptions:
-        return cls(
-            model_choice(args),
-            PromptOptions.from_args(args),
-            args.tasks,
-            args.alphas,
-            args.out,
-            args.include_path,
-            args.limit,
-            args.num_fewshot,
-            args.cv,
-            args.cv_metric,
-        )
 
 
 def add_parser(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:

@@ -8,25 +8,22 @@ from dataclasses import dataclass
 
 from ..errors import InputError
 from ..prompts import Prompt
-from ..runner import ModelChoice, Runner
+from ..runner import Runner
 from .checks import check_alpha, check_html
-from .options import PromptOptions, add_model_arguments, add_prompt_arguments, check_common, model_choice
+from .options import (
+    CommandOptions,
+    add_model_arguments,
+    add_prompt_arguments,
+    check_common,
+)
 
 
 @dataclass(frozen=True)
-class GenerateOptions:
-    model: ModelChoice
-    prompts: PromptOptions
+class GenerateOptions(CommandOptions):
     prompt: str
     alpha: float
     max_new_tokens: int
     html: str | None
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> GenerateOptions:
-        return cls(
-            model_choice(args), PromptOptions.from_args(args), args.prompt, args.alpha, args.max_new_tokens, args.html
-        )
 
 
 def add_parser(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:

@@ -1,15 +1,15 @@
 """The option groups several commands share, as argparse groups and as typed values, and their checks.
 
-Each command turns its ``argparse.Namespace`` into frozen dataclasses here, once, at its top; everything
-below takes those typed values. Checks use the flags alone, so bad input is refused before anything loads.
+Each command turns its ``argparse.Namespace`` into these frozen dataclasses (``CommandOptions.from_args``),
+once, at its top; everything below takes those typed values. Checks use the flags alone, so bad input is refused before anything loads.
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..distributed import Ranks
 from ..errors import InputError
@@ -159,6 +159,23 @@ def model_choice(args: argparse.Namespace) -> ModelChoice:
         trust_remote_code=args.trust_remote_code,
     )
     return ModelChoice(args.base, args.adapter, args.model, args.base_model, args.resident_base, load)
+
+
+_OptionsT = TypeVar("_OptionsT", bound="CommandOptions")
+
+
+@dataclass(frozen=True)
+class CommandOptions:
+    """One command's typed flags: the model and prompt groups, then a subclass's own fields, each read from
+    the argparse attribute of its name (``results`` from the results group)."""
+
+    model: ModelChoice
+    prompts: PromptOptions
+
+    @classmethod
+    def from_args(cls: type[_OptionsT], args: argparse.Namespace) -> _OptionsT:
+        groups = {"model": model_choice, "prompts": PromptOptions.from_args, "results": ResultsOptions.from_args}
+        return cls(**{f.name: groups[f.name](args) if f.name in groups else getattr(args, f.name) for f in fields(cls)})
 
 
 def check_model_choice(choice: ModelChoice, required: bool = True) -> None:
