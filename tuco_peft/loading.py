@@ -336,7 +336,7 @@ def load_adapter(base: nn.Module, source: Source, options: LoadOptions) -> nn.Mo
 
 
 def load_tokenizer(base: Source, finetune: Source | None, options: LoadOptions):
-    """The tokenizer of ``tokenizer_source``."""
+    """The tokenizer of ``tokenizer_source(base, finetune)``: the fine-tune's when it ships one, else the base's."""
     from transformers import AutoTokenizer
 
     source = tokenizer_source(base, finetune)
@@ -385,11 +385,11 @@ def _with_tokenizer(by_flag: dict[str, Source], base: Source, finetune: Source) 
 
 
 def load_pair(base: str, adapter: str, options: LoadOptions) -> tuple[nn.Module, object]:
-    """(PeftModel in eval mode, tokenizer) for the command line."""
-    checkpoints = check_pair(base, adapter, options)
-    tokenizer = load_tokenizer(checkpoints.by_flag["base"], checkpoints.by_flag["adapter"], options)
-    model = load_adapter(load_base(checkpoints.by_flag["base"], options), checkpoints.by_flag["adapter"], options)
-    return model, tokenizer
+    """(PeftModel in eval mode, tokenizer) for the command line; each loader checks its own checkpoint (the
+    command line has run ``check_pair`` before anything loads)."""
+    base_source, adapter_source = resolve(base, "--base"), resolve(adapter, "--adapter")
+    tokenizer = load_tokenizer(base_source, adapter_source, options)
+    return load_adapter(load_base(base_source, options), adapter_source, options), tokenizer
 
 
 def streamable_checkpoint(source: Source, options: LoadOptions) -> Path:
@@ -420,8 +420,7 @@ def load_full_finetune(
     from .introspection import model_parts
     from .pretrained import checked_pretrained_blocks
 
-    checkpoints = check_full_finetune(finetuned, pretrained, options, resident=resident)
-    finetuned_source, pretrained_source = checkpoints.by_flag["model"], checkpoints.by_flag["base_model"]
+    finetuned_source, pretrained_source = resolve(finetuned, "--model"), resolve(pretrained, "--base-model")
     tokenizer = load_tokenizer(pretrained_source, finetuned_source, options)
     model = load_base(finetuned_source, options)
     if resident:
