@@ -17,15 +17,8 @@ from ..prompts import Prompt, encode_prompt
 from ..results import ResultRow, ResultsFile, prompt_keys, rows_for, summary_table
 from ..runner import Runner, quiet_libraries, view_title
 from .checks import analysable_prompts, check_html, check_out
-from .options import (
-    CommandOptions,
-    ResultsOptions,
-    add_model_arguments,
-    add_prompt_arguments,
-    add_results_arguments,
-    check_common,
-    provenance,
-)
+from .options import CommandOptions, ResultsOptions, check_common, provenance
+from .options import add_model_arguments, add_prompt_arguments, add_results_arguments
 from .stored_rows import locked_results, missing_prompts
 
 

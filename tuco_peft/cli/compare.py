@@ -12,15 +12,8 @@ from ..errors import InputError
 from ..results import ResultRow, prompt_keys, roc_auc, rows_for
 from ..runner import Runner
 from .checks import analysable_prompts, check_out
-from .options import (
-    CommandOptions,
-    ResultsOptions,
-    add_model_arguments,
-    add_prompt_arguments,
-    add_results_arguments,
-    check_common,
-    provenance,
-)
+from .options import CommandOptions, ResultsOptions, check_common, provenance
+from .options import add_model_arguments, add_prompt_arguments, add_results_arguments
 from .stored_rows import locked_results, missing_prompts
 
 
