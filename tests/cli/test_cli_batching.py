@@ -4,8 +4,10 @@ in the prompt file's order, and an interrupted run resumed without a row lost or
 from __future__ import annotations
 
 import importlib
+import itertools
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -34,21 +36,111 @@ def batches(monkeypatch):
     """The [batch, length] shape of every batch decompose was called with."""
     shapes = []
     monkeypatch.setattr(
-        DECOMPOSE_MODULE, "decompose", lambda m, ids, *a, **k: shapes.append(tuple(ids.shape)) or decompose(m, ids, *a, **k)
+        DECOMPOSE_MODULE,
+        "decompose",
+        lambda m, ids, *a, **k: shapes.append(tuple(ids.shape)) or decompose(m, ids, *a, **k),
     )
     return shapes
+
+
+def _cost(lengths, batches, batching):
+    """Positions computed plus the overhead of each forward pass; None where a batch breaks a cap."""
+    total = batching.overhead_tokens * len(batches)
+    for batch in batches:
+        positions = len(batch) * max(lengths[i] for i in batch)
+        over_budget = batching.max_batch_tokens is not None and positions > batching.max_batch_tokens
+        if len(batch) > batching.batch_size or (len(batch) > 1 and over_budget):
+            return None
+        total += positions
+    return total
+
+
+def _groupings(items):
+    """Every way to split ``items`` into groups."""
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for grouping in _groupings(rest):
+        yield [[first], *grouping]
+        for i in range(len(grouping)):
+            yield [*grouping[:i], [first, *grouping[i]], *grouping[i + 1 :]]
+
+
+def _runs(items):
+    """Every way to cut ``items`` into runs of consecutive items."""
+    for cuts in itertools.product((False, True), repeat=len(items) - 1):
+        bounds = [0, *(i + 1 for i, cut in enumerate(cuts) if cut), len(items)]
+        yield [items[start:stop] for start, stop in itertools.pairwise(bounds)]
+
+
+def _random_cases(rng, count, max_prompts):
+    for _ in range(count):
+        lengths = [rng.choice([1, 2, 3, 5, 8, 13, 21, 40]) for _ in range(rng.randint(1, max_prompts))]
+        budget = rng.choice([None, 10, 30, 64])
+        yield lengths, Batching(rng.randint(1, 5), budget, overhead_tokens=rng.choice([0, 3, 12, 256]))
+
+
+def _check_plan(lengths, batching, plan):
+    assert sorted(index for batch in plan for index in batch) == list(range(len(lengths)))
+    assert _cost(lengths, plan, batching) is not None
+    largest = [(len(batch) * max(lengths[i] for i in batch), max(lengths[i] for i in batch)) for batch in plan]
+    assert largest == sorted(largest, reverse=True)  # the most positions first, then the longest prompt
+
+
+def test_plan_batches_costs_least_of_every_grouping():
+    for lengths, batching in _random_cases(random.Random(0), 150, 7):
+        plan = plan_batches(lengths, batching)
+        _check_plan(lengths, batching, plan)
+        costs = [_cost(lengths, grouping, batching) for grouping in _groupings(list(range(len(lengths))))]
+        assert _cost(lengths, plan, batching) == min(cost for cost in costs if cost is not None)
+
+
+def test_plan_batches_costs_least_of_every_cut_of_the_sorted_prompts():
+    for lengths, batching in _random_cases(random.Random(1), 150, 12):
+        plan = plan_batches(lengths, batching)
+        _check_plan(lengths, batching, plan)
+        by_length = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        costs = [_cost(lengths, runs, batching) for runs in _runs(by_length)]
+        assert _cost(lengths, plan, batching) == min(cost for cost in costs if cost is not None)
 
 
 def test_plan_batches_respects_the_token_budget_and_the_batch_size_cap():
     lengths = [3, 17, 5, 9, 9, 2, 30, 4, 16, 8]
     plan = plan_batches(lengths, Batching(batch_size=3, max_batch_tokens=40))
-    assert sorted(index for batch in plan for index in batch) == list(range(len(lengths)))
-    for batch in plan:
-        assert len(batch) <= 3
-        assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= 40
+    _check_plan(lengths, Batching(batch_size=3, max_batch_tokens=40), plan)
     assert [30] in [[lengths[i] for i in batch] for batch in plan]  # over half the budget: a batch of its own
-    assert [len(batch) for batch in plan_batches(lengths, Batching(batch_size=4))] == [4, 4, 2]
+    # (30 17 16) (9 9 8) (5 4 3 2): 137 positions, the fewest of any three batches; a fourth costs 256 more
+    assert [len(batch) for batch in plan_batches(lengths, Batching(batch_size=4))] == [3, 3, 4]
     assert plan_batches([50], Batching(batch_size=8, max_batch_tokens=10)) == [[0]]  # over the budget alone
+    assert plan_batches([50, 9, 50], Batching(batch_size=8, max_batch_tokens=10)) == [[0], [2], [1]]
+    # 100 positions, then the longest prompt alone: the batch that needs the most memory comes first
+    assert plan_batches([30, 25, 24, 23, 22], Batching(batch_size=4)) == [[1, 2, 3, 4], [0]]
+    assert plan_batches([], Batching()) == []
+
+
+def test_plan_batches_is_deterministic_and_blind_to_the_file_order():
+    rng = random.Random(2)
+    lengths = [rng.randint(1, 300) for _ in range(500)]
+    batching = Batching(batch_size=16, max_batch_tokens=2048)
+    plan = plan_batches(lengths, batching)
+    _check_plan(lengths, batching, plan)
+    assert plan_batches(lengths, batching) == plan
+    shuffled = rng.sample(range(len(lengths)), len(lengths))
+    replan = plan_batches([lengths[i] for i in shuffled], batching)
+    assert [sorted(lengths[shuffled[i]] for i in batch) for batch in replan] == [
+        sorted(lengths[i] for i in batch) for batch in plan
+    ]
+
+
+@pytest.mark.parametrize("max_batch_tokens", [None, 2048])
+def test_a_long_tailed_prompt_file_is_at_most_15_percent_padding(max_batch_tokens):
+    """As in benchmarks/bench_batching.py: most prompts short, a few up to 500 tokens."""
+    rng = random.Random(0)
+    lengths = [min(500, int(rng.paretovariate(1.2) * 6)) for _ in range(256)]
+    plan = plan_batches(lengths, Batching(batch_size=16, max_batch_tokens=max_batch_tokens))
+    assert padding_fraction(lengths, plan) <= 0.15
+    assert len(plan) <= 1.25 * len(lengths) / 16  # not bought with many small forward passes
 
 
 def test_bucketing_pads_less_than_the_file_order():
@@ -97,7 +189,7 @@ def test_an_interrupted_run_resumes_without_loss_or_duplicates(checkpoints, tmp_
     monkeypatch.setattr(DECOMPOSE_MODULE, "decompose", fails_on_the_third_batch)
     assert main(_argv(checkpoints, prompts, out, "--batch-size", "5")) == 1
     kept = [row["id"] for row in read_rows(out)]
-    assert len(kept) == len(set(kept)) == 10  # two batches of five, longest first
+    assert len(kept) == len(set(kept)) == calls[0] + calls[1] > 0  # the first two batches' rows
     monkeypatch.setattr(DECOMPOSE_MODULE, "decompose", decompose)
     assert main(_argv(checkpoints, prompts, out, "--batch-size", "5")) == 0
     assert [row["id"] for row in read_rows(out)] == list(range(1, len(MIXED) + 1))
