@@ -341,9 +341,13 @@ def run_steering(report: dict[str, Any], model: nn.Module, setting: Setting, arg
     save(report)
     print(f"\nsteered generation, dense base, batch {setting.batch}, {setting.prompt}-token prompts, "
           f"{setting.new_tokens} greedy new tokens, best of {setting.steering_repeats}")
-    print(f"{'run':28} {'tokens/s':>9} {'× plain':>8} {'KV × plain':>10}")
+    print(f"{'run':28} {'tokens/s':>9} {'× plain':>8} {'decode/s':>9} {'× plain':>8} {'KV × plain':>10}")
     for name, row in results.items():
-        print(f"{name:28} {row['tokens_per_s']:9.1f} {row['speed_ratio']:8.2f} {row['kv_ratio']:10.2f}", flush=True)
+        print(
+            f"{name:28} {row['tokens_per_s']:9.1f} {row['speed_ratio']:8.2f} {row['decode_tokens_per_s']:9.1f} "
+            f"{row['decode_speed_ratio']:8.2f} {row['kv_ratio']:10.2f}",
+            flush=True,
+        )
 
 
 def check_targets(report: dict[str, Any]) -> dict[str, Any]:

@@ -8,6 +8,9 @@ runs of the same LoRA model, greedy, fixed length:
 - steered α=1.1:    with ftc_scale(model, 1.1): model.generate
 - generate+TuCo:    tuco_peft.generate(model, ..., alpha=1.0)  (TuCo of every new token)
 
+Tokens/s count the prefill, which steering doubles (both blocks over the prompt); decode/s leave it out, for
+the steady state of a long generation.
+
     python benchmarks/bench_steering.py                 # CPU defaults
     python benchmarks/bench_steering.py --device cuda --dtype bfloat16 --hidden 2048 --layers 16
 """
@@ -35,30 +38,42 @@ def cache_bytes(cache: DynamicCache) -> int:
 
 
 def timed_runs(runs: dict, model, args, input_ids) -> dict:
-    """Best and median seconds per run over ``args.repeats`` rounds, and the KV bytes the cache holds at the
-    end of a run, each also as a ratio to the first run (plain generate). Runs are interleaved so that load from other processes hits all of them; on a shared
-    machine the best time is the steadier measure of a run's own cost."""
-    kwargs = dict(max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False, pad_token_id=0)
-    seconds = {name: [] for name in runs}
+    """Per run: best and median seconds over ``args.repeats`` rounds of a full generation and of the prefill
+    alone (one new token), and the KV bytes the cache holds at the end, each also as a ratio to the first
+    run (plain generate). Decode tokens/s leave the prefill out: (new − 1) steps in best(full) − best(prefill).
+    Runs are interleaved so that load from other processes hits all of them; on a shared machine the best
+    time is the steadier measure of a run's own cost."""
+    seconds = {(name, new): [] for name in runs for new in (args.new, 1)}
     kv_bytes = {}
     for _ in range(args.repeats):
-        for name, run in runs.items():
+        for (name, new), times in seconds.items():
+            kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
             cache = DynamicCache(config=model.config)
             start = time.perf_counter()
             with torch.no_grad():
-                run(model, input_ids, past_key_values=cache, **kwargs)
+                runs[name](model, input_ids, past_key_values=cache, **kwargs)
             if args.device == "cuda":
                 torch.cuda.synchronize()
-            seconds[name].append(time.perf_counter() - start)
-            kv_bytes[name] = cache_bytes(cache)
+            times.append(time.perf_counter() - start)
+            if new == args.new:
+                kv_bytes[name] = cache_bytes(cache)
     results = {}
+    batch = input_ids.shape[0]
     for name in runs:
-        best, median = min(seconds[name]), statistics.median(seconds[name])
-        tokens_per_s = input_ids.shape[0] * args.new / best
-        results[name] = {"best_s": best, "median_s": median, "tokens_per_s": tokens_per_s, "kv_bytes": kv_bytes[name]}
+        full, prefill = seconds[(name, args.new)], seconds[(name, 1)]
+        best = min(full)
+        results[name] = {
+            "best_s": best,
+            "median_s": statistics.median(full),
+            "prefill_best_s": min(prefill),
+            "tokens_per_s": batch * args.new / best,
+            "decode_tokens_per_s": batch * (args.new - 1) / (best - min(prefill)),
+            "kv_bytes": kv_bytes[name],
+        }
     baseline = results[next(iter(runs))]
     for row in results.values():
         row["speed_ratio"] = row["tokens_per_s"] / baseline["tokens_per_s"]
+        row["decode_speed_ratio"] = row["decode_tokens_per_s"] / baseline["decode_tokens_per_s"]
         row["kv_ratio"] = row["kv_bytes"] / baseline["kv_bytes"]
     return results
 
@@ -108,10 +123,15 @@ def main() -> None:
     }
     print(f"Llama-style LoRA r={args.rank}, {args.layers}×{args.hidden}, {args.dtype}, {args.device}, "
           f"batch {args.batch}, prompt {args.prompt}, {args.new} new tokens")
-    print(f"{'run (best of ' + str(args.repeats) + ')':<22}{'tokens/s':>10}{'× plain':>9}{'KV MiB':>9}{'× plain':>9}")
+    header = ("tokens/s", "× plain", "decode/s", "× plain", "KV MiB", "× plain")
+    print(f"{'run (best of ' + str(args.repeats) + ')':<22}" + "".join(f"{h:>10}" for h in header))
     for name, row in results.items():
-        kv_mib = row["kv_bytes"] / 2**20
-        print(f"{name:<22}{row['tokens_per_s']:>10.1f}{row['speed_ratio']:>9.2f}{kv_mib:>9.2f}{row['kv_ratio']:>9.2f}")
+        values = (
+            f"{row['tokens_per_s']:.1f}", f"{row['speed_ratio']:.2f}",
+            f"{row['decode_tokens_per_s']:.1f}", f"{row['decode_speed_ratio']:.2f}",
+            f"{row['kv_bytes'] / 2**20:.2f}", f"{row['kv_ratio']:.2f}",
+        )
+        print(f"{name:<22}" + "".join(f"{v:>10}" for v in values))
     with open(args.out, "w") as out:
         json.dump(report, out, indent=2)
     print(f"wrote {args.out}")

@@ -74,6 +74,18 @@ def device(pytestconfig: pytest.Config) -> torch.device:
     return _test_device(pytestconfig)
 
 
+@pytest.fixture
+def loading_forbidden(monkeypatch):
+    """Make loading a model an error, so that a test can show a check ran before it."""
+    import tuco_peft.loading
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    for name in ("load_pair", "load_full_finetune", "load_base"):
+        monkeypatch.setattr(tuco_peft.loading, name, refuse)
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """Tiny base, adapter and variant checkpoints on disk for the command-line tests (helpers/cli_fixtures.py)."""

@@ -11,20 +11,14 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 from peft.tuners.lora import LoraLayer
-from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from .errors import UnsupportedModelError
+from .inventory import ModuleInventory, is_switchable
 
 # LoRA layers whose forward is ``base_layer(x) + Σ scaling·B(A(dropout(x)))``: the base output of these is
 # exactly the pre-trained projection, so it can be captured during the fine-tuned forward.
 _ADDITIVE_LORA_TYPES = frozenset({"Linear", "Linear4bit", "Linear8bitLt"})
-
-
-def is_switchable(module: nn.Module) -> bool:
-    """True for modules whose fine-tuned behaviour PEFT can switch off (tuner layers, modules_to_save)."""
-    return isinstance(module, (BaseTunerLayer, AuxiliaryTrainingWrapper))
 
 
 def is_additive_lora(module: nn.Module) -> bool:
@@ -40,36 +34,32 @@ def pretrained_projection(module: nn.Module) -> nn.Module:
     return module.get_base_layer() if is_additive_lora(module) else module
 
 
-def check_adapters(model: nn.Module, blocks: nn.Module) -> None:
+def check_adapters(modules: ModuleInventory) -> None:
     """Refuse adapters whose pre-trained path is not ``adapters off`` on unmerged weights.
 
-    Tuner layers of other kinds are allowed outside the decoder ``blocks`` (e.g. the trainable tokens of
+    Tuner layers of other kinds are allowed outside the decoder blocks (e.g. the trainable tokens of
     ``LoraConfig(trainable_token_indices=...)``): the embeddings and the head belong to no component.
     """
-    in_blocks = {id(m) for m in blocks.modules()}
-    lora_layers: list[tuple[str, LoraLayer]] = []
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLayer):
-            lora_layers.append((name, module))
-        elif isinstance(module, BaseTunerLayer) and id(module) in in_blocks:
-            raise UnsupportedModelError(
-                f"{name} is a {type(module).__module__}.{type(module).__name__} adapter; tuco-peft decomposes "
-                "LoRA/QLoRA fine-tunes only. For other fine-tunes, save the merged model and pass "
-                "the pre-trained model explicitly."
-            )
-    if not lora_layers:
+    if modules.other_adapters:
+        name, module = modules.other_adapters[0]
+        raise UnsupportedModelError(
+            f"{name} is a {type(module).__module__}.{type(module).__name__} adapter; tuco-peft decomposes "
+            "LoRA/QLoRA fine-tunes only. For other fine-tunes, save the merged model and pass "
+            "the pre-trained model explicitly."
+        )
+    if not modules.lora_layers:
         raise UnsupportedModelError(
             "the model has no LoRA adapters, so there is no fine-tuned component to measure; wrap the base "
             "model with peft.get_peft_model(...) or PeftModel.from_pretrained(base, adapter_path); for a full "
             "fine-tune pass base_model=<the pre-trained model or its checkpoint path>."
         )
-    merged = [name for name, module in lora_layers if module.merged]
+    merged = [name for name, module in modules.lora_layers if module.merged]
     if merged:
         raise UnsupportedModelError(
             f"{len(merged)} LoRA layers are merged into their base weights (e.g. {merged[0]}), so the "
             "pre-trained block is no longer in the model; call model.unmerge_adapter() first."
         )
-    for name, module in lora_layers:
+    for name, module in modules.lora_layers:
         for adapter in module.active_adapters:
             if module.use_dora.get(adapter, False):
                 raise UnsupportedModelError(

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 import torch
 from torch import nn
+
+from .interception import forward_replaced
 
 _CACHE_NAMES = ("past_key_values", "layer_past", "past_key_value")
 
@@ -29,9 +32,23 @@ class CacheArgument:
     position: int | None
 
 
-def cache_position(layer: nn.Module) -> CacheArgument:
+def cache_argument(layer: nn.Module) -> CacheArgument:
     """Where ``layer``'s forward takes its cache (the first known cache name of its signature)."""
-    parameters = inspect.signature(layer.forward).parameters
+    forward = layer.forward
+    if forward_replaced(layer):  # a function of this instance alone: not worth keeping
+        return _read_cache_argument(inspect.signature(forward))
+    return _class_cache_argument(type(layer))
+
+
+@cache
+def _class_cache_argument(cls: type[nn.Module]) -> CacheArgument:
+    """Read once per block class: every block of a model shares the signature."""
+    parameters = list(inspect.signature(cls.forward).parameters.values())[1:]  # without self
+    return _read_cache_argument(inspect.Signature(parameters))
+
+
+def _read_cache_argument(signature: inspect.Signature) -> CacheArgument:
+    parameters = signature.parameters
     name = next((n for n in _CACHE_NAMES if n in parameters), _CACHE_NAMES[0])
     positional = [n for n, p in parameters.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     return CacheArgument(name, positional.index(name) if name in positional else None)

@@ -12,8 +12,9 @@ everything after attention is position-wise. Three strategies, chosen per block:
 - ``ReplayBlock`` (any other block): the pre-trained block runs in full on the inputs the fine-tuned
   forward gave its twin. Exact for any architecture, at the cost of a second pass through the block.
 
-``pretrained_update`` takes the pre-trained block as an argument: the fine-tuned block itself (its adapters
-are switched off for the call), the same block of another model, or one streamed from disk.
+``pretrained_update`` takes the pre-trained block as an argument (``pretrained.PretrainedBlocks.block``): the
+fine-tuned block itself with its adapters switched off, the same block of another model, or one streamed
+from disk.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from .adapters import adapters_disabled, is_additive_lora, is_switchable, pretrained_projection
+from .adapters import is_additive_lora, pretrained_projection
 from .attention import apply_rope, attend_rows, key_visibility
 from .backend import LoraLinearBackend
 from .families import (
@@ -39,6 +40,7 @@ from .families import (
     spec_for,
 )
 from .inputs import Batch
+from .inventory import is_switchable
 
 
 def block_output(output: Any) -> torch.Tensor:
@@ -53,7 +55,7 @@ def gather_rows(states: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 
 class ReplayBlock:
-    """Pre-trained path of any block: run the pre-trained block in full, adapters off."""
+    """Pre-trained path of any block: run the pre-trained block (adapters off) in full."""
 
     def capturing(self, backend: LoraLinearBackend) -> AbstractContextManager[None]:
         return nullcontext()
@@ -61,8 +63,7 @@ class ReplayBlock:
     def pretrained_update(
         self, pretrained: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict[str, Any], batch: Batch
     ) -> torch.Tensor:
-        with adapters_disabled(pretrained.modules()):
-            out = block_output(pretrained.forward(*args, **kwargs))
+        out = block_output(pretrained.forward(*args, **kwargs))
         return gather_rows(out.float() - x.float(), batch.rows)
 
 
@@ -145,15 +146,14 @@ class _RowwiseBlock:
         spec = self.spec
         attention = getattr(pretrained, spec.attention)
         mlp = getattr(pretrained, spec.mlp)
-        with adapters_disabled(pretrained.modules()):
-            attended = self._attend(attention, *self._projections(pretrained, x, batch), kwargs, batch)
-            attn_update = _apply(pretrained, spec.post_attention_norm, getattr(attention, spec.output)(attended))
-            x_rows = gather_rows(x, batch.rows)
-            if spec.wiring is Wiring.PARALLEL:
-                out = mlp(_apply(pretrained, spec.mlp_norm, x_rows)) + attn_update + x_rows
-            else:
-                hidden = x_rows + attn_update
-                out = hidden + _apply(pretrained, spec.post_mlp_norm, mlp(_apply(pretrained, spec.mlp_norm, hidden)))
+        attended = self._attend(attention, *self._projections(pretrained, x, batch), kwargs, batch)
+        attn_update = _apply(pretrained, spec.post_attention_norm, getattr(attention, spec.output)(attended))
+        x_rows = gather_rows(x, batch.rows)
+        if spec.wiring is Wiring.PARALLEL:
+            out = mlp(_apply(pretrained, spec.mlp_norm, x_rows)) + attn_update + x_rows
+        else:
+            hidden = x_rows + attn_update
+            out = hidden + _apply(pretrained, spec.post_mlp_norm, mlp(_apply(pretrained, spec.mlp_norm, hidden)))
         return out.float() - x_rows.float()
 
 

@@ -132,7 +132,7 @@ class TuCoCallback(TrainerCallback):
             raise InputError("the trainer has no processing_class to tokenize the prompts with; pass tokenizer=.")
         # Refuse a model TuCo cannot decompose now, not after the first every_n_steps steps of training.
         parts = model_parts(trainer.model)
-        check_adapters(parts.causal_lm, parts.layers)
+        check_adapters(parts.modules)
         self.trainer = trainer
         self.every_n_steps = every_n_steps
         self._batches = {

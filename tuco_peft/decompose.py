@@ -18,7 +18,7 @@ from .errors import InputError, UnsupportedModelError
 from .inputs import Batch, Positions, prepare_batch
 from .interception import hooked
 from .introspection import ModelParts, model_parts
-from .paired import PairedBlock
+from .paired import PairedBlock, StackedArguments
 from .pairing import paired_block
 from .pretrained import PretrainedBlocks, analysis_states, checked_pretrained_blocks
 
@@ -224,6 +224,7 @@ def _probe(
     components: _Components,
     lora_backend: LoraLinearBackend,
     replay: bool,
+    arguments: StackedArguments,
 ) -> Probe:
     """The cheapest exact probe: paired where every row is wanted on a backend that ``pairs_prefill``, else the
     block's pre-trained path (rows only, or a replay)."""
@@ -231,7 +232,7 @@ def _probe(
     every_row = batch.rows.shape[1] == batch.input_ids.shape[1]
     paired = None
     if every_row and not replay:
-        paired = paired_block(layer, parts.config, lora_backend, source.separate_model, prefill=True)
+        paired = paired_block(layer, parts.config, lora_backend, source.separate_model, arguments, prefill=True)
     if paired is not None:
         return _PairedProbe(index, paired, components)
     path = pretrained_path(layer, parts.config, separate_model=source.separate_model, replay_only=replay)
@@ -293,7 +294,11 @@ def decompose(
     batch = prepare_batch(input_ids, attention_mask, positions, parts.input_device)
     lora_backend = make_backend(resolve_backend(backend, batch.input_ids.device))
     components = (_AllComponents if keep == "all" else _RunningSums)(len(parts.layers), batch)
-    probes = [_probe(i, layer, parts, source, components, lora_backend, replay) for i, layer in enumerate(parts.layers)]
+    arguments = StackedArguments()
+    probes = [
+        _probe(i, layer, parts, source, components, lora_backend, replay, arguments)
+        for i, layer in enumerate(parts.layers)
+    ]
     with ExitStack() as stack:
         stack.enter_context(analysis_states(parts, source))
         for probe in probes:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, cached_property
 
 import torch
 from torch import nn
@@ -11,6 +11,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .errors import UnsupportedModelError
+from .inventory import ModuleInventory, take_inventory
 
 _LAYER_LIST_NAMES = ("layers", "h", "blocks")
 
@@ -35,6 +36,12 @@ class ModelParts:
     @property
     def d_model(self) -> int:
         return self.config.hidden_size
+
+    @cached_property
+    def modules(self) -> ModuleInventory:
+        """What the checks and switches of an analysis need, from one walk (taken at first use: one
+        ``ModelParts`` per call, so a model changed between calls is walked again)."""
+        return take_inventory(self.causal_lm, self.layers)
 
     @property
     def input_device(self) -> torch.device:

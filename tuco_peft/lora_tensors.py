@@ -15,8 +15,9 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .errors import UnsupportedModelError
+from .inventory import is_bnb_4bit
 from .kernels import SUPPORTED_DTYPES, BaseWeight, DenseWeight, Packed4bitWeight
-from .state import cpu_repacked, is_bnb_4bit
+from .state import cpu_repacked
 
 
 def base_weight(layer: nn.Module) -> BaseWeight:

@@ -23,12 +23,13 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from .adapters import adapters_disabled, is_additive_lora, is_switchable
+from .adapters import adapters_disabled, is_additive_lora
 from .backend import LoraLinearBackend, TorchBackend
-from .block_calls import cache_position, find_cache, hidden_states, replace_output, with_cache
+from .block_calls import cache_argument, find_cache, hidden_states, replace_output, with_cache
 from .blocks import SharedProjectionBlock, block_output, has_parts
 from .families import attention_implementation, spec_for
 from .interception import CacheView, any_forward_replaced, inner_modules_hooked, replaced_forward
+from .inventory import is_switchable
 
 # (block input x [b, ...], pre-trained output, fine-tuned output) → the output the model continues with.
 PairedOutputs = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -44,6 +45,23 @@ def _stacked(value: Any, batch: int) -> Any:
     if type(value) in (tuple, list):
         return type(value)(_stacked(item, batch) for item in value)
     return value
+
+
+class StackedArguments:
+    """Stacked copies of the arguments a decoder passes alike to every block (position embeddings, masks,
+    position ids), made by the first paired block of a forward and reused by the others, which are handed the
+    very same objects. One per ``ftc_scale`` or ``decompose`` call; it keeps one forward's arguments."""
+
+    def __init__(self) -> None:
+        self._made: dict[str, tuple[Any, Any]] = {}  # keyword → (the value seen last, its stacked copy)
+
+    def stacked(self, name: str, value: Any, batch: int) -> Any:
+        if name == "hidden_states":  # each block's own
+            return _stacked(value, batch)
+        made = self._made.get(name)
+        if made is None or made[0] is not value:
+            made = self._made[name] = (value, _stacked(value, batch))
+        return made[1]
 
 
 def paired_slots(cache: Any, pretrained_slot: int) -> CacheView:
@@ -65,11 +83,14 @@ def paired_slots(cache: Any, pretrained_slot: int) -> CacheView:
 class PairedBlock:
     """One adapter fine-tuned decoder block run as its pre-trained and fine-tuned self at once."""
 
-    def __init__(self, layer: nn.Module, config: PretrainedConfig, backend: LoraLinearBackend):
+    def __init__(
+        self, layer: nn.Module, config: PretrainedConfig, backend: LoraLinearBackend, arguments: StackedArguments
+    ):
         self.layer = layer
         self.backend = backend
+        self.arguments = arguments
         self._torch_backend = TorchBackend()
-        self.cache_position = cache_position(layer)
+        self.cache_argument = cache_argument(layer)
         spec = spec_for(layer, config)
         attention = getattr(layer, spec.attention)
         shared = SharedProjectionBlock.supports(layer, spec)
@@ -113,12 +134,13 @@ class PairedBlock:
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             x = hidden_states(args, kwargs)
-            cache = find_cache(args, kwargs, self.cache_position)
-            args, kwargs = _stacked(args, x.shape[0]), {k: _stacked(v, x.shape[0]) for k, v in kwargs.items()}
+            cache = find_cache(args, kwargs, self.cache_argument)
+            batch = x.shape[0]
+            args, kwargs = _stacked(args, batch), {k: self.arguments.stacked(k, v, batch) for k, v in kwargs.items()}
             if cache is not None:
                 if pretrained_slot is None:
                     raise RuntimeError("a paired block got a cache but has no slot for its pre-trained half.")
-                args, kwargs = with_cache(args, kwargs, self.cache_position, paired_slots(cache, pretrained_slot))
+                args, kwargs = with_cache(args, kwargs, self.cache_argument, paired_slots(cache, pretrained_slot))
             output = type(layer).forward(layer, *args, **kwargs)
             pretrained, finetuned = block_output(output).split(x.shape[0])
             return replace_output(output, on_outputs(x, pretrained, finetuned))

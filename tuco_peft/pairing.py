@@ -6,7 +6,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from .backend import LoraLinearBackend
-from .paired import PairedBlock
+from .paired import PairedBlock, StackedArguments
 
 
 def paired_block(
@@ -14,6 +14,7 @@ def paired_block(
     config: PretrainedConfig,
     backend: LoraLinearBackend,
     separate_model: bool,
+    arguments: StackedArguments,
     *,
     prefill: bool = False,
 ) -> PairedBlock | None:
@@ -24,10 +25,11 @@ def paired_block(
     adapter fine-tune (a ``separate_model`` has pre-trained blocks of its own) whose block
     ``PairedBlock.supports`` (known family, batch-wise attention, no accelerate-offloaded forwards). A
     ``prefill`` (decompose at every position) pairs only on a backend that ``pairs_prefill``: stacking
-    doubles the block's activations, which a compute-bound matmul does not repay.
+    doubles the block's activations, which a compute-bound matmul does not repay. ``arguments`` is shared by
+    the paired blocks of one call.
     """
     if separate_model or not PairedBlock.supports(layer, config):
         return None
     if prefill and not backend.pairs_prefill:
         return None
-    return PairedBlock(layer, config, backend)
+    return PairedBlock(layer, config, backend, arguments)

@@ -1,7 +1,7 @@
 """Where the pre-trained blocks come from.
 
 - ``AdapterBlocks``: an adapter fine-tune; the pre-trained block is the fine-tuned block with its adapters
-  switched off. No second copy of anything.
+  switched off (``block`` switches them). No second copy of anything.
 - ``ModelBlocks``: a full fine-tune beside its loaded base model (the paper's own setting).
 - ``StreamedBlocks``: a full fine-tune and a base checkpoint on disk (safetensors). Each pre-trained block is
   built from the memory-mapped file when its turn comes and dropped after, so peak memory is about one model
@@ -20,7 +20,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers import CONFIG_MAPPING
 
-from .adapters import check_adapters
+from .adapters import adapters_disabled, check_adapters
 from .errors import UnsupportedModelError
 from .introspection import ModelParts, model_parts
 from .state import analysis_state, check_deterministic
@@ -29,12 +29,15 @@ from .state import analysis_state, check_deterministic
 class _ResidentBlocks:
     separate_model: bool
 
-    def __init__(self, layers: nn.ModuleList):
-        self.layers = layers
+    def __init__(self, parts: ModelParts):
+        self.layers = parts.layers
+        self.switchable = parts.modules.switchable
 
     @contextmanager
     def block(self, index: int) -> Iterator[nn.Module]:
-        yield self.layers[index]
+        """Pre-trained block ``index``, its adapters (if it has any) off while it is in use."""
+        with adapters_disabled(self.switchable[index]):
+            yield self.layers[index]
 
 
 class AdapterBlocks(_ResidentBlocks):
@@ -56,7 +59,8 @@ class ModelBlocks(_ResidentBlocks):
                     f"block {index} of base_model is {other.dtype} on {other.device}, the fine-tuned model's is "
                     f"{mine.dtype} on {mine.device}; load both in the same dtype and place their blocks alike."
                 )
-        super().__init__(base.layers)
+        super().__init__(base)
+        self.base = base
 
 
 class StreamedBlocks:
@@ -168,7 +172,7 @@ PretrainedBlocks = AdapterBlocks | ModelBlocks | StreamedBlocks
 def pretrained_blocks(parts: ModelParts, base_model: nn.Module | str | Path | None) -> PretrainedBlocks:
     """Resolve decompose's ``base_model`` argument."""
     if base_model is None:
-        return AdapterBlocks(parts.layers)
+        return AdapterBlocks(parts)
     if isinstance(base_model, (str, Path)):
         path = Path(base_model)
         if not path.exists():
@@ -184,20 +188,20 @@ def checked_pretrained_blocks(parts: ModelParts, base_model: nn.Module | str | P
     """Resolve ``base_model`` after the checks every analysis needs: LoRA adapters that can be switched off
     (adapter fine-tunes), and no train-mode dropout in the blocks of either model."""
     if base_model is None:
-        check_adapters(parts.causal_lm, parts.layers)
-    check_deterministic(parts.layers)
+        check_adapters(parts.modules)
+    check_deterministic(parts.modules)
     source = pretrained_blocks(parts, base_model)
     if isinstance(source, ModelBlocks):
-        check_deterministic(source.layers)
+        check_deterministic(source.base.modules)
     return source
 
 
 @contextmanager
 def analysis_states(parts: ModelParts, source: PretrainedBlocks) -> Iterator[None]:
     """``state.analysis_state`` for the fine-tuned blocks and, when it is another loaded model, the base's."""
-    with analysis_state(parts.layers):
+    with analysis_state(parts.modules):
         if isinstance(source, ModelBlocks):
-            with analysis_state(source.layers):
+            with analysis_state(source.base.modules):
                 yield
         else:
             yield

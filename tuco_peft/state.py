@@ -6,17 +6,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from .errors import UnsupportedModelError
-
-
-def is_bnb_4bit(module: nn.Module) -> bool:
-    """A bitsandbytes 4-bit linear (Linear4bit and its NF4/FP4 subclasses)."""
-    return type(module).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4") and hasattr(module, "weight") and (
-        type(module).__module__.startswith("bitsandbytes")
-    )
+from .inventory import ModuleInventory
 
 
 def cpu_repacked(module: nn.Module) -> bool:
@@ -26,23 +19,25 @@ def cpu_repacked(module: nn.Module) -> bool:
 
 
 @contextmanager
-def analysis_state(layers: nn.ModuleList) -> Iterator[None]:
-    """Hold the model in a state where one hooked forward gives exact, differentiable components.
+def analysis_state(modules: ModuleInventory) -> Iterator[None]:
+    """Hold the blocks whose ``modules`` these are in a state where one hooked forward gives exact,
+    differentiable components.
 
     - Gradient checkpointing is paused: a checkpointed block re-runs its forward in backward without our
       hooks, which would drop the pre-trained path from the graph.
     - bitsandbytes' CPU repacking (on AVX512-BF16 machines) is prevented: it rewrites 4-bit weights in place
       on the first eval no-grad forward, after which dequantization and gradients are wrong.
     """
-    checkpointed = [m for m in layers.modules() if getattr(m, "gradient_checkpointing", False) is True]
-    quantized = [m for m in layers.modules() if is_bnb_4bit(m)]
-    if torch.is_grad_enabled() and any(cpu_repacked(m) for m in quantized):
+    if torch.is_grad_enabled() and any(cpu_repacked(m) for m in modules.quantized_4bit):
         raise UnsupportedModelError(
             "bitsandbytes has repacked this model's 4-bit weights for AVX512-BF16 CPU inference, and gradients "
             "through repacked weights are wrong. Reload the model (tuco-peft prevents the repacking during its "
             "own calls), or run the analysis under torch.no_grad()."
         )
-    repack_flags = [(m, m.support_avx512bf16_for_cpu) for m in quantized if hasattr(m, "support_avx512bf16_for_cpu")]
+    checkpointed = [m for m in modules.checkpointed if m.gradient_checkpointing is True]
+    repack_flags = [
+        (m, m.support_avx512bf16_for_cpu) for m in modules.quantized_4bit if hasattr(m, "support_avx512bf16_for_cpu")
+    ]
     try:
         for module in checkpointed:
             module.gradient_checkpointing = False
@@ -56,25 +51,17 @@ def analysis_state(layers: nn.ModuleList) -> Iterator[None]:
             module.support_avx512bf16_for_cpu = flag
 
 
-def check_deterministic(layers: nn.ModuleList) -> None:
+def check_deterministic(modules: ModuleInventory) -> None:
     """Refuse train-mode dropout of the base model inside the blocks.
 
     LoRA dropout is fine: it only acts on the fine-tuned branch, which the pre-trained path never runs, so
     the components stay exact for the mask the forward drew. Dropout of the pre-trained weights would need
     the same mask twice.
     """
-    lora_dropouts = {
-        id(d) for m in layers.modules() if isinstance(m, LoraLayer) for d in m.lora_dropout.modules()
-    }
-    for name, module in layers.named_modules():
-        rate = None
-        if isinstance(module, nn.Dropout) and module.p > 0 and id(module) not in lora_dropouts:
-            rate = module.p
-        elif isinstance(getattr(module, "attention_dropout", None), float) and module.attention_dropout > 0:
-            rate = module.attention_dropout
-        if rate is not None and module.training:
+    for name, module, rate in modules.dropouts:
+        if module.training:
             raise UnsupportedModelError(
-                f"the model is in training mode with dropout p={rate} at layers.{name}; the pre-trained "
+                f"the model is in training mode with dropout p={rate} at {name}; the pre-trained "
                 "component is defined for the deterministic block. Call model.eval() (LoRA dropout alone is "
                 "fine in training mode), or set the model's dropout to 0."
             )

@@ -11,8 +11,8 @@ the model's cache object itself, in extra layer slots ``n_layers + l``: whatever
 cache during ``generate`` (reset for a new generation, beam reorder, batch expansion, cropping) applies to
 those slots too, so beam search and sampling need no special handling. Where a block allows it (see
 ``dual_cache``), the fine-tuned slot then shrinks to the rank-r LoRA inputs, since both blocks see the same
-state and their keys/values differ only by the low-rank delta; elsewhere (sliding-window or static slots,
-k_norm, fused qkv, GPT-2) both slots hold full keys/values (2× plain memory). Every block whose α ≠ 1 runs
+state and their keys/values differ only by the low-rank delta; elsewhere (static slots, the k-norm of Qwen3
+and OLMo-2) both slots hold full keys/values (2× plain memory). Every block whose α ≠ 1 runs
 twice per forward; an adapter block of a pairable family runs once on its input stacked twice instead
 (``paired``), its first half with adapters off, so every weight is read once for both blocks.
 
@@ -40,15 +40,14 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicLayer
 
-from .adapters import adapters_disabled, is_switchable
 from .backend import Backend, make_backend, resolve_backend
-from .block_calls import cache_position, find_cache, hidden_states, replace_output, with_cache
+from .block_calls import cache_argument, find_cache, hidden_states, replace_output, with_cache
 from .blocks import block_output
-from .dual_cache import LowRankDelta, LowRankSlot
+from .dual_cache import LowRankDelta, PastRotary, use_lean_slots
 from .errors import InputError, UnsupportedModelError
 from .interception import CacheView, hooked
 from .introspection import ModelParts, model_parts
-from .paired import PairedBlock
+from .paired import PairedBlock, StackedArguments
 from .pairing import paired_block
 from .pretrained import PretrainedBlocks, analysis_states, checked_pretrained_blocks
 
@@ -97,8 +96,8 @@ def _pretrained_slot(cache: Any, slot: int) -> CacheView:
 
 
 def _prepare_cache(cache: Any, n_layers: int, first_steered: int, deltas: dict[int, LowRankDelta]) -> None:
-    """Give a fresh cache its pre-trained slots (lean ones where ``deltas`` allow); refuse a cache filled
-    without them (outside ``ftc_scale``)."""
+    """Give a fresh cache its pre-trained slots (and lean fine-tuned twins where ``deltas`` allow); refuse a
+    cache filled without them (outside ``ftc_scale``)."""
     if not hasattr(cache, "layers") or not hasattr(cache, "layer_class_to_replicate"):
         raise UnsupportedModelError(
             f"FTC_α steering keeps the pre-trained blocks' keys/values in extra layers of a transformers Cache; "
@@ -110,12 +109,8 @@ def _prepare_cache(cache: Any, n_layers: int, first_steered: int, deltas: dict[i
             cache.layers.extend([copy.deepcopy(layer) for layer in cache.layers])
         elif cache.layer_class_to_replicate is DynamicLayer and not cache.layers:
             cache.layers.extend(DynamicLayer() for _ in range(2 * n_layers))
-        for index, layer in enumerate(cache.layers):
-            if isinstance(layer, LowRankSlot):  # left by an earlier ftc_scale: its delta is no longer recorded
-                cache.layers[index] = DynamicLayer()
-        for index, delta in deltas.items():
-            if len(cache.layers) == 2 * n_layers and type(cache.layers[index]) is DynamicLayer:
-                cache.layers[index] = LowRankSlot(cache.layers[n_layers + index], delta)
+        if len(cache.layers) == 2 * n_layers:
+            use_lean_slots(cache.layers, n_layers, deltas)
     if fixed_layout and len(cache.layers) != 2 * n_layers:
         raise UnsupportedModelError(
             f"the cache has {len(cache.layers)} layers, expected {n_layers} (or {2 * n_layers} with the "
@@ -126,6 +121,8 @@ def _prepare_cache(cache: Any, n_layers: int, first_steered: int, deltas: dict[i
             "past_key_values holds tokens processed outside ftc_scale (or at another α), so the pre-trained "
             "blocks have no keys/values for them; start from an empty cache inside the same ftc_scale block."
         )
+    for delta in deltas.values():
+        delta.past_rotary.clear()  # this forward caches other positions than the last one
 
 
 class _SteeredBlock:
@@ -153,8 +150,7 @@ class _SteeredBlock:
         self.observer = observer
         self.paired = paired
         self.pretrained_slot = n_layers + index
-        self.switchable = [] if source.separate_model else [m for m in layer.modules() if is_switchable(m)]
-        self.cache_position = cache_position(layer)
+        self.cache_argument = cache_argument(layer)
 
     @contextmanager
     def attached(self) -> Iterator[None]:
@@ -176,20 +172,21 @@ class _SteeredBlock:
 
     def _run_pretrained(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
         x = hidden_states(args, kwargs)
-        cache = find_cache(args, kwargs, self.cache_position)
+        cache = find_cache(args, kwargs, self.cache_argument)
         if cache is not None:
-            args, kwargs = with_cache(args, kwargs, self.cache_position, _pretrained_slot(cache, self.pretrained_slot))
+            args, kwargs = with_cache(args, kwargs, self.cache_argument, _pretrained_slot(cache, self.pretrained_slot))
         # ``forward``, not the module call: for an adapter fine-tune the block is the hooked block itself.
-        with self.source.block(self.index) as block, adapters_disabled(self.switchable):
+        with self.source.block(self.index) as block:
             pretrained = block_output(block.forward(*args, **kwargs))
         return replace_output(output, self.mix(x, pretrained, block_output(output)))
 
 
 def _lean_deltas(parts: ModelParts, steered: list[int], stack: ExitStack) -> dict[int, LowRankDelta]:
     """Low-rank k/v deltas of the steered blocks that allow a lean cache slot, recording while ``stack`` lives."""
+    past_rotary = PastRotary()  # one for all: the lean slots of a forward hold the same positions
     deltas = {}
     for index in steered:
-        delta = LowRankDelta.for_block(parts.layers[index], parts.decoder, parts.config)
+        delta = LowRankDelta.for_block(parts.layers[index], parts.decoder, parts.config, past_rotary)
         if delta is not None:
             deltas[index] = delta
             stack.enter_context(delta.recording(parts.layers[index]))
@@ -227,17 +224,18 @@ def steered_forward(
         if steered:
             deltas = {} if source.separate_model else _lean_deltas(parts, steered, stack)
             first = parts.layers[0]
-            first_cache_position = cache_position(first)
+            first_cache_argument = cache_argument(first)
 
             def prepare(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-                cache = find_cache(args, kwargs, first_cache_position)
+                cache = find_cache(args, kwargs, first_cache_argument)
                 if cache is not None:
                     _prepare_cache(cache, parts.n_layers, steered[0], deltas)
 
             stack.enter_context(hooked(first, before=prepare, with_kwargs=True))
+        arguments = StackedArguments()
         for index in steered:
             layer = parts.layers[index]
-            paired = paired_block(layer, parts.config, lora_backend, source.separate_model)
+            paired = paired_block(layer, parts.config, lora_backend, source.separate_model, arguments)
             block = _SteeredBlock(index, layer, source, alphas[index], parts.n_layers, observer, paired)
             stack.enter_context(block.attached())
         yield parts

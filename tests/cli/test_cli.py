@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from helpers.cli_fixtures import CONTEXT, fails, loading_forbidden, read_rows, write_lines  # noqa: F401 (a fixture)
+from helpers.cli_fixtures import CONTEXT, fails, read_rows, write_lines
 from helpers.oracle import decoder_blocks, tuco_at_last, two_pass
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -4,7 +4,7 @@ safetensors, an adapter where a model is wanted (and the reverse), and no tokeni
 from __future__ import annotations
 
 import pytest
-from helpers.cli_fixtures import fails, loading_forbidden, write_lines  # noqa: F401 (a fixture)
+from helpers.cli_fixtures import fails, write_lines
 
 from tuco_peft.loading import LoadOptions, Source, load_adapter, load_base
 

@@ -6,7 +6,7 @@ import json
 import sys
 
 import pytest
-from helpers.cli_fixtures import fails, loading_forbidden  # noqa: F401 (a fixture)
+from helpers.cli_fixtures import fails
 from helpers.lm_eval_tasks import write_tasks
 
 from tuco_peft.cli import main

@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from helpers.cli_fixtures import fails, loading_forbidden, read_rows, write_lines  # noqa: F401 (a fixture)
+from helpers.cli_fixtures import fails, read_rows, write_lines
 from helpers.models import lora_model
 from transformers import AutoModelForCausalLM
 

@@ -8,7 +8,7 @@ import re
 import sys
 
 import pytest
-from helpers.cli_fixtures import fails, loading_forbidden, read_rows, write_lines  # noqa: F401 (a fixture)
+from helpers.cli_fixtures import fails, read_rows, write_lines
 
 from tuco_peft.cli import main
 

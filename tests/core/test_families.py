@@ -7,8 +7,8 @@ from transformers import AutoModelForCausalLM, GPT2Config
 from helpers.models import FAMILIES, base_model, family_config, lora_model, model_pair, padded_batch
 from helpers.oracle import decoder_blocks
 from tuco_peft.blocks import OwnProjectionBlock, ReplayBlock, SharedProjectionBlock, pretrained_path
-from tuco_peft.dual_cache import LowRankDelta
-from tuco_peft.families import FamilySpec, QKVLayout, Wiring, spec_for
+from tuco_peft.dual_cache import LowRankDelta, LowRankSlot, PastRotary
+from tuco_peft.families import FamilySpec, QKNorm, QKVLayout, Wiring, attention_heads, spec_for
 from tuco_peft.introspection import model_parts
 from tuco_peft.paired import PairedBlock
 from tuco_peft.steering import ftc_scale
@@ -24,21 +24,39 @@ def test_each_family_takes_the_path_its_spec_allows(family):
     expected = SharedProjectionBlock if spec.shared_projections else ReplayBlock
     assert type(pretrained_path(layer, config)) is expected
     assert isinstance(pretrained_path(layer, config, separate_model=True), OwnProjectionBlock)
-    assert (LowRankDelta.for_block(layer, parts.decoder, config) is not None) == spec.lean_cache
+    assert (LowRankDelta.for_block(layer, parts.decoder, config, PastRotary()) is not None) == spec.lean_cache
     assert PairedBlock.supports(layer, config) == spec.pairable
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_lean_cache_slots_follow_the_spec(family):
-    """Steered generation makes every full-attention fine-tuned slot lean where the family's spec allows it,
-    and none elsewhere (sliding-window slots stay full)."""
+    """Steered generation makes every fine-tuned slot (full-attention or sliding-window) a lean twin of its
+    pre-trained slot where the family's spec allows it, and none elsewhere."""
     _, model = model_pair(family)
     spec = spec_for(model_parts(model).layers[0], model.config)
     ids, mask = padded_batch(lengths=(5, 3))
     with torch.no_grad(), ftc_scale(model, 1.5):
         out = model(input_ids=ids, attention_mask=mask, use_cache=True)
-    slots = [type(slot).__name__ for slot in out.past_key_values.layers[:3]]
-    assert ("DynamicLayer" if spec.lean_cache else "LowRankSlot") not in slots
+    finetuned, pretrained = out.past_key_values.layers[:3], out.past_key_values.layers[3:]
+    for lean, twin in zip(finetuned, pretrained):
+        assert isinstance(lean, LowRankSlot) == spec.lean_cache
+        assert isinstance(lean, type(twin))  # the same kind: a sliding window stays one
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_key_value_rows_are_what_the_block_splits_off(family):
+    """The lean cache's rows of B (keys, values) and the one-pass path's split of q/k/v follow one layout."""
+    _, model = model_pair(family)
+    parts = model_parts(model)
+    layer, config = parts.layers[0], parts.config
+    spec = spec_for(layer, config)
+    attention = getattr(layer, spec.attention)
+    outputs = {name: torch.randn(5, getattr(attention, name).out_features) for name in spec.projections}
+    _, key, value = pretrained_path(layer, config)._split(list(outputs.values()))
+    n_heads, n_kv_heads = attention_heads(config)
+    rows = spec.key_value_rows(n_heads, n_kv_heads, getattr(attention, spec.head_dim))
+    for expected, name, part in zip((key, value), spec.key_value_projections, rows):
+        assert torch.equal(part.of(outputs[name].T).T, expected)
 
 
 def test_a_spec_is_checked_against_the_layer_class():
@@ -64,9 +82,9 @@ def test_a_config_flag_can_switch_the_wiring():
     [
         dict(wiring=Wiring.POST_NORM, attention_norm="ln"),  # post-norm blocks have no norm before attention
         dict(wiring=Wiring.SEQUENTIAL, attention_norm="ln", mlp_norm="ln2", qkv_layout=QKVLayout.CONCATENATED),
-        dict(wiring=Wiring.SEQUENTIAL, attention_norm="ln", mlp_norm="ln2", rotary_module=None, lean_cache=True),
+        dict(wiring=Wiring.SEQUENTIAL, attention_norm="ln", mlp_norm="ln2", qk_norm=QKNorm.PER_HEAD, lean_cache=True),
     ],
-    ids=["norms-vs-wiring", "projections-vs-layout", "lean-cache-without-rotary"],
+    ids=["norms-vs-wiring", "projections-vs-layout", "lean-cache-with-k-norm"],
 )
 def test_inconsistent_specs_are_refused(kwargs):
     with pytest.raises(ValueError):

@@ -7,7 +7,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 import torch
 from helpers.models import base_model, lora_model
 from safetensors.torch import load_file
@@ -82,15 +81,3 @@ def fails(argv: list[str], capsys, *fragments: str, status: int | None = None) -
     for fragment in fragments:
         assert fragment in lines[-1], lines[-1]
     return lines[-1]
-
-
-@pytest.fixture
-def loading_forbidden(monkeypatch):
-    """Make loading a model an error, so that a test can show a check ran before it."""
-    import tuco_peft.loading
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded")
-
-    for name in ("load_pair", "load_full_finetune", "load_base"):
-        monkeypatch.setattr(tuco_peft.loading, name, refuse)

@@ -109,8 +109,8 @@ def test_lean_cache_keeps_full_pretrained_slots_and_rank_r_finetuned_ones():
     assert torch.equal(generated, greedy(model, pretrained, ids, mask, [1.7] * 3, 5))
     assert [type(layer).__name__ for layer in steered_cache.layers] == ["LowRankSlot"] * 3 + ["DynamicLayer"] * 3
     positions = ids.shape[0] * (ids.shape[1] + 4)  # the last token is never cached
-    per_position = (4 + 1) + 4  # u_k and the position id, u_v (fp32)
-    assert _kv_bytes(steered_cache) == _kv_bytes(plain_cache) + 3 * positions * per_position * 4
+    per_position = (4 + 4) * 4 + 8  # u_k and u_v (fp32), the position id (int64)
+    assert _kv_bytes(steered_cache) == _kv_bytes(plain_cache) + 3 * positions * per_position
 
 
 def test_a_cache_is_used_only_by_the_steering_that_filled_it():

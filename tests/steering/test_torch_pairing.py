@@ -24,6 +24,7 @@ from helpers.steering_reference import greedy, steered_last_token_tuco, steered_
 from tuco_peft.adapters import is_additive_lora
 from tuco_peft.backend import make_backend
 from tuco_peft.introspection import model_parts
+from tuco_peft.paired import StackedArguments
 from tuco_peft.steering import ftc_scale
 
 ALPHAS = (0.5, 0.0, 1.7)
@@ -151,3 +152,19 @@ def test_a_hooked_base_layer_sees_each_stream_on_its_own():
     assert len(seen) == 2 and torch.equal(seen[0], x_pt) and torch.equal(seen[1], x_ft)
     with torch.no_grad():
         torch.testing.assert_close(y_ft, layer(x_ft))
+
+
+def test_arguments_every_block_shares_are_stacked_once_per_forward():
+    """Position embeddings and masks reach every block as the same objects: the first paired block stacks
+    them and the others reuse that copy; another forward's arguments, and each block's hidden states, are
+    stacked anew."""
+    arguments = StackedArguments()
+    cos, sin = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    embeddings = (cos, sin)
+    stacked = arguments.stacked("position_embeddings", embeddings, batch=2)
+    assert torch.equal(stacked[0], torch.cat([cos, cos])) and torch.equal(stacked[1], torch.cat([sin, sin]))
+    assert arguments.stacked("position_embeddings", embeddings, batch=2) is stacked
+    next_forward = (cos.clone(), sin.clone())
+    assert arguments.stacked("position_embeddings", next_forward, batch=2) is not stacked
+    x = torch.randn(2, 3, 4)
+    assert arguments.stacked("hidden_states", x, batch=2) is not arguments.stacked("hidden_states", x, batch=2)

@@ -2,10 +2,20 @@
 
 from . import gemma, gemma2, gpt2, gpt_neox, llama, mistral, olmo2, phi3, qwen2, qwen3  # noqa: F401 (they register)
 from .registry import register, registered_model_types, spec_for
-from .spec import FamilySpec, QKNorm, QKVLayout, WindowSource, Wiring, attention_heads, attention_implementation
+from .spec import (
+    FamilySpec,
+    OutputRows,
+    QKNorm,
+    QKVLayout,
+    WindowSource,
+    Wiring,
+    attention_heads,
+    attention_implementation,
+)
 
 __all__ = [
     "FamilySpec",
+    "OutputRows",
     "QKNorm",
     "QKVLayout",
     "WindowSource",

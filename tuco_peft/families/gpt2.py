@@ -16,5 +16,6 @@ register(
         qkv_layout=QKVLayout.CONCATENATED,
         rotary_module=None,
         window=WindowSource.NONE,
+        lean_cache=True,
     ),
 )

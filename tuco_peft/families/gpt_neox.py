@@ -18,6 +18,7 @@ def spec(config: PretrainedConfig) -> FamilySpec:
         qkv_layout=QKVLayout.INTERLEAVED_BY_HEAD,
         head_dim="head_size",
         window=WindowSource.NONE,
+        lean_cache=True,
     )
 
 

@@ -1,5 +1,6 @@
 """OLMo-2: Llama's parts wired post-norm (no norm before attention or MLP, one after each), q/k norms over
-the whole projection width (a non-linearity after k_proj: no lean cache), no sliding window."""
+the whole projection width (a non-linearity after k_proj: no lean cache, see ``dual_cache``), no sliding
+window."""
 
 from dataclasses import replace
 

@@ -1,5 +1,4 @@
-"""Phi-3: Llama's block with one fused [q | k | v] projection (no lean cache), partial rotary and
-``config.sliding_window``."""
+"""Phi-3: Llama's block with one fused [q | k | v] projection, partial rotary and ``config.sliding_window``."""
 
 from dataclasses import replace
 
@@ -15,6 +14,5 @@ register(
         projections=("qkv_proj",),
         qkv_layout=QKVLayout.CONCATENATED,
         window=WindowSource.CONFIG,
-        lean_cache=False,
     ),
 )

@@ -1,4 +1,5 @@
-"""Qwen3: Llama's block with a norm on each query and key head (a non-linearity after k_proj: no lean cache)."""
+"""Qwen3: Llama's block with a norm on each query and key head (a non-linearity after k_proj: no lean cache,
+see ``dual_cache``)."""
 
 from dataclasses import replace
 

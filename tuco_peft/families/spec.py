@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+import torch
 from transformers import PretrainedConfig
 
 
@@ -46,6 +47,21 @@ class WindowSource(Enum):
     CONFIG = "config"  # ``config.sliding_window``, for every layer (Mistral, Phi-3)
 
 
+@dataclass(frozen=True)
+class OutputRows:
+    """Some rows of a projection's output (or of its weight or bias): with the rows split into ``groups``
+    equal blocks, the ``part`` of each block, in order."""
+
+    groups: int
+    part: slice
+
+    def of(self, tensor: torch.Tensor) -> torch.Tensor:
+        """These rows of ``tensor`` (rows on its first dim): a view where they are contiguous."""
+        if self.groups == 1:
+            return tensor[self.part]
+        return tensor.unflatten(0, (self.groups, -1))[:, self.part].flatten(0, 1)
+
+
 _NORMS_OF_WIRING = {  # (pre-attention, pre-MLP, post-attention, post-MLP) norms each wiring has
     Wiring.SEQUENTIAL: (True, True, False, False),
     Wiring.SANDWICH: (True, True, True, True),
@@ -61,8 +77,9 @@ class FamilySpec:
 
     Capabilities: ``shared_projections``: the pre-trained q/k/v of an adapter fine-tune are the base outputs of
     the fine-tuned projections (the one-pass path); ``lean_cache``: under steering, fine-tuned keys/values are
-    the pre-trained ones plus a low-rank delta (separate k/v projections, no k-norm, rotary from the decoder's
-    ``rotary_module``); ``pairable``: the block may run on its input stacked twice (``paired.PairedBlock``).
+    the pre-trained ones plus a low-rank delta, which needs keys linear in the projection output (no k-norm;
+    RoPE, if any, from the decoder's ``rotary_module``); ``pairable``: the block may run on its input stacked
+    twice (``paired.PairedBlock``).
     """
 
     attention: str
@@ -89,9 +106,8 @@ class FamilySpec:
             raise ValueError(f"the norms {norms} do not fit the {self.wiring.value} wiring")
         if (len(self.projections) == 3) != (self.qkv_layout is QKVLayout.SEPARATE):
             raise ValueError(f"{len(self.projections)} projections do not fit the {self.qkv_layout.value} layout")
-        lean_possible = self.qkv_layout is QKVLayout.SEPARATE and self.qk_norm is QKNorm.NONE and self.rotary_module
-        if self.lean_cache and not lean_possible:
-            raise ValueError("a lean cache needs separate k/v projections, no k-norm and a rotary module")
+        if self.lean_cache and self.qk_norm is not QKNorm.NONE:
+            raise ValueError("a lean cache needs keys linear in the projection output: no k-norm")
 
     @property
     def layer_parts(self) -> tuple[str, ...]:
@@ -104,6 +120,22 @@ class FamilySpec:
         """The attributes the attention module must have."""
         qk_norms = () if self.qk_norm is QKNorm.NONE else ("q_norm", "k_norm")
         return (*self.projections, self.output, self.head_dim, "scaling", *qk_norms)
+
+    @property
+    def key_value_projections(self) -> tuple[str, str]:
+        """The projections whose outputs hold the keys and the values (the same one where q/k/v are fused)."""
+        if self.qkv_layout is QKVLayout.SEPARATE:
+            return self.projections[1], self.projections[2]
+        return self.projections[0], self.projections[0]
+
+    def key_value_rows(self, n_heads: int, n_kv_heads: int, head_dim: int) -> tuple[OutputRows, OutputRows]:
+        """The output rows of ``key_value_projections`` that are the keys, and those that are the values."""
+        if self.qkv_layout is QKVLayout.SEPARATE:
+            return OutputRows(1, slice(None)), OutputRows(1, slice(None))
+        if self.qkv_layout is QKVLayout.CONCATENATED:
+            q_size, kv_size = n_heads * head_dim, n_kv_heads * head_dim
+            return OutputRows(1, slice(q_size, q_size + kv_size)), OutputRows(1, slice(q_size + kv_size, None))
+        return OutputRows(n_heads, slice(head_dim, 2 * head_dim)), OutputRows(n_heads, slice(2 * head_dim, None))
 
 
 def attention_heads(config: PretrainedConfig) -> tuple[int, int]:

@@ -1,0 +1,111 @@
+"""The modules an analysis checks and switches, found in one walk over the model.
+
+Every call of ``decompose``, ``ftc_scale`` or ``generate`` checks the adapters, refuses train-mode dropout,
+pauses gradient checkpointing, guards 4-bit weights and switches adapters block by block. Each of those
+used to walk the model on its own; on a 30-block model the walks cost as much as the pre-trained rows
+themselves. ``ModelParts.modules`` walks once per call and keeps what they need.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+
+from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.other import AuxiliaryTrainingWrapper
+from torch import nn
+
+_BNB_4BIT_CLASSES = ("Linear4bit", "LinearNF4", "LinearFP4")
+
+
+def is_switchable(module: nn.Module) -> bool:
+    """True for modules whose fine-tuned behaviour PEFT can switch off (tuner layers, modules_to_save)."""
+    return _kind(type(module)).switchable
+
+
+def is_bnb_4bit(module: nn.Module) -> bool:
+    """A bitsandbytes 4-bit linear (Linear4bit and its NF4/FP4 subclasses)."""
+    return _kind(type(module)).quantized_4bit and hasattr(module, "weight")
+
+
+@dataclass(frozen=True)
+class ModuleInventory:
+    """What the checks and switches of an analysis need, by name where an error message names it.
+
+    ``lora_layers`` are the whole model's (an adapter on the head must not be merged either); everything
+    else is inside the decoder blocks. ``dropouts`` are the base model's, with a rate above 0: LoRA's own
+    dropout only acts on the fine-tuned branch and is left out. ``switchable`` holds each block's tuner
+    layers and modules_to_save, in module order.
+    """
+
+    lora_layers: tuple[tuple[str, LoraLayer], ...]
+    other_adapters: tuple[tuple[str, nn.Module], ...]
+    dropouts: tuple[tuple[str, nn.Module, float], ...]
+    checkpointed: tuple[nn.Module, ...]
+    quantized_4bit: tuple[nn.Module, ...]
+    switchable: tuple[tuple[nn.Module, ...], ...]
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """What a module's class makes it, worked out once per class (a model has thousands of modules and a few
+    dozen classes, and ``isinstance`` against PEFT's abstract classes is slow)."""
+
+    lora: bool
+    other_adapter: bool
+    switchable: bool
+    quantized_4bit: bool
+
+
+@cache
+def _kind(cls: type) -> _Kind:
+    lora = issubclass(cls, LoraLayer)
+    return _Kind(
+        lora=lora,
+        other_adapter=issubclass(cls, BaseTunerLayer) and not lora,
+        switchable=issubclass(cls, (BaseTunerLayer, AuxiliaryTrainingWrapper)),
+        quantized_4bit=cls.__name__ in _BNB_4BIT_CLASSES and cls.__module__.startswith("bitsandbytes"),
+    )
+
+
+def take_inventory(model: nn.Module, layers: nn.ModuleList) -> ModuleInventory:
+    """One walk over ``model``, whose decoder blocks are ``layers``."""
+    block_index = {id(layer): index for index, layer in enumerate(layers)}
+    lora_layers, other_adapters, dropouts, checkpointed, quantized = [], [], [], [], []
+    switchable: list[list[nn.Module]] = [[] for _ in layers]
+    lora_dropouts: set[int] = set()
+    block, block_prefix = None, ""
+    # named_modules is a pre-order walk: a block's modules follow it, their names under the block's own.
+    for name, module in model.named_modules():
+        if id(module) in block_index:
+            block, block_prefix = block_index[id(module)], name + "."
+        elif block is not None and not name.startswith(block_prefix):
+            block = None
+        kind = _kind(type(module))
+        if kind.lora:
+            lora_layers.append((name, module))
+            lora_dropouts.update(id(d) for d in module.lora_dropout.values())
+        if block is None:
+            continue
+        if kind.other_adapter:
+            other_adapters.append((name, module))
+        if kind.switchable:
+            switchable[block].append(module)
+        if kind.quantized_4bit:
+            quantized.append(module)
+        # Both are instance attributes where set (transformers enables checkpointing per instance); reading
+        # __dict__ spares the failing nn.Module.__getattr__ on every other module.
+        if module.__dict__.get("gradient_checkpointing", False) is True:
+            checkpointed.append(module)
+        rate = module.p if isinstance(module, nn.Dropout) else module.__dict__.get("attention_dropout")
+        if isinstance(rate, float) and rate > 0:
+            dropouts.append((name, module, rate))
+    return ModuleInventory(
+        lora_layers=tuple(lora_layers),
+        other_adapters=tuple(other_adapters),
+        dropouts=tuple(d for d in dropouts if id(d[1]) not in lora_dropouts),
+        checkpointed=tuple(checkpointed),
+        quantized_4bit=tuple(quantized),
+        switchable=tuple(tuple(modules) for modules in switchable),
+    )
