@@ -5,6 +5,7 @@ paired, every base weight read once per step for both streams), KV memory ≤ 1.
 runs of the same LoRA model, greedy, fixed length:
 
 - plain:            model.generate
+- plain, batch ×2:  model.generate on the batch twice over, tokens counted once: a paired step's floor
 - steered α=1.1:    with ftc_scale(model, 1.1): model.generate
 - generate+TuCo:    tuco_peft.generate(model, ..., alpha=1.0)  (TuCo of every new token)
 
@@ -82,6 +83,12 @@ def plain(model, input_ids, **kwargs):
     return model.generate(input_ids=input_ids, **kwargs)
 
 
+def plain_doubled(model, input_ids, **kwargs):
+    """Plain generate of the batch twice over: the arithmetic a paired step cannot avoid (both streams' rows),
+    without any steering machinery; its tokens are counted once, like a steered run's."""
+    return model.generate(input_ids=torch.cat([input_ids, input_ids]), **kwargs)
+
+
 def steered(model, input_ids, **kwargs):
     with ftc_scale(model, 1.1):
         return model.generate(input_ids=input_ids, **kwargs)
@@ -113,7 +120,12 @@ def main() -> None:
     model = lora_finetune(build_base(args), args)
     generator = torch.Generator().manual_seed(1)
     input_ids = torch.randint(1, args.vocab, (args.batch, args.prompt), generator=generator).to(args.device)
-    runs = {"plain": plain, "steered α=1.1": steered, "generate+TuCo α=1": with_tuco}
+    runs = {
+        "plain": plain,
+        "plain, batch ×2": plain_doubled,
+        "steered α=1.1": steered,
+        "generate+TuCo α=1": with_tuco,
+    }
     results = timed_runs(runs, model, args, input_ids)
     report = {
         "results": results,
