@@ -11,20 +11,20 @@ stores 2·kv_width elements (kv_width = kv heads · head dim); the lean pair sto
 of the model dtype (R = 2r, or r for a fused projection) and one int64 position: 1 + (R + 8/e)/(2·kv_width)
 of plain for e-byte elements, instead of 2× (r = 64, kv width 1024, bf16: 1.06×).
 
+k-norm families (Qwen3 per head, OLMo-2 over the full width) normalise the keys before RoPE:
+k_FT = RoPE(k_norm(K0 + s·B_k·u)) with K0 = W_k·n(x) is not k_PT plus a low-rank term. Their pre-trained
+slot stores K0 instead of the keys (the same size, so the same memory), recorded at the base key projection
+(the attention hands the cache normed, rotated keys); both slots recompute the keys of the past with the
+attention's own k_norm and the model's RoPE: RoPE(k_norm(K0)), the keys the attention produced (the same
+modules on the same inputs; bit for bit in the CPU tests), and RoPE(k_norm(K0 + s·B_k·u)). Each step pays
+two norms and two RoPEs over the past per block on top of the low-rank rebuild.
+
 A sliding-window slot gets a lean twin that keeps the same window (``LowRankSlidingWindowSlot``: the
 inherited cropping acts on the stored u as on keys). Applies to the families whose spec allows it
-(``FamilySpec.lean_cache``), when no adapter sits on the attention norm (the two blocks would project
-differently normed states). Two kinds of block keep two full slots:
-
-- k-norm families (Qwen3 per head, OLMo-2 over the full width): k_FT = RoPE(norm(W_k·n(x) + s·B_k·u)) is
-  not k_PT plus a low-rank term. An exact lean form would store the pre-norm base keys W_k·n(x) (captured
-  inside the projection: the attention hands the cache normed, rotated keys) instead of the pre-trained
-  keys, and both slots would re-apply the norm and RoPE to every past token of every block at every step:
-  the pre-trained keys, stored bit-exact today, would become recomputed ones, and each step would pay two
-  norms and two RoPEs over the whole past per block on top of the low-rank rebuild (which alone already
-  takes about a tenth of a CPU decode step: 30 blocks of width 576, r = 16, 32 + 16 tokens).
-- static slots (``StaticCache``): they exist for fixed shapes and buffer addresses (torch.compile, CUDA
-  graphs); a lean slot returns freshly rebuilt keys at every step, over the whole preallocated length.
+(``FamilySpec.lean_cache``), when no adapter sits on the attention norm or the q/k norms (the two blocks
+would project or normalise differently). Static slots (``StaticCache``) keep two full slots: they exist for
+fixed shapes and buffer addresses (torch.compile, CUDA graphs); a lean slot returns freshly rebuilt keys at
+every step, over the whole preallocated length.
 """
 
 from __future__ import annotations
@@ -40,11 +40,11 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.cache_utils import CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
 
-from .adapters import is_additive_lora
+from .adapters import is_additive_lora, pretrained_projection
 from .attention import apply_rope
 from .blocks import SharedProjectionBlock
 from .errors import TuCoError
-from .families import OutputRows, attention_heads, spec_for
+from .families import OutputRows, QKNorm, attention_heads, spec_for
 from .interception import hooked
 
 RotaryTable = tuple[torch.Tensor, torch.Tensor]
@@ -72,11 +72,48 @@ class PastRotary:
         return self._tables[key]
 
 
+class NormedKeys:
+    """The keys of a k-norm block: records the pre-norm base keys K0 = W_k·n(x) of each forward and applies
+    the attention's ``k_norm`` to stored ones as the attention does (per head, or over the full width)."""
+
+    def __init__(self, base_projection: nn.Module, norm: nn.Module, full_width: bool, head_dim: int):
+        self.base_projection = base_projection
+        self.norm = norm
+        self.full_width = full_width
+        self.head_dim = head_dim
+        self._base_keys: torch.Tensor | None = None
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        """While active, keep the output of the base key projection's latest call."""
+        with hooked(self.base_projection, after=self._record):
+            yield
+
+    def _record(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        self._base_keys = output  # an unpaired block calls it twice per forward (adapters on, then off): alike
+
+    def take(self, batch: int) -> torch.Tensor:
+        """K0 of this forward's tokens as [batch, kv_heads, seq, head_dim]: the first ``batch`` rows, which are
+        the pre-trained half where a paired block calls a projection without adapters on both halves. (The
+        fine-tuned slot, written first, refuses a forward outside the ``ftc_scale`` that records them.)"""
+        base_keys, self._base_keys = self._base_keys[:batch], None
+        return base_keys.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
+
+    def normed(self, base_keys: torch.Tensor) -> torch.Tensor:
+        """``k_norm`` of pre-norm keys [batch, kv_heads, seq, head_dim], in that layout."""
+        if not self.full_width:
+            return self.norm(base_keys)
+        batch, heads, seq, head_dim = base_keys.shape
+        flat = base_keys.transpose(1, 2).reshape(batch, seq, heads * head_dim)
+        return self.norm(flat).view(batch, seq, heads, head_dim).transpose(1, 2)
+
+
 class LowRankDelta:
     """The LoRA part of one block's keys and values: records u = A·x in the forward, rebuilds s·B·u later.
 
     ``projections``: the distinct modules holding the keys and values (k_proj and v_proj, or one fused
-    q/k/v projection); ``parts``: for the keys, then the values, (index into ``projections``, output rows).
+    q/k/v projection); ``parts``: for the keys, then the values, (index into ``projections``, output rows);
+    ``normed_keys``: for a k-norm block, whose pre-trained slot then stores pre-norm keys (``PreNormKeySlot``).
     """
 
     def __init__(
@@ -86,6 +123,7 @@ class LowRankDelta:
         rotary_emb: nn.Module | None,
         shape: tuple[int, int],
         past_rotary: PastRotary,
+        normed_keys: NormedKeys | None = None,
     ):
         self.projections = projections
         self.parts = parts
@@ -95,6 +133,8 @@ class LowRankDelta:
         self._recorded: list[list[str]] = [[] for _ in projections]  # per projection, the adapters whose u is recorded
         self._inputs: list[list[torch.Tensor]] = [[] for _ in projections]
         self._positions: torch.Tensor | None = None
+        self.normed_keys = normed_keys
+        self._past_positions: torch.Tensor | None = None  # of the past the fine-tuned slot rebuilt this forward
 
     @staticmethod
     def for_block(
@@ -117,7 +157,11 @@ class LowRankDelta:
         parts = ((distinct.index(names[0]), rows[0]), (distinct.index(names[1]), rows[1]))
         rotary_emb = None if spec.rotary_module is None else getattr(decoder, spec.rotary_module)
         projections = [getattr(attention, name) for name in distinct]
-        return LowRankDelta(projections, parts, rotary_emb, (n_kv_heads, head_dim), past_rotary)
+        normed_keys = None
+        if spec.qk_norm is not QKNorm.NONE:
+            base_keys = pretrained_projection(getattr(attention, names[0]))
+            normed_keys = NormedKeys(base_keys, attention.k_norm, spec.qk_norm is QKNorm.FULL_WIDTH, head_dim)
+        return LowRankDelta(projections, parts, rotary_emb, (n_kv_heads, head_dim), past_rotary, normed_keys)
 
     @staticmethod
     def _adapters(projection: nn.Module) -> list[str]:
@@ -127,11 +171,13 @@ class LowRankDelta:
 
     @contextmanager
     def recording(self, layer: nn.Module) -> Iterator[None]:
-        """While active, record u = A·dropout(x) of every active adapter, and the position ids of the block's
-        input."""
+        """While active, record u = A·dropout(x) of every active adapter, the position ids of the block's
+        input, and the pre-norm base keys of a k-norm block."""
         self._recorded = [self._adapters(projection) for projection in self.projections]
         with ExitStack() as stack:
             stack.enter_context(hooked(layer, before=self._record_positions, with_kwargs=True))
+            if self.normed_keys is not None:
+                stack.enter_context(self.normed_keys.recording())
             for index, projection in enumerate(self.projections):
                 for adapter in self._recorded[index]:
                     stack.enter_context(hooked(projection.lora_A[adapter], after=self._recorder(index)))
@@ -181,15 +227,34 @@ class LowRankDelta:
         return total.view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
 
     def rebuild(self, stored: KeysValues, pretrained: KeysValues, new: KeysValues) -> KeysValues:
-        """Fine-tuned keys and values: of the past tokens, from their ``pretrained`` ones and their ``stored``
-        position ids and u, followed by the ``new`` ones of this forward."""
+        """Fine-tuned keys and values: of the past tokens, from their ``pretrained`` ones (pre-norm keys K0 in a
+        k-norm block) and their ``stored`` position ids and u, followed by the ``new`` ones of this forward."""
         positions, u = stored
+        positions = positions[:, 0, :, 0]
         inputs = self._split(u[:, 0])
         delta_k, delta_v = (self._delta(part, inputs) for part in self.parts)
-        if delta_k is not None and self.rotary_emb is not None:
-            cos, sin = self.past_rotary(self.rotary_emb, delta_k, positions[:, 0, :, 0])
-            delta_k = apply_rope(delta_k, cos, sin)
-        return _joined(pretrained[0], delta_k, new[0]), _joined(pretrained[1], delta_v, new[1])
+        values = _joined(pretrained[1], delta_v, new[1])
+        if self.normed_keys is None:
+            if delta_k is not None:
+                delta_k = self._rotated(delta_k, positions)
+            return _joined(pretrained[0], delta_k, new[0]), values
+        self._past_positions = positions  # the pre-trained slot's past too: it is written after this one
+        # As PEFT adds them: base output + LoRA term in the promoted dtype, then back to the base output's.
+        base_keys = pretrained[0] if delta_k is None else (pretrained[0] + delta_k).to(pretrained[0].dtype)
+        keys = self._rotated(self.normed_keys.normed(base_keys), positions)
+        return torch.cat([keys, new[0]], dim=-2), values
+
+    def pretrained_keys(self, base_keys: torch.Tensor) -> torch.Tensor:
+        """The pre-trained keys RoPE(k_norm(K0)) of a k-norm block's past, from its pre-norm keys ``base_keys``."""
+        return self._rotated(self.normed_keys.normed(base_keys), self._past_positions)
+
+    def _rotated(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """RoPE of past keys (or key deltas) at their ``positions``, in their dtype as the attention returns them
+        (OLMo-2's cos/sin are fp32); the identity without a rotary embedding."""
+        if self.rotary_emb is None:
+            return keys
+        cos, sin = self.past_rotary(self.rotary_emb, keys, positions)
+        return apply_rope(keys, cos, sin).to(keys.dtype)
 
 
 def _joined(past: torch.Tensor, delta: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
@@ -199,7 +264,7 @@ def _joined(past: torch.Tensor, delta: torch.Tensor | None, new: torch.Tensor) -
     if delta is None:
         joined[..., :length, :] = past
     else:
-        torch.add(past, delta.to(past.dtype), out=joined[..., :length, :])
+        torch.add(past, delta, out=joined[..., :length, :])  # in the promoted dtype, as PEFT adds the LoRA term
     joined[..., length:, :] = new
     return joined
 
@@ -246,19 +311,66 @@ class LowRankSlidingWindowSlot(LowRankSlot, DynamicSlidingWindowLayer):
         self.record_past = getattr(pretrained, "record_past", False)
 
 
-_LEAN_SLOTS: dict[type[CacheLayerMixin], type[LowRankSlot]] = {
-    DynamicLayer: LowRankSlot,
-    DynamicSlidingWindowLayer: LowRankSlidingWindowSlot,
+class PreNormKeySlot(DynamicLayer):
+    """The pre-trained slot of a k-norm block beside a lean fine-tuned slot: its ``keys`` hold the pre-norm
+    keys K0 of each token ([batch, kv_heads, seq, head_dim], the size of the keys), from which the fine-tuned
+    slot rebuilds its own; it returns the past's keys recomputed as RoPE(k_norm(K0)), then the new ones."""
+
+    def __init__(self, replaced: DynamicLayer, delta: LowRankDelta, **layer_kwargs: Any):
+        super().__init__(**layer_kwargs)
+        self.replaced = replaced
+        self.delta = delta
+
+    def plain(self) -> DynamicLayer:
+        """An empty slot of the plain kind this one replaced (for a cache that another ``ftc_scale`` reuses)."""
+        return copy.deepcopy(self.replaced)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store K0 and the values of this forward's tokens; return what the plain layer kind would."""
+        has_past = self.get_seq_length() > 0
+        past_base_keys = self.keys
+        values = super().update(self.delta.normed_keys.take(key_states.shape[0]), value_states)[1]
+        if has_past:
+            key_states = torch.cat([self.delta.pretrained_keys(past_base_keys), key_states], dim=-2)
+        return key_states[..., -values.shape[-2] :, :], values
+
+
+class PreNormKeySlidingWindowSlot(PreNormKeySlot, DynamicSlidingWindowLayer):
+    """The pre-norm pre-trained slot of a sliding-window layer: the inherited window crops K0 as keys."""
+
+    def __init__(self, replaced: DynamicSlidingWindowLayer, delta: LowRankDelta):
+        super().__init__(replaced, delta, sliding_window=replaced.sliding_window)
+        self.record_past = getattr(replaced, "record_past", False)
+
+    def plain(self) -> DynamicSlidingWindowLayer:
+        slot = super().plain()
+        slot.record_past = self.record_past  # set by assisted decoding since this slot replaced it
+        return slot
+
+
+# A plain slot kind → its lean fine-tuned twin, and its pre-trained slot in a k-norm block.
+_LEAN_SLOTS: dict[type[CacheLayerMixin], tuple[type[LowRankSlot], type[PreNormKeySlot]]] = {
+    DynamicLayer: (LowRankSlot, PreNormKeySlot),
+    DynamicSlidingWindowLayer: (LowRankSlidingWindowSlot, PreNormKeySlidingWindowSlot),
 }
 
 
 def use_lean_slots(layers: list[CacheLayerMixin], n_layers: int, deltas: dict[int, LowRankDelta]) -> None:
     """Make the empty fine-tuned slots ``layers[l]`` of the blocks in ``deltas`` lean twins of their
-    pre-trained slots ``layers[n_layers + l]``, where that kind of slot has one (not a static slot)."""
+    pre-trained slots ``layers[n_layers + l]``, where that kind of slot has one (not a static slot); the
+    pre-trained slot of a k-norm block then stores pre-norm keys."""
     for index in range(n_layers):
+        # Slots left by an earlier ftc_scale, whose deltas no longer record, go back to the plain kind.
+        if isinstance(layers[n_layers + index], PreNormKeySlot):
+            layers[n_layers + index] = layers[n_layers + index].plain()
         pretrained = layers[n_layers + index]
-        if isinstance(layers[index], LowRankSlot):  # left by an earlier ftc_scale: its delta no longer records
+        if isinstance(layers[index], LowRankSlot):
             layers[index] = copy.deepcopy(pretrained)
-        slot_class = _LEAN_SLOTS.get(type(pretrained))
-        if index in deltas and slot_class is not None and type(layers[index]) is type(pretrained):
-            layers[index] = slot_class(pretrained, deltas[index])
+        slot_classes = _LEAN_SLOTS.get(type(pretrained))
+        if index in deltas and slot_classes is not None and type(layers[index]) is type(pretrained):
+            finetuned_class, pretrained_class = slot_classes
+            if deltas[index].normed_keys is not None:
+                pretrained = layers[n_layers + index] = pretrained_class(pretrained, deltas[index])
+            layers[index] = finetuned_class(pretrained, deltas[index])

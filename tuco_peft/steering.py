@@ -11,10 +11,10 @@ the model's cache object itself, in extra layer slots ``n_layers + l``: whatever
 cache during ``generate`` (reset for a new generation, beam reorder, batch expansion, cropping) applies to
 those slots too, so beam search and sampling need no special handling. Where a block allows it (see
 ``dual_cache``), the fine-tuned slot then shrinks to the rank-r LoRA inputs, since both blocks see the same
-state and their keys/values differ only by the low-rank delta; elsewhere (static slots, the k-norm of Qwen3
-and OLMo-2) both slots hold full keys/values (2× plain memory). Every block whose α ≠ 1 runs
-twice per forward; an adapter block of a pairable family runs once on its input stacked twice instead
-(``paired``), its first half with adapters off, so every weight is read once for both blocks.
+state and their keys/values differ only by the low-rank delta (under a k-norm, before it: the pre-trained
+slot then stores pre-norm keys); static slots keep full keys/values in both (2× plain memory). Every block
+whose α ≠ 1 runs twice per forward; an adapter block of a pairable family runs once on its input stacked
+twice instead (``paired``), its first half with adapters off, so every weight is read once for both blocks.
 
 Full fine-tunes (``base_model=``). The pre-trained block of layer l is then block l of the base model,
 loaded or streamed from its safetensors checkpoint (``pretrained.pretrained_blocks``), run on the same

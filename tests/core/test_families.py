@@ -3,11 +3,12 @@
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config
+from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from helpers.models import FAMILIES, base_model, family_config, lora_model, model_pair, padded_batch
 from helpers.oracle import decoder_blocks
 from tuco_peft.blocks import OwnProjectionBlock, ReplayBlock, SharedProjectionBlock, pretrained_path
-from tuco_peft.dual_cache import LowRankDelta, LowRankSlot, PastRotary
+from tuco_peft.dual_cache import LowRankDelta, LowRankSlot, PastRotary, PreNormKeySlot
 from tuco_peft.families import FamilySpec, QKNorm, QKVLayout, Wiring, attention_heads, spec_for
 from tuco_peft.introspection import model_parts
 from tuco_peft.paired import PairedBlock
@@ -31,7 +32,8 @@ def test_each_family_takes_the_path_its_spec_allows(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_lean_cache_slots_follow_the_spec(family):
     """Steered generation makes every fine-tuned slot (full-attention or sliding-window) a lean twin of its
-    pre-trained slot where the family's spec allows it, and none elsewhere."""
+    pre-trained slot where the family's spec allows it, and none elsewhere; the pre-trained slot of a k-norm
+    block then stores pre-norm keys."""
     _, model = model_pair(family)
     spec = spec_for(model_parts(model).layers[0], model.config)
     ids, mask = padded_batch(lengths=(5, 3))
@@ -40,7 +42,9 @@ def test_lean_cache_slots_follow_the_spec(family):
     finetuned, pretrained = out.past_key_values.layers[:3], out.past_key_values.layers[3:]
     for lean, twin in zip(finetuned, pretrained):
         assert isinstance(lean, LowRankSlot) == spec.lean_cache
-        assert isinstance(lean, type(twin))  # the same kind: a sliding window stays one
+        assert isinstance(twin, PreNormKeySlot) == (spec.lean_cache and spec.qk_norm is not QKNorm.NONE)
+        # the same kind: a sliding window stays one
+        assert isinstance(lean, DynamicSlidingWindowLayer) == isinstance(twin, DynamicSlidingWindowLayer)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -82,10 +86,21 @@ def test_a_config_flag_can_switch_the_wiring():
     [
         dict(wiring=Wiring.POST_NORM, attention_norm="ln"),  # post-norm blocks have no norm before attention
         dict(wiring=Wiring.SEQUENTIAL, attention_norm="ln", mlp_norm="ln2", qkv_layout=QKVLayout.CONCATENATED),
-        dict(wiring=Wiring.SEQUENTIAL, attention_norm="ln", mlp_norm="ln2", qk_norm=QKNorm.PER_HEAD, lean_cache=True),
+        dict(  # the pre-norm keys of a lean cache are a separate k_proj's output
+            wiring=Wiring.SEQUENTIAL, attention_norm="ln", mlp_norm="ln2", projections=("qkv",),
+            qkv_layout=QKVLayout.CONCATENATED, qk_norm=QKNorm.PER_HEAD, lean_cache=True,
+        ),
     ],
-    ids=["norms-vs-wiring", "projections-vs-layout", "lean-cache-with-k-norm"],
+    ids=["norms-vs-wiring", "projections-vs-layout", "lean-cache-with-k-norm-on-fused-projection"],
 )
 def test_inconsistent_specs_are_refused(kwargs):
     with pytest.raises(ValueError):
-        FamilySpec(attention="attn", projections=("q", "k", "v"), output="o", **kwargs)
+        FamilySpec(**{"attention": "attn", "projections": ("q", "k", "v"), "output": "o", **kwargs})
+
+
+def test_a_lean_cache_with_a_k_norm_on_a_separate_key_projection_is_allowed():
+    spec = FamilySpec(
+        attention="attn", projections=("q", "k", "v"), output="o", wiring=Wiring.SEQUENTIAL, attention_norm="ln",
+        mlp_norm="ln2", qk_norm=QKNorm.FULL_WIDTH, lean_cache=True,
+    )
+    assert spec.lean_cache

@@ -2,24 +2,28 @@
 memory the module docstring states, for every family with a lean cache and every dynamic slot kind."""
 
 import copy
+from collections import defaultdict
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers.cache_utils import DynamicSlidingWindowLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
-from helpers.models import base_model, model_pair, padded_batch
+from helpers.models import base_model, lora_model, model_pair, padded_batch
 from helpers.steering import greedy_generate
 from helpers.steering_reference import greedy, steered_logits
-from tuco_peft.dual_cache import LowRankDelta, LowRankSlot, PastRotary
-from tuco_peft.families import attention_heads, spec_for
+from tuco_peft.dual_cache import LowRankDelta, LowRankSlot, PastRotary, PreNormKeySlot
+from tuco_peft.families import QKNorm, attention_heads, spec_for
 from tuco_peft.introspection import model_parts
+from tuco_peft.paired import PairedBlock
 from tuco_peft.steering import ftc_scale
 
+# k_norm per head (qwen3) and over the full key width (olmo2): their pre-trained slots hold pre-norm keys.
+K_NORM_FAMILIES = ["qwen3", "olmo2"]
 # The registered families whose spec allows a lean cache (test_families checks the spec is followed):
 # separate projections, fused [q | k | v] (phi3, gpt2) and fused by head (gpt_neox); no rotary (gpt2);
-# sliding windows on every layer (mistral), on some layers (qwen2) and alternating (gemma2).
-LEAN_FAMILIES = ["llama", "mistral", "qwen2", "gemma", "gemma2", "phi3", "gpt2", "gpt_neox"]
+# sliding windows on every layer (mistral), on some layers (qwen2) and alternating (gemma2); k-norms.
+LEAN_FAMILIES = ["llama", "mistral", "qwen2", "gemma", "gemma2", "phi3", "gpt2", "gpt_neox", *K_NORM_FAMILIES]
 ALPHAS = [1.5, 0.6, 2.0]
 N_NEW = 8  # past every test config's window (4 or 5) with prompts of up to 9 tokens
 
@@ -85,9 +89,10 @@ def test_prompt_lookup_decoding_crops_lean_slots_as_their_twins(family):
     assert torch.equal(generated.sequences, greedy(model, pretrained, ids, mask, ALPHAS, N_NEW))
 
 
-@pytest.mark.parametrize("family", ["mistral", "gpt_neox"])
+@pytest.mark.parametrize("family", ["mistral", "gpt_neox", *K_NORM_FAMILIES])
 def test_beam_search_reorders_lean_slots_with_their_twins(family):
-    """Beam scores are the reference's log-probabilities of the chosen tokens (window and fused-by-head slots)."""
+    """Beam scores are the reference's log-probabilities of the chosen tokens (window, fused-by-head and
+    pre-norm key slots)."""
     pretrained, model = model_pair(family)
     ids, mask = padded_batch(lengths=(6, 8))
     with ftc_scale(model, ALPHAS), torch.no_grad():
@@ -131,6 +136,94 @@ def test_a_new_generation_does_not_reuse_the_past_rotary_of_the_last_one():
         second = greedy_generate(model, ids, mask, N_NEW, return_dict_in_generate=True, output_scores=True)
     alone = _steered_generation(model, ids, mask)
     assert all(torch.equal(a, b) for a, b in zip(second.scores, alone.scores))
+
+
+@pytest.mark.parametrize("family", K_NORM_FAMILIES)
+def test_pre_trained_keys_recomputed_from_pre_norm_keys_are_the_attentions_bit_for_bit(family, monkeypatch):
+    """At every step, the past keys a pre-norm slot returns, RoPE(k_norm(K0)), are the keys the attention
+    handed it at the earlier steps."""
+    _, model = model_pair(family)
+    ids, mask = padded_batch(lengths=(7, 4, 9))
+    given, returned = defaultdict(list), defaultdict(list)
+    update = PreNormKeySlot.update
+
+    def recording_update(slot, key_states, value_states, *args, **kwargs):
+        keys, values = update(slot, key_states, value_states, *args, **kwargs)
+        given[id(slot)].append(key_states)
+        returned[id(slot)].append(keys)
+        return keys, values
+
+    monkeypatch.setattr(PreNormKeySlot, "update", recording_update)
+    _steered_generation(model, ids, mask)
+    assert len(given) == 3
+    for slot, keys in returned.items():
+        assert len(keys) == N_NEW
+        for step in range(1, N_NEW):
+            assert torch.equal(keys[step], torch.cat(given[slot][: step + 1], dim=-2))
+
+
+@pytest.mark.parametrize("paired", [True, False])
+@pytest.mark.parametrize("key_adapter", [True, False], ids=["lora-k_proj", "plain-k_proj"])
+@pytest.mark.parametrize("family", K_NORM_FAMILIES)
+def test_pre_norm_keys_paired_or_not_with_or_without_an_adapter_on_k_proj(family, key_adapter, paired, monkeypatch):
+    """K0 is read where it is computed: once from the fine-tuned k_proj's base layer (paired), twice, alike
+    (unpaired: adapters on, then off), or from a k_proj without adapter called on both halves at once."""
+    pretrained = base_model(family)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"] if key_adapter else ["q_proj", "v_proj", "o_proj"]
+    model = lora_model(copy.deepcopy(pretrained), target_modules=targets)
+    if not paired:
+        monkeypatch.setattr(PairedBlock, "supports", staticmethod(lambda layer, config: False))
+    ids, mask = padded_batch(lengths=(7, 4, 9))
+    lean = _steered_generation(model, ids, mask)
+    assert all(isinstance(slot, PreNormKeySlot) for slot in lean.past_key_values.layers[3:])
+    _without_lean_slots(monkeypatch)
+    full = _steered_generation(model, ids, mask)
+    assert torch.equal(lean.sequences, full.sequences)
+    assert torch.equal(lean.sequences, greedy(model, pretrained, ids, mask, ALPHAS, N_NEW))
+    for lean_scores, full_scores in zip(lean.scores, full.scores):
+        torch.testing.assert_close(lean_scores, full_scores, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", K_NORM_FAMILIES)
+def test_pre_norm_keys_in_bfloat16_generate_as_two_full_slots_bit_for_bit(family, monkeypatch):
+    """bf16 keys, fp32 LoRA weights (PEFT's default), fp32 cos/sin (OLMo-2): the slots add and rotate in the
+    dtypes the attention does, so the steps' scores are the two full slots' exactly."""
+    model = lora_model(base_model(family, dtype=torch.bfloat16))
+    ids, mask = padded_batch(lengths=(7, 4, 9))
+    lean = _steered_generation(model, ids, mask)
+    assert lean.past_key_values.layers[3].keys.dtype == torch.bfloat16
+    _without_lean_slots(monkeypatch)
+    full = _steered_generation(model, ids, mask)
+    assert torch.equal(lean.sequences, full.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(lean.scores, full.scores))
+
+
+def test_pre_norm_keys_in_sliding_window_slots():
+    """Qwen3 with a sliding window on some layers: K0 is cropped to the window as keys would be."""
+    layer_types = ["full_attention", "sliding_attention", "sliding_attention"]
+    base = base_model("qwen3", use_sliding_window=True, sliding_window=4, layer_types=layer_types)
+    pretrained, model = copy.deepcopy(base), lora_model(base)
+    ids, mask = padded_batch(lengths=(7, 4, 9))
+    lean = _steered_generation(model, ids, mask)
+    slots = lean.past_key_values.layers
+    assert [type(slot).__name__ for slot in slots[3:]] == ["PreNormKeySlot", *["PreNormKeySlidingWindowSlot"] * 2]
+    assert slots[4].keys.shape[-2] == slots[1].keys.shape[-2] == 3  # window 4 holds 3
+    assert torch.equal(lean.sequences, greedy(model, pretrained, ids, mask, ALPHAS, N_NEW))
+
+
+def test_a_cache_reused_by_another_ftc_scale_gets_plain_slots_where_it_no_longer_steers():
+    pretrained, model = model_pair("qwen3")
+    ids, mask = padded_batch(lengths=(7, 4, 9))
+    cache = DynamicCache(config=model.config)
+    with ftc_scale(model, ALPHAS):
+        greedy_generate(model, ids, mask, 2, past_key_values=cache)
+    cache.reset()
+    alphas = [1.5, 1.0, 1.0]
+    with ftc_scale(model, alphas):
+        generated = greedy_generate(model, ids, mask, N_NEW, past_key_values=cache)
+    expected = [LowRankSlot, DynamicLayer, DynamicLayer, PreNormKeySlot, DynamicLayer, DynamicLayer]
+    assert [type(slot) for slot in cache.layers] == expected
+    assert torch.equal(generated, greedy(model, pretrained, ids, mask, alphas, N_NEW))
 
 
 def test_fused_projection_with_several_adapters_and_lora_bias():
@@ -177,6 +270,7 @@ def test_slot_sizes(family):
     ids, mask = padded_batch(lengths=(7, 4, 9))
     cache = _steered_generation(model, ids, mask).past_key_values
     for slot, twin in zip(cache.layers[:3], cache.layers[3:]):
+        assert isinstance(twin, PreNormKeySlot) == (spec.qk_norm is not QKNorm.NONE)  # K0: the size of keys
         tokens = ids.shape[0] * twin.keys.shape[-2]
         assert _bytes(twin) == tokens * 2 * kv_width * 4
         assert _bytes(slot) == tokens * _lean_bytes_per_token(4, fused, element_bytes=4)

@@ -1,6 +1,5 @@
 """OLMo-2: Llama's parts wired post-norm (no norm before attention or MLP, one after each), q/k norms over
-the whole projection width (a non-linearity after k_proj: no lean cache, see ``dual_cache``), no sliding
-window."""
+the whole projection width (its lean cache stores pre-norm keys, see ``dual_cache``), no sliding window."""
 
 from dataclasses import replace
 
@@ -20,6 +19,5 @@ register(
         post_mlp_norm="post_feedforward_layernorm",
         window=WindowSource.NONE,
         qk_norm=QKNorm.FULL_WIDTH,
-        lean_cache=False,
     ),
 )

@@ -1,5 +1,5 @@
-"""Qwen3: Llama's block with a norm on each query and key head (a non-linearity after k_proj: no lean cache,
-see ``dual_cache``)."""
+"""Qwen3: Llama's block with a norm on each query and key head (its lean cache stores pre-norm keys, see
+``dual_cache``)."""
 
 from dataclasses import replace
 
@@ -7,4 +7,4 @@ from .llama import SPEC as LLAMA
 from .registry import register
 from .spec import QKNorm
 
-register("qwen3", "Qwen3DecoderLayer", replace(LLAMA, qk_norm=QKNorm.PER_HEAD, lean_cache=False))
+register("qwen3", "Qwen3DecoderLayer", replace(LLAMA, qk_norm=QKNorm.PER_HEAD))

@@ -77,9 +77,9 @@ class FamilySpec:
 
     Capabilities: ``shared_projections``: the pre-trained q/k/v of an adapter fine-tune are the base outputs of
     the fine-tuned projections (the one-pass path); ``lean_cache``: under steering, fine-tuned keys/values are
-    the pre-trained ones plus a low-rank delta, which needs keys linear in the projection output (no k-norm;
-    RoPE, if any, from the decoder's ``rotary_module``); ``pairable``: the block may run on its input stacked
-    twice (``paired.PairedBlock``).
+    the pre-trained ones plus a low-rank delta (before the k-norm, if any, which then needs a separate key
+    projection; RoPE, if any, from the decoder's ``rotary_module``); ``pairable``: the block may run on its
+    input stacked twice (``paired.PairedBlock``).
     """
 
     attention: str
@@ -106,8 +106,8 @@ class FamilySpec:
             raise ValueError(f"the norms {norms} do not fit the {self.wiring.value} wiring")
         if (len(self.projections) == 3) != (self.qkv_layout is QKVLayout.SEPARATE):
             raise ValueError(f"{len(self.projections)} projections do not fit the {self.qkv_layout.value} layout")
-        if self.lean_cache and self.qk_norm is not QKNorm.NONE:
-            raise ValueError("a lean cache needs keys linear in the projection output: no k-norm")
+        if self.lean_cache and self.qk_norm is not QKNorm.NONE and self.qkv_layout is not QKVLayout.SEPARATE:
+            raise ValueError("a lean cache with a k-norm records the pre-norm keys of a separate key projection")
 
     @property
     def layer_parts(self) -> tuple[str, ...]:
