@@ -20,19 +20,22 @@ import tempfile
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from tuco_peft.benchmark import compare_full_finetune_methods, compare_methods
 
 
 def build_base(args: argparse.Namespace):
-    config = LlamaConfig(
+    """A random model of ``args.family`` (Llama unless set; Qwen3 adds its q/k norms), heads of 64 dims."""
+    config = AutoConfig.for_model(
+        getattr(args, "family", "llama"),
         vocab_size=args.vocab,
         hidden_size=args.hidden,
         intermediate_size=args.hidden * 3,
         num_hidden_layers=args.layers,
         num_attention_heads=args.hidden // 64,
         num_key_value_heads=args.hidden // 64,
+        head_dim=64,
         max_position_embeddings=max(2048, args.seq),
     )
     torch.manual_seed(0)

@@ -28,7 +28,7 @@ import time
 import torch
 from transformers import DynamicCache
 
-from bench_decompose import build_base, lora_finetune  # the same Llama-style model and LoRA
+from bench_decompose import build_base, lora_finetune  # the same model builder and LoRA
 from tuco_peft.generation import generate
 from tuco_peft.steering import ftc_scale
 
@@ -105,6 +105,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--new", type=int, default=16)
+    parser.add_argument("--family", default="llama", choices=["llama", "qwen3"], help="qwen3: k-norm lean slots")
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=4000)
@@ -133,7 +134,7 @@ def main() -> None:
         "torch": torch.__version__,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads",
     }
-    print(f"Llama-style LoRA r={args.rank}, {args.layers}×{args.hidden}, {args.dtype}, {args.device}, "
+    print(f"{args.family} LoRA r={args.rank}, {args.layers}×{args.hidden}, {args.dtype}, {args.device}, "
           f"batch {args.batch}, prompt {args.prompt}, {args.new} new tokens")
     header = ("tokens/s", "× plain", "decode/s", "× plain", "KV MiB", "× plain")
     print(f"{'run (best of ' + str(args.repeats) + ')':<22}" + "".join(f"{h:>10}" for h in header))
