@@ -105,15 +105,10 @@ class _RowwiseBlock:
 
     def _split(self, projections: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """(query, key, value), each [b, seq, heads·hd], from the projections' outputs."""
-        layout = self.spec.qkv_layout
-        if layout is QKVLayout.SEPARATE:
+        if self.spec.qkv_layout is QKVLayout.SEPARATE:
             return tuple(projections)
-        fused = projections[0]
-        if layout is QKVLayout.INTERLEAVED_BY_HEAD:
-            per_head = fused.unflatten(-1, (self.n_heads, 3 * self.head_dim)).chunk(3, dim=-1)
-            return tuple(part.flatten(-2) for part in per_head)
-        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        return fused.split([q_size, kv_size, kv_size], dim=-1)
+        rows = self.spec.qkv_rows(self.n_heads, self.n_kv_heads, self.head_dim)
+        return tuple(part.of(projections[0], dim=-1) for part in rows)
 
     def _projections(
         self, pretrained: nn.Module, x: torch.Tensor, batch: Batch

@@ -55,11 +55,14 @@ class OutputRows:
     groups: int
     part: slice
 
-    def of(self, tensor: torch.Tensor) -> torch.Tensor:
-        """These rows of ``tensor`` (rows on its first dim): a view where they are contiguous."""
+    def of(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """These rows of ``tensor`` along ``dim`` (a weight's or bias's first, an output's last): a view where
+        they are contiguous."""
+        dim = dim % tensor.ndim
         if self.groups == 1:
-            return tensor[self.part]
-        return tensor.unflatten(0, (self.groups, -1))[:, self.part].flatten(0, 1)
+            return tensor[(slice(None),) * dim + (self.part,)]
+        grouped = tensor.unflatten(dim, (self.groups, -1))
+        return grouped[(slice(None),) * (dim + 1) + (self.part,)].flatten(dim, dim + 1)
 
 
 _NORMS_OF_WIRING = {  # (pre-attention, pre-MLP, post-attention, post-MLP) norms each wiring has
@@ -128,14 +131,22 @@ class FamilySpec:
             return self.projections[1], self.projections[2]
         return self.projections[0], self.projections[0]
 
+    def qkv_rows(self, n_heads: int, n_kv_heads: int, head_dim: int) -> tuple[OutputRows, OutputRows, OutputRows]:
+        """The rows of a fused q/k/v projection's output that are the queries, the keys and the values."""
+        if self.qkv_layout is QKVLayout.CONCATENATED:
+            q_size, kv_size = n_heads * head_dim, n_kv_heads * head_dim
+            bounds = (0, q_size, q_size + kv_size, q_size + 2 * kv_size)
+            return tuple(OutputRows(1, slice(start, stop)) for start, stop in zip(bounds, bounds[1:]))
+        if self.qkv_layout is QKVLayout.INTERLEAVED_BY_HEAD:
+            return tuple(OutputRows(n_heads, slice(i * head_dim, (i + 1) * head_dim)) for i in range(3))
+        raise ValueError("separate q/k/v projections have no fused output rows")
+
     def key_value_rows(self, n_heads: int, n_kv_heads: int, head_dim: int) -> tuple[OutputRows, OutputRows]:
         """The output rows of ``key_value_projections`` that are the keys, and those that are the values."""
         if self.qkv_layout is QKVLayout.SEPARATE:
             return OutputRows(1, slice(None)), OutputRows(1, slice(None))
-        if self.qkv_layout is QKVLayout.CONCATENATED:
-            q_size, kv_size = n_heads * head_dim, n_kv_heads * head_dim
-            return OutputRows(1, slice(q_size, q_size + kv_size)), OutputRows(1, slice(q_size + kv_size, None))
-        return OutputRows(n_heads, slice(head_dim, 2 * head_dim)), OutputRows(n_heads, slice(2 * head_dim, None))
+        _, keys, values = self.qkv_rows(n_heads, n_kv_heads, head_dim)
+        return keys, values
 
 
 def attention_heads(config: PretrainedConfig) -> tuple[int, int]:
