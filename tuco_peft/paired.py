@@ -25,7 +25,7 @@ from transformers import PretrainedConfig
 
 from .adapters import adapters_disabled, is_additive_lora
 from .backend import LoraLinearBackend, TorchBackend
-from .block_calls import cache_argument, find_cache, hidden_states, replace_output, with_cache
+from .block_calls import find_cache, hidden_states, replace_output, with_cache
 from .blocks import SharedProjectionBlock, block_output, has_parts
 from .families import attention_implementation, spec_for
 from .interception import CacheView, any_forward_replaced, inner_modules_hooked, replaced_forward
@@ -90,7 +90,6 @@ class PairedBlock:
         self.backend = backend
         self.arguments = arguments
         self._torch_backend = TorchBackend()
-        self.cache_argument = cache_argument(layer)
         spec = spec_for(layer, config)
         attention = getattr(layer, spec.attention)
         shared = SharedProjectionBlock.supports(layer, spec)
@@ -134,13 +133,14 @@ class PairedBlock:
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             x = hidden_states(args, kwargs)
-            cache = find_cache(args, kwargs, self.cache_argument)
+            found = find_cache(args, kwargs)
             batch = x.shape[0]
             args, kwargs = _stacked(args, batch), {k: self.arguments.stacked(k, v, batch) for k, v in kwargs.items()}
-            if cache is not None:
+            if found is not None:
                 if pretrained_slot is None:
                     raise RuntimeError("a paired block got a cache but has no slot for its pre-trained half.")
-                args, kwargs = with_cache(args, kwargs, self.cache_argument, paired_slots(cache, pretrained_slot))
+                site, cache = found
+                args, kwargs = with_cache(args, kwargs, site, paired_slots(cache, pretrained_slot))
             output = type(layer).forward(layer, *args, **kwargs)
             pretrained, finetuned = block_output(output).split(x.shape[0])
             return replace_output(output, on_outputs(x, pretrained, finetuned))

@@ -41,7 +41,7 @@ from torch import nn
 from transformers.cache_utils import DynamicLayer
 
 from .backend import Backend, make_backend, resolve_backend
-from .block_calls import cache_argument, find_cache, hidden_states, replace_output, with_cache
+from .block_calls import find_cache, hidden_states, replace_output, with_cache
 from .blocks import block_output
 from .dual_cache import LowRankDelta, PastRotary, use_lean_slots
 from .errors import InputError, UnsupportedModelError
@@ -150,7 +150,6 @@ class _SteeredBlock:
         self.observer = observer
         self.paired = paired
         self.pretrained_slot = n_layers + index
-        self.cache_argument = cache_argument(layer)
 
     @contextmanager
     def attached(self) -> Iterator[None]:
@@ -172,9 +171,10 @@ class _SteeredBlock:
 
     def _run_pretrained(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
         x = hidden_states(args, kwargs)
-        cache = find_cache(args, kwargs, self.cache_argument)
-        if cache is not None:
-            args, kwargs = with_cache(args, kwargs, self.cache_argument, _pretrained_slot(cache, self.pretrained_slot))
+        found = find_cache(args, kwargs)
+        if found is not None:
+            site, cache = found
+            args, kwargs = with_cache(args, kwargs, site, _pretrained_slot(cache, self.pretrained_slot))
         # ``forward``, not the module call: for an adapter fine-tune the block is the hooked block itself.
         with self.source.block(self.index) as block:
             pretrained = block_output(block.forward(*args, **kwargs))
@@ -223,15 +223,13 @@ def steered_forward(
         stack.callback(_steered_models.discard, parts.causal_lm)
         if steered:
             deltas = {} if source.separate_model else _lean_deltas(parts, steered, stack)
-            first = parts.layers[0]
-            first_cache_argument = cache_argument(first)
 
             def prepare(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-                cache = find_cache(args, kwargs, first_cache_argument)
-                if cache is not None:
-                    _prepare_cache(cache, parts.n_layers, steered[0], deltas)
+                found = find_cache(args, kwargs)
+                if found is not None:
+                    _prepare_cache(found[1], parts.n_layers, steered[0], deltas)
 
-            stack.enter_context(hooked(first, before=prepare, with_kwargs=True))
+            stack.enter_context(hooked(parts.layers[0], before=prepare, with_kwargs=True))
         arguments = StackedArguments()
         for index in steered:
             layer = parts.layers[index]
