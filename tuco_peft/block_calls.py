@@ -10,7 +10,7 @@ keys it cannot place.
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any
 
 import torch
 from transformers.cache_utils import Cache
@@ -18,7 +18,7 @@ from transformers.cache_utils import Cache
 from .errors import UnsupportedModelError
 
 # Where a block call holds its cache: a keyword, or an index among the positional arguments.
-CacheSite = Union[str, int]
+CacheSite = str | int
 
 # Names decoders have given their cache parameter, for refusing a cache of another type by name.
 _CACHE_NAMES = ("cache", "past_key_values", "layer_past", "past_key_value")

@@ -31,14 +31,15 @@ import copy
 import math
 import numbers
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Union
 
 import torch
+import transformers
 from torch import nn
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer
 
 from .backend import Backend, make_backend, resolve_backend
 from .block_calls import find_cache, hidden_states, replace_output, with_cache
@@ -123,6 +124,33 @@ def _prepare_cache(cache: Any, n_layers: int, first_steered: int, deltas: dict[i
         )
     for delta in deltas.values():
         delta.past_rotary.clear()  # this forward caches other positions than the last one
+
+
+def _output_cache(output: Any) -> Cache | None:
+    """The cache a decoder returns (in a ModelOutput, or a tuple with ``return_dict=False``), whatever its name."""
+    values = output.values() if isinstance(output, Mapping) else output if isinstance(output, tuple) else ()
+    return next((value for value in values if isinstance(value, Cache)), None)
+
+
+def _check_slots(cache: Cache, n_layers: int, steered: list[int]) -> None:
+    """After a steered forward: the keys/values of every steered block reached both its slots, as many tokens in each.
+
+    A length per slot, so cheap enough for every step, and independent of how transformers hands blocks the
+    cache: had the pre-trained blocks written into the fine-tuned slots (as when a release renamed the cache
+    argument), the lengths would differ, and the forward's output is refused rather than decoded from.
+    """
+    if len(cache.layers) == 2 * n_layers and all(
+        cache.get_seq_length(index) == cache.get_seq_length(n_layers + index) for index in steered
+    ):
+        return
+    slots = len(cache.layers)
+    lengths = [(cache.get_seq_length(i), cache.get_seq_length(n_layers + i)) for i in steered if n_layers + i < slots]
+    raise UnsupportedModelError(
+        f"FTC_α steering lost track of the KV cache under transformers {transformers.__version__}: the steered "
+        f"blocks' pre-trained keys/values did not reach their own cache slots ({slots} cache layers for "
+        f"{n_layers} blocks; cached tokens per steered block, fine-tuned and pre-trained: {lengths}). The output was "
+        "discarded. Generate with use_cache=False meanwhile, and report this with your transformers version."
+    )
 
 
 class _SteeredBlock:
@@ -229,7 +257,13 @@ def steered_forward(
                 if found is not None:
                     _prepare_cache(found[1], parts.n_layers, steered[0], deltas)
 
+            def check(module: nn.Module, args: tuple, output: Any) -> None:
+                cache = _output_cache(output)
+                if cache is not None:
+                    _check_slots(cache, parts.n_layers, steered)
+
             stack.enter_context(hooked(parts.layers[0], before=prepare, with_kwargs=True))
+            stack.enter_context(hooked(parts.decoder, after=check))
         arguments = StackedArguments()
         for index in steered:
             layer = parts.layers[index]

@@ -70,10 +70,12 @@ def _family_config(family: str):
 FAMILIES = registered_model_types()  # every registered family is covered by every family test
 
 
-def base_model(family: str, seed: int = 0, dtype=torch.float32, **overrides):
+def base_model(family: str, seed: int = 0, dtype=torch.float32, attention: str | None = "eager", **overrides):
+    """A random model of ``family``; ``attention`` None is what ``from_config`` picks by itself (sdpa), as users get."""
     torch.manual_seed(seed)
     config = family_config(family, **overrides)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").to(dtype)
+    chosen = {} if attention is None else {"attn_implementation": attention}
+    model = AutoModelForCausalLM.from_config(config, **chosen).to(dtype)
     return model.eval()
 
 
@@ -85,16 +87,16 @@ def lora_model(base, *, seed: int = 1, **lora_kwargs):
     return get_peft_model(base, LoraConfig(**kwargs)).eval()
 
 
-def model_pair(family: str, **lora_kwargs):
+def model_pair(family: str, attention: str | None = "eager", **lora_kwargs):
     """(pre-trained model, LoRA fine-tune of a copy of it): the paper's two-model setting."""
-    base = base_model(family)
+    base = base_model(family, attention=attention)
     pretrained = copy.deepcopy(base)
     return pretrained, lora_model(base, **lora_kwargs)
 
 
-def full_finetune_pair(family: str):
+def full_finetune_pair(family: str, attention: str | None = "eager"):
     """(pre-trained model, a copy of it with every weight perturbed): a full fine-tune, no adapter."""
-    pretrained = base_model(family)
+    pretrained = base_model(family, attention=attention)
     finetuned = copy.deepcopy(pretrained)
     generator = torch.Generator().manual_seed(5)
     with torch.no_grad():
