@@ -1,5 +1,12 @@
 """Check that a model's adapters can be decomposed exactly, and switch them off without side effects.
 
+The pre-trained block of an adapter fine-tune is the same block with its adapters off, which PEFT defines
+for every tuner (LoRA and its variants such as DoRA, IA3, LoHa, LoKr, VeRA, OFT, BOFT, ...), so every tuner
+is decomposed exactly. The one-pass shortcuts (captured base projections, the lean KV cache, fused
+kernels) need more than "off": a forward that is the base output plus a low-rank term, which only plain
+LoRA linears have (``is_additive_lora``); a block with another tuner on its q/k/v projections is replayed
+with its adapters off instead.
+
 PEFT's ``disable_adapter()`` is avoided on purpose: it flips ``requires_grad`` (peft#3447) and unmerges
 merged weights in place. Here only the per-module ``_disable_adapters`` flag is toggled, and it is put
 back exactly as it was found.
@@ -7,6 +14,7 @@ back exactly as it was found.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
@@ -22,11 +30,17 @@ _ADDITIVE_LORA_TYPES = frozenset({"Linear", "Linear4bit", "Linear8bitLt"})
 
 
 def is_additive_lora(module: nn.Module) -> bool:
-    return (
+    """A PEFT LoRA linear whose active adapters all add a plain low-rank term to the pre-trained projection: no
+    DoRA or other LoRA variant (they rescale or reshape it), no other tuner layer beneath it (a mixed model's)."""
+    if not (
         isinstance(module, LoraLayer)
         and type(module).__module__.startswith("peft.tuners.lora")
         and type(module).__name__ in _ADDITIVE_LORA_TYPES
-    )
+        and module.get_base_layer() is module.base_layer
+    ):
+        return False
+    variants = getattr(module, "lora_variant", {})
+    return not any(a in variants or module.use_dora.get(a, False) for a in module.active_adapters)
 
 
 def pretrained_projection(module: nn.Module) -> nn.Module:
@@ -35,43 +49,44 @@ def pretrained_projection(module: nn.Module) -> nn.Module:
 
 
 def check_adapters(modules: ModuleInventory) -> None:
-    """Refuse adapters whose pre-trained path is not ``adapters off`` on unmerged weights.
+    """Refuse a model without adapters, or with adapters merged into the base weights (the pre-trained block
+    is then gone); warn once per kind of tuner layer that has no one-pass rule.
 
-    Tuner layers of other kinds are allowed outside the decoder blocks (e.g. the trainable tokens of
-    ``LoraConfig(trainable_token_indices=...)``): the embeddings and the head belong to no component.
+    Tuner layers outside the decoder blocks (e.g. the trainable tokens of ``LoraConfig(trainable_token_indices=
+    ...)``) belong to no component: the embeddings and the head are not decomposed.
     """
-    if modules.other_adapters:
-        name, module = modules.other_adapters[0]
+    tuner_layers = modules.lora_layers + modules.other_adapters
+    if not tuner_layers:
         raise UnsupportedModelError(
-            f"{name} is a {type(module).__module__}.{type(module).__name__} adapter; tuco-peft decomposes "
-            "LoRA/QLoRA fine-tunes only. For other fine-tunes, save the merged model and pass "
-            "the pre-trained model explicitly."
-        )
-    if not modules.lora_layers:
-        raise UnsupportedModelError(
-            "the model has no LoRA adapters, so there is no fine-tuned component to measure; wrap the base "
+            "the model has no LoRA adapters (nor any other PEFT adapter), so there is no fine-tuned component to "
+            "measure; wrap the base "
             "model with peft.get_peft_model(...) or PeftModel.from_pretrained(base, adapter_path); for a full "
             "fine-tune pass base_model=<the pre-trained model or its checkpoint path>."
         )
-    merged = [name for name, module in modules.lora_layers if module.merged]
+    merged = [name for name, module in tuner_layers if getattr(module, "merged", False)]
     if merged:
         raise UnsupportedModelError(
-            f"{len(merged)} LoRA layers are merged into their base weights (e.g. {merged[0]}), so the "
+            f"{len(merged)} adapter layers are merged into their base weights (e.g. {merged[0]}), so the "
             "pre-trained block is no longer in the model; call model.unmerge_adapter() first."
         )
+    _warn_of_generic_layers(modules)
+
+
+def _warn_of_generic_layers(modules: ModuleInventory) -> None:
+    """One warning per kind of adapter layer that is not a plain LoRA linear."""
+    kinds: dict[str, str] = {}
+    for name, module in modules.other_adapters:
+        kinds.setdefault(f"{type(module).__module__}.{type(module).__name__}", name)
     for name, module in modules.lora_layers:
-        for adapter in module.active_adapters:
-            if module.use_dora.get(adapter, False):
-                raise UnsupportedModelError(
-                    f"adapter {adapter!r} uses DoRA ({name}); DoRA rescales the base output, which the "
-                    "one-pass decomposition does not model yet. Use a plain LoRA adapter."
-                )
-            if adapter in getattr(module, "lora_variant", {}):
-                variant = type(module.lora_variant[adapter]).__name__
-                raise UnsupportedModelError(
-                    f"adapter {adapter!r} at {name} is a LoRA variant ({variant}) that is not supported; "
-                    "use a plain LoRA adapter."
-                )
+        if type(module).__name__ in _ADDITIVE_LORA_TYPES and not is_additive_lora(module):
+            kinds.setdefault("LoRA with DoRA or another LoRA variant", name)
+    for kind, name in kinds.items():
+        warnings.warn(
+            f"{kind} adapter layers (e.g. {name}) are decomposed exactly by switching them off; a block with one "
+            "on a q/k/v projection runs its pre-trained path as a second pass through the block (the generic "
+            "path), and its KV cache slots under ftc_scale stay full.",
+            stacklevel=3,
+        )
 
 
 @contextmanager

@@ -75,9 +75,12 @@ def _find_layers(decoder: nn.Module, config: PretrainedConfig) -> nn.ModuleList 
 
 
 def unwrap_causal_lm(model: nn.Module) -> PreTrainedModel:
-    """The transformers model inside a PeftModel (or the model itself when LoRA was injected directly)."""
-    from peft import PeftModel
+    """The transformers model inside a PeftModel or PeftMixedModel (or the model itself when adapters were
+    injected directly)."""
+    from peft import PeftMixedModel, PeftModel
 
+    if isinstance(model, PeftMixedModel):  # several tuner kinds at once (LoRA + LoHa, ...); no prompt learning
+        return model.base_model.model
     if isinstance(model, PeftModel):
         for name in model.active_adapters:
             config = model.peft_config[name]

@@ -157,7 +157,7 @@ class PairedBlock:
             half = x.shape[0] // 2
             if additive and not args and not kwargs:
                 return torch.cat(backend.dual(x[half:], module)) if shared_input else backend.stacked(x, module)
-            with adapters_disabled([module]):
+            with adapters_disabled(module.modules()):  # with the tuner layers nested in it (mixed models)
                 pretrained = type(module).forward(module, x[:half], *args, **kwargs)
             return torch.cat([pretrained, type(module).forward(module, x[half:], *args, **kwargs)])
 

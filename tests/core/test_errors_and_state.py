@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from peft import IA3Config, LoHaConfig, LoraConfig, PromptTuningConfig, get_peft_model
+from peft import LoraConfig, PromptTuningConfig, get_peft_model
 from transformers import BertConfig, BertForMaskedLM
 
 import tuco_peft
@@ -137,17 +137,14 @@ def test_base_model_dropout_in_training_mode_is_refused():
 @pytest.mark.parametrize(
     "make, message",
     [
-        (lambda base: get_peft_model(base, IA3Config(target_modules=["q_proj"], feedforward_modules=[])), "LoRA/QLoRA"),
-        (lambda base: get_peft_model(base, LoHaConfig(target_modules=["q_proj"])), "LoRA/QLoRA"),
         (
             lambda base: get_peft_model(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)),
             "prompt learning",
         ),
-        (lambda base: get_peft_model(base, LoraConfig(target_modules=["q_proj"], use_dora=True)), "DoRA"),
         (lambda base: base, "no LoRA adapters"),
         (lambda base: torch.nn.Linear(2, 2), "PeftModel"),
     ],
-    ids=["ia3", "loha", "prompt-tuning", "dora", "no-adapter", "not-a-model"],
+    ids=["prompt-tuning", "no-adapter", "not-a-model"],
 )
 def test_unsupported_models_are_refused(make, message):
     model = make(base_model("llama"))

@@ -1,0 +1,136 @@
+"""Every PEFT tuner that can be switched off has an exact TuCo: its pre-trained block is the block with the
+adapters off. Each kind against the two-model oracle (tests/helpers/oracle.py), for decompose and for cached
+steered generation against the two-model steering reference."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from helpers.models import base_model, padded_batch
+from helpers.oracle import decoder_blocks, tuco_at_last, two_pass
+from helpers.steering import greedy_generate
+from helpers.steering_reference import steered_logits
+from peft import (
+    BOFTConfig,
+    HRAConfig,
+    IA3Config,
+    LoHaConfig,
+    LoKrConfig,
+    LoraConfig,
+    OFTConfig,
+    RandLoraConfig,
+    VeraConfig,
+    get_peft_model,
+)
+
+import tuco_peft
+from tuco_peft.adapters import is_additive_lora
+
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+MLP = ["gate_proj", "up_proj", "down_proj"]
+
+# Non-trivial initial weights everywhere, so that the fine-tuning component is not zero.
+KINDS = {
+    "dora": lambda: LoraConfig(r=4, target_modules="all-linear", use_dora=True, init_lora_weights=False),
+    "dora-on-mlp": lambda: LoraConfig(r=4, target_modules=MLP, use_dora=True, init_lora_weights=False),
+    "ia3": lambda: IA3Config(target_modules=ATTENTION + ["down_proj"], feedforward_modules=["down_proj"],
+                             init_ia3_weights=False),
+    "loha": lambda: LoHaConfig(r=4, target_modules=ATTENTION + MLP, init_weights=False),
+    "lokr": lambda: LoKrConfig(r=4, target_modules=ATTENTION + MLP, init_weights=False),
+    "vera": lambda: VeraConfig(r=4, target_modules=["q_proj", "o_proj"], init_weights=False),
+    "oft": lambda: OFTConfig(r=0, oft_block_size=8, target_modules=ATTENTION, init_weights=False),
+    "boft": lambda: BOFTConfig(boft_block_size=8, target_modules=["q_proj", "v_proj"], init_weights=False),
+    "hra": lambda: HRAConfig(r=4, target_modules=ATTENTION + MLP, init_weights=False),
+    "randlora": lambda: RandLoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"], init_weights=False),
+}
+
+
+def tuner_pair(kind: str, attention: str | None = "eager"):
+    """(pre-trained model, a copy of it with the adapter ``kind`` randomly initialised)."""
+    base = base_model("llama", attention=attention, intermediate_size=128)
+    pretrained = copy.deepcopy(base)
+    torch.manual_seed(1)
+    model = get_peft_model(base, KINDS[kind]()).eval()
+    with torch.no_grad():  # tuners whose random init is still the identity get trained-looking weights
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    return pretrained, model
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_tuner_matches_the_oracle(kind):
+    pretrained, model = tuner_pair(kind)
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        ptc, ftc, _, _ = two_pass(model, decoder_blocks(pretrained), ids, mask)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            decomposition = tuco_peft.decompose(model, ids, mask, positions="all")
+            tuco = tuco_peft.tuco(model, ids, mask)
+    real = mask.bool()[:, None, :, None]
+    scale = ptc.abs().max()
+    assert (decomposition.ptc - ptc * real).abs().max() <= 1e-4 * scale
+    assert (decomposition.ftc - ftc * real).abs().max() <= 1e-4 * scale
+    assert (tuco - tuco_at_last(ptc, ftc, mask)).abs().max() < 1e-5
+    assert ftc.abs().max() > 1e-3 * scale  # the adapter matters, so the checks above can fail
+    assert any("decomposed exactly by switching them off" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("kind", ["dora", "loha", "ia3", "oft"])
+def test_every_tuner_is_differentiable(kind):
+    """With grad mode on, TuCo's gradient flows to the adapter's own weights."""
+    _, model = tuner_pair(kind)
+    ids, mask = padded_batch()
+    tuco_peft.tuco(model, ids, mask).sum().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads) and any(g.abs().max() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("kind", ["dora", "dora-on-mlp", "loha", "ia3", "oft", "vera"])
+def test_cached_steered_generation_with_every_tuner(kind):
+    """With the default attention (sdpa) and one unpadded prompt, as users generate."""
+    pretrained, model = tuner_pair(kind, attention=None)
+    ids = torch.randint(1, 97, (1, 10), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    n_new, alphas = 5, [1.5, 0.5, 2.0]
+    with tuco_peft.ftc_scale(model, alphas):
+        out = greedy_generate(model, ids, mask, n_new, output_logits=True, return_dict_in_generate=True)
+    full_mask = torch.ones_like(out.sequences)
+    reference = steered_logits(model, pretrained, out.sequences, full_mask, alphas)[:, ids.shape[1] - 1 : -1]
+    torch.testing.assert_close(torch.stack(out.logits, dim=1), reference, atol=1e-4, rtol=1e-4)
+
+
+def test_dora_is_not_taken_for_a_plain_lora_linear():
+    """DoRA rescales the base output, so its keys are not base + low-rank: no captured base projection, no
+    lean cache slot, no fused kernel."""
+    _, model = tuner_pair("dora")
+    q_proj = model.get_base_model().model.layers[0].self_attn.q_proj
+    assert not is_additive_lora(q_proj)
+    model.base_model.model.model.layers[0].self_attn.q_proj.use_dora["default"] = False
+    q_proj.lora_variant.pop("default")
+    assert is_additive_lora(q_proj)
+
+
+def test_a_mixed_model_of_lora_and_loha():
+    """``PeftMixedModel``: several tuner kinds active at once, on shared and on separate modules."""
+    base = base_model("llama")
+    pretrained = copy.deepcopy(base)
+    torch.manual_seed(1)
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False)
+    model = get_peft_model(base, lora, adapter_name="lora", mixed=True)
+    model.add_adapter("loha", LoHaConfig(r=4, target_modules=["q_proj", "down_proj"], init_weights=False))
+    model.set_adapter(["lora", "loha"])
+    model.eval()
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        ptc, ftc, _, _ = two_pass(model.base_model.model, decoder_blocks(pretrained), ids, mask)
+        tuco = tuco_peft.tuco(model, ids, mask)
+        with tuco_peft.ftc_scale(model, 1.5):
+            steered = greedy_generate(model, ids, mask, 4, output_logits=True, return_dict_in_generate=True)
+    assert (tuco - tuco_at_last(ptc, ftc, mask)).abs().max() < 1e-5
+    full_mask = torch.cat([mask, torch.ones_like(mask[:, :4])], dim=1)
+    reference = steered_logits(model.base_model.model, pretrained, steered.sequences, full_mask, [1.5] * 3)
+    torch.testing.assert_close(torch.stack(steered.logits, dim=1), reference[:, ids.shape[1] - 1 : -1], atol=1e-4,
+                               rtol=1e-4)
