@@ -14,7 +14,7 @@ from .backend import Backend, LoraLinearBackend, make_backend, resolve_backend
 from .block_calls import hidden_states
 from .blocks import PretrainedPath, block_output, gather_rows, pretrained_path
 from .decomposition import Decomposition, DecompositionSums, tuco_from_sums
-from .errors import InputError, UnsupportedModelError
+from .errors import InputError, TuCoError, UnsupportedModelError
 from .inputs import Batch, Positions, prepare_batch
 from .interception import hooked
 from .introspection import ModelParts, model_parts
@@ -41,6 +41,7 @@ class _Components:
         # Whether each block's input was the previous block's output, kept on the device: a Python bool here
         # would make the host wait for every block; it is read once, after the forward.
         self._continues: list[torch.Tensor] = []
+        self._finite: list[torch.Tensor] = []  # whether each block's output is finite, also on the device
 
     def rows_of(self, states: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """``states`` [b, seq, ...] at the decomposed ``rows``, in float32; with every position in order, the
@@ -52,6 +53,7 @@ class _Components:
             self._discontinuity(index)
         if self.xL is not None:
             self._continues.append((self.xL == x_rows).all())
+        self._finite.append(torch.isfinite(out_rows).all())
         ftc = (out_rows - x_rows) - ptc
         if self.real is not None:
             ptc, ftc = ptc * self.real, ftc * self.real
@@ -71,10 +73,18 @@ class _Components:
         )
 
     def _ends(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x0, xL and the positions, after checking that every block ran."""
+        """x0, xL and the positions, after checking that every block ran, on finite hidden states."""
         if self.blocks_seen != self.n_layers:
             self._discontinuity(self.blocks_seen)
-        if self._continues:
+        finite = torch.stack(self._finite)
+        if not bool(finite.all()):
+            block = int((~finite).nonzero()[0])
+            raise TuCoError(
+                f"the hidden states hold NaN or infinity from block {block} on (NaN or infinite weights, or an "
+                "overflow in float16), so TuCo is undefined; check the checkpoint's weights, or load it in "
+                "float32 or bfloat16."
+            )
+        if self._continues:  # on finite states, a difference is a real discontinuity
             continues = torch.stack(self._continues)
             if not bool(continues.all()):
                 self._discontinuity(int((~continues).nonzero()[0]) + 1)
@@ -239,6 +249,22 @@ def _probe(
     return _BlockProbe(index, layer, path, source, components, lora_backend)
 
 
+def _check_vocabulary(batch: Batch, parts: ModelParts) -> None:
+    """Token ids the embedding has rows for: one outside it would fail deep in the forward (an IndexError on
+    a CPU, a device-side assert on a GPU) without saying which id."""
+    embedding = parts.causal_lm.get_input_embeddings()
+    size = getattr(embedding, "num_embeddings", None)
+    if size is None:
+        return
+    low, high = int(batch.input_ids.min()), int(batch.input_ids.max())
+    if low < 0 or high >= size:
+        bad = low if low < 0 else high
+        raise InputError(
+            f"input_ids holds token id {bad}, outside the model's vocabulary of {size} (ids 0 to {size - 1}); "
+            "tokenize with this model's tokenizer (padding too: pass a pad id below the vocabulary size)."
+        )
+
+
 def _to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, torch.Tensor):
         return value.to(device)
@@ -292,6 +318,7 @@ def decompose(
     parts = model_parts(model)
     source = checked_pretrained_blocks(parts, base_model)
     batch = prepare_batch(input_ids, attention_mask, positions, parts.input_device)
+    _check_vocabulary(batch, parts)
     lora_backend = make_backend(resolve_backend(backend, batch.input_ids.device))
     components = (_AllComponents if keep == "all" else _RunningSums)(len(parts.layers), batch)
     arguments = StackedArguments()

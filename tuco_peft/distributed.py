@@ -121,20 +121,23 @@ def part_file(out: Path, ranks: Ranks) -> Path:
     return parts_directory(out) / f"rank{ranks.rank}-of-{ranks.world_size}.jsonl"
 
 
-def fold_parts(results: ResultsFile, *, repair: bool = False) -> None:
+def fold_parts(results: ResultsFile, *, repair: bool = False, check: Callable[[], None] | None = None) -> None:
     """Move the rows of part files (a finished or an interrupted data-parallel run) into ``results``.
 
     Rows already in ``results`` are not repeated; a part's last row cut short by an interruption is dropped
-    (and with ``repair``, any line that is not a row). Then the part files are removed, so a rerun with any
-    number of ranks starts from ``results`` alone. The caller holds ``results``'s lock.
+    (and with ``repair``, any line that is not a row). ``check`` runs once the parts' rows are among
+    ``results.rows`` and before anything is written, so that a refused run changes no file. Then the part
+    files are removed, so a rerun with any number of ranks starts from ``results`` alone. The caller holds
+    ``results``'s lock.
     """
     directory = parts_directory(results.path)
-    if not directory.is_dir():
-        return
-    parts = sorted(directory.glob("rank*-of-*.jsonl"))
+    parts = sorted(directory.glob("rank*-of-*.jsonl")) if directory.is_dir() else []
     for part in parts:
-        results.append([row for row in ResultsFile(part, repair=repair).rows if not results.has_row(row)])
+        results.take_in(ResultsFile(part, repair=repair).rows)
+    if check is not None:
+        check()
+    results.settle()
     for part in parts:
         part.unlink()
-    with suppress(OSError):  # something else was put there: leave the directory to its owner
+    with suppress(OSError):  # missing, or something else was put there: leave the directory to its owner
         directory.rmdir()

@@ -5,10 +5,12 @@ mix two fine-tunes in one file. Each checkpoint is fingerprinted by the files th
 its config, its weights and their index; the tokenizer by the files it is read from, chat template included.
 
 Reading every byte of a multi-gigabyte checkpoint at each start would cost minutes, so files up to
-``HASHED_IN_FULL_BYTES`` are hashed whole, and a larger weight file by its size, its modification time and,
-for safetensors, its header (every tensor's name, dtype, shape and offsets). Retraining rewrites the file and
-so changes its modification time; copying a large file without keeping its time (``cp`` without ``-p``)
-changes it too, and then a rerun is refused although the weights are the same.
+``HASHED_IN_FULL_BYTES`` are hashed whole, and a larger one by content samples: a safetensors file by its
+header (every tensor's name, dtype, shape and offsets) and the first, middle and last ``SAMPLE_BYTES`` of
+every tensor, any other file by its size and ``SAMPLES`` blocks spread evenly over it. Training changes
+every element of the tensors it trains, so a retrained file differs in its samples, however it was written
+(in place at the same size, or copied with its old modification time); a copy of the same weights, under
+any time stamp, resumes. A few megabytes are read per checkpoint.
 
 A hub id that is not a local folder is fingerprinted by the id itself: its files may not be here yet, and
 the fingerprint must be the same before and after they are fetched. Download it to a folder (``hf download
@@ -18,28 +20,65 @@ ID --local-dir DIR``) to key its rows by content.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from .loading import PICKLE_SUFFIXES, TOKENIZER_FILES, Source, safetensors_header
 
 HASHED_IN_FULL_BYTES = 64 * 2**20
+SAMPLE_BYTES = 4096
+SAMPLES = 1024
 _CONFIG_FILES = ("config.json", "adapter_config.json")
 _PICKLE_WEIGHT_PREFIXES = ("model", "pytorch_model", "adapter_model")
 
 
+def _spans(start: int, end: int, count: int) -> Iterator[tuple[int, int]]:
+    """``count`` blocks of ``SAMPLE_BYTES`` spread evenly over [start, end), the first at its start and the
+    last at its end; the whole range when they would cover it."""
+    if end - start <= count * SAMPLE_BYTES:
+        yield start, end
+        return
+    last = end - SAMPLE_BYTES
+    for index in range(count):
+        offset = start + (last - start) * index // (count - 1)
+        yield offset, offset + SAMPLE_BYTES
+
+
+def _sampled_ranges(path: Path, size: int) -> Iterator[tuple[int, int]]:
+    """The byte ranges a large file is fingerprinted by: a safetensors file's header and three blocks of
+    every tensor (first, middle, last), else blocks spread over the whole file."""
+    if path.suffix != ".safetensors":
+        yield from _spans(0, size, SAMPLES)
+        return
+    header = safetensors_header(path)
+    data_start = 8 + len(header)
+    yield 0, data_start
+    entries = json.loads(header)
+    for name in sorted(entries):
+        if name != "__metadata__":
+            begin, end = entries[name]["data_offsets"]
+            yield from _spans(data_start + begin, data_start + end, 3)
+
+
+def _read(handle: BinaryIO, start: int, end: int) -> bytes:
+    handle.seek(start)
+    return handle.read(end - start)
+
+
 def file_digest(path: Path) -> str:
-    """A digest of one file: of its bytes when small, else of its size, modification time and header."""
-    stat = path.stat()
+    """A digest of one file: of its bytes when small, else of its size and content samples (see above)."""
+    size = path.stat().st_size
     digest = hashlib.sha256()
-    if stat.st_size <= HASHED_IN_FULL_BYTES:
-        with open(path, "rb") as handle:
+    with open(path, "rb") as handle:
+        if size <= HASHED_IN_FULL_BYTES:
             for chunk in iter(lambda: handle.read(2**20), b""):
                 digest.update(chunk)
-        return digest.hexdigest()
-    digest.update(f"{stat.st_size}:{stat.st_mtime_ns}:".encode())
-    if path.suffix == ".safetensors":
-        digest.update(safetensors_header(path))
+            return digest.hexdigest()
+        digest.update(f"sampled:{size}:".encode())
+        for start, end in _sampled_ranges(path, size):
+            digest.update(_read(handle, start, end))
     return digest.hexdigest()
 
 

@@ -79,7 +79,13 @@ def _rows(positions: Positions, mask: torch.Tensor) -> tuple[torch.Tensor, bool]
         if positions == "all":
             return torch.arange(n, device=mask.device).expand(batch, n), False
         raise InputError(f'positions must be "last", "all" or token indices, got {positions!r}.')
-    rows = torch.as_tensor(positions, device=mask.device)
+    try:
+        rows = torch.as_tensor(positions, device=mask.device)
+    except (ValueError, TypeError, RuntimeError):  # a ragged list, or one holding other things than integers
+        raise InputError(
+            "positions must be token indices: one list for every row, or a [batch, k] integer tensor (rows of "
+            "equal length); pad a ragged list of per-row positions by repeating an index."
+        ) from None
     if rows.dtype not in (torch.int32, torch.int64) or rows.ndim not in (1, 2) or rows.numel() == 0:
         raise InputError(
             "positions must be a non-empty list/1-D tensor of token indices (the same for every row) "

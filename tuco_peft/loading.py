@@ -12,9 +12,13 @@ torch and transformers are imported only by what loads.
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -166,15 +170,28 @@ def _check_weight_files(source: Source, safetensors_names: tuple[str, ...], trus
         )
 
 
-def _check_remote_code(source: Source, trust_remote_code: bool) -> None:
-    config_file = source.local / "config.json"
-    if trust_remote_code or not config_file.is_file():
-        return
+def _read_config(source: Source, name: str) -> dict:
+    """A checkpoint's config.json or adapter_config.json, which must be a JSON object."""
+    path = source.local / name
     try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise InputError(f"{source.describe()}: config.json is not valid JSON.") from None
-    if isinstance(config, dict) and config.get("auto_map"):
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise InputError(
+            f"{source.describe()}: {path} is not valid JSON ({error.msg} at line {error.lineno} column "
+            f"{error.colno}); fix it, or save or download the checkpoint again."
+        ) from None
+    except UnicodeDecodeError:
+        raise InputError(f"{source.describe()}: {path} is not UTF-8 text; save or download it again.") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{source.describe()}: {path} is not a JSON object; save or download it again.")
+    return config
+
+
+def _check_remote_code(source: Source, trust_remote_code: bool) -> None:
+    if trust_remote_code or not (source.local / "config.json").is_file():
+        return
+    config = _read_config(source, "config.json")
+    if config.get("auto_map"):
         raise InputError(
             f"{source.describe()} needs custom model code (auto_map in config.json); pass --trust-remote-code "
             "if you have read it and trust it."
@@ -219,6 +236,7 @@ def check_checkpoint(source: Source, options: LoadOptions, kind: str = "model") 
     if source.local is None:
         return
     _check_kind(source, adapter=kind == "adapter")
+    _read_config(source, "adapter_config.json" if kind == "adapter" else "config.json")
     if kind == "streamed":
         if not any(source.local.glob("*.safetensors")):
             raise InputError(
@@ -381,7 +399,44 @@ def check_full_finetune(
 def _with_tokenizer(by_flag: dict[str, Source], base: Source, finetune: Source) -> Checkpoints:
     tokenizer = tokenizer_source(base, finetune)
     check_tokenizer(tokenizer)
+    check_hub_reachable(by_flag.values())
     return Checkpoints(by_flag, tokenizer)
+
+
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+HUB_PROBE_SECONDS = 5.0
+
+
+@cache
+def _hub_unreachable(endpoint: str) -> str | None:
+    """Why one connection to the Hub's host fails (None when it opens)."""
+    from urllib.parse import urlsplit
+
+    address = urlsplit(endpoint)
+    port = address.port or (443 if address.scheme == "https" else 80)
+    try:
+        socket.create_connection((address.hostname, port), timeout=HUB_PROBE_SECONDS).close()
+    except OSError as error:
+        return error.strerror or str(error) or type(error).__name__
+    return None
+
+
+def check_hub_reachable(sources: Iterable[Source]) -> None:
+    """Refuse hub ids at once when the Hub cannot be reached: huggingface_hub would retry each file for most
+    of a minute, printing a line per retry, before failing. With HF_HUB_OFFLINE set nothing is fetched (and
+    a missing copy fails at once); behind a proxy the connection is not probed."""
+    from huggingface_hub import constants
+
+    remote = [source for source in sources if source.local is None]
+    if not remote or constants.HF_HUB_OFFLINE or any(os.environ.get(name) for name in _PROXY_VARIABLES):
+        return
+    reason = _hub_unreachable(constants.ENDPOINT)
+    if reason is not None:
+        raise InputError(
+            f"{remote[0].describe()} is not a local directory and the Hugging Face Hub ({constants.ENDPOINT}) "
+            f"cannot be reached ({reason}); set HF_HUB_OFFLINE=1 to use a copy in the Hub's cache, or download "
+            "it where there is network (hf download ID --local-dir DIR) and pass the directory."
+        )
 
 
 def load_pair(base: str, adapter: str, options: LoadOptions) -> tuple[nn.Module, object]:

@@ -1,4 +1,5 @@
-"""One writer per results file: an advisory lock held for the whole run.
+"""Writing files safely: one writer per results file (an advisory lock held for the whole run), and every
+file that is written whole replaced in one rename (``replaced_atomically``).
 
 The lock is ``OUT.lock``, beside the results file rather than the file itself, because sorting the rows
 replaces ``OUT`` with a new file (an atomic rename) and a lock on the old one would be lost. The operating
@@ -15,10 +16,15 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from . import __version__
 from .errors import InputError
+
+# The mark of the files tuco-peft writes whole (see cli.outputs): any version's starts with WRITER.
+WRITER = "tuco-peft"
+WRITTEN_BY = f"{WRITER} {__version__}"
 
 try:
     import fcntl
@@ -58,6 +64,43 @@ def _holder(path: Path) -> str:
     return f"pid {pid}" if pid.isdigit() else "another process"
 
 
+def _is_lock_file(path: Path) -> bool:
+    """Whether ``path`` is missing or holds what a lock file of tuco-peft holds: nothing, or a pid."""
+    if not path.exists():
+        return True
+    try:
+        content = path.read_bytes()[:32].strip() if path.stat().st_size <= 32 else b"?"
+    except OSError:
+        return False
+    return content == b"" or content.isdigit()
+
+
+def check_lock_file(out: Path) -> None:
+    """Refuse to take over ``out``'s lock path when a file tuco-peft did not write sits there."""
+    path = lock_path(out)
+    if path.is_dir() or not _is_lock_file(path):
+        raise InputError(
+            f"{path}, the lock file of --out {out}, is a file tuco-peft did not write; move it away or pass another "
+            "--out."
+        )
+
+
+@contextmanager
+def replaced_atomically(path: str | Path) -> Iterator[Path]:
+    """A file beside ``path`` (same folder and suffix) for the block to write, renamed onto ``path`` when the
+    block succeeds: a failure or an interruption leaves the old file whole, never half-written."""
+    path = Path(path)
+    staging = path.with_name(f".{path.stem}.{os.getpid()}.writing{path.suffix}")
+    try:
+        yield staging
+        with open(staging, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(staging, path)
+    finally:
+        with suppress(FileNotFoundError):
+            staging.unlink()
+
+
 def _not_writable(out: Path, error: OSError) -> InputError:
     return InputError(f"--out {out} is not writable ({error.strerror or error}); pass another --out.")
 
@@ -84,6 +127,7 @@ def results_lock(out: Path, *, wait: bool = False) -> Iterator[None]:
 
     Another holder makes this an error naming its pid, or with ``wait`` a wait for it to finish.
     """
+    check_lock_file(out)
     check_writable(out)
     path = lock_path(out)
     announced = False

@@ -6,7 +6,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .errors import InputError
+from .locking import WRITER, WRITTEN_BY, replaced_atomically
 from .results import ResultRow, mean_per_layer
+
+# The formats whose metadata matplotlib writes, and the key that marks a figure as tuco-peft's (so that a
+# rerun may overwrite it, and a file it did not write is not).
+_MARKED_FORMATS = {"png": "Software", "pdf": "Creator", "svg": "Creator", "eps": "Creator", "ps": "Creator"}
+FIGURE_MARK = WRITER.encode()
 
 
 def _pyplot():
@@ -20,16 +26,16 @@ def _pyplot():
     return plt
 
 
-def check_plot_path(path: str | Path) -> None:
-    """Refuse a file type matplotlib cannot write before any analysis runs, rather than after it."""
-    _pyplot()
-    from matplotlib.backend_bases import FigureCanvasBase
+def _plot_format(path: str | Path) -> str:
+    return Path(path).suffix.lower().removeprefix(".")
 
-    supported = FigureCanvasBase.get_supported_filetypes()
-    suffix = Path(path).suffix.lower().removeprefix(".")
-    if suffix not in supported:
+
+def check_plot_path(path: str | Path) -> None:
+    """Refuse a file type the figure cannot be written in, with its mark, before any analysis runs."""
+    _pyplot()
+    if _plot_format(path) not in _MARKED_FORMATS:
         raise InputError(
-            f"--plot {path} must end in one of {', '.join('.' + name for name in sorted(supported))} (e.g. .png)."
+            f"--plot {path} must end in one of {', '.join('.' + name for name in sorted(_MARKED_FORMATS))} (e.g. .png)."
         )
 
 
@@ -61,7 +67,9 @@ def plot_analysis(groups: Mapping[str, Sequence[ResultRow]], path: str | Path, t
         figure.suptitle(title)
     figure.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    with replaced_atomically(path) as staging:
+        figure.savefig(
+            staging, dpi=120, format=_plot_format(path), metadata={_MARKED_FORMATS[_plot_format(path)]: WRITTEN_BY}
+        )
     plt.close(figure)
     return path

@@ -16,6 +16,7 @@ from typing import Any
 from .errors import InputError
 
 PromptId = int | str
+PromptJson = str | list[dict[str, str]]  # a prompt as a row stores it: its text, or its chat messages
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class Prompt:
             return not any(m["content"].strip() for m in self.messages)
         return not self.text.strip()
 
-    def as_json(self) -> str | list[dict[str, str]]:
+    def as_json(self) -> PromptJson:
         return list(self.messages) if self.messages is not None else self.text
 
 
@@ -147,13 +148,32 @@ def format_prompt(tokenizer: Any, prompt: Prompt, *, chat_template: bool, system
     )
 
 
+# A text longer than this many characters per token of the context is far longer than the context: only
+# its end is tokenized (no token of a tokenizer in use spans this many characters).
+CHARACTERS_PER_TOKEN_AT_MOST = 64
+
+
 @dataclass(frozen=True)
 class EncodedPrompt:
-    """A prompt's token ids as analysed, and how many of its first tokens were cut to fit the context."""
+    """A prompt's token ids as analysed, and how many of its first tokens were cut to fit the context
+    (None: cut, but only the end of the text was tokenized, so the count is not known)."""
 
     prompt: Prompt
     ids: list[int]
-    n_cut: int = 0
+    n_cut: int | None = 0
+
+
+def _last_tokens(tokenizer: Any, text: str, count: int) -> list[int] | None:
+    """The last ``count`` token ids of a very long ``text``, from tokenizing a window of its end that grows
+    until it holds more than ``count`` tokens; the window's first token, maybe a piece of a word the window
+    cut, is never kept. None when the text is not long enough for this to save anything."""
+    window = count * CHARACTERS_PER_TOKEN_AT_MOST
+    while window < len(text) // 2:
+        ids = tokenizer(text[-window:], add_special_tokens=False)["input_ids"]
+        if len(ids) > count + 1:
+            return list(ids[-count:])
+        window *= 4
+    return None
 
 
 def encode_prompt(
@@ -169,13 +189,19 @@ def encode_prompt(
     The one way prompts become token ids (command line, training callback, α sweep, demo), so that TuCo is
     measured on the same tokens everywhere. A chat-template rendering, here or by the caller (a text that
     already starts with the BOS token), holds its special tokens, so none are added to it. The end of an
-    over-long prompt is kept: TuCo is read at the last token.
+    over-long prompt is kept: TuCo is read at the last token. Of a text far longer than the context (see
+    ``CHARACTERS_PER_TOKEN_AT_MOST``) only the end is tokenized, so that a huge prompt costs what its kept
+    tokens cost.
     """
     if isinstance(prompt, str):
         prompt = Prompt(id=0, line=0, text=prompt)
     text = format_prompt(tokenizer, prompt, chat_template=chat_template, system=system)
     bos = getattr(tokenizer, "bos_token", None)
     templated = chat_template or (bool(bos) and text.startswith(bos))
+    if context_length is not None and len(text) > context_length * CHARACTERS_PER_TOKEN_AT_MOST:
+        tail = _last_tokens(tokenizer, text, context_length)
+        if tail is not None:
+            return EncodedPrompt(prompt, tail, None)
     ids = list(tokenizer(text, add_special_tokens=not templated)["input_ids"])
     kept = ids if context_length is None or len(ids) <= context_length else ids[-context_length:]
     return EncodedPrompt(prompt, kept, len(ids) - len(kept))

@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import os
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import InputError
-from .prompts import Prompt, PromptId
+from .locking import replaced_atomically
+from .prompts import Prompt, PromptId, PromptJson
 
 if TYPE_CHECKING:
     import torch
@@ -38,7 +39,7 @@ class ResultRow:
     """
 
     id: PromptId
-    prompt: str | list[dict[str, str]]
+    prompt: PromptJson
     tuco: float
     ptc_l1: list[float]
     n_tokens: int | None = None
@@ -66,7 +67,9 @@ class ResultRow:
     def from_json(cls, record: Any) -> ResultRow | None:
         """The row of a JSON value, or None when it is not one (a required field missing, or not an object)."""
         names = {row_field.name for row_field in fields(cls)} - {"extra"}
-        if not isinstance(record, dict) or any(name not in record for name in REQUIRED_FIELDS):
+        if not isinstance(record, dict) or any(record.get(name) is None for name in REQUIRED_FIELDS):
+            return None
+        if not all(_has_its_type(name, record.get(name)) for name in names):
             return None
         known = {name: value for name, value in record.items() if name in names}
         return cls(**known, extra={name: value for name, value in record.items() if name not in names})
@@ -77,6 +80,21 @@ class ResultRow:
 
 
 REQUIRED_FIELDS = ("id", "prompt", "tuco", "ptc_l1", "settings")
+_NUMBER_LISTS = ("ptc_l1", "ftc_l1", "cumulative_tuco", "token_tuco")
+_FIELD_TYPES = {"id": (int, str), "prompt": (str, list), "tuco": (int, float), "n_tokens": int, "set": str}
+_FIELD_TYPES.update({"settings": dict, "fingerprint": dict}, **dict.fromkeys(_NUMBER_LISTS, list))
+
+
+def _has_its_type(name: str, value: Any) -> bool:
+    """Whether a row's field holds what tuco-peft writes there (None: left out), so that an edited row that
+    is still JSON is not taken for a row and read later as numbers it does not hold."""
+    if value is None:
+        return True
+    if isinstance(value, bool) or not isinstance(value, _FIELD_TYPES[name]):
+        return False
+    if name in _NUMBER_LISTS:
+        return all(isinstance(item, (int, float)) and not isinstance(item, bool) for item in value)
+    return True
 
 
 def result_key(set_name: str | None, prompt_id: PromptId) -> str:
@@ -98,12 +116,8 @@ def _parse_row(line: bytes) -> ResultRow | None:
 
 def _write_atomically(path: Path, rows: Iterable[ResultRow]) -> None:
     """Replace ``path`` by ``rows`` in one rename, so that an interruption leaves one file or the other whole."""
-    staging = path.with_name(path.name + ".writing")
-    with open(staging, "w", encoding="utf-8") as handle:
-        handle.writelines(_json_line(row) for row in rows)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(staging, path)
+    with replaced_atomically(path) as staging:
+        staging.write_text("".join(_json_line(row) for row in rows), encoding="utf-8")
 
 
 def decomposition_rows(
@@ -146,58 +160,81 @@ class ResultsFile:
     """A JSONL file of rows that a rerun extends instead of repeating.
 
     Each row is flushed as soon as it is written, so an interrupted run keeps every finished row; a last
-    line cut short by the interruption is dropped when the file is reopened. Any other line that is not a
-    row, or repeats one, is an error that names it; with ``repair`` such lines are dropped instead (listed
-    in ``dropped_lines``), every good row is kept, and what was dropped is computed again.
+    line cut short by the interruption is dropped when the file is next written. Any other line that is
+    not a row, or repeats one, and any row whose prompt is not the prompt of its id in the prompt file
+    (``check_prompts``), is an error that names it; with ``repair`` such lines are dropped instead (listed
+    in ``dropped``), every good row is kept, and what was dropped is computed again.
 
-    Opening may rewrite the file, so only the holder of its lock opens it (see ``locking``).
+    A file that holds no row at all was not written by tuco-peft: it is refused, unless ``force``, which
+    starts it anew. Opening reads only: every change waits for ``settle`` (or the first ``append``), which
+    the caller makes once every check has passed, so that a refused run leaves the file as it was. Only
+    the holder of the file's lock settles it (see ``locking``).
     """
 
-    def __init__(self, path: str | Path, *, repair: bool = False):
+    def __init__(self, path: str | Path, *, repair: bool = False, force: bool = False):
         self.path = Path(path)
-        self.dropped_lines: list[int] = []
-        self.rows: list[ResultRow] = self._load(repair)
-        self._by_key = {row.key: row for row in self.rows}
+        self.repair = repair
+        self.dropped: list[tuple[int, str]] = []  # (line, why), with repair
+        self.rows: list[ResultRow] = []
+        self._by_key: dict[str, ResultRow] = {}
+        self._line_of: dict[str, int] = {}
+        self._taken_in: list[ResultRow] = []  # rows of other files, appended when settled
+        self._settled_size: int | None = None  # the file's length once settled, when it differs from now
+        self._rewrite = False
+        self._end_last_line = False
+        self._load(force)
 
-    def _load(self, repair: bool) -> list[ResultRow]:
+    def _load(self, force: bool) -> None:
         if not self.path.exists():
-            return []
+            return
         if not self.path.is_file():
             raise InputError(f"--out {self.path} is not a file; pass a file for the rows.")
         data = self.path.read_bytes()
         lines = data.split(b"\n")
         complete, tail = lines[:-1], lines[-1]
-        rows: list[ResultRow] = []
-        first_line_of: dict[str, int] = {}
+        if tail and _parse_row(tail) is not None:  # a whole row whose newline is missing
+            complete, tail = lines, b""
+            self._end_last_line = True
         problems: list[tuple[int, str]] = []
         for number, line in enumerate(complete, start=1):
             row = _parse_row(line)
             if row is None:
                 problems.append((number, "is not a tuco-peft result row"))
-            elif row.key in first_line_of:
-                problems.append((number, f"repeats the row of line {first_line_of[row.key]} (id {row.id!r})"))
+            elif row.key in self._line_of:
+                problems.append((number, f"repeats the row of line {self._line_of[row.key]} (id {row.id!r})"))
             else:
-                first_line_of[row.key] = number
-                rows.append(row)
-        if problems and not rows:
-            raise InputError(
-                f"{self.path}:{problems[0][0]} is not a tuco-peft result row, and the file holds none; pass another "
-                "--out."
-            )
-        if problems and not repair:
+                self._keep(row, number)
+        if not self.rows and (problems or tail):
+            if not force:
+                raise InputError(
+                    f"{self.path}:{problems[0][0] if problems else 1} is not a tuco-peft result row, and the file "
+                    "holds none, so tuco-peft did not write it; pass another --out, or --force to overwrite it."
+                )
+            self._settled_size, self._end_last_line = 0, False
+            return
+        if problems and not self.repair:
             number, problem = problems[0]
             more = f" (and {len(problems) - 1} more lines)" if len(problems) > 1 else ""
             raise InputError(
-                f"{self.path}:{number} {problem}{more}; rerun with --repair to keep its {len(rows)} good rows and "
-                "compute the rest again."
+                f"{self.path}:{number} {problem}{more}; rerun with --repair to keep its {len(self.rows)} good rows "
+                "and compute the rest again."
             )
-        if problems:
-            _write_atomically(self.path, rows)
-            self.dropped_lines = [number for number, _ in problems]
-        elif tail:  # a row whose write was interrupted: drop it so that it is computed again
-            with open(self.path, "r+b") as handle:
-                handle.truncate(len(data) - len(tail))
-        return rows
+        self.dropped = problems
+        self._rewrite = bool(problems)
+        if tail:  # a row whose write was interrupted: dropped, so that it is computed again
+            self._settled_size = len(data) - len(tail)
+
+    def _keep(self, row: ResultRow, line: int) -> None:
+        self.rows.append(row)
+        self._by_key[row.key] = row
+        self._line_of[row.key] = line
+
+    def take_in(self, rows: Iterable[ResultRow]) -> None:
+        """Add the rows of another file (a data-parallel run's part) that this one lacks; written when settled."""
+        for row in rows:
+            if row.key not in self._by_key:
+                self._keep(row, 0)
+                self._taken_in.append(row)
 
     def check_made_like(self, settings: Settings, fingerprint: Fingerprint) -> None:
         """Refuse a file whose rows were computed otherwise than with ``settings`` and ``fingerprint``: by
@@ -227,17 +264,45 @@ class ResultsFile:
                 "settings and files they were computed with, or pass a new --out to start a new file."
             )
 
+    def check_prompts(self, prompts: Mapping[str, PromptJson]) -> None:
+        """Refuse rows whose prompt is not ``prompts[key]`` (an edited row, or another prompt file's); with
+        ``repair``, drop them instead (their prompts are computed again). Rows of other keys are kept."""
+        stale = [row for row in self.rows if row.key in prompts and row.prompt != prompts[row.key]]
+        if not stale:
+            return
+        if not self.repair:
+            row = stale[0]
+            if len(stale) == sum(row.key in prompts for row in self.rows):
+                way_out = "so it belongs to another prompt file; pass another --out"
+            else:
+                way_out = f"(line {self._line_of[row.key]}); rerun with --repair to compute it again"
+            raise InputError(f"{self.path} already has a row for id {row.id!r} with another prompt, {way_out}.")
+        for row in stale:
+            self.dropped.append((self._line_of[row.key], f"is a row of another prompt (id {row.id!r})"))
+            del self._by_key[row.key]
+        self.rows = [row for row in self.rows if row.key in self._by_key]
+        self._taken_in = [row for row in self._taken_in if row.key in self._by_key]
+        self._rewrite = True
+
+    def settle(self) -> None:
+        """Make the file hold exactly ``rows``: drop what ``repair`` or ``force`` dropped and a cut last line,
+        end the last line, append the rows taken in. Call it once every check has passed."""
+        if self._rewrite:
+            _write_atomically(self.path, self.rows)
+        elif self._settled_size is not None or self._end_last_line or self._taken_in:
+            with open(self.path, "ab") as handle:  # appends, at the end left by the truncation
+                if self._settled_size is not None:
+                    handle.truncate(self._settled_size)
+                if self._end_last_line:
+                    handle.write(b"\n")
+                handle.writelines(_json_line(row).encode() for row in self._taken_in)
+                handle.flush()
+                os.fsync(handle.fileno())
+        self._rewrite, self._settled_size, self._end_last_line, self._taken_in = False, None, False, []
+
     def done(self, set_name: str | None, prompt: Prompt) -> bool:
-        """Whether ``prompt`` already has its row; a stored row for the same id but another prompt is an error."""
-        row = self._by_key.get(result_key(set_name, prompt.id))
-        if row is None:
-            return False
-        if row.prompt != prompt.as_json():
-            raise InputError(
-                f"{self.path} already has a row for id {prompt.id!r} with another prompt, so it belongs to another "
-                "prompt file; pass another --out."
-            )
-        return True
+        """Whether ``prompt`` already has its row (``check_prompts`` has checked that it is its prompt's)."""
+        return result_key(set_name, prompt.id) in self._by_key
 
     def has_row(self, row: ResultRow) -> bool:
         """Whether a row for the same prompt set and id is already stored."""
@@ -245,11 +310,12 @@ class ResultsFile:
 
     def append(self, rows: Iterable[ResultRow]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            self.settle()
         with open(self.path, "a", encoding="utf-8") as handle:
             for row in rows:
                 handle.write(_json_line(row))
-                self.rows.append(row)
-                self._by_key[row.key] = row
+                self._keep(row, 0)
             handle.flush()
             os.fsync(handle.fileno())
 
@@ -257,6 +323,7 @@ class ResultsFile:
         """Rewrite the file with the rows of ``keys`` in that order, after any other rows (kept as they were)."""
         if not self.path.exists():
             return
+        self.settle()
         rank = {key: index for index, key in enumerate(keys)}
         others = [row for row in self.rows if row.key not in rank]
         ordered = sorted((row for row in self.rows if row.key in rank), key=lambda row: rank[row.key])
@@ -268,6 +335,11 @@ class ResultsFile:
 def prompt_keys(prompts: Sequence[Prompt], set_name: str | None = None) -> list[str]:
     """The row key of each prompt (in prompt set ``set_name``), in the prompts' order."""
     return [result_key(set_name, prompt.id) for prompt in prompts]
+
+
+def prompts_by_key(prompts: Sequence[Prompt], set_name: str | None = None) -> dict[str, PromptJson]:
+    """Each prompt as its row stores it, by row key (in prompt set ``set_name``)."""
+    return {result_key(set_name, prompt.id): prompt.as_json() for prompt in prompts}
 
 
 def rows_for(rows: Iterable[ResultRow], prompts: Sequence[Prompt], set_name: str | None = None) -> list[ResultRow]:

@@ -182,11 +182,16 @@ class Runner:
             if not tokens.ids:
                 warn(f"prompt {prompt.id!r} (line {prompt.line}) has no tokens; skipped.")
                 continue
-            if tokens.n_cut:
+            if tokens.n_cut != 0:
                 room_note = f" less {room} new tokens" if room else ""
+                size = (
+                    "far more tokens than"
+                    if tokens.n_cut is None
+                    else f"{tokens.n_cut + len(tokens.ids)} tokens, more than"
+                )
                 warn(
-                    f"prompt {prompt.id!r} (line {prompt.line}) has {tokens.n_cut + len(tokens.ids)} tokens, more "
-                    f"than the model's context of {context}{room_note}; analysing its last {limit} tokens."
+                    f"prompt {prompt.id!r} (line {prompt.line}) has {size} the model's context of "
+                    f"{context}{room_note}; analysing its last {limit} tokens."
                 )
             encoded.append(tokens)
         return encoded
@@ -206,7 +211,15 @@ class Runner:
         from tqdm import tqdm
 
         encoded = self.encode(prompts)
-        batches = plan_batches([len(tokens.ids) for tokens in encoded], self.batching)
+        lengths = [len(tokens.ids) for tokens in encoded]
+        budget = self.batching.max_batch_tokens
+        if budget is not None and lengths and max(lengths) > budget:
+            over = sum(length > budget for length in lengths)
+            warn(
+                f"{over} prompt(s) have more tokens than --max-batch-tokens {budget} (the longest {max(lengths)}); "
+                "each runs in a batch of its own, over the budget. Raise --max-batch-tokens if that is too much."
+            )
+        batches = plan_batches(lengths, self.batching)
         with tqdm(
             total=len(encoded), unit="prompt", desc=label or set_name or "analyze", file=sys.stderr, dynamic_ncols=True
         ) as bar:

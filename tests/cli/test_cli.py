@@ -322,8 +322,8 @@ def test_flags_that_need_each_other_and_debug_traceback(checkpoints, tmp_path, c
     fails([*argv, "--system", "hi"], capsys, "--system needs --chat-template")
     messages = write_lines(tmp_path / "m.jsonl", [json.dumps({"messages": [{"role": "user", "content": "hi"}]})])
     fails([*argv[:6], str(messages), *argv[7:]], capsys, "has chat messages; pass --chat-template")
-    with pytest.raises(Exception, match="--system needs --chat-template"):
-        main([*argv, "--system", "hi", "--debug"])
+    assert main([*argv, "--system", "hi", "--debug"]) == 2
+    assert "Traceback" in capsys.readouterr().err
 
 
 def test_resuming_with_other_settings_is_refused(checkpoints, tmp_path, capsys):
@@ -343,7 +343,7 @@ def test_resuming_with_other_settings_is_refused(checkpoints, tmp_path, capsys):
 
 def test_out_must_be_a_results_file_other_than_the_prompts(checkpoints, tmp_path, capsys):
     prompts = write_lines(tmp_path / "p.jsonl", [json.dumps({"id": 1, "prompt": "the lazy dog"})])
-    fails(_analyze_argv(checkpoints, prompts, prompts), capsys, "is the prompt file")
+    fails(_analyze_argv(checkpoints, prompts, prompts), capsys, "is also the prompt file")
     other = write_lines(tmp_path / "other.jsonl", [json.dumps({"id": 1, "prompt": "the lazy dog"})])
     fails(_analyze_argv(checkpoints, prompts, other), capsys, "other.jsonl:1 is not a tuco-peft result row")
     chat = write_lines(tmp_path / "chat.txt", ["how can I help you today?"])

@@ -214,3 +214,31 @@ def test_a_killed_run_resumes_without_loss_or_duplicates(checkpoints, tmp_path):
     assert main(_argv(checkpoints, prompts, out, "--batch-size", "16", "--max-batch-tokens", "128")) == 0
     assert [row["id"] for row in read_rows(out)] == list(range(1, n + 1))
     assert torch.isfinite(torch.tensor([row["tuco"] for row in read_rows(out)])).all()
+
+
+def test_a_prompt_over_the_token_budget_is_named_in_a_warning(checkpoints, tmp_path, capsys, batches):
+    prompts = write_lines(tmp_path / "p.txt", [" ".join(WORDS), "the fox"])
+    assert main(_argv(checkpoints, prompts, tmp_path / "rows.jsonl", "--max-batch-tokens", "6")) == 0
+    err = capsys.readouterr().err
+    longest = max(shape[1] for shape in batches)
+    assert longest > 6 and f"1 prompt(s) have more tokens than --max-batch-tokens 6 (the longest {longest})" in err
+
+
+def test_a_huge_prompt_is_tokenized_by_its_end_only(checkpoints, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from tuco_peft.prompts import encode_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoints.base)
+    text = " ".join(WORDS[i % len(WORDS)] for i in range(200_000))  # about a million characters
+    expected = tokenizer(text)["input_ids"][-40:]  # the oracle: the whole text tokenized, then cut
+    tokenized = []
+    original_call = type(tokenizer).__call__
+    monkeypatch.setattr(
+        type(tokenizer), "__call__", lambda self, t, **k: tokenized.append(len(t)) or original_call(self, t, **k)
+    )
+    encoded = encode_prompt(tokenizer, text, context_length=40)
+    assert encoded.ids == expected and encoded.n_cut is None
+    assert max(tokenized) < 40 * 64 * 4 < len(text)  # a window of its end, a few thousand characters
+    short = " ".join(WORDS * 3)
+    assert encode_prompt(tokenizer, short, context_length=40).ids == tokenizer(short)["input_ids"][-40:]

@@ -15,12 +15,13 @@ import pytest
 import torch
 from helpers.cli_fixtures import fails, read_rows, write_lines
 from helpers.models import lora_model
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from tuco_peft import fingerprint
 from tuco_peft.cli import main
 from tuco_peft.decompose import decompose
-from tuco_peft.loading import Source
+from tuco_peft.loading import Source, safetensors_header
 from tuco_peft.locking import lock_path, results_lock
 
 DECOMPOSE_MODULE = importlib.import_module("tuco_peft.decompose")
@@ -124,21 +125,52 @@ def test_a_base_retrained_in_place_or_a_new_chat_template_is_refused(pair, tmp_p
     fails(_argv(base, adapter, prompts, out), capsys, "(base files differ)", status=2)
 
 
-def test_a_moved_checkpoint_resumes_and_large_files_are_keyed_by_header_size_and_time(
-    pair, tmp_path, capsys, monkeypatch, computed
-):
+def test_large_weight_files_are_keyed_by_content_samples_not_by_time(pair, tmp_path, capsys, monkeypatch, computed):
     monkeypatch.setattr(fingerprint, "HASHED_IN_FULL_BYTES", 0)  # every weight file counts as large
     base, adapter = pair
     prompts = write_lines(tmp_path / "p.txt", PROMPTS[:2])
     out = tmp_path / "rows.jsonl"
     assert main(_argv(base, adapter, prompts, out)) == 0
     moved = tmp_path / "moved"
-    shutil.copytree(base, moved)  # copies keep the modification time
+    shutil.copytree(base, moved)
+    weights = moved / "model.safetensors"
+    before = weights.stat()
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))  # the same weights, touched
     computed.clear()
     assert main(_argv(moved, adapter, prompts, out)) == 0 and computed == []
-    weights = moved / "model.safetensors"
-    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # rewritten later
+    # Other weights written over it at the same size, its time put back (cp -p, rsync -a of another file).
+    tensors = load_file(weights)
+    name = sorted(tensors)[len(tensors) // 2]
+    tensors[name] = tensors[name] * 1.01
+    save_file(tensors, weights, metadata={"format": "pt"})
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    assert weights.stat().st_size == before.st_size and safetensors_header(weights) == safetensors_header(
+        base / weights.name
+    )
     fails(_argv(moved, adapter, prompts, out), capsys, "(base files differ)", status=2)
+
+
+def test_a_large_file_is_sampled_in_every_tensor_and_read_in_part_only(tmp_path, monkeypatch):
+    monkeypatch.setattr(fingerprint, "HASHED_IN_FULL_BYTES", 0)
+    tensors = {f"t{i}": torch.arange(i * 10_000, (i + 1) * 10_000, dtype=torch.float32) for i in range(3)}
+    weights = tmp_path / "model.safetensors"
+    save_file(tensors, weights)
+    digest = fingerprint.file_digest(weights)
+    for name in tensors:  # a change in the middle of any one tensor (the middle block) changes the digest
+        changed = dict(tensors)
+        changed[name] = changed[name].clone()
+        changed[name][5_000] += 1
+        save_file(changed, weights)
+        assert fingerprint.file_digest(weights) != digest
+    save_file(tensors, weights)
+    assert fingerprint.file_digest(weights) == digest
+    read = []
+    original_read = fingerprint._read
+    monkeypatch.setattr(
+        fingerprint, "_read", lambda handle, start, end: read.append(end - start) or original_read(handle, start, end)
+    )
+    fingerprint.file_digest(weights)
+    assert sum(read) <= len(safetensors_header(weights)) + 8 + 3 * 3 * fingerprint.SAMPLE_BYTES < weights.stat().st_size
 
 
 def test_a_hub_id_is_fingerprinted_by_its_id():
@@ -167,7 +199,7 @@ def test_an_unwritable_out_is_refused_before_any_model_loads(checkpoints, tmp_pa
     prompts = write_lines(tmp_path / "p.txt", PROMPTS[:1])
     argv = _argv(checkpoints.base, checkpoints.adapter, prompts, prompts / "rows.jsonl")  # under a file
     fails(argv, capsys, "p.txt/rows.jsonl is not writable", "pass another --out", status=2)
-    fails(_argv(checkpoints.base, checkpoints.adapter, prompts, tmp_path), capsys, "is a directory", status=2)
+    fails(_argv(checkpoints.base, checkpoints.adapter, prompts, tmp_path), capsys, "is a folder", status=2)
     if os.geteuid() != 0:  # root writes anywhere
         locked = tmp_path / "read-only"
         locked.mkdir(mode=0o500)
@@ -191,4 +223,86 @@ def test_a_damaged_row_is_repaired_keeping_every_good_row(checkpoints, tmp_path,
     assert sorted(row["id"] for row in read_rows(out)) == [1, 2, 3, 4, 5]
     one_line = write_lines(tmp_path / "notes.jsonl", ["not a row"])
     message = fails([*argv[:-1], str(one_line), "--repair"], capsys, "notes.jsonl:1 is not a tuco-peft result row")
-    assert "holds none; pass another --out" in message and one_line.read_text() == "not a row\n"
+    assert "holds none, so tuco-peft did not write it" in message and "--force" in message
+    assert one_line.read_text() == "not a row\n"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "a note to self",
+        '{"model": "llama", "layers": 32}',
+        "{% for message in messages %}{{ message['content'] }}{% endfor %}",  # a chat_template.jinja
+        json.dumps({"id": 1, "prompt": "the quick brown fox"}),  # a prompt, not a row
+    ],
+)
+def test_a_one_line_file_that_is_not_ours_is_never_cut(checkpoints, tmp_path, capsys, content, monkeypatch):
+    prompts = write_lines(tmp_path / "p.txt", PROMPTS[:2])
+    out = tmp_path / "notes.txt"
+    out.write_text(content)  # no newline: it is not a row cut short
+    monkeypatch.setattr(importlib.import_module("tuco_peft.loading"), "load_pair", None)  # refused before loading
+    fails(_argv(checkpoints.base, checkpoints.adapter, prompts, out), capsys, "did not write it", "--force", status=2)
+    assert out.read_text() == content
+    monkeypatch.undo()
+    assert main([*_argv(checkpoints.base, checkpoints.adapter, prompts, out), "--force"]) == 0
+    assert [row["id"] for row in read_rows(out)] == [1, 2]
+
+
+def test_a_last_row_without_its_newline_is_kept(checkpoints, tmp_path, computed):
+    prompts = write_lines(tmp_path / "p.txt", PROMPTS[:3])
+    out = tmp_path / "rows.jsonl"
+    argv = _argv(checkpoints.base, checkpoints.adapter, prompts, out)
+    assert main(argv) == 0
+    rows = read_rows(out)
+    out.write_text(out.read_text().removesuffix("\n"))
+    computed.clear()
+    assert main(argv) == 0 and computed == []
+    assert read_rows(out) == rows and out.read_text().endswith("}\n")
+
+
+def test_repair_drops_edited_and_repeated_rows_and_computes_them_again(checkpoints, tmp_path, capsys, computed):
+    prompts = write_lines(tmp_path / "p.txt", PROMPTS)
+    out = tmp_path / "rows.jsonl"
+    argv = _argv(checkpoints.base, checkpoints.adapter, prompts, out)
+    assert main(argv) == 0
+    rows = read_rows(out)
+    edited = [dict(row) for row in rows]
+    edited[1]["prompt"] = "a prompt edited by hand"  # still a valid row, of another prompt
+    edited[3]["tuco"] = "0.5"  # still valid JSON, but not a row tuco-peft writes
+    damaged = [json.dumps(row) + "\n" for row in edited] + [json.dumps(rows[0]) + "\n"]  # and line 1 again
+    out.write_text("".join(damaged))
+    fails(argv, capsys, "rows.jsonl:4 is not a tuco-peft result row (and 1 more lines)", "--repair", status=2)
+    assert out.read_text() == "".join(damaged)  # refused: left as it was
+    out.write_text("".join(damaged[:3] + damaged[4:5]))  # without the damaged lines: the edited row is named
+    fails(argv, capsys, "already has a row for id 2 with another prompt, (line 2)", "--repair", status=2)
+    out.write_text("".join(damaged))
+    computed.clear()
+    assert main([*argv, "--repair"]) == 0
+    assert sum(computed) == 2  # ids 2 and 4, nothing else
+    err = capsys.readouterr().err
+    assert "--repair dropped line(s) 2, 4, 6" in err and "line 2 is a row of another prompt (id 2)" in err
+    repaired = read_rows(out)
+    assert [row["id"] for row in repaired] == [1, 2, 3, 4, 5]
+    for row, expected in zip(repaired, rows):
+        assert row["prompt"] == expected["prompt"] and row["tuco"] == pytest.approx(expected["tuco"], abs=1e-6)
+
+
+def test_repair_never_fails_after_rewriting(checkpoints, tmp_path, capsys):
+    """A check that fails (rows of other settings) fails before --repair has changed the file."""
+    prompts = write_lines(tmp_path / "p.txt", PROMPTS[:2])
+    out = tmp_path / "rows.jsonl"
+    argv = _argv(checkpoints.base, checkpoints.adapter, prompts, out)
+    assert main(argv) == 0
+    damaged = out.read_text() + "not a row\n"
+    out.write_text(damaged)
+    fails([*argv, "--repair", "--positions", "all"], capsys, "(positions differ)", status=2)
+    assert out.read_text() == damaged
+
+
+@pytest.mark.usefixtures("loading_forbidden")
+def test_a_lock_path_holding_a_file_of_the_user_is_not_taken(checkpoints, tmp_path, capsys):
+    prompts = write_lines(tmp_path / "p.txt", PROMPTS[:2])
+    out = tmp_path / "rows.jsonl"
+    lock_path(out).write_text("my notes about the lock\n")
+    fails(_argv(checkpoints.base, checkpoints.adapter, prompts, out), capsys, "is a file tuco-peft did not write")
+    assert lock_path(out).read_text() == "my notes about the lock\n" and not out.exists()

@@ -28,6 +28,7 @@ def _python(code: str, *args: str) -> subprocess.CompletedProcess:
     "argv",
     [
         ["--help"],
+        ["--version"],
         ["analyze", "--help"],
         ["analyze", "--prompts", "p.txt"],  # argparse: --out is required
         ["analyze", "--base", "B", "--prompts", "p.txt", "--out", "o.jsonl"],  # --base needs --adapter
@@ -42,7 +43,7 @@ def test_help_and_usage_errors_import_no_heavy_library(argv):
         *argv,
     )
     assert run.stdout.strip().splitlines()[-1] == "[]", run.stderr
-    assert run.returncode == (0 if "--help" in argv else 2), run.stderr
+    assert run.returncode == (0 if {"--help", "--version"} & set(argv) else 2), run.stderr
     assert "Traceback" not in run.stderr
 
 
@@ -56,14 +57,23 @@ def test_importing_the_package_imports_no_heavy_library_yet_exports_everything()
     assert run.stdout.split() == ["[]", "True", "True", "True"], run.stderr
 
 
-def test_debug_shows_the_traceback_before_or_after_the_command(tmp_path, capsys):
+def test_debug_shows_the_traceback_before_or_after_the_command_and_keeps_the_exit_status(tmp_path, capsys):
     prompts = write_lines(tmp_path / "p.txt", ["the lazy dog"])
     argv = ["analyze", "--base", "B", "--adapter", "A", "--prompts", str(prompts), "--out", str(tmp_path / "o")]
     for debug_first, debug_last in ((["--debug"], []), ([], ["--debug"])):
-        with pytest.raises(Exception, match="--system needs --chat-template"):
-            main([*debug_first, *argv, "--system", "hi", *debug_last])
+        assert main([*debug_first, *argv, "--system", "hi", *debug_last]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("Traceback (most recent call last):") and "InputError: --system needs" in err
+        assert err.strip().splitlines()[-1].startswith("tuco-peft: error: --system needs --chat-template")
     assert main([*argv, "--system", "hi"]) == 2  # and without it, one line
     assert capsys.readouterr().err.startswith("tuco-peft: error: --system needs --chat-template")
+
+
+def test_version_answers_at_once(capsys):
+    import tuco_peft
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"tuco-peft {tuco_peft.__version__}"
 
 
 @pytest.mark.slow  # processes of their own

@@ -6,7 +6,7 @@ launched by ``torchrun`` or ``accelerate launch`` (see ``distributed``).
 
 Every command reports bad input as one line on stderr and a non-zero exit status (2 for input the user
 can fix, 1 for anything unexpected, 130 when interrupted, at any moment); ``--debug`` shows the traceback
-instead. Everything that can be checked without a model (flags, prompt files, checkpoint folders, the
+above that line, and the status stays the same. Everything that can be checked without a model (flags, prompt files, checkpoint folders, the
 results file and its lock) is checked before one loads, and torch, transformers and peft are imported only
 by a command that needs them, so that ``--help`` and usage errors answer at once (lm-eval only by ``eval``).
 
@@ -21,10 +21,12 @@ import os
 import signal
 import sys
 import threading
+import traceback
 import warnings
 from contextlib import suppress
 from typing import TYPE_CHECKING
 
+from .. import __version__
 from ..errors import TuCoError, first_line
 from . import analyze, bench, compare, demo, eval, generate
 
@@ -32,6 +34,9 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
 EXIT_INPUT, EXIT_UNEXPECTED, EXIT_INTERRUPTED = 2, 1, 130
+# Flags whose value may start with a dash ("--alphas -1,1"), which argparse would take for an option: the
+# value is joined to its flag ("--alphas=-1,1") so that the command's own check reports it.
+_VALUES_MAY_START_WITH_A_DASH = ("--alphas",)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Tuning Contribution (TuCo) of LoRA/QLoRA fine-tunes, prompt by prompt, in one forward pass.",
     )
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     # --debug is taken after the command too; with no default there, it leaves the one given before alone.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -85,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``tuco-peft``; returns the exit status."""
     with _ExitOnCtrlC() as ctrl_c:
         try:
-            args = build_parser().parse_args(argv)
+            args = build_parser().parse_args(_joined_dash_values(sys.argv[1:] if argv is None else argv))
         except SystemExit as exit_:  # --help, or a usage error argparse has reported
             return int(exit_.code or 0)
         if getattr(args, "out", None) and args.command in ("analyze", "compare"):
@@ -93,20 +99,31 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
 
 
+def _joined_dash_values(argv: list[str]) -> list[str]:
+    joined: list[str] = []
+    for arg in argv:
+        if joined and joined[-1] in _VALUES_MAY_START_WITH_A_DASH and arg.startswith("-") and arg[1:2].isdigit():
+            joined[-1] = f"{joined[-1]}={arg}"
+        else:
+            joined.append(arg)
+    return joined
+
+
 def _run(args: argparse.Namespace) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecations: nothing a CLI user can act on
     try:
         return args.run(args)
     except TuCoError as error:
-        if args.debug:
-            raise
-        print(f"tuco-peft: error: {first_line(error)}", file=sys.stderr)
-        return EXIT_INPUT
-    except Exception as error:  # the last line of defence: one line, not a traceback
-        if args.debug:
-            raise
-        print(
-            f"tuco-peft: error: {type(error).__name__}: {first_line(error)} (rerun with --debug for the traceback)",
-            file=sys.stderr,
-        )
-        return EXIT_UNEXPECTED
+        return _report(error, f"tuco-peft: error: {first_line(error)}", EXIT_INPUT, args.debug)
+    except Exception as error:  # noqa: BLE001 (the last line of defence: one line, not a traceback)
+        line = f"tuco-peft: error: {type(error).__name__}: {first_line(error)}"
+        return _report(error, line, EXIT_UNEXPECTED, args.debug, hint=" (rerun with --debug for the traceback)")
+
+
+def _report(error: Exception, line: str, status: int, debug: bool, hint: str = "") -> int:
+    """One line on stderr, under the traceback with --debug; the exit status is the same either way."""
+    if debug:
+        traceback.print_exception(error, file=sys.stderr)
+        hint = ""
+    print(f"{line}{hint}", file=sys.stderr)
+    return status

@@ -14,11 +14,19 @@ from .. import loading
 from ..distributed import Ranks, fold_parts, part_file, process_group, together
 from ..errors import InputError
 from ..prompts import Prompt, encode_prompt
-from ..results import ResultRow, ResultsFile, prompt_keys, rows_for, summary_table
+from ..results import ResultRow, ResultsFile, prompt_keys, prompts_by_key, rows_for, summary_table
 from ..runner import Runner, quiet_libraries, view_title
-from .checks import analysable_prompts, check_html, check_out
-from .options import CommandOptions, ResultsOptions, check_common, provenance
-from .options import add_model_arguments, add_prompt_arguments, add_results_arguments
+from .checks import analysable_prompts
+from .options import (
+    CommandOptions,
+    ResultsOptions,
+    add_model_arguments,
+    add_prompt_arguments,
+    add_results_arguments,
+    check_common,
+    provenance,
+)
+from .outputs import check_outputs, figure, page, results_outputs
 from .stored_rows import locked_results, missing_prompts
 
 
@@ -81,11 +89,13 @@ def add_parser(commands: argparse._SubParsersAction, common: argparse.ArgumentPa
 
 def analyze_prompts(options: AnalyzeOptions) -> int:
     check_common(options.model, options.prompts, options.results, options.plot)
-    check_out(options.out, [options.prompt_file])
-    if options.html:
-        if options.positions != "all":
-            raise InputError("--html colours every prompt token by its TuCo; add --positions all.")
-        check_html(options.html, options.out, options.prompt_file)
+    if options.html and options.positions != "all":
+        raise InputError("--html colours every prompt token by its TuCo; add --positions all.")
+    check_outputs(
+        [*results_outputs(options.out), *figure("--plot", options.plot), *page("--html", options.html)],
+        {"the prompt file": options.prompt_file},
+        force=options.results.force,
+    )
     ranks = Ranks.from_environment()
     prompts = analysable_prompts(options.prompt_file, options.prompts.chat_template, announce=ranks.is_main)
     made_with = provenance(options.model, options.prompts.format, options.positions, "analyze")
@@ -96,7 +106,7 @@ def analyze_prompts(options: AnalyzeOptions) -> int:
         if results is None:  # not rank 0
             return 0
     else:
-        with locked_results(options.results, made_with) as results:
+        with locked_results(options.results, made_with, prompts_by_key(prompts)) as results:
             todo = missing_prompts(results, prompts, announce=True)
             if todo:
                 runner = Runner.load(options.model, **options.runner_settings(made_with))
@@ -130,7 +140,8 @@ def _analyze_shard(
 
         def lock_and_merge() -> None:
             if ranks.is_main:
-                held.enter_context(locked_results(options.results, made_with)).sort_by(keys)
+                opened = locked_results(options.results, made_with, prompts_by_key(prompts))
+                held.enter_context(opened).sort_by(keys)
 
         def analyze_own_share() -> None:
             share = ranks.shard(missing_prompts(ResultsFile(options.out), prompts, announce=ranks.is_main))

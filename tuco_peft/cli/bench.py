@@ -14,8 +14,9 @@ from .. import loading
 from ..errors import InputError
 from ..prompts import Prompt
 from ..runner import Runner, quiet_libraries
-from .checks import analysable_prompts
+from .checks import analysable_prompts, check_cache_dir
 from .options import CommandOptions, add_model_arguments, add_prompt_arguments, check_common
+from .outputs import add_force_argument, check_outputs, json_report, write_json
 
 _OVERHEAD_BOUND_TOKENS = 4096  # below this, a forward pass of a small model is dominated by Python overhead
 
@@ -26,6 +27,7 @@ class BenchOptions(CommandOptions):
     cache_dir: str | None
     repeats: int
     json: str | None
+    force: bool
 
 
 def add_parser(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -45,6 +47,7 @@ def add_parser(commands: argparse._SubParsersAction, common: argparse.ArgumentPa
     add_prompt_arguments(bench)
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--json", help="write the figures to this JSON file")
+    add_force_argument(bench)
     bench.set_defaults(run=lambda args: benchmark(BenchOptions.from_args(args)))
 
 
@@ -69,6 +72,8 @@ def benchmark(options: BenchOptions) -> int:
     own_model = choice.base is not None or choice.model is not None
     if own_model and options.cache_dir is not None:
         raise InputError("--cache-dir is where the demo pair is cached; drop it when you pass a model.")
+    check_cache_dir(options.cache_dir)
+    check_outputs(json_report("--json", options.json), {"the prompt file": options.prompt_file}, force=options.force)
     prompts = _bench_prompts(options, own_model)
     base, adapter = choice.base, choice.adapter
     if own_model:
@@ -98,9 +103,13 @@ def benchmark(options: BenchOptions) -> int:
     report = measure(input_ids, attention_mask, repeats=options.repeats)
     _print_report(report)
     if options.json:
-        Path(options.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        write_json(report, options.json, _write_report)
         print(f"json: {options.json}")
     return 0
+
+
+def _write_report(report: dict, path: Path) -> None:
+    path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 
 
 def _print_report(report: dict) -> None:

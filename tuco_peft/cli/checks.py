@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import InputError
@@ -33,28 +32,13 @@ def check_alpha(value: float, flag: str) -> None:
         raise InputError(f"{flag} must be a finite number ≥ 0, got {value:g}.")
 
 
-def check_html(path: str, *other_files: str) -> None:
-    """--html: a file in an existing folder, and none of the files the command reads or writes besides."""
-    from ..views import check_html_path
-
-    check_html_path(path)
-    for other in other_files:
-        if Path(path).resolve() == Path(other).resolve():
-            raise InputError(f"--html {path} is also {other}; pass another file name for the page.")
-
-
-def check_out(out: str | None, prompt_files: Sequence[str]) -> None:
-    for prompt_file in prompt_files:
-        if out is not None and Path(out).resolve() == Path(prompt_file).resolve():
-            raise InputError(f"--out {out} is the prompt file {prompt_file}; pass another --out for the rows.")
-
-
-def check_output_file(path: str, flag: str) -> None:
-    """A file written once the work is done: refused now if it cannot be, not after the model has run."""
-    target = Path(path)
-    if target.is_dir():
-        raise InputError(f"{flag} {path} is a folder; pass a file name.")
-    if not target.parent.is_dir():
-        raise InputError(f"{flag} {path}: the folder {target.parent} does not exist.")
-    if not os.access(target if target.exists() else target.parent, os.W_OK):
-        raise InputError(f"{flag} {path} is not writable; pass another {flag}.")
+def check_cache_dir(path: str | None) -> None:
+    """--cache-dir: a folder that exists or can be made, and written to (the demo pair is built there)."""
+    if path is None:
+        return
+    folder = Path(path).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"--cache-dir {path} is a file; pass a folder for the demo pair.")
+    existing = next(parent for parent in (folder, *folder.parents) if parent.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"--cache-dir {path} cannot be written ({existing} is not a writable folder); pass another.")

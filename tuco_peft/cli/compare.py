@@ -9,11 +9,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
-from ..results import ResultRow, prompt_keys, roc_auc, rows_for
+from ..results import ResultRow, prompt_keys, prompts_by_key, roc_auc, rows_for
 from ..runner import Runner
-from .checks import analysable_prompts, check_out
-from .options import CommandOptions, ResultsOptions, check_common, provenance
-from .options import add_model_arguments, add_prompt_arguments, add_results_arguments
+from .checks import analysable_prompts
+from .options import (
+    CommandOptions,
+    ResultsOptions,
+    add_model_arguments,
+    add_prompt_arguments,
+    add_results_arguments,
+    check_common,
+    provenance,
+)
+from .outputs import check_outputs, figure, results_outputs
 from .stored_rows import locked_results, missing_prompts
 
 
@@ -43,14 +51,19 @@ def add_parser(commands: argparse._SubParsersAction, common: argparse.ArgumentPa
 
 def compare_sets(options: CompareOptions) -> int:
     check_common(options.model, options.prompts, options.results, options.plot)
-    check_out(options.results.out, [options.set_a, options.set_b])
+    check_outputs(
+        [*results_outputs(options.results.out), *figure("--plot", options.plot)],
+        {"the prompt file A": options.set_a, "the prompt file B": options.set_b},
+        force=options.results.force,
+    )
     names = options.set_names()
     sets = {
         name: analysable_prompts(path, options.prompts.chat_template)
         for name, path in zip(names, (options.set_a, options.set_b))
     }
     made_with = provenance(options.model, options.prompts.format, "last", "compare")
-    with locked_results(options.results, made_with) as results:
+    expected = {key: prompt for name, prompts in sets.items() for key, prompt in prompts_by_key(prompts, name).items()}
+    with locked_results(options.results, made_with, expected) as results:
         memory: list[ResultRow] = []
         todo = {
             name: prompts if results is None else missing_prompts(results, prompts, announce=True, set_name=name)

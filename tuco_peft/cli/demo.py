@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .checks import check_cache_dir
+
 
 def add_parser(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     demo = commands.add_parser(
@@ -14,6 +16,7 @@ def add_parser(commands: argparse._SubParsersAction, common: argparse.ArgumentPa
 
 
 def run_demo_command(cache_dir: str | None) -> int:
+    check_cache_dir(cache_dir)
     from ..demo.run import run_demo
     from ..runner import quiet_libraries
 

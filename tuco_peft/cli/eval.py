@@ -10,13 +10,14 @@ from typing import Any
 
 from ..errors import InputError
 from ..runner import Runner
-from .checks import check_alpha, check_output_file
+from .checks import check_alpha
 from .options import (
     CommandOptions,
     add_model_arguments,
     add_prompt_arguments,
     check_common,
 )
+from .outputs import add_force_argument, check_outputs, json_report, write_json
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class EvalOptions(CommandOptions):
     num_fewshot: int | None
     cv: int | None
     cv_metric: str | None
+    force: bool
 
 
 def add_parser(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -47,6 +49,7 @@ def add_parser(commands: argparse._SubParsersAction, common: argparse.ArgumentPa
         "--alphas", required=True, help="α values, comma-separated, each finite and ≥ 0 (e.g. 0.75,1,1.25)"
     )
     evaluate.add_argument("--out", required=True, help="JSON file of the results, keyed by α")
+    add_force_argument(evaluate)
     evaluate.add_argument("--include-path", metavar="DIR", help="a folder of your own lm-eval task YAML files")
     evaluate.add_argument(
         "--limit", type=float, help="items per task (for a quick look; below 1: a fraction of each task)"
@@ -111,7 +114,7 @@ def evaluate_tasks(options: EvalOptions) -> int:
         raise InputError(f"--num-fewshot must be at least 0, got {options.num_fewshot}.")
     if options.include_path is not None and not Path(options.include_path).is_dir():
         raise InputError(f"--include-path {options.include_path} is not a folder of lm-eval task YAML files.")
-    check_output_file(options.out, "--out")
+    check_outputs(json_report("--out", options.out), force=options.force)
     options.model.check()
     from ..evaluation import check_tasks, checked_alphas, evaluate_alphas, write_report  # names the [eval] extra
 
@@ -135,7 +138,7 @@ def evaluate_tasks(options: EvalOptions) -> int:
         task_manager=task_manager,
         **lm_eval_options,
     )
-    write_report(report, options.out)
+    write_json(report, options.out, write_report)
     _print_evaluation(report)
     print(f"results: {options.out}")
     return 0

@@ -9,13 +9,14 @@ from dataclasses import dataclass
 from ..errors import InputError
 from ..prompts import Prompt
 from ..runner import Runner
-from .checks import check_alpha, check_html
+from .checks import check_alpha
 from .options import (
     CommandOptions,
     add_model_arguments,
     add_prompt_arguments,
     check_common,
 )
+from .outputs import add_force_argument, check_outputs, page
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class GenerateOptions(CommandOptions):
     alpha: float
     max_new_tokens: int
     html: str | None
+    force: bool
 
 
 def add_parser(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -35,6 +37,7 @@ def add_parser(commands: argparse._SubParsersAction, common: argparse.ArgumentPa
     )
     generate.add_argument("--max-new-tokens", type=int, default=32)
     generate.add_argument("--html", metavar="FILE", help="the text as an HTML page, new tokens coloured by their TuCo")
+    add_force_argument(generate)
     add_prompt_arguments(generate)
     generate.set_defaults(run=lambda args: generate_text(GenerateOptions.from_args(args)))
 
@@ -42,8 +45,7 @@ def add_parser(commands: argparse._SubParsersAction, common: argparse.ArgumentPa
 def generate_text(options: GenerateOptions) -> int:
     check_common(options.model, options.prompts)
     check_alpha(options.alpha, "--alpha")
-    if options.html:
-        check_html(options.html)
+    check_outputs(page("--html", options.html), force=options.force)
     if options.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be at least 1, got {options.max_new_tokens}.")
     prompt = Prompt(id="prompt", line=1, text=options.prompt)

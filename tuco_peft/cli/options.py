@@ -16,6 +16,7 @@ from ..errors import InputError
 from ..fingerprint import checkpoint_fingerprint, tokenizer_fingerprint
 from ..loading import LoadOptions
 from ..runner import Batching, ModelChoice, PromptFormat
+from .outputs import add_force_argument
 
 _PARTNERS = {"--base": "--adapter", "--adapter": "--base", "--model": "--base-model", "--base-model": "--model"}
 _MODEL_CHOICE = (
@@ -70,9 +71,10 @@ def add_results_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--repair",
         action="store_true",
-        help="drop the lines of --out that are not rows, or repeat one, keeping every good row; their prompts "
-        "are computed again",
+        help="drop the lines of --out that are not rows, repeat one, or hold another prompt than the prompt "
+        "file's, keeping every good row; their prompts are computed again",
     )
+    add_force_argument(group)
 
 
 def add_prompt_arguments(parser: argparse.ArgumentParser, *, token_budget: bool = False) -> None:
@@ -128,15 +130,17 @@ class PromptOptions:
 
 @dataclass(frozen=True)
 class ResultsOptions:
-    """--out and how to treat it: --wait behind another run, --repair damaged lines."""
+    """--out and how to treat it: --wait behind another run, --repair damaged lines, --force over a file
+    tuco-peft did not write (and over the command's other outputs)."""
 
     out: str | None
     wait: bool = False
     repair: bool = False
+    force: bool = False
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ResultsOptions:
-        return cls(args.out, args.wait, args.repair)
+        return cls(args.out, args.wait, args.repair, args.force)
 
     def check(self) -> None:
         if self.out is None and (self.wait or self.repair):

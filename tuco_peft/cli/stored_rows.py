@@ -8,14 +8,14 @@ finished row, once, and the rerun computes only the rest.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from ..distributed import fold_parts
 from ..locking import results_lock
-from ..prompts import Prompt
+from ..prompts import Prompt, PromptJson
 from ..results import ResultsFile
 from ..runner import warn
 from .options import ResultsOptions
@@ -35,23 +35,32 @@ def missing_prompts(
     return todo
 
 
-def open_results(options: ResultsOptions, provenance: dict[str, Any]) -> ResultsFile:
+def open_results(options: ResultsOptions, provenance: dict[str, Any], prompts: Mapping[str, PromptJson]) -> ResultsFile:
     """--out with the rows of any interrupted data-parallel run folded in, once its rows are known to be
-    computed as this run would compute them. The caller holds its lock."""
-    results = ResultsFile(options.out, repair=options.repair)
-    fold_parts(results, repair=options.repair)
-    if results.dropped_lines:
-        lines = ", ".join(map(str, results.dropped_lines))
-        warn(f"--repair dropped line(s) {lines} of {options.out} (not rows, or repeated ones); kept every other row.")
-    results.check_made_like(**provenance)
+    computed as this run would compute them, each from its prompt in ``prompts`` (by row key). With
+    --repair, the lines that are not such rows are dropped and reported. The caller holds its lock."""
+    results = ResultsFile(options.out, repair=options.repair, force=options.force)
+
+    def check() -> None:
+        results.check_made_like(**provenance)
+        results.check_prompts(prompts)
+
+    fold_parts(results, repair=options.repair, check=check)
+    if results.dropped:
+        lines = ", ".join(str(line) for line, _ in sorted(results.dropped))
+        reasons = "; ".join(f"line {line} {why}" for line, why in sorted(results.dropped)[:3])
+        warn(f"--repair dropped line(s) {lines} of {options.out} ({reasons}); kept every other row.")
     return results
 
 
 @contextmanager
-def locked_results(options: ResultsOptions, provenance: dict[str, Any]) -> Iterator[ResultsFile | None]:
-    """--out, opened under its lock, which is held until the block ends; None when there is no --out."""
+def locked_results(
+    options: ResultsOptions, provenance: dict[str, Any], prompts: Mapping[str, PromptJson]
+) -> Iterator[ResultsFile | None]:
+    """--out, opened under its lock (see ``open_results``), which is held until the block ends; None when
+    there is no --out."""
     if options.out is None:
         yield None
         return
     with results_lock(Path(options.out), wait=options.wait):
-        yield open_results(options, provenance)
+        yield open_results(options, provenance, prompts)

@@ -16,8 +16,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import InputError
+from ..locking import WRITER, WRITTEN_BY, replaced_atomically
 from .colours import css, gradient_stops, text_rgb, tuco_rgb
 from .tokens import ScoredText, ScoredToken
+
+_GENERATOR_TAG = f'<meta name="generator" content="{WRITTEN_BY}">'
+PAGE_MARK = f'<meta name="generator" content="{WRITER}'.encode()  # so that a rerun may overwrite its page
 
 _STYLE = """
 .tuco-view { font-family: system-ui, sans-serif; color: #222; max-width: 60rem; }
@@ -220,7 +224,7 @@ def render_html(texts: Sequence[ScoredText], title: str = "TuCo per token", *, f
     if fragment:
         return body
     return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">{_GENERATOR_TAG}'
         f"<title>{html.escape(title)}</title></head><body>{body}</body></html>\n"
     )
 
@@ -236,9 +240,10 @@ def check_html_path(path: str | Path) -> Path:
 
 
 def write_html(texts: Sequence[ScoredText], path: str | Path, title: str = "TuCo per token") -> Path:
-    """Write the page to ``path`` (UTF-8) and return the path."""
+    """Write the page to ``path`` (UTF-8, replacing any file there in one rename) and return the path."""
     path = check_html_path(path)
-    path.write_text(render_html(texts, title), encoding="utf-8")
+    with replaced_atomically(path) as staging:
+        staging.write_text(render_html(texts, title), encoding="utf-8")
     return path
 
 
