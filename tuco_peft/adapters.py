@@ -17,6 +17,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from functools import cache
 
 from peft.tuners.lora import LoraLayer
 from torch import nn
@@ -31,16 +32,26 @@ _ADDITIVE_LORA_TYPES = frozenset({"Linear", "Linear4bit", "Linear8bitLt"})
 
 def is_additive_lora(module: nn.Module) -> bool:
     """A PEFT LoRA linear whose active adapters all add a plain low-rank term to the pre-trained projection: no
-    DoRA or other LoRA variant (they rescale or reshape it), no other tuner layer beneath it (a mixed model's)."""
-    if not (
-        isinstance(module, LoraLayer)
-        and type(module).__module__.startswith("peft.tuners.lora")
-        and type(module).__name__ in _ADDITIVE_LORA_TYPES
-        and module.get_base_layer() is module.base_layer
-    ):
+    DoRA or other LoRA variant (they rescale or reshape it), no other tuner layer beneath it (a mixed model's).
+
+    Asked per module on every call (and per linear call by the fused backend): the class part is decided once
+    per class, the instance part reads plain attributes."""
+    if not _additive_lora_class(type(module)) or "base_layer" in module.base_layer._modules:
         return False
-    variants = getattr(module, "lora_variant", {})
-    return not any(a in variants or module.use_dora.get(a, False) for a in module.active_adapters)
+    variants, dora = module.lora_variant, module.use_dora
+    if not variants and not any(dora.values()):
+        return True
+    return not any(a in variants or dora.get(a, False) for a in module.active_adapters)
+
+
+@cache
+def _additive_lora_class(cls: type) -> bool:
+    """PEFT's LoRA linears (``isinstance`` against PEFT's abstract classes is slow, hence once per class)."""
+    return (
+        issubclass(cls, LoraLayer)
+        and cls.__module__.startswith("peft.tuners.lora")
+        and cls.__name__ in _ADDITIVE_LORA_TYPES
+    )
 
 
 def pretrained_projection(module: nn.Module) -> nn.Module:
@@ -78,8 +89,8 @@ def _warn_of_generic_layers(modules: ModuleInventory) -> None:
     for name, module in modules.other_adapters:
         kinds.setdefault(f"{type(module).__module__}.{type(module).__name__}", name)
     for name, module in modules.lora_layers:
-        if type(module).__name__ in _ADDITIVE_LORA_TYPES and not is_additive_lora(module):
-            kinds.setdefault("LoRA with DoRA or another LoRA variant", name)
+        if _additive_lora_class(type(module)) and not is_additive_lora(module):
+            kinds.setdefault("LoRA (with DoRA, another LoRA variant, or a tuner layer beneath it)", name)
     for kind, name in kinds.items():
         warnings.warn(
             f"{kind} adapter layers (e.g. {name}) are decomposed exactly by switching them off; a block with one "

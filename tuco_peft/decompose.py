@@ -256,7 +256,7 @@ def _check_vocabulary(batch: Batch, parts: ModelParts) -> None:
     size = getattr(embedding, "num_embeddings", None)
     if size is None:
         return
-    low, high = int(batch.input_ids.min()), int(batch.input_ids.max())
+    low, high = torch.stack(torch.aminmax(batch.input_ids)).tolist()  # one device-to-host copy for both
     if low < 0 or high >= size:
         bad = low if low < 0 else high
         raise InputError(

@@ -44,9 +44,14 @@ def per_block(alpha, n_layers=3):
     return [alpha] * n_layers if isinstance(alpha, float) else alpha
 
 
+def with_new_tokens(mask):
+    """The attention mask of the prompts followed by the N_NEW generated tokens."""
+    return torch.cat([mask, mask.new_ones(mask.shape[0], N_NEW)], dim=1)
+
+
 def reference_step_logits(pretrained, model, sequences, mask, alphas):
     """The reference's logits [batch, N_NEW, vocab] before each new token of ``sequences`` (teacher-forced)."""
-    full_mask = torch.cat([mask, mask.new_ones(mask.shape[0], N_NEW)], dim=1)
+    full_mask = with_new_tokens(mask)
     return steered_logits(model, pretrained, sequences, full_mask, alphas)[:, mask.shape[1] - 1 : -1]
 
 
@@ -59,19 +64,20 @@ def assert_greedy_choices(model, sequences, reference, width):
     assert (reference.amax(-1) - chosen).max() <= 1e-5
 
 
-def assert_steered_generation_follows_the_reference(pretrained, model, ids, mask, alpha):
+def assert_steered_generation_follows_the_reference(pretrained, model, ids, mask, alpha, base_model=None):
     """``ftc_scale`` + ``generate`` has the reference's logits at every step and picks their largest, and so does
-    ``tuco_peft.generate``; the logits show that α mattered (cached α = 1 keys would fail the check)."""
+    ``tuco_peft.generate``; the logits show that α mattered (cached α = 1 keys would fail the check).
+    ``base_model``: for a full fine-tune, passed to both (``pretrained`` is then the same model)."""
     alphas, width = per_block(alpha), ids.shape[1]
-    with ftc_scale(model, alpha):
+    with ftc_scale(model, alpha, base_model=base_model):
         out = greedy_generate(model, ids, mask, N_NEW, output_logits=True, return_dict_in_generate=True)
     reference = reference_step_logits(pretrained, model, out.sequences, mask, alphas)
     torch.testing.assert_close(torch.stack(out.logits, dim=1), reference, atol=1e-4, rtol=1e-4)
     assert_greedy_choices(model, out.sequences, reference, width)
-    full_mask = torch.cat([mask, mask.new_ones(mask.shape[0], N_NEW)], dim=1)
-    assert (reference - plain_logits(model, out.sequences, full_mask)[:, width - 1 : -1]).abs().max() > 1e-2
-    steered = generate(model, ids, mask, alpha=alpha, max_new_tokens=N_NEW, min_new_tokens=N_NEW, do_sample=False,
-                       pad_token_id=0)
+    full_mask = with_new_tokens(mask)
+    assert (reference - plain_logits(model, out.sequences, full_mask)[:, width - 1 : -1]).abs().max() > 1e-3  # 10× atol
+    steered = generate(model, ids, mask, alpha=alpha, base_model=base_model, max_new_tokens=N_NEW,
+                       min_new_tokens=N_NEW, do_sample=False, pad_token_id=0)
     assert_greedy_choices(
         model, steered.sequences, reference_step_logits(pretrained, model, steered.sequences, mask, alphas), width
     )
@@ -133,7 +139,7 @@ def assert_cached_steps_match_uncached_forwards(model, ids, mask, alpha, atol):
     with ftc_scale(model, alpha), torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=N_NEW, min_new_tokens=N_NEW,
                              do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
-        full_mask = torch.cat([mask, mask.new_ones(mask.shape[0], N_NEW)], dim=1)
+        full_mask = with_new_tokens(mask)
         position_ids = (full_mask.cumsum(-1) - 1).clamp(min=0)
         uncached = model(input_ids=out.sequences, attention_mask=full_mask, position_ids=position_ids,
                          use_cache=False).logits
@@ -169,15 +175,7 @@ def test_4bit_base_with_the_default_attention(kind, tmp_path):
 def test_full_finetune_with_the_default_attention(family, kind):
     pretrained, finetuned = full_finetune_pair(family, attention=None)
     ids, mask = prompts(kind)
-    with ftc_scale(finetuned, 1.4, base_model=pretrained):
-        out = greedy_generate(finetuned, ids, mask, N_NEW, output_logits=True, return_dict_in_generate=True)
-    reference = reference_step_logits(pretrained, finetuned, out.sequences, mask, [1.4] * 3)
-    torch.testing.assert_close(torch.stack(out.logits, dim=1), reference, atol=1e-4, rtol=1e-4)
-    assert_greedy_choices(finetuned, out.sequences, reference, ids.shape[1])
-    steered = generate(finetuned, ids, mask, alpha=1.4, base_model=pretrained, max_new_tokens=N_NEW,
-                       min_new_tokens=N_NEW, do_sample=False, pad_token_id=0)
-    reference = reference_step_logits(pretrained, finetuned, steered.sequences, mask, [1.4] * 3)
-    assert_greedy_choices(finetuned, steered.sequences, reference, ids.shape[1])
+    assert_steered_generation_follows_the_reference(pretrained, finetuned, ids, mask, 1.4, base_model=pretrained)
 
 
 @pytest.mark.parametrize("kind", ["one prompt", "unpadded"])
