@@ -5,11 +5,34 @@ once for the pre-trained and the fine-tuned outputs. They import torch and trito
 layers into these tensors is ``tuco_peft.lora_tensors``' job. Using them needs Triton; on CPU, set
 TRITON_INTERPRET=1 before triton is imported.
 
-Names load on first use: in a source checkout this folder is also importable as a top-level ``kernels``,
-which transformers probes for the unrelated Hugging Face package of that name; importing it must do nothing.
+In a source checkout, a Python started in the repository root (``python -m``, ``python -c``) also finds this
+folder as a top-level ``kernels``: a name owned by Hugging Face's kernels package, which transformers
+imports. Imported under that name, this file loads that package in its own place (or fails as if the
+folder were not there), so a checkout never shadows it; names of our own load on first use.
 """
 
+import sys
 from importlib import import_module
+from importlib.machinery import PathFinder
+from importlib.util import module_from_spec
+from pathlib import Path
+
+
+def _hand_over_the_name() -> None:
+    """Load the installed top-level ``kernels`` package found beyond this checkout, as ``kernels``."""
+    checkout = Path(__file__).resolve().parent.parent
+    elsewhere = [entry for entry in sys.path if Path(entry or ".").resolve() != checkout]
+    spec = PathFinder.find_spec(__name__, elsewhere)
+    if spec is None or spec.loader is None:
+        del sys.modules[__name__]
+        raise ModuleNotFoundError(f"No module named {__name__!r}", name=__name__)
+    module = module_from_spec(spec)
+    sys.modules[__name__] = module  # the import statement returns what sys.modules holds
+    spec.loader.exec_module(module)
+
+
+if __name__ == "kernels":
+    _hand_over_the_name()
 
 _EXPORTS = {
     "lora_linear": ".ops",

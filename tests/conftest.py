@@ -14,11 +14,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-# The repository's kernels/ folder is installed as tuco_peft.kernels. With the repository root on sys.path
-# (as `python -m pytest` puts it) it would pose as Hugging Face's unrelated top-level "kernels" package,
-# which transformers and bitsandbytes probe for.
-_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _REPO_ROOT]
 # The test files of every area (core/, steering/, …) import the shared code as helpers.<module>.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 

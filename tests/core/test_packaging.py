@@ -6,7 +6,11 @@ subpackage missing from the list works in an editable install and is absent from
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tomllib
+from importlib import metadata
+from pathlib import Path
 
 from helpers import REPO_ROOT
 
@@ -22,3 +26,18 @@ def test_every_package_is_in_the_wheel():
     setuptools = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
     assert set(setuptools["packages"]) == _packages_on_disk()
     assert setuptools["package-dir"] == {"tuco_peft.kernels": "kernels"}
+
+
+def test_a_python_started_in_the_checkout_gets_hugging_face_kernels_not_ours():
+    """transformers 5.25 imports Hugging Face's top-level ``kernels``: our folder of that name must not shadow it."""
+    run = subprocess.run(
+        [sys.executable, "-c", "import kernels, transformers.modeling_utils; print(kernels.__file__)"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=False,
+    )
+    try:
+        metadata.distribution("kernels")
+    except metadata.PackageNotFoundError:
+        assert "ModuleNotFoundError: No module named 'kernels'" in run.stderr
+    else:
+        assert run.returncode == 0, run.stderr
+        assert REPO_ROOT not in Path(run.stdout.strip()).resolve().parents
