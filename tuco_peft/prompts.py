@@ -162,6 +162,11 @@ class EncodedPrompt:
     ids: list[int]
     n_cut: int | None = 0
 
+    @property
+    def was_cut(self) -> bool:
+        """Whether the prompt lost its first tokens to fit the context (its row then keeps what was analysed)."""
+        return self.n_cut != 0
+
 
 def _last_tokens(tokenizer: Any, text: str, count: int) -> list[int] | None:
     """The last ``count`` token ids of a very long ``text``, from tokenizing a window of its end that grows

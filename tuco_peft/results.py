@@ -8,17 +8,18 @@ way is refused rather than mixed in.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import statistics
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import InputError
 from .locking import replaced_atomically
-from .prompts import Prompt, PromptId, PromptJson
+from .prompts import EncodedPrompt, Prompt, PromptId, PromptJson
 
 if TYPE_CHECKING:
     import torch
@@ -33,15 +34,21 @@ Fingerprint = dict[str, str]
 class ResultRow:
     """One prompt's analysis: TuCo, and per block ‖PTC_l‖₁, ‖FTC_l‖₁ and the cumulative TuCo at its last token.
 
-    ``set`` names the prompt set of ``compare``; ``token_tuco`` is the TuCo at every token (``positions="all"``);
-    ``settings`` and ``fingerprint`` record how it was computed. On disk it is one JSON object whose keys are
-    these fields (those that are ``None`` left out) and any ``extra`` keys it was read with, kept as they were.
+    ``prompt`` is the prompt as the prompt file gives it, except for a prompt cut to fit the context: then it
+    is the text analysed (its last ``n_tokens`` tokens, decoded), and ``prompt_chars`` and ``prompt_sha256``
+    (``prompt_length``, ``prompt_digest``) stand for the whole prompt, so that a huge prompt does not make a
+    huge row, yet a rerun still tells whether the row is its prompt's. ``set`` names the prompt set of
+    ``compare``; ``token_tuco`` is the TuCo at every token (``positions="all"``); ``settings`` and
+    ``fingerprint`` record how it was computed. On disk it is one JSON object whose keys are these fields
+    (those that are ``None`` left out) and any ``extra`` keys it was read with, kept as they were.
     """
 
     id: PromptId
     prompt: PromptJson
     tuco: float
     ptc_l1: list[float]
+    prompt_chars: int | None = None
+    prompt_sha256: str | None = None
     n_tokens: int | None = None
     ftc_l1: list[float] | None = None
     cumulative_tuco: list[float] | None = None
@@ -51,7 +58,19 @@ class ResultRow:
     fingerprint: Fingerprint | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
-    _KEY_ORDER = ("set", "id", "prompt", "n_tokens", "tuco", "ptc_l1", "ftc_l1", "cumulative_tuco", "token_tuco")
+    _KEY_ORDER = (
+        "set",
+        "id",
+        "prompt",
+        "prompt_chars",
+        "prompt_sha256",
+        "n_tokens",
+        "tuco",
+        "ptc_l1",
+        "ftc_l1",
+        "cumulative_tuco",
+        "token_tuco",
+    )
 
     @property
     def key(self) -> str:
@@ -65,14 +84,24 @@ class ResultRow:
 
     @classmethod
     def from_json(cls, record: Any) -> ResultRow | None:
-        """The row of a JSON value, or None when it is not one (a required field missing, or not an object)."""
+        """The row of a JSON value, or None when it is not one (a required field missing, or not an object, or
+        the whole prompt's length without its digest or the other way round)."""
         names = {row_field.name for row_field in fields(cls)} - {"extra"}
         if not isinstance(record, dict) or any(record.get(name) is None for name in REQUIRED_FIELDS):
+            return None
+        if (record.get("prompt_chars") is None) != (record.get("prompt_sha256") is None):
             return None
         if not all(_has_its_type(name, record.get(name)) for name in names):
             return None
         known = {name: value for name, value in record.items() if name in names}
         return cls(**known, extra={name: value for name, value in record.items() if name not in names})
+
+    def is_row_of(self, prompt: PromptJson) -> bool:
+        """Whether this row was computed from ``prompt``: by the prompt it holds, or by the length and digest
+        of the whole prompt when it holds only the text analysed."""
+        if self.prompt_sha256 is None:
+            return self.prompt == prompt
+        return self.prompt_chars == prompt_length(prompt) and self.prompt_sha256 == prompt_digest(prompt)
 
     def made_with(self, provenance: dict[str, Any], set_name: str | None = None) -> ResultRow:
         """The same row in prompt set ``set_name``, recording the settings and fingerprint it was computed with."""
@@ -82,7 +111,8 @@ class ResultRow:
 REQUIRED_FIELDS = ("id", "prompt", "tuco", "ptc_l1", "settings")
 _NUMBER_LISTS = ("ptc_l1", "ftc_l1", "cumulative_tuco", "token_tuco")
 _FIELD_TYPES = {"id": (int, str), "prompt": (str, list), "tuco": (int, float), "n_tokens": int, "set": str}
-_FIELD_TYPES.update({"settings": dict, "fingerprint": dict}, **dict.fromkeys(_NUMBER_LISTS, list))
+_FIELD_TYPES.update({"prompt_chars": int, "prompt_sha256": str, "settings": dict, "fingerprint": dict})
+_FIELD_TYPES.update(dict.fromkeys(_NUMBER_LISTS, list))
 
 
 def _has_its_type(name: str, value: Any) -> bool:
@@ -95,6 +125,21 @@ def _has_its_type(name: str, value: Any) -> bool:
     if name in _NUMBER_LISTS:
         return all(isinstance(item, (int, float)) and not isinstance(item, bool) for item in value)
     return True
+
+
+def prompt_length(prompt: PromptJson) -> int:
+    """A prompt's length in characters: its text's, or the sum of its messages' contents' (what its author
+    wrote, whatever a chat template adds)."""
+    if isinstance(prompt, str):
+        return len(prompt)
+    return sum(len(message["content"]) for message in prompt)
+
+
+def prompt_digest(prompt: PromptJson) -> str:
+    """The SHA-256 of a prompt as a row would store it whole, in canonical JSON (sorted keys, no spaces, ASCII
+    escapes): what ties a row that keeps only the text analysed to its prompt."""
+    canonical = json.dumps(prompt, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
 
 
 def result_key(set_name: str | None, prompt_id: PromptId) -> str:
@@ -120,13 +165,23 @@ def _write_atomically(path: Path, rows: Iterable[ResultRow]) -> None:
         staging.write_text("".join(_json_line(row) for row in rows), encoding="utf-8")
 
 
+def _stored_prompt(tokens: EncodedPrompt, decode: Callable[[list[int]], str]) -> dict[str, Any]:
+    """The prompt fields of a row: the whole prompt, or for a prompt cut to fit the context the text analysed
+    and the whole prompt's length and digest (see ``ResultRow``)."""
+    whole = tokens.prompt.as_json()
+    if not tokens.was_cut:
+        return {"prompt": whole}
+    return {"prompt": decode(tokens.ids), "prompt_chars": prompt_length(whole), "prompt_sha256": prompt_digest(whole)}
+
+
 def decomposition_rows(
     decomposition: Decomposition | DecompositionSums,
-    prompts: Sequence[Prompt],
-    n_tokens: Sequence[int],
+    batch: Sequence[EncodedPrompt],
     attention_mask: torch.Tensor,
+    decode: Callable[[list[int]], str],
 ) -> list[ResultRow]:
-    """One row per prompt: TuCo, per-layer ‖PTC_l‖₁ and ‖FTC_l‖₁ and the cumulative TuCo, at the last token.
+    """One row per prompt of ``batch``: TuCo, per-layer ‖PTC_l‖₁ and ‖FTC_l‖₁ and the cumulative TuCo, at the
+    last token. ``decode`` (the tokenizer's) gives the text analysed of a prompt that was cut.
 
     With ``positions="all"`` the row also gets ``token_tuco``, the TuCo at every token of the prompt.
     """
@@ -143,16 +198,16 @@ def decomposition_rows(
     tuco = at_last.tuco.tolist()
     return [
         ResultRow(
-            id=prompt.id,
-            prompt=prompt.as_json(),
-            n_tokens=n_tokens[b],
+            id=tokens.prompt.id,
+            **_stored_prompt(tokens, decode),
+            n_tokens=len(tokens.ids),
             tuco=tuco[b],
             ptc_l1=ptc_norm[b].tolist(),
             ftc_l1=ftc_norm[b].tolist(),
             cumulative_tuco=cumulative[b].tolist(),
             token_tuco=token_tuco[b][attention_mask[b].bool().to(token_tuco.device)].tolist() if per_position else None,
         )
-        for b, prompt in enumerate(prompts)
+        for b, tokens in enumerate(batch)
     ]
 
 
@@ -265,9 +320,10 @@ class ResultsFile:
             )
 
     def check_prompts(self, prompts: Mapping[str, PromptJson]) -> None:
-        """Refuse rows whose prompt is not ``prompts[key]`` (an edited row, or another prompt file's); with
-        ``repair``, drop them instead (their prompts are computed again). Rows of other keys are kept."""
-        stale = [row for row in self.rows if row.key in prompts and row.prompt != prompts[row.key]]
+        """Refuse rows that are not of ``prompts[key]`` (``ResultRow.is_row_of``: an edited row, or another prompt
+        file's); with ``repair``, drop them instead (their prompts are computed again). Rows of other keys are
+        kept."""
+        stale = [row for row in self.rows if row.key in prompts and not row.is_row_of(prompts[row.key])]
         if not stale:
             return
         if not self.repair:

@@ -182,7 +182,7 @@ class Runner:
             if not tokens.ids:
                 warn(f"prompt {prompt.id!r} (line {prompt.line}) has no tokens; skipped.")
                 continue
-            if tokens.n_cut != 0:
+            if tokens.was_cut:
                 room_note = f" less {room} new tokens" if room else ""
                 size = (
                     "far more tokens than"
@@ -254,14 +254,14 @@ class Runner:
                     "with a smaller --batch-size or --max-batch-tokens (finished rows are kept and the rerun resumes)."
                 ) from error
             raise
-        prompts = [tokens.prompt for tokens in batch]
         if self.views is not None:
             from .views import texts_from_decomposition
 
+            prompts = [tokens.prompt for tokens in batch]
             titles = [view_title(prompt) for prompt in prompts]
             texts = texts_from_decomposition(decomposition, input_ids, attention_mask, self.tokenizer, titles)
             self.views.update((prompt.id, text) for prompt, text in zip(prompts, texts))
-        return decomposition_rows(decomposition, prompts, [len(tokens.ids) for tokens in batch], attention_mask)
+        return decomposition_rows(decomposition, batch, attention_mask, self.tokenizer.decode)
 
 
 def view_title(prompt: Prompt) -> str:

@@ -13,10 +13,10 @@ import time
 
 import pytest
 import torch
-from helpers.cli_fixtures import fails, read_rows, write_lines
+from helpers.cli_fixtures import CONTEXT, fails, read_rows, write_lines
 from helpers.models import lora_model
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tuco_peft import fingerprint
 from tuco_peft.cli import main
@@ -26,6 +26,7 @@ from tuco_peft.locking import lock_path, results_lock
 
 DECOMPOSE_MODULE = importlib.import_module("tuco_peft.decompose")
 PROMPTS = ["the quick brown fox", "how can I help you today?", "a small model reads", "the lazy dog", "a river"]
+LONG = " ".join(["the quick brown fox jumps over the lazy dog"] * 6000)  # 264 KB: only its end is tokenized
 
 
 def _argv(base, adapter, prompts, out):
@@ -306,3 +307,68 @@ def test_a_lock_path_holding_a_file_of_the_user_is_not_taken(checkpoints, tmp_pa
     lock_path(out).write_text("my notes about the lock\n")
     fails(_argv(checkpoints.base, checkpoints.adapter, prompts, out), capsys, "is a file tuco-peft did not write")
     assert lock_path(out).read_text() == "my notes about the lock\n" and not out.exists()
+
+
+def test_a_prompt_cut_to_fit_the_context_keeps_what_was_analysed_and_resumes_by_its_digest(
+    checkpoints, tmp_path, capsys, computed
+):
+    prompts = write_lines(tmp_path / "p.txt", [PROMPTS[0], LONG])
+    out = tmp_path / "rows.jsonl"
+    argv = _argv(checkpoints.base, checkpoints.adapter, prompts, out)
+    assert main(argv) == 0
+    whole, cut = read_rows(out)
+    assert list(whole)[:4] == ["id", "prompt", "n_tokens", "tuco"] and whole["prompt"] == PROMPTS[0]  # as before
+    tokenizer = AutoTokenizer.from_pretrained(checkpoints.base)
+    assert cut["prompt"] == tokenizer.decode(tokenizer(LONG)["input_ids"][-CONTEXT:]) and LONG.endswith(cut["prompt"])
+    assert cut["n_tokens"] == CONTEXT and cut["prompt_chars"] == len(LONG) and len(cut["prompt_sha256"]) == 64
+    assert out.stat().st_size < 5_000
+    written = out.read_bytes()
+    computed.clear()
+    assert main(argv) == 0 and computed == [] and out.read_bytes() == written  # resumed, the file as it was
+
+    middle = len(LONG) // 2
+    edited = LONG[:middle] + LONG[middle:].replace("lazy", "hazy", 1)  # same length, same end: another prompt
+    write_lines(prompts, [PROMPTS[0], edited])
+    fails(argv, capsys, "already has a row for id 2 with another prompt, (line 2)", "--repair", status=2)
+    assert out.read_bytes() == written
+    assert main([*argv, "--repair"]) == 0 and computed == [1]
+    assert "line 2 is a row of another prompt (id 2)" in capsys.readouterr().err
+    repaired = read_rows(out)[1]
+    assert repaired["prompt"] == cut["prompt"] and repaired["prompt_sha256"] != cut["prompt_sha256"]
+
+    lines = out.read_text().splitlines(keepends=True)
+    for damage, problem in [
+        ({"prompt_chars": len(edited) - 1}, "with another prompt"),
+        ({"prompt_chars": None}, "not a"),
+    ]:
+        out.write_text(lines[0] + json.dumps({**repaired, **damage}) + "\n")
+        fails(argv, capsys, problem, "--repair", status=2)
+    old_style = {key: value for key, value in repaired.items() if key not in ("prompt_chars", "prompt_sha256")}
+    out.write_text(lines[0] + json.dumps({**old_style, "prompt": edited}, ensure_ascii=False) + "\n")
+    written = out.read_bytes()  # a row of an earlier tuco-peft, which kept the whole prompt
+    computed.clear()
+    assert main(argv) == 0 and computed == [] and out.read_bytes() == written
+
+
+def test_a_chat_prompt_cut_to_fit_the_context_counts_its_contents_and_resumes_by_its_digest(
+    checkpoints, tmp_path, capsys, computed, monkeypatch
+):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": LONG}]
+    prompts = write_lines(tmp_path / "p.jsonl", [json.dumps({"id": "long", "messages": messages})])
+    out, page = tmp_path / "rows.jsonl", tmp_path / "page.html"
+    argv = [*_argv(checkpoints.base, checkpoints.adapter, prompts, out), "--chat-template", "--positions", "all"]
+    assert main(argv) == 0
+    (row,) = read_rows(out)
+    assert row["prompt_chars"] == len("be brief") + len(LONG) and row["prompt"].endswith("dog<|end|><|assistant|>")
+    assert len(row["prompt"]) < 1_000 and len(row["token_tuco"]) == row["n_tokens"] == CONTEXT
+    tokenizer_class = type(AutoTokenizer.from_pretrained(checkpoints.base))
+    tokenized, tokenize = [], tokenizer_class.__call__
+    monkeypatch.setattr(
+        tokenizer_class, "__call__", lambda self, t, **k: tokenized.append(len(t)) or tokenize(self, t, **k)
+    )
+    computed.clear()
+    assert main([*argv, "--html", str(page)]) == 0 and computed == []  # resumed, its page drawn from its row
+    assert "from its row in" in page.read_text() and max(tokenized) < len(LONG) // 4  # only the end tokenized again
+    messages[0]["role"] = "developer"  # the same contents under another role: another prompt
+    write_lines(prompts, [json.dumps({"id": "long", "messages": messages})])
+    fails(argv, capsys, "already has a row for id 'long' with another prompt", status=2)

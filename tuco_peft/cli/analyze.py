@@ -187,7 +187,10 @@ def _write_token_page(
             quiet_libraries()
             tokenizer = loading.load_tokenizer(options.model.check().tokenizer, None, options.model.load)
         chat = options.prompts.format
-        ids = encode_prompt(tokenizer, prompt, chat_template=chat.chat_template, system=chat.system).ids
+        # Its last n_tokens tokens, as analysed: of a huge prompt only the end is tokenized again.
+        ids = encode_prompt(
+            tokenizer, prompt, chat_template=chat.chat_template, system=chat.system, context_length=row.n_tokens
+        ).ids
         note = f"from its row in {options.out}: per-block norms at the last token only"
-        texts.append(text_from_row(row, ids[-row.n_tokens :], tokenizer, view_title(prompt), note))
+        texts.append(text_from_row(row, ids, tokenizer, view_title(prompt), note))
     return write_html(texts, options.html, title=f"TuCo per token: {Path(options.prompt_file).name}")
