@@ -3,7 +3,10 @@
 Every call of ``decompose``, ``ftc_scale`` or ``generate`` checks the adapters, refuses train-mode dropout,
 pauses gradient checkpointing, guards 4-bit weights and switches adapters block by block. Each of those
 used to walk the model on its own; on a 30-block model the walks cost as much as the pre-trained rows
-themselves. ``ModelParts.modules`` walks once per call and keeps what they need.
+themselves. The inventory is taken in one walk and holds only what the model's structure decides (module
+classes, attributes a module has at all), never a value that can change without the structure changing
+(a dropout rate, a checkpointing flag): those are read at each call. So it stays true while the structure
+does, and ``introspection.model_parts`` keeps it from call to call.
 """
 
 from __future__ import annotations
@@ -34,15 +37,16 @@ class ModuleInventory:
     """What the checks and switches of an analysis need, by name where an error message names it.
 
     ``lora_layers`` are the whole model's (an adapter on the head must not be merged either); everything
-    else is inside the decoder blocks. ``dropouts`` are the base model's, with a rate above 0: LoRA's own
-    dropout only acts on the fine-tuned branch and is left out. ``switchable`` holds each block's tuner
-    layers and modules_to_save, in module order.
+    else is inside the decoder blocks. ``dropouts`` are the base model's dropouts (``nn.Dropout`` and modules
+    with an ``attention_dropout`` rate), whatever their rate: LoRA's own dropout only acts on the fine-tuned
+    branch and is left out. ``checkpointable`` are the modules that have a ``gradient_checkpointing`` flag,
+    whatever its value. ``switchable`` holds each block's tuner layers and modules_to_save, in module order.
     """
 
     lora_layers: tuple[tuple[str, LoraLayer], ...]
     other_adapters: tuple[tuple[str, nn.Module], ...]
-    dropouts: tuple[tuple[str, nn.Module, float], ...]
-    checkpointed: tuple[nn.Module, ...]
+    dropouts: tuple[tuple[str, nn.Module], ...]
+    checkpointable: tuple[nn.Module, ...]
     quantized_4bit: tuple[nn.Module, ...]
     switchable: tuple[tuple[nn.Module, ...], ...]
 
@@ -56,6 +60,8 @@ class _Kind:
     other_adapter: bool
     switchable: bool
     quantized_4bit: bool
+    checkpointable: bool  # a class-level gradient_checkpointing flag (transformers' GradientCheckpointingLayer)
+    dropout: bool
 
 
 @cache
@@ -66,13 +72,15 @@ def _kind(cls: type) -> _Kind:
         other_adapter=issubclass(cls, BaseTunerLayer) and not lora,
         switchable=issubclass(cls, (BaseTunerLayer, AuxiliaryTrainingWrapper)),
         quantized_4bit=cls.__name__ in _BNB_4BIT_CLASSES and cls.__module__.startswith("bitsandbytes"),
+        checkpointable=isinstance(getattr(cls, "gradient_checkpointing", None), bool),
+        dropout=issubclass(cls, nn.Dropout),
     )
 
 
 def take_inventory(model: nn.Module, layers: nn.ModuleList) -> ModuleInventory:
     """One walk over ``model``, whose decoder blocks are ``layers``."""
     block_index = {id(layer): index for index, layer in enumerate(layers)}
-    lora_layers, other_adapters, dropouts, checkpointed, quantized = [], [], [], [], []
+    lora_layers, other_adapters, dropouts, checkpointable, quantized = [], [], [], [], []
     switchable: list[list[nn.Module]] = [[] for _ in layers]
     lora_dropouts: set[int] = set()
     block, block_prefix = None, ""
@@ -94,18 +102,17 @@ def take_inventory(model: nn.Module, layers: nn.ModuleList) -> ModuleInventory:
             switchable[block].append(module)
         if kind.quantized_4bit:
             quantized.append(module)
-        # Both are instance attributes where set (transformers enables checkpointing per instance); reading
-        # __dict__ spares the failing nn.Module.__getattr__ on every other module.
-        if module.__dict__.get("gradient_checkpointing", False) is True:
-            checkpointed.append(module)
-        rate = module.p if isinstance(module, nn.Dropout) else module.__dict__.get("attention_dropout")
-        if isinstance(rate, float) and rate > 0:
-            dropouts.append((name, module, rate))
+        # Instance attributes where set (transformers enables checkpointing per instance); reading __dict__
+        # spares the failing nn.Module.__getattr__ on every other module.
+        if kind.checkpointable or "gradient_checkpointing" in module.__dict__:
+            checkpointable.append(module)
+        if kind.dropout or "attention_dropout" in module.__dict__:
+            dropouts.append((name, module))
     return ModuleInventory(
         lora_layers=tuple(lora_layers),
         other_adapters=tuple(other_adapters),
         dropouts=tuple(d for d in dropouts if id(d[1]) not in lora_dropouts),
-        checkpointed=tuple(checkpointed),
+        checkpointable=tuple(checkpointable),
         quantized_4bit=tuple(quantized),
         switchable=tuple(tuple(modules) for modules in switchable),
     )

@@ -34,7 +34,7 @@ def analysis_state(modules: ModuleInventory) -> Iterator[None]:
             "through repacked weights are wrong. Reload the model (tuco-peft prevents the repacking during its "
             "own calls), or run the analysis under torch.no_grad()."
         )
-    checkpointed = [m for m in modules.checkpointed if m.gradient_checkpointing is True]
+    checkpointed = [m for m in modules.checkpointable if m.gradient_checkpointing is True]
     repack_flags = [
         (m, m.support_avx512bf16_for_cpu) for m in modules.quantized_4bit if hasattr(m, "support_avx512bf16_for_cpu")
     ]
@@ -58,10 +58,16 @@ def check_deterministic(modules: ModuleInventory) -> None:
     the components stay exact for the mask the forward drew. Dropout of the pre-trained weights would need
     the same mask twice.
     """
-    for name, module, rate in modules.dropouts:
-        if module.training:
+    for name, module in modules.dropouts:
+        rate = _dropout_rate(module)
+        if module.training and isinstance(rate, float) and rate > 0:
             raise UnsupportedModelError(
                 f"the model is in training mode with dropout p={rate} at {name}; the pre-trained "
                 "component is defined for the deterministic block. Call model.eval() (LoRA dropout alone is "
                 "fine in training mode), or set the model's dropout to 0."
             )
+
+
+def _dropout_rate(module: nn.Module) -> float | None:
+    """The rate of a dropout module, or of a module's ``attention_dropout`` (None where it has neither)."""
+    return module.p if isinstance(module, nn.Dropout) else module.__dict__.get("attention_dropout")
