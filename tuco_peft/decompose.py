@@ -180,7 +180,7 @@ class _BlockProbe:
     @contextmanager
     def attached(self) -> Iterator[None]:
         with hooked(self.layer, before=self._before, after=self._after, with_kwargs=True):
-            with self.path.capturing(self.lora_backend):
+            with self.path.capturing(self.lora_backend, self.batch):
                 yield
 
     def _before(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -225,6 +225,13 @@ class _PairedProbe:
 
 Probe = _BlockProbe | _PairedProbe
 
+# Batches of up to this many tokens (padding included) compute the pre-trained rows inside the fine-tuned
+# forward's calls (``blocks.SharedReadBlock``): below it a block's cost is its weight reads, which the rows
+# then share; above it the arithmetic dominates and appending the rows costs more copies than a second read
+# of a few rows' weights. Measured on a CPU (benchmarks/bench_overhead.py); on a GPU the regime reaches
+# further, so this is conservative there.
+SHARED_READS_MAX_TOKENS = 256
+
 
 def _probe(
     index: int,
@@ -237,7 +244,7 @@ def _probe(
     arguments: StackedArguments,
 ) -> Probe:
     """The cheapest exact probe: paired where every row is wanted on a backend that ``pairs_prefill``, else the
-    block's pre-trained path (rows only, or a replay)."""
+    block's pre-trained path (rows only, inside the fine-tuned forward's calls on a small batch, or a replay)."""
     batch = components.batch
     every_row = batch.rows.shape[1] == batch.input_ids.shape[1]
     paired = None
@@ -245,7 +252,10 @@ def _probe(
         paired = paired_block(layer, parts.config, lora_backend, source.separate_model, arguments, prefill=True)
     if paired is not None:
         return _PairedProbe(index, paired, components)
-    path = pretrained_path(layer, parts.config, separate_model=source.separate_model, replay_only=replay)
+    shared_reads = batch.input_ids.numel() <= SHARED_READS_MAX_TOKENS
+    path = pretrained_path(
+        layer, parts.config, separate_model=source.separate_model, replay_only=replay, shared_reads=shared_reads
+    )
     return _BlockProbe(index, layer, path, source, components, lora_backend)
 
 

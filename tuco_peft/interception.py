@@ -56,9 +56,21 @@ def forward_replaced(module: nn.Module) -> bool:
     return "forward" in module.__dict__
 
 
+def submodules(root: nn.Module) -> list[nn.Module]:
+    """Every module below ``root`` (not ``root`` itself), in a fixed order. Without their names, which
+    ``nn.Module.modules`` builds and drops: several times faster, and asked of every block on every call."""
+    found: list[nn.Module] = []
+    pending = [root]
+    while pending:
+        children = [child for child in pending.pop()._modules.values() if child is not None]
+        found += children
+        pending += children
+    return found
+
+
 def any_forward_replaced(module: nn.Module) -> bool:
     """Whether ``module`` or any module inside it has an instance forward."""
-    return any(forward_replaced(m) for m in module.modules())
+    return forward_replaced(module) or any(forward_replaced(m) for m in submodules(module))
 
 
 def module_hooked(module: nn.Module) -> bool:
@@ -68,7 +80,7 @@ def module_hooked(module: nn.Module) -> bool:
 
 def inner_modules_hooked(module: nn.Module) -> bool:
     """Whether a forward hook or pre-hook observes a module inside ``module`` (not ``module`` itself)."""
-    return any(module_hooked(m) for m in module.modules() if m is not module)
+    return any(module_hooked(m) for m in submodules(module))
 
 
 @contextmanager

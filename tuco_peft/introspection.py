@@ -18,6 +18,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from .errors import UnsupportedModelError
+from .interception import submodules
 from .inventory import ModuleInventory, take_inventory
 
 _LAYER_LIST_NAMES = ("layers", "h", "blocks")
@@ -109,18 +110,6 @@ def model_parts(model: nn.Module) -> ModelParts:
     return ModelParts(causal_lm, survey.decoder, survey.layers, survey.config, survey.inventory)
 
 
-def _submodules(root: nn.Module) -> list[nn.Module]:
-    """Every module below ``root`` (not ``root`` itself), in a fixed order: a walk without names, ~0.2 µs a
-    module."""
-    found: list[nn.Module] = []
-    pending = [root]
-    while pending:
-        children = [child for child in pending.pop()._modules.values() if child is not None]
-        found += children
-        pending += children
-    return found
-
-
 def _active_adapters(inventory: ModuleInventory) -> list[tuple[str, ...]]:
     return [tuple(module.active_adapters) for _, module in inventory.lora_layers + inventory.other_adapters]
 
@@ -162,7 +151,7 @@ class _Survey:
             layers=layers,
             config=config,
             inventory=inventory,
-            structure=_submodules(causal_lm),
+            structure=submodules(causal_lm),
             active_adapters=_active_adapters(inventory),
             attention=getattr(config, "_attn_implementation", None),
         )
@@ -174,7 +163,7 @@ class _Survey:
         return (
             config is self.config
             and getattr(config, "_attn_implementation", None) == self.attention
-            and _submodules(causal_lm) == self.structure
+            and submodules(causal_lm) == self.structure
             and _active_adapters(self.inventory) == self.active_adapters
         )
 

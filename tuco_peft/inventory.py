@@ -19,12 +19,22 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
+from .interception import submodules
+
 _BNB_4BIT_CLASSES = ("Linear4bit", "LinearNF4", "LinearFP4")
 
 
 def is_switchable(module: nn.Module) -> bool:
     """True for modules whose fine-tuned behaviour PEFT can switch off (tuner layers, modules_to_save)."""
     return _kind(type(module)).switchable
+
+
+def outermost_switchable(module: nn.Module) -> list[nn.Module]:
+    """The switchable modules in ``module`` (itself included) that no other switchable module holds: those whose
+    forward an analysis takes over (a mixed model nests tuner layers)."""
+    switchable = [m for m in [module, *submodules(module)] if is_switchable(m)]
+    nested = {id(inner) for m in switchable for inner in submodules(m)}
+    return [m for m in switchable if id(m) not in nested]
 
 
 def is_bnb_4bit(module: nn.Module) -> bool:

@@ -29,7 +29,7 @@ from .block_calls import find_cache, hidden_states, replace_output, with_cache
 from .blocks import SharedProjectionBlock, block_output, has_parts
 from .families import attention_implementation, spec_for
 from .interception import CacheView, any_forward_replaced, inner_modules_hooked, replaced_forward
-from .inventory import is_switchable
+from .inventory import outermost_switchable
 
 # (block input x [b, ...], pre-trained output, fine-tuned output) → the output the model continues with.
 PairedOutputs = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -94,9 +94,7 @@ class PairedBlock:
         attention = getattr(layer, spec.attention)
         shared = SharedProjectionBlock.supports(layer, spec)
         self.shared_input = [getattr(attention, name) for name in spec.projections] if shared else []
-        switchable = [m for m in layer.modules() if is_switchable(m)]
-        nested = {id(inner) for m in switchable for inner in m.modules() if inner is not m}
-        self.switchable = [m for m in switchable if id(m) not in nested]
+        self.switchable = outermost_switchable(layer)
 
     @staticmethod
     def supports(layer: nn.Module, config: PretrainedConfig) -> bool:

@@ -1,0 +1,128 @@
+"""What one small call costs: ``tuco(model, ids)`` on one prompt of 16 tokens against a plain forward of the same
+PeftModel (what a user would otherwise call), on the demo's shapes and on SmolLM-135M's, for each way of
+computing the pre-trained rows.
+
+Issue 24 targets (CPU, alone on the machine): ≤ 1.25× a plain forward on the demo model, ≤ 1.10× on a
+135M-shaped model. A small call pays what larger batches amortise: the model survey (kept between calls, see
+``introspection``), the hooks, and, per block, the pre-trained rows' weight reads, which ``SharedReadBlock``
+shares with the fine-tuned forward. Each timing is the median of ``--repeats`` calls, the methods
+interleaved so that drift on a shared machine favours none of them.
+
+    python benchmarks/bench_overhead.py                       # both models, 1 × 16 tokens
+    python benchmarks/bench_overhead.py --shapes 1x16 1x64 4x64 --models 135m
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+import tuco_peft
+
+MODELS = {
+    # The demo pair's shapes (tuco_peft.demo.build.DemoRecipe): 4 blocks of width 64.
+    "demo": dict(vocab_size=768, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4),
+    # SmolLM-135M's shapes: 30 blocks of width 576, grouped-query attention 9/3.
+    "135m": dict(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+    ),
+}
+decompose_module = importlib.import_module("tuco_peft.decompose")
+
+
+def lora_model(shapes: dict, rank: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(LlamaConfig(**shapes)).eval()  # sdpa, as from_pretrained loads it
+    lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", init_lora_weights=False)
+    return get_peft_model(base, lora).eval()
+
+
+def with_shared_reads_up_to(tokens: int, call: Callable[[], object]) -> Callable[[], object]:
+    def run() -> object:
+        saved = decompose_module.SHARED_READS_MAX_TOKENS
+        decompose_module.SHARED_READS_MAX_TOKENS = tokens
+        try:
+            return call()
+        finally:
+            decompose_module.SHARED_READS_MAX_TOKENS = saved
+
+    return run
+
+
+def interleaved_medians(methods: dict[str, Callable[[], object]], repeats: int) -> dict[str, dict[str, float]]:
+    """Median and quartiles in ms of each method, one call of each in turn per round, after a warm-up round."""
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    for round_ in range(repeats + 1):
+        for name, method in methods.items():
+            start = time.perf_counter()
+            method()
+            if round_:  # the first round warms up caches and allocators
+                times[name].append((time.perf_counter() - start) * 1e3)
+    summary = {}
+    for name, values in times.items():
+        q1, median, q3 = statistics.quantiles(values, n=4)
+        summary[name] = {"median_ms": median, "q1_ms": q1, "q3_ms": q3}
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--shapes", nargs="+", default=["1x16"], help="batch x tokens, e.g. 1x16 4x64")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=31)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="bench-overhead.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    report = {
+        "machine": platform.processor() or platform.machine(),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "shared_reads_max_tokens": decompose_module.SHARED_READS_MAX_TOKENS,
+        "results": [],
+    }
+    for model_name in args.models:
+        model = lora_model(MODELS[model_name], args.rank)
+        vocab = MODELS[model_name]["vocab_size"]
+        for shape in args.shapes:
+            batch, tokens = map(int, shape.split("x"))
+            ids = torch.randint(0, vocab, (batch, tokens), generator=torch.Generator().manual_seed(1))
+            with torch.no_grad():
+                summary = interleaved_medians(
+                    {
+                        "forward": lambda: model(input_ids=ids),
+                        "tuco": lambda: tuco_peft.tuco(model, ids),
+                        "tuco, shared reads": with_shared_reads_up_to(10**9, lambda: tuco_peft.tuco(model, ids)),
+                        "tuco, separate reads": with_shared_reads_up_to(0, lambda: tuco_peft.tuco(model, ids)),
+                    },
+                    args.repeats,
+                )
+            forward = summary["forward"]["median_ms"]
+            row = {"model": model_name, "batch": batch, "tokens": tokens, "ms": summary}
+            row["ratio_to_forward"] = {name: s["median_ms"] / forward for name, s in summary.items()}
+            report["results"].append(row)
+            ratios = "  ".join(f"{name} {ratio:.3f}x" for name, ratio in row["ratio_to_forward"].items())
+            print(f"{model_name} {batch}x{tokens}: forward {forward:.2f} ms   {ratios}", flush=True)
+    with open(args.out, "w") as handle:
+        json.dump(report, handle, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Small batches compute the pre-trained rows inside the fine-tuned forward's own calls (``SharedReadBlock``),
+large ones after it (``SharedProjectionBlock``): both against the two-model oracle, family by family, with
+gradients and LoRA dropout, and with hooks that see what they would see without tuco-peft."""
+
+import importlib
+
+import pytest
+import torch
+
+import tuco_peft
+from helpers.assertions import assert_close, assert_components_close
+from helpers.models import FAMILIES, model_pair, padded_batch
+from helpers.oracle import decoder_blocks, two_pass
+from tuco_peft.blocks import SharedProjectionBlock, SharedReadBlock
+
+decompose_module = importlib.import_module("tuco_peft.decompose")
+STRATEGIES = {"shared reads": (10**9, SharedReadBlock), "separate reads": (0, SharedProjectionBlock)}
+
+
+@pytest.fixture(params=list(STRATEGIES))
+def strategy(request, monkeypatch):
+    """Forces one strategy whatever the batch size, and checks that every block took it."""
+    limit, expected = STRATEGIES[request.param]
+    monkeypatch.setattr(decompose_module, "SHARED_READS_MAX_TOKENS", limit)
+    chosen = []
+    pretrained_path = decompose_module.pretrained_path
+
+    def spy(*args, **kwargs):
+        path = pretrained_path(*args, **kwargs)
+        chosen.append(type(path))
+        return path
+
+    monkeypatch.setattr(decompose_module, "pretrained_path", spy)
+    yield request.param
+    assert chosen and set(chosen) == {expected}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("positions", ["last", "all"])
+def test_each_strategy_matches_the_oracle(family, positions, strategy):
+    pretrained, model = model_pair(family)
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        ptc, ftc, _, _ = two_pass(model, decoder_blocks(pretrained), ids, mask)
+        result = tuco_peft.decompose(model, ids, mask, positions=positions)
+    if positions == "last":
+        rows = torch.arange(len(ids))
+        last = mask.shape[1] - 1 - mask.flip(-1).argmax(-1)
+        ptc, ftc = ptc[rows, :, last], ftc[rows, :, last]
+    else:
+        ptc, ftc = ptc * mask[:, None, :, None], ftc * mask[:, None, :, None]
+    assert_components_close(result.ptc, ptc)
+    assert_components_close(result.ftc, ftc)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "phi3"])
+def test_one_unpadded_prompt(family, strategy):
+    pretrained, model = model_pair(family)
+    ids = padded_batch(lengths=(7,))[0]
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        ptc, ftc, _, _ = two_pass(model, decoder_blocks(pretrained), ids, mask)
+        result = tuco_peft.decompose(model, ids)
+    assert_components_close(result.ptc, ptc[:, :, -1])
+    assert_components_close(result.ftc, ftc[:, :, -1])
+
+
+def _gradients_and_components(model, ids, mask, limit, monkeypatch):
+    monkeypatch.setattr(decompose_module, "SHARED_READS_MAX_TOKENS", limit)
+    model.zero_grad()
+    torch.manual_seed(11)  # the same LoRA dropout masks for both strategies
+    result = tuco_peft.decompose(model, ids, mask)
+    (result.ftc.square().sum() + result.ptc.abs().sum()).backward()
+    grads = {name: param.grad.clone() for name, param in model.named_parameters() if param.grad is not None}
+    return grads, result.ptc.detach(), result.ftc.detach()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt_neox"])
+def test_gradients_with_lora_dropout_are_the_same_for_both_strategies(family, monkeypatch):
+    _, model = model_pair(family, lora_dropout=0.2)
+    model.train()
+    ids, mask = padded_batch()
+    shared = _gradients_and_components(model, ids, mask, 10**9, monkeypatch)
+    separate = _gradients_and_components(model, ids, mask, 0, monkeypatch)
+    assert shared[0].keys() == separate[0].keys() and any("lora_A" in name for name in shared[0])
+    for name, grad in shared[0].items():
+        assert_close(grad, separate[0][name], relative=1e-5)
+    assert_components_close(shared[1], separate[1])
+    assert_components_close(shared[2], separate[2])
+
+
+def test_hooks_on_the_mlp_and_output_projection_see_the_fine_tuned_stream_alone(monkeypatch):
+    """As without tuco-peft; the separate reads call them again for the pre-trained rows, and hooks see that."""
+    monkeypatch.setattr(decompose_module, "SHARED_READS_MAX_TOKENS", 10**9)
+    _, model = model_pair("llama")
+    ids, mask = padded_batch()
+    block = decoder_blocks(model)[1]
+    seen = {}
+    handles = [
+        module.register_forward_hook(lambda module, args, output, name=name: seen.setdefault(name, []).append(
+            (tuple(args[0].shape), tuple(output.shape))
+        ))
+        for name, module in {"mlp": block.mlp, "o_proj": block.self_attn.o_proj}.items()
+    ]
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+            expected, seen = dict(seen), {}
+            tuco_peft.tuco(model, ids, mask)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert seen == expected
