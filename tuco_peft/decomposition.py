@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
@@ -24,6 +24,7 @@ def tuco_from_sums(ptc_sum: torch.Tensor, ftc_sum: torch.Tensor) -> torch.Tensor
 
 
 _Result = TypeVar("_Result", bound="_TokenContributions")
+_REPR_VALUES = 6  # TuCo values a repr shows
 
 
 class _TokenContributions:
@@ -76,12 +77,23 @@ class _TokenContributions:
         texts = texts_from_decomposition(self, input_ids, attention_mask, tokenizer, titles)
         return TokenReport(texts, "TuCo per token")
 
+    def __repr__(self) -> str:
+        """Shapes and TuCo, not every tensor (printed whole, one 5-token prompt runs to about 90 lines)."""
+        shapes = ", ".join(f"{field.name}={list(getattr(self, field.name).shape)}" for field in fields(self))
+        tuco = self.tuco
+        if tuco.ndim == 1:
+            shown = ", ".join(f"{value:.4f}" for value in tuco[:_REPR_VALUES].tolist())
+            summary = f"tuco=[{shown}{', …' if len(tuco) > _REPR_VALUES else ''}]"
+        else:
+            summary = f"tuco per position {list(tuco.shape)}"
+        return f"{type(self).__name__}({shapes}; {summary})"
+
     def _repr_html_(self) -> str:
         """Notebook display: TuCo at each decomposed position (token text needs ``view(tokenizer, input_ids)``)."""
         return self.view()._repr_html_()
 
 
-@dataclass
+@dataclass(repr=False)
 class Decomposition(_TokenContributions):
     """Per-block pre-trained (PTC) and fine-tuning (FTC) components of the residual stream, in float32.
 
@@ -120,7 +132,7 @@ class Decomposition(_TokenContributions):
 _NO_COMPONENTS = "only sums over blocks were kept: decompose with keep='all' for the per-block components."
 
 
-@dataclass
+@dataclass(repr=False)
 class DecompositionSums(_TokenContributions):
     """A decomposition reduced block by block as it is computed (``decompose(keep="sums")``), in float32.
 

@@ -130,3 +130,18 @@ def test_sums_are_differentiable_as_the_full_decomposition():
         gradients.append(torch.autograd.grad(tuco.sum(), adapters))
     for from_all, from_sums in zip(*gradients):
         torch.testing.assert_close(from_sums, from_all, rtol=1e-5, atol=1e-7)
+
+
+def test_repr_is_one_line_of_shapes_and_tuco():
+    _, model = model_pair("llama")
+    ids, mask = padded_batch(lengths=(5,) * 8)
+    with torch.no_grad():
+        one = tuco_peft.decompose(model, ids[:1], mask[:1])
+        many = tuco_peft.decompose(model, ids, mask, keep="sums")
+        per_token = tuco_peft.decompose(model, ids, mask, positions="all", keep="sums")
+    assert repr(one) == (
+        f"Decomposition(ptc=[1, 3, 64], ftc=[1, 3, 64], x0=[1, 64], xL=[1, 64], positions=[1]; "
+        f"tuco=[{one.tuco.item():.4f}])"
+    )
+    assert repr(many).endswith(", …])") and repr(many).count(".") == 6 and "\n" not in repr(many)
+    assert repr(per_token).endswith("; tuco per position [8, 5])")
