@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import InputError
 from .locking import WRITER, WRITTEN_BY, replaced_atomically
 from .results import ResultRow, mean_per_layer
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # The formats whose metadata matplotlib writes, and the key that marks a figure as tuco-peft's (so that a
 # rerun may overwrite it, and a file it did not write is not).
@@ -40,17 +44,20 @@ def check_plot_path(path: str | Path) -> None:
 
 
 def _histogram(axis, groups: Mapping[str, Sequence[ResultRow]]) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     bins = [i / 40 for i in range(41)]
     for name, rows in groups.items():
         axis.hist([row.tuco for row in rows], bins=bins, alpha=0.6, label=f"{name} (n={len(rows)})")
     axis.set_xlabel("TuCo at the last prompt token")
     axis.set_ylabel("prompts")
+    axis.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts: no tick at 2.5 prompts
     axis.set_xlim(0, 1)
     axis.legend()
 
 
-def plot_analysis(groups: Mapping[str, Sequence[ResultRow]], path: str | Path, title: str = "") -> Path:
-    """Per-layer mean ‖PTC_l‖₁ and ‖FTC_l‖₁ of each group (left) and the TuCo histograms (right), as a PNG."""
+def analysis_figure(groups: Mapping[str, Sequence[ResultRow]], title: str = "") -> Figure:
+    """The figure ``plot_analysis`` writes, to show or change first (close it with ``plt.close`` when done)."""
     plt = _pyplot()
     figure, (profile, histogram) = plt.subplots(1, 2, figsize=(11, 4))
     for name, rows in groups.items():
@@ -66,10 +73,18 @@ def plot_analysis(groups: Mapping[str, Sequence[ResultRow]], path: str | Path, t
     if title:
         figure.suptitle(title)
     figure.tight_layout()
+    return figure
+
+
+def plot_analysis(groups: Mapping[str, Sequence[ResultRow]], path: str | Path, title: str = "") -> Path:
+    """Per-layer mean ‖PTC_l‖₁ and ‖FTC_l‖₁ of each group (left) and the TuCo histograms (right), as a PNG."""
+    figure = analysis_figure(groups, title)
     path = Path(path)
-    with replaced_atomically(path) as staging:
-        figure.savefig(
-            staging, dpi=120, format=_plot_format(path), metadata={_MARKED_FORMATS[_plot_format(path)]: WRITTEN_BY}
-        )
-    plt.close(figure)
+    try:
+        with replaced_atomically(path) as staging:
+            figure.savefig(
+                staging, dpi=120, format=_plot_format(path), metadata={_MARKED_FORMATS[_plot_format(path)]: WRITTEN_BY}
+            )
+    finally:
+        _pyplot().close(figure)
     return path

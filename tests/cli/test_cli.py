@@ -19,7 +19,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tuco_peft.cli import main
 from tuco_peft.decompose import decompose, tuco
-from tuco_peft.results import roc_auc
+from tuco_peft.plotting import analysis_figure
+from tuco_peft.results import ResultRow, roc_auc
 
 DECOMPOSE_MODULE = importlib.import_module("tuco_peft.decompose")  # the package re-exports a function of that name
 PROMPTS = [
@@ -187,6 +188,20 @@ def test_compare_prints_the_roc_auc_of_its_rows(checkpoints, tmp_path, capsys):
     assert "resuming: 2 of 2 prompts of set 'chat'" in err and "resuming: 3 of 3 prompts of set 'web'" in err
 
 
+def test_the_histograms_count_prompts_on_a_whole_number_axis():
+    """A few prompts per bin: matplotlib's default ticks would read 0.25, 0.5 … prompts."""
+    import matplotlib.pyplot as plt
+
+    rows = [ResultRow(id=i, prompt="p", tuco=i / 10, ptc_l1=[1.0, 2.0], ftc_l1=[0.5, 0.5]) for i in range(1, 4)]
+    figure = analysis_figure({"chat": rows[:2], "web": rows[2:]})
+    try:
+        figure.canvas.draw()
+        ticks = figure.axes[1].get_yticks()
+        assert len(ticks) >= 2 and all(float(tick).is_integer() for tick in ticks), ticks
+    finally:
+        plt.close(figure)
+
+
 def test_roc_auc_matches_scikit_learn():
     metrics = pytest.importorskip("sklearn.metrics")
     generator = torch.Generator().manual_seed(0)
@@ -207,29 +222,6 @@ def test_generate_prints_the_tuco_of_each_new_token(checkpoints, loaded, capsys)
     assert printed.startswith(tokenizer.decode(greedy[0]))
     step_zero = next(line for line in printed.splitlines() if line.strip().startswith("0 "))
     assert float(step_zero.split()[1]) == pytest.approx(first, abs=1e-3)
-
-
-def test_bench_writes_every_method_to_json(checkpoints, tmp_path):
-    prompts = write_lines(tmp_path / "p.txt", PROMPTS)
-    report = tmp_path / "bench.json"
-    args = [
-        "bench",
-        *_model_args(checkpoints),
-        "--prompts",
-        str(prompts),
-        "--batch-size",
-        "2",
-        "--repeats",
-        "1",
-        "--json",
-        str(report),
-    ]
-    assert main(args) == 0
-    figures = json.loads(report.read_text())
-    assert {"plain_forward", "decompose_last", "two_model_two_pass", "disable_adapter_two_pass"} <= set(
-        figures["methods"]
-    )
-    assert figures["batch"][0] == 2 and figures["max_tuco_disagreement"] < 1e-4
 
 
 def test_empty_and_over_long_prompts_are_skipped_or_cut_with_a_warning(checkpoints, loaded, tmp_path, capsys):
@@ -410,21 +402,3 @@ def test_generate_keeps_room_for_new_tokens_in_the_context(checkpoints, loaded, 
     with torch.no_grad():
         assert float(step_zero.split()[1]) == pytest.approx(float(tuco(model, ids)), abs=1e-3)
     fails(["generate", *_model_args(checkpoints), "the lazy dog", "--max-new-tokens", str(CONTEXT)], capsys, "no room")
-
-
-def test_bench_without_a_model_honours_prompts_and_cache_dir(checkpoints, tmp_path, capsys, monkeypatch):
-    asked = []
-    demo = importlib.import_module("tuco_peft.demo")
-    monkeypatch.setattr(
-        demo,
-        "ensure_demo_checkpoints",
-        lambda cache_dir=None: asked.append(cache_dir) or (checkpoints.base, checkpoints.adapter),
-    )
-    prompts = write_lines(tmp_path / "p.txt", PROMPTS[:3])
-    report = tmp_path / "bench.json"
-    argv = ["bench", "--prompts", str(prompts), "--cache-dir", str(tmp_path / "cache"), "--repeats", "1"]
-    assert main([*argv, "--json", str(report)]) == 0
-    assert asked == [str(tmp_path / "cache")]
-    assert json.loads(report.read_text())["batch"][0] == 3
-    assert "mostly per-call overhead" in capsys.readouterr().out
-    fails(["bench", *_model_args(checkpoints), "--prompts", str(prompts), "--cache-dir", "x"], capsys, "--cache-dir")

@@ -97,3 +97,46 @@ def test_ctrl_c_at_any_moment_is_one_line_and_130(checkpoints, tmp_path, delay):
         "tuco-peft: interrupted; rows already written are kept, rerun the same command to resume."
     )
     assert "Traceback" not in stderr and "Error" not in stderr, stderr
+
+
+# Makes a third-party logger warn and err while the command loads its model, as bitsandbytes does.
+_THIRD_PARTY_NOTICES = """
+import logging, sys
+import tuco_peft.loading as loading
+from tuco_peft.cli import main
+
+load_pair = loading.load_pair
+
+def load_pair_noisily(*args, **kwargs):
+    logging.getLogger("somelib.backend").warning("a third-party notice")
+    logging.getLogger("somelib").error("a third-party error")
+    return load_pair(*args, **kwargs)
+
+loading.load_pair = load_pair_noisily
+"""
+
+
+@pytest.mark.slow  # processes of their own, each importing torch, transformers and peft
+def test_other_libraries_log_warnings_only_with_debug_or_the_users_logging_config(checkpoints, tmp_path):
+    prompts = write_lines(tmp_path / "p.txt", ["the lazy dog"])
+    model = ["--base", str(checkpoints.base), "--adapter", str(checkpoints.adapter), "--prompts", str(prompts)]
+    bitsandbytes_speaks = "gemm_4bit" in _python("import bitsandbytes").stderr  # depends on the CPU's features
+
+    out = [str(tmp_path / name) for name in ("a.jsonl", "b.jsonl", "c.jsonl")]
+    quiet = _python(_THIRD_PARTY_NOTICES + "sys.exit(main(sys.argv[1:]))", "analyze", *model, "--out", out[0])
+    assert quiet.returncode == 0, quiet.stderr
+    assert "a third-party notice" not in quiet.stderr and "gemm_4bit" not in quiet.stderr
+    assert "kernels-community" not in quiet.stderr
+    assert "a third-party error" in quiet.stderr  # errors still come through
+
+    then_configured = (
+        f"code = main(['--debug', *sys.argv[1:], '--out', {out[1]!r}])\n"
+        "print('== the user configures logging', file=sys.stderr, flush=True)\n"
+        "logging.basicConfig(format='%(name)s: %(message)s')\n"
+        f"sys.exit(code or main([*sys.argv[1:], '--out', {out[2]!r}]))\n"
+    )
+    loud = _python(_THIRD_PARTY_NOTICES + then_configured, "analyze", *model)
+    assert loud.returncode == 0, loud.stderr
+    with_debug, with_config = loud.stderr.split("== the user configures logging")
+    assert "a third-party notice" in with_debug and ("gemm_4bit" in with_debug) == bitsandbytes_speaks
+    assert "somelib.backend: a third-party notice" in with_config

@@ -136,11 +136,18 @@ def test_page_escapes_what_it_shows(tmp_path):
     assert page.count("</script>") == 2  # the data block and the script: nothing in the data closes them
 
 
-def test_a_long_per_text_table_is_folded_so_the_texts_come_first():
-    def texts(count: int) -> list[ScoredText]:
-        return [ScoredText(f"prompt {i}", (ScoredToken("a", 0.5, (1.0,), (1.0,)),)) for i in range(count)]
+def _texts(count: int) -> list[ScoredText]:
+    return [ScoredText(f"prompt {i}", (ScoredToken("a", 0.5, (1.0,), (1.0,)),)) for i in range(count)]
 
-    short, long = render_html(texts(3)), render_html(texts(40))
+
+def test_the_summary_counts_one_text_or_several_texts():
+    one, two = render_html(_texts(1)), render_html(_texts(2))
+    assert "<p>1 text.</p>" in one and "1 texts" not in one
+    assert "<p>2 texts; over their values below: mean 0.500, min 0.500, max 0.500.</p>" in two
+
+
+def test_a_long_per_text_table_is_folded_so_the_texts_come_first():
+    short, long = render_html(_texts(3)), render_html(_texts(40))
     assert "<details>" not in short and "<td>prompt 2</td>" in short
     assert "<details><summary>the 40 texts, one row each</summary><table>" in long and "<td>prompt 39</td>" in long
 

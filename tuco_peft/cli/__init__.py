@@ -6,9 +6,11 @@ launched by ``torchrun`` or ``accelerate launch`` (see ``distributed``).
 
 Every command reports bad input as one line on stderr and a non-zero exit status (2 for input the user
 can fix, 1 for anything unexpected, 130 when interrupted, at any moment); ``--debug`` shows the traceback
-above that line, and the status stays the same. Everything that can be checked without a model (flags, prompt files, checkpoint folders, the
-results file and its lock) is checked before one loads, and torch, transformers and peft are imported only
-by a command that needs them, so that ``--help`` and usage errors answer at once (lm-eval only by ``eval``).
+above that line, and the status stays the same. Other libraries' log warnings stay off stderr unless
+``--debug`` or the caller's own logging configuration asks for them (``_other_libraries_quiet``).
+Everything that can be checked without a model (flags, prompt files, checkpoint folders, the results file
+and its lock) is checked before one loads, and torch, transformers and peft are imported only by a command
+that needs them, so that ``--help`` and usage errors answer at once (lm-eval only by ``eval``).
 
 ``analyze`` and ``compare --out`` hold the results file's lock (``locking``) for the whole run, and resume
 only rows computed from the same checkpoint content, tokenizer and settings (``fingerprint``, ``results``).
@@ -17,13 +19,15 @@ only rows computed from the same checkpoint content, tokenizer and settings (``f
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
 import threading
 import traceback
 import warnings
-from contextlib import suppress
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING
 
 from .. import __version__
@@ -37,6 +41,7 @@ EXIT_INPUT, EXIT_UNEXPECTED, EXIT_INTERRUPTED = 2, 1, 130
 # Flags whose value may start with a dash ("--alphas -1,1"), which argparse would take for an option: the
 # value is joined to its flag ("--alphas=-1,1") so that the command's own check reports it.
 _VALUES_MAY_START_WITH_A_DASH = ("--alphas",)
+_DEBUG_HELP = "show the traceback of an error, and other libraries' log warnings"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,13 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tuco-peft",
         description="Tuning Contribution (TuCo) of LoRA/QLoRA fine-tunes, prompt by prompt, in one forward pass.",
     )
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     # --debug is taken after the command too; with no default there, it leaves the one given before alone.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of an error"
-    )
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in (analyze, compare, generate, eval, bench, demo):
         command.add_parser(commands, common)
@@ -109,10 +112,39 @@ def _joined_dash_values(argv: list[str]) -> list[str]:
     return joined
 
 
+class _OnlyErrorsOfOtherLibraries(logging.Filter):
+    """Passes tuco-peft's own records and other libraries' errors; drops other libraries' warnings and notes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or record.name.partition(".")[0] == "tuco_peft"
+
+
+@contextmanager
+def _other_libraries_quiet(debug: bool) -> Iterator[None]:
+    """Unless --debug, keep other libraries' log records below ERROR off stderr while a command runs.
+
+    Such notices (bitsandbytes, on every start, that it could not fetch an optional CPU kernel) tell a user
+    of tuco-peft nothing they can act on. Only records that reach logging's last resort are filtered, that
+    is those no handler of the user's took: a logging configuration of the user's (``main`` called from
+    their code) still gets every record it asks for, and nothing is left changed when ``main`` returns.
+    """
+    handler = logging.lastResort
+    if debug or handler is None:
+        yield
+        return
+    quiet = _OnlyErrorsOfOtherLibraries()
+    handler.addFilter(quiet)
+    try:
+        yield
+    finally:
+        handler.removeFilter(quiet)
+
+
 def _run(args: argparse.Namespace) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecations: nothing a CLI user can act on
     try:
-        return args.run(args)
+        with _other_libraries_quiet(args.debug):
+            return args.run(args)
     except TuCoError as error:
         return _report(error, f"tuco-peft: error: {first_line(error)}", EXIT_INPUT, args.debug)
     except Exception as error:  # noqa: BLE001 (the last line of defence: one line, not a traceback)

@@ -77,9 +77,15 @@ def add_results_arguments(parser: argparse.ArgumentParser) -> None:
     add_force_argument(group)
 
 
-def add_prompt_arguments(parser: argparse.ArgumentParser, *, token_budget: bool = False) -> None:
-    """The prompt format and batch size; with ``token_budget``, ``--max-batch-tokens`` too (length-bucketed
-    commands)."""
+def add_prompt_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    token_budget: bool = False,
+    batch_size: int = 8,
+    batch_size_help: str = "prompts per forward pass, at most",
+) -> None:
+    """The prompt format and batch size (``batch_size_help`` says what it sizes, with its default ``batch_size``);
+    with ``token_budget``, ``--max-batch-tokens`` too (length-bucketed commands)."""
     group = parser.add_argument_group("prompts")
     group.add_argument(
         "--chat-template",
@@ -87,7 +93,7 @@ def add_prompt_arguments(parser: argparse.ArgumentParser, *, token_budget: bool 
         help="format each prompt with the tokenizer's chat template (TuCo at the last template token)",
     )
     group.add_argument("--system", help="system prompt (with --chat-template)")
-    group.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass, at most (default 8)")
+    group.add_argument("--batch-size", type=int, default=batch_size, help=f"{batch_size_help} (default {batch_size})")
     if token_budget:
         group.add_argument(
             "--max-batch-tokens",

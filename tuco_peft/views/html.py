@@ -117,12 +117,15 @@ def _summary(texts: Sequence[ScoredText]) -> str:
             f"<td>{_number(value)}</td></tr>"
         )
     values = [v for _, v in (t.headline() for t in texts) if v is not None and not math.isnan(v)]
-    overall = (
-        f"<p>{len(texts)} texts; over their values below: mean {_number(sum(values) / len(values))}, "
-        f"min {_number(min(values))}, max {_number(max(values))}.</p>"
-        if values
-        else ""
-    )
+    if len(texts) == 1:
+        overall = "<p>1 text.</p>"  # its one value is in the table below
+    elif values:
+        overall = (
+            f"<p>{len(texts)} texts; over their values below: mean {_number(sum(values) / len(values))}, "
+            f"min {_number(min(values))}, max {_number(max(values))}.</p>"
+        )
+    else:
+        overall = ""
     table = f"<table><tr><th>text</th><th>tokens</th><th>measure</th><th>value</th></tr>{''.join(rows)}</table>"
     if len(texts) > _OPEN_TABLE_ROWS:  # a long table would push every text below the fold: folded, one click away
         table = f"<details><summary>the {len(texts)} texts, one row each</summary>{table}</details>"
