@@ -4,7 +4,10 @@
 lm-eval task (log-likelihood, multiple choice, generation) scores the steered model exactly as it scores
 a plain one. ``evaluate_alphas`` runs a list of tasks once per α and, on request, chooses α by k-fold
 cross-validation over the task's items (the paper's protocol, §5) with ``sweep.cross_validate``.
-Importing this module needs lm-eval; without it the import raises a ``TuCoError`` that names the extra.
+``check_task_data`` loads each task's data set before a model is: where the Hugging Face Hub cannot be
+reached, data sets come from the cache or local files only, so that a missing one fails at once instead of
+after a minute of retries. Importing this module needs lm-eval; without it the import raises a ``TuCoError``
+that names the extra.
 
 Recipe::
 
@@ -21,7 +24,10 @@ Recipe::
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+import logging
+import os
+import subprocess
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -30,17 +36,23 @@ import torch
 from torch import nn
 
 from .backend import Backend
-from .errors import InputError, TuCoError
+from .errors import InputError, TuCoError, first_line
+from .loading import hub_connection_failure
 from .steering import Alpha, ftc_scale, layer_alphas
 from .sweep import _best_alpha, cross_validate
 
 try:
+    import datasets.config
     import lm_eval
+    import lm_eval.evaluator
+    from lm_eval.loggers.utils import get_commit_from_path
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
     from lm_eval.utils import handle_non_serializable
 except ImportError:
     raise TuCoError("steered evaluation needs lm-evaluation-harness: pip install 'tuco-peft[eval]'.") from None
+
+_OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 
 
 class FTCScaledLM(HFLM):
@@ -60,7 +72,10 @@ class FTCScaledLM(HFLM):
         backend: Backend | None = None,
         **hflm_kwargs: Any,
     ):
-        super().__init__(pretrained=model, tokenizer=tokenizer, **hflm_kwargs)
+        # HFLM warns that a model passed as an object skips its loading options and distributed set-up: true,
+        # and the point of this class, so its warnings are held back while it is built.
+        with _lm_eval_logs(_errors_only):
+            super().__init__(pretrained=model, tokenizer=tokenizer, **hflm_kwargs)
         self.alpha = alpha
         self.base_model = base_model
         self.ftc_backend = backend  # HFLM already has a ``backend`` attribute ("causal")
@@ -115,6 +130,118 @@ def check_tasks(
                 "folder of your own task YAML files."
             )
     return manager
+
+
+def _hub_unavailable() -> str | None:
+    """Why data sets cannot come from the Hugging Face Hub now, or None where they can: offline mode is on,
+    or the Hub's host does not answer one connection (probed once per process, and not behind a proxy)."""
+    from huggingface_hub import constants
+
+    offline_by_environment = any(
+        os.environ.get(name, "").upper() in datasets.config.ENV_VARS_TRUE_VALUES for name in _OFFLINE_VARIABLES
+    )
+    if offline_by_environment or datasets.config.HF_HUB_OFFLINE or constants.HF_HUB_OFFLINE:
+        return "offline mode is on (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE)"
+    reason = hub_connection_failure()
+    return None if reason is None else f"the Hugging Face Hub ({constants.ENDPOINT}) cannot be reached ({reason})"
+
+
+@contextmanager
+def _hub_data_sets(unavailable: str | None) -> Iterator[None]:
+    """While held, datasets runs in offline mode if the Hub is ``unavailable``: it then takes a Hub data set
+    from its cache at once, where it would otherwise retry the Hub for most of a minute first. datasets reads
+    its offline flag from the environment when imported, so the flag is set here and put back after."""
+    offline = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = offline or unavailable is not None
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE = offline
+
+
+def check_task_data(tasks: Sequence[str], task_manager: TaskManager) -> None:
+    """Load every task's data set now, before a model is loaded, so that one that cannot be had fails in one
+    line that names the task and the way out. Where the Hub cannot be reached, data sets come from the cache
+    or local files only, at once."""
+    unavailable = _hub_unavailable()
+    # lm-eval's warnings about the tasks are held back here: the run that follows gives them, once.
+    with _hub_data_sets(unavailable), _lm_eval_logs(_errors_only):
+        for task in tasks:
+            try:
+                task_manager.load([task])
+            except OSError as error:  # datasets' ConnectionError, FileNotFoundError, DatasetNotFoundError
+                if unavailable is not None and isinstance(error, ConnectionError):
+                    raise InputError(
+                        f"lm-eval task {task!r}: its data set must be cached or given locally, as it is not in the "
+                        f"Hugging Face cache and {unavailable}; run the task once where the Hub can be reached, or "
+                        "give its data in a task YAML of your own (dataset_path: json with data_files, like "
+                        "examples/lm_eval_tasks in the tuco-peft repository) and pass the YAML's folder with "
+                        f"--include-path (datasets: {first_line(error)})."
+                    ) from None
+                raise InputError(
+                    f"lm-eval task {task!r}: its data set could not be loaded ({first_line(error)})."
+                ) from None
+
+
+def _git_hash() -> str | None:
+    """The ``git_hash`` that lm-eval records with its results, found as lm-eval finds it (``git describe
+    --always`` in the working folder, else the commit its .git folder names) but with git's complaints
+    ("fatal: not a git repository") captured rather than printed on the terminal."""
+    try:
+        described = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, check=False)
+    except OSError:  # git is not installed
+        return get_commit_from_path(os.getcwd())
+    return described.stdout.strip() if described.returncode == 0 else get_commit_from_path(os.getcwd())
+
+
+@contextmanager
+def _quiet_git_hash() -> Iterator[None]:
+    """While held, lm-eval's evaluator records the hash ``_git_hash`` found once, instead of running git
+    again for every α with git's stderr on the terminal."""
+    git_hash = _git_hash()
+    own = lm_eval.evaluator.get_git_commit_hash
+    lm_eval.evaluator.get_git_commit_hash = lambda: git_hash
+    try:
+        yield
+    finally:
+        lm_eval.evaluator.get_git_commit_hash = own
+
+
+class _FirstOfEach(logging.Filter):
+    """Lets the first record of each message through: lm-eval builds its tasks again for every α, and would
+    repeat each warning about them (the same at every α) as often."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: set[tuple[str, int, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, record.levelno, record.getMessage())
+        if key in self._seen:
+            return False
+        self._seen.add(key)
+        return True
+
+
+@contextmanager
+def _lm_eval_logs(keep: Callable[[logging.LogRecord], bool]) -> Iterator[None]:
+    """While held, lm-eval's loggers pass only the records ``keep`` keeps, whatever handles them."""
+    loggers = [
+        logger
+        for name, logger in logging.Logger.manager.loggerDict.items()
+        if name.partition(".")[0] == "lm_eval" and isinstance(logger, logging.Logger)
+    ]
+    for logger in loggers:
+        logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(keep)
+
+
+def _errors_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR
 
 
 def _per_item_scores(samples: list[dict[str, Any]], metric: str | None, task: str) -> tuple[str, dict[int, float]]:
@@ -199,9 +326,10 @@ def evaluate_alphas(
 
     ``include_path`` adds a folder of task YAML files, ``limit`` caps the items per task (lm-eval's
     meaning); ``task_manager`` is one ``check_tasks`` already built, so its index is not built twice.
-    ``base_model`` is ``ftc_scale``'s (full fine-tunes). Other keywords go to
-    ``lm_eval.simple_evaluate`` (e.g. ``num_fewshot``, ``apply_chat_template``); its seeds are fixed, so
-    every α sees the same few-shot examples.
+    Where the Hugging Face Hub cannot be reached, data sets come from the cache or local files only
+    (``check_task_data``); lm-eval's log messages, repeated at every α, are passed once. ``base_model`` is
+    ``ftc_scale``'s (full fine-tunes). Other keywords go to ``lm_eval.simple_evaluate`` (e.g.
+    ``num_fewshot``, ``apply_chat_template``); its seeds are fixed, so every α sees the same few-shot examples.
     """
     from tqdm.auto import tqdm
 
@@ -209,20 +337,21 @@ def evaluate_alphas(
     manager = check_tasks(tasks, include_path, task_manager)
     lm = FTCScaledLM(model, tokenizer, alphas[0], base_model=base_model, batch_size=batch_size)
     by_alpha, samples = {}, []
-    for alpha in tqdm(alphas, desc="α", unit="α", disable=not progress):
-        lm.alpha = alpha
-        output = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=list(tasks),
-            task_manager=manager,
-            limit=limit,
-            log_samples=cv_folds is not None,
-            **simple_evaluate_kwargs,
-        )
-        if output is None:  # lm-eval returns nothing on the non-zero ranks of a distributed run
-            continue
-        samples.append(output.pop("samples", None))
-        by_alpha[alpha_key(alpha)] = output
+    with _hub_data_sets(_hub_unavailable()), _quiet_git_hash(), _lm_eval_logs(_FirstOfEach()):
+        for alpha in tqdm(alphas, desc="α", unit="α", disable=not progress):
+            lm.alpha = alpha
+            output = lm_eval.simple_evaluate(
+                model=lm,
+                tasks=list(tasks),
+                task_manager=manager,
+                limit=limit,
+                log_samples=cv_folds is not None,
+                **simple_evaluate_kwargs,
+            )
+            if output is None:  # lm-eval returns nothing on the non-zero ranks of a distributed run
+                continue
+            samples.append(output.pop("samples", None))
+            by_alpha[alpha_key(alpha)] = output
     report: dict[str, Any] = {"alphas": by_alpha}
     if cv_folds is not None and by_alpha:
         report["cross_validation"] = _cross_validation(samples, alphas, cv_folds, cv_metric, cv_seed)

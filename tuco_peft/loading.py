@@ -421,6 +421,16 @@ def _hub_unreachable(endpoint: str) -> str | None:
     return None
 
 
+def hub_connection_failure() -> str | None:
+    """Why one connection to the Hub's host fails now, or None when it opens. Behind a proxy, which the probe
+    would bypass, nothing is probed and None is returned."""
+    from huggingface_hub import constants
+
+    if any(os.environ.get(name) for name in _PROXY_VARIABLES):
+        return None
+    return _hub_unreachable(constants.ENDPOINT)
+
+
 def check_hub_reachable(sources: Iterable[Source]) -> None:
     """Refuse hub ids at once when the Hub cannot be reached: huggingface_hub would retry each file for most
     of a minute, printing a line per retry, before failing. With HF_HUB_OFFLINE set nothing is fetched (and
@@ -428,9 +438,9 @@ def check_hub_reachable(sources: Iterable[Source]) -> None:
     from huggingface_hub import constants
 
     remote = [source for source in sources if source.local is None]
-    if not remote or constants.HF_HUB_OFFLINE or any(os.environ.get(name) for name in _PROXY_VARIABLES):
+    if not remote or constants.HF_HUB_OFFLINE:
         return
-    reason = _hub_unreachable(constants.ENDPOINT)
+    reason = hub_connection_failure()
     if reason is not None:
         raise InputError(
             f"{remote[0].describe()} is not a local directory and the Hugging Face Hub ({constants.ENDPOINT}) "

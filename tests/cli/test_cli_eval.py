@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 import sys
+import time
+from pathlib import Path
 
 import pytest
 from helpers.cli_fixtures import fails
 from helpers.lm_eval_tasks import write_tasks
 
 from tuco_peft.cli import main
+from tuco_peft.demo import DemoRecipe, ensure_demo_checkpoints
+from tuco_peft.loading import _PROXY_VARIABLES
+
+EXAMPLE_TASKS = Path(__file__).resolve().parents[2] / "examples" / "lm_eval_tasks"
 
 
 @pytest.fixture(scope="module")
@@ -28,12 +36,37 @@ def _eval_argv(checkpoints, out, *extra: str) -> list[str]:
     return ["eval", *model, "--tasks", "tiny_mc,tiny_gen", "--alphas", "0,1,1.5", "--out", str(out), *extra]
 
 
+@pytest.fixture(scope="module")
+def demo_pair(tmp_path_factory):
+    """The demo pair as `tuco-peft demo` builds it, at 1% of its training steps (seconds)."""
+    return ensure_demo_checkpoints(tmp_path_factory.mktemp("demo"), DemoRecipe().scaled(0.01))
+
+
+@pytest.fixture(scope="module")
+def lm_eval_index():
+    """lm-eval's index of its own ~14,000 task files, which takes seconds to build with or without network."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
+@pytest.fixture
+def no_cached_data_sets(tmp_path, monkeypatch):
+    import datasets.config
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets_cache")
+
+
 @pytest.mark.slow
-def test_eval_writes_lm_evals_results_for_each_alpha_and_the_cv_gain(checkpoints, task_dir, tmp_path, capsys):
+def test_eval_writes_lm_evals_results_for_each_alpha_and_the_cv_gain(checkpoints, task_dir, tmp_path, capsys, caplog):
     out = tmp_path / "results.json"
     argv = _eval_argv(checkpoints, out, "--include-path", str(task_dir), "--cv", "2", "--batch-size", "4")
-    assert main(argv) == 0
+    with caplog.at_level(logging.WARNING, logger="lm_eval"):
+        assert main(argv) == 0
     printed = capsys.readouterr().out
+    warnings = [record.getMessage() for record in caplog.records if record.name.startswith("lm_eval")]
+    assert any("aggregation is not" in warning for warning in warnings)  # the tiny tasks leave it to lm-eval
+    assert len(warnings) == len(set(warnings)), warnings  # each once, not once per α
     report = json.loads(out.read_text())
     assert list(report["alphas"]) == ["0.0", "1.0", "1.5"]
     for alpha, output in report["alphas"].items():
@@ -88,3 +121,52 @@ def test_a_missing_lm_eval_names_the_extra(checkpoints, tmp_path, capsys, monkey
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval now raises ImportError
     monkeypatch.delitem(sys.modules, "tuco_peft.evaluation", raising=False)
     fails(_eval_argv(checkpoints, tmp_path / "results.json"), capsys, "pip install 'tuco-peft[eval]'", status=2)
+
+
+@pytest.mark.slow
+def test_the_example_task_runs_offline_on_the_demo_pair_without_git_noise(
+    demo_pair, tmp_path, monkeypatch, capfd, no_cached_data_sets
+):
+    """examples/lm_eval_tasks, as the README runs it, from a folder that is no git repository (where lm-eval's
+    own git call would print "fatal: not a git repository" once per α)."""
+    shutil.copytree(EXAMPLE_TASKS, tmp_path / "examples" / "lm_eval_tasks")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    base, adapter = demo_pair
+    model = ["--base", str(base), "--adapter", str(adapter)]
+    tasks = ["--tasks", "demo_chat_replies", "--include-path", "examples/lm_eval_tasks", "--limit", "4"]
+    assert main(["eval", *model, *tasks, "--alphas", "0,1", "--out", "results.json"]) == 0
+    printed, err = capfd.readouterr()
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert list(report["alphas"]) == ["0.0", "1.0"]
+    for alpha, output in report["alphas"].items():
+        accuracy = output["results"]["demo_chat_replies"]["acc,none"]
+        assert accuracy in {0, 0.25, 0.5, 0.75, 1}  # four items
+        assert f"α = {float(alpha):g}: demo_chat_replies acc,none {accuracy:.4f}" in printed
+    assert not [line for line in err.splitlines() if line.startswith("fatal:")], err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("no_hub", ["offline mode", "no connection"])
+def test_a_task_whose_data_set_is_not_cached_is_refused_at_once_without_the_hub(
+    no_hub, checkpoints, lm_eval_index, tmp_path, monkeypatch, capsys, loading_forbidden, no_cached_data_sets
+):
+    """One line, before the model loads, in well under the ~20 s that datasets retries an unreachable Hub."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    from tuco_peft import evaluation
+
+    monkeypatch.setattr(evaluation, "TaskManager", lambda include_path=None: lm_eval_index)  # built once, above
+    if no_hub == "no connection":
+        for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", *_PROXY_VARIABLES):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(evaluation, "hub_connection_failure", lambda: "Name or service not known")
+    argv = _eval_argv(checkpoints, tmp_path / "results.json", "--tasks", "arc_easy")
+    start = time.perf_counter()
+    line = fails(argv, capsys, "'arc_easy'", "must be cached or given locally", "--include-path", status=2)
+    assert time.perf_counter() - start < 2.0
+    assert ("cannot be reached (Name or service not known)" if no_hub == "no connection" else "offline mode") in line
+    assert not (tmp_path / "results.json").exists()

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 from transformers import AutoTokenizer
 
 from tuco_peft.cli import main
 from tuco_peft.demo import DemoRecipe, corpus, demo_prompts, ensure_demo_checkpoints
-from tuco_peft.demo.build import SCALE_ENV
+from tuco_peft.demo.build import CACHE_ENV, SCALE_ENV, default_cache_dir
 from tuco_peft.demo.run import run_demo
 
 TINY = DemoRecipe(pretrain_steps=3, finetune_steps=2)
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 @pytest.mark.slow
@@ -44,6 +48,21 @@ def test_demo_prompts_are_two_distinct_kinds():
     assert demo_prompts() == groups
 
 
+def test_demo_help_says_where_the_pair_is_cached(monkeypatch, capsys):
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    assert main(["demo", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    default = str(default_cache_dir()).replace(str(Path.home()), "~", 1)
+    assert f"else ${CACHE_ENV}, else {default}" in text
+    assert "<hash>/base holds the model and its tokenizer, <hash>/adapter the LoRA adapter" in text
+
+
+def test_example_chat_prompts_are_distinct_and_in_the_demos_chat_format():
+    prompts = (EXAMPLES / "demo_chat.txt").read_text(encoding="utf-8").splitlines()
+    assert len(prompts) >= 8 and len(set(prompts)) == len(prompts)
+    assert all(p.startswith(corpus.USER) and p.endswith(corpus.END + corpus.ASSISTANT) for p in prompts)
+
+
 def test_demo_command_runs_offline(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(SCALE_ENV, "0.01")
     assert main(["demo", "--cache-dir", str(tmp_path)]) == 0
@@ -52,11 +71,21 @@ def test_demo_command_runs_offline(tmp_path, monkeypatch, capsys):
 
 
 @pytest.mark.slow
-def test_full_demo_separates_chat_from_web_and_steering_moves_refusals(tmp_path, monkeypatch):
-    """The real recipe (about a CPU-minute to build): the figures the README quotes."""
+def test_full_demo_separates_chat_from_web_and_steering_moves_refusals(tmp_path, monkeypatch, capsys):
+    """The real recipe (about a CPU-minute to build): the figures the README quotes, and its picture's
+    `tuco-peft compare` of the example prompt files."""
     monkeypatch.delenv(SCALE_ENV, raising=False)
     figures = run_demo(cache_dir=tmp_path)
     assert figures.auc >= 0.9
     assert figures.padding["padded"] < figures.padding["plain"]
     refusal = figures.refusal_probability
     assert refusal[0.0] < refusal[0.5] < refusal[1.0]
+
+    base, adapter = ensure_demo_checkpoints(tmp_path)
+    files = [str(EXAMPLES / "demo_chat.txt"), str(EXAMPLES / "demo_web.txt")]
+    capsys.readouterr()
+    assert main(["compare", "--base", str(base), "--adapter", str(adapter), *files]) == 0
+    printed = capsys.readouterr().out
+    means = dict(re.findall(r"^(demo_chat|demo_web): 40 prompts, TuCo mean ([0-9.]+)", printed, re.MULTILINE))
+    assert float(means["demo_chat"]) > float(means["demo_web"])
+    assert float(re.search(r"ROC-AUC of TuCo, demo_chat \(positive\) vs demo_web: ([0-9.]+)", printed)[1]) >= 0.9

@@ -18,7 +18,7 @@ from tuco_peft.errors import InputError, TuCoError
 lm_eval = pytest.importorskip("lm_eval", reason="the [eval] extra (lm-eval) is not installed")
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from tuco_peft.evaluation import FTCScaledLM, evaluate_alphas, write_report  # noqa: E402
+from tuco_peft.evaluation import FTCScaledLM, check_task_data, evaluate_alphas, write_report  # noqa: E402
 
 pytestmark = pytest.mark.slow  # lm-eval builds its task index (seconds) per run
 
@@ -114,6 +114,18 @@ def test_bad_input_is_one_line(model_and_tokenizer, task_dir, kwargs, fragment):
     with pytest.raises(InputError) as error:
         evaluate_alphas(model, tokenizer, **arguments)
     assert fragment in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_task_whose_local_data_is_missing_is_one_line_naming_the_file(tmp_path):
+    missing = tmp_path / "missing.jsonl"
+    (tmp_path / "lost.yaml").write_text(
+        f"task: lost\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {missing}\ntest_split: test\n"
+        'output_type: multiple_choice\ndoc_to_text: "{{word}}"\ndoc_to_choice: ["yes", "no"]\ndoc_to_target: answer\n'
+    )
+    with pytest.raises(InputError) as error:
+        check_task_data(["lost"], TaskManager(include_path=str(tmp_path), include_defaults=False))
+    assert str(error.value).startswith("lm-eval task 'lost': its data set could not be loaded (")
+    assert str(missing) in str(error.value) and "\n" not in str(error.value)
 
 
 def test_missing_lm_eval_names_the_extra(monkeypatch):

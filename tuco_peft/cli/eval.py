@@ -44,7 +44,12 @@ def add_parser(commands: argparse._SubParsersAction, common: argparse.ArgumentPa
         "pip install 'tuco-peft[eval]'.",
     )
     add_model_arguments(evaluate)
-    evaluate.add_argument("--tasks", required=True, help="lm-eval task or group names, comma-separated")
+    evaluate.add_argument(
+        "--tasks",
+        required=True,
+        help="lm-eval task or group names, comma-separated; without network each task's data set must be in the "
+        "Hugging Face cache or given locally (--include-path)",
+    )
     evaluate.add_argument(
         "--alphas", required=True, help="α values, comma-separated, each finite and ≥ 0 (e.g. 0.75,1,1.25)"
     )
@@ -116,10 +121,17 @@ def evaluate_tasks(options: EvalOptions) -> int:
         raise InputError(f"--include-path {options.include_path} is not a folder of lm-eval task YAML files.")
     check_outputs(json_report("--out", options.out), force=options.force)
     options.model.check()
-    from ..evaluation import check_tasks, checked_alphas, evaluate_alphas, write_report  # names the [eval] extra
+    from ..evaluation import (  # names the [eval] extra
+        check_task_data,
+        check_tasks,
+        checked_alphas,
+        evaluate_alphas,
+        write_report,
+    )
 
     alphas = list(checked_alphas(alphas, options.cv))  # repeats, and 1.0 among them for --cv
     task_manager = check_tasks(tasks, options.include_path)
+    check_task_data(tasks, task_manager)
     runner = Runner.load(options.model)
     lm_eval_options: dict[str, Any] = {"num_fewshot": options.num_fewshot}
     if options.prompts.chat_template:
