@@ -51,14 +51,19 @@ def lora_model(shapes: dict, rank: int) -> torch.nn.Module:
     return get_peft_model(base, lora).eval()
 
 
-def with_shared_reads_up_to(tokens: int, call: Callable[[], object]) -> Callable[[], object]:
+def with_reads(shared: bool, call: Callable[[], object]) -> Callable[[], object]:
+    """``call`` with the pre-trained rows' weight reads shared (or not) whatever the batch and the width."""
+    forced = {"SHARED_READS_MAX_TOKENS": 10**9 if shared else 0, "SHARED_READS_MIN_WIDTH": 0}
+
     def run() -> object:
-        saved = decompose_module.SHARED_READS_MAX_TOKENS
-        decompose_module.SHARED_READS_MAX_TOKENS = tokens
+        saved = {name: getattr(decompose_module, name) for name in forced}
+        for name, value in forced.items():
+            setattr(decompose_module, name, value)
         try:
             return call()
         finally:
-            decompose_module.SHARED_READS_MAX_TOKENS = saved
+            for name, value in saved.items():
+                setattr(decompose_module, name, value)
 
     return run
 
@@ -95,6 +100,7 @@ def main() -> None:
         "threads": args.threads,
         "torch": torch.__version__,
         "shared_reads_max_tokens": decompose_module.SHARED_READS_MAX_TOKENS,
+        "shared_reads_min_width": decompose_module.SHARED_READS_MIN_WIDTH,
         "results": [],
     }
     for model_name in args.models:
@@ -108,8 +114,8 @@ def main() -> None:
                     {
                         "forward": lambda: model(input_ids=ids),
                         "tuco": lambda: tuco_peft.tuco(model, ids),
-                        "tuco, shared reads": with_shared_reads_up_to(10**9, lambda: tuco_peft.tuco(model, ids)),
-                        "tuco, separate reads": with_shared_reads_up_to(0, lambda: tuco_peft.tuco(model, ids)),
+                        "tuco, shared reads": with_reads(True, lambda: tuco_peft.tuco(model, ids)),
+                        "tuco, separate reads": with_reads(False, lambda: tuco_peft.tuco(model, ids)),
                     },
                     args.repeats,
                 )

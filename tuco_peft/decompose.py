@@ -225,12 +225,17 @@ class _PairedProbe:
 
 Probe = _BlockProbe | _PairedProbe
 
-# Batches of up to this many tokens (padding included) compute the pre-trained rows inside the fine-tuned
-# forward's calls (``blocks.SharedReadBlock``): below it a block's cost is its weight reads, which the rows
-# then share; above it the arithmetic dominates and appending the rows costs more copies than a second read
-# of a few rows' weights. Measured on a CPU (benchmarks/bench_overhead.py); on a GPU the regime reaches
-# further, so this is conservative there.
+# Batches of up to SHARED_READS_MAX_TOKENS tokens (padding included) of a model at least SHARED_READS_MIN_WIDTH
+# wide compute the pre-trained rows inside the fine-tuned forward's calls (``blocks.SharedReadBlock``): there
+# a block's cost is reading its weights, which the rows then share. Larger batches are bound by arithmetic,
+# where appending the rows costs copies and a second read of a few rows' weights costs little; narrower
+# models' weights are read in no time, and the extra calls of the shared path cost more than they save.
+# Measured on a CPU, one thread (benchmarks/bench_overhead.py, benchmarks/README.md): on a 135M-shaped
+# model, one prompt of 16 tokens costs 1.14× a plain forward with shared reads against 1.32× without, and
+# from 64 tokens on the two are within 1%; on the demo's width 64 the shared path costs more. A GPU is
+# bound by weight reads further on, so these are conservative there.
 SHARED_READS_MAX_TOKENS = 256
+SHARED_READS_MIN_WIDTH = 256
 
 
 def _probe(
@@ -252,7 +257,7 @@ def _probe(
         paired = paired_block(layer, parts.config, lora_backend, source.separate_model, arguments, prefill=True)
     if paired is not None:
         return _PairedProbe(index, paired, components)
-    shared_reads = batch.input_ids.numel() <= SHARED_READS_MAX_TOKENS
+    shared_reads = batch.input_ids.numel() <= SHARED_READS_MAX_TOKENS and parts.d_model >= SHARED_READS_MIN_WIDTH
     path = pretrained_path(
         layer, parts.config, separate_model=source.separate_model, replay_only=replay, shared_reads=shared_reads
     )

@@ -57,15 +57,13 @@ def forward_replaced(module: nn.Module) -> bool:
 
 
 def submodules(root: nn.Module) -> list[nn.Module]:
-    """Every module below ``root`` (not ``root`` itself), in a fixed order. Without their names, which
-    ``nn.Module.modules`` builds and drops: several times faster, and asked of every block on every call."""
-    found: list[nn.Module] = []
-    pending = [root]
-    while pending:
-        children = [child for child in pending.pop()._modules.values() if child is not None]
-        found += children
-        pending += children
-    return found
+    """Every module below ``root`` (not ``root`` itself), in a fixed order. Without their names, which ``nn.Module.modules`` builds and drops: several times faster, and asked
+    of the model and its blocks on every call."""
+    found: list[nn.Module | None] = list(root._modules.values())
+    for module in found:  # breadth first: the list grows while it is read
+        if module is not None:  # a module registered as None (an absent submodule) has no children
+            found += module._modules.values()
+    return [module for module in found if module is not None]
 
 
 def any_forward_replaced(module: nn.Module) -> bool:

@@ -9,19 +9,26 @@ import torch
 
 import tuco_peft
 from helpers.assertions import assert_close, assert_components_close
-from helpers.models import FAMILIES, model_pair, padded_batch
+from helpers.models import FAMILIES, base_model, lora_model, model_pair, padded_batch
 from helpers.oracle import decoder_blocks, two_pass
 from tuco_peft.blocks import SharedProjectionBlock, SharedReadBlock
 
 decompose_module = importlib.import_module("tuco_peft.decompose")
-STRATEGIES = {"shared reads": (10**9, SharedReadBlock), "separate reads": (0, SharedProjectionBlock)}
+STRATEGIES = {"shared reads": SharedReadBlock, "separate reads": SharedProjectionBlock}
+
+
+def force(monkeypatch, strategy: str) -> None:
+    """Whatever the batch and the model's width."""
+    shared = strategy == "shared reads"
+    monkeypatch.setattr(decompose_module, "SHARED_READS_MAX_TOKENS", 10**9 if shared else 0)
+    monkeypatch.setattr(decompose_module, "SHARED_READS_MIN_WIDTH", 0)
 
 
 @pytest.fixture(params=list(STRATEGIES))
 def strategy(request, monkeypatch):
     """Forces one strategy whatever the batch size, and checks that every block took it."""
-    limit, expected = STRATEGIES[request.param]
-    monkeypatch.setattr(decompose_module, "SHARED_READS_MAX_TOKENS", limit)
+    expected = STRATEGIES[request.param]
+    force(monkeypatch, request.param)
     chosen = []
     pretrained_path = decompose_module.pretrained_path
 
@@ -65,8 +72,8 @@ def test_one_unpadded_prompt(family, strategy):
     assert_components_close(result.ftc, ftc[:, :, -1])
 
 
-def _gradients_and_components(model, ids, mask, limit, monkeypatch):
-    monkeypatch.setattr(decompose_module, "SHARED_READS_MAX_TOKENS", limit)
+def _gradients_and_components(model, ids, mask, strategy, monkeypatch):
+    force(monkeypatch, strategy)
     model.zero_grad()
     torch.manual_seed(11)  # the same LoRA dropout masks for both strategies
     result = tuco_peft.decompose(model, ids, mask)
@@ -80,8 +87,8 @@ def test_gradients_with_lora_dropout_are_the_same_for_both_strategies(family, mo
     _, model = model_pair(family, lora_dropout=0.2)
     model.train()
     ids, mask = padded_batch()
-    shared = _gradients_and_components(model, ids, mask, 10**9, monkeypatch)
-    separate = _gradients_and_components(model, ids, mask, 0, monkeypatch)
+    shared = _gradients_and_components(model, ids, mask, "shared reads", monkeypatch)
+    separate = _gradients_and_components(model, ids, mask, "separate reads", monkeypatch)
     assert shared[0].keys() == separate[0].keys() and any("lora_A" in name for name in shared[0])
     for name, grad in shared[0].items():
         assert_close(grad, separate[0][name], relative=1e-5)
@@ -91,7 +98,7 @@ def test_gradients_with_lora_dropout_are_the_same_for_both_strategies(family, mo
 
 def test_hooks_on_the_mlp_and_output_projection_see_the_fine_tuned_stream_alone(monkeypatch):
     """As without tuco-peft; the separate reads call them again for the pre-trained rows, and hooks see that."""
-    monkeypatch.setattr(decompose_module, "SHARED_READS_MAX_TOKENS", 10**9)
+    force(monkeypatch, "shared reads")
     _, model = model_pair("llama")
     ids, mask = padded_batch()
     block = decoder_blocks(model)[1]
@@ -111,3 +118,28 @@ def test_hooks_on_the_mlp_and_output_projection_see_the_fine_tuned_stream_alone(
         for handle in handles:
             handle.remove()
     assert seen == expected
+
+
+@pytest.mark.parametrize(
+    ("batch", "length", "width", "expected"),
+    [
+        (1, 16, 256, SharedReadBlock),
+        (4, 64, 256, SharedReadBlock),  # 256 tokens, padding included
+        (4, 65, 256, SharedProjectionBlock),
+        (1, 16, 128, SharedProjectionBlock),
+    ],
+)
+def test_small_batches_of_wide_models_share_reads(batch, length, width, expected, monkeypatch):
+    chosen = []
+    pretrained_path = decompose_module.pretrained_path
+
+    def spy(*args, **kwargs):
+        chosen.append(type(pretrained_path(*args, **kwargs)))
+        return pretrained_path(*args, **kwargs)
+
+    monkeypatch.setattr(decompose_module, "pretrained_path", spy)
+    model = lora_model(base_model("llama", hidden_size=width, intermediate_size=2 * width))
+    ids = torch.randint(1, 90, (batch, length), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        tuco_peft.tuco(model, ids)
+    assert set(chosen) == {expected}
