@@ -2,10 +2,11 @@
 
 The pre-trained block of an adapter fine-tune is the same block with its adapters off, which PEFT defines
 for every tuner (LoRA and its variants such as DoRA, IA3, LoHa, LoKr, VeRA, OFT, BOFT, ...), so every tuner
-is decomposed exactly. The one-pass shortcuts (captured base projections, the lean KV cache, fused
-kernels) need more than "off": a forward that is the base output plus a low-rank term, which only plain
-LoRA linears have (``is_additive_lora``); a block with another tuner on its q/k/v projections is replayed
-with its adapters off instead.
+is decomposed exactly. The one-pass shortcuts need more than "off". Capturing the pre-trained q/k/v during
+the fine-tuned forward needs a forward that computes the base output on its input first
+(``computes_base_output``: PEFT's LoRA linears, DoRA and the other LoRA variants included). The lean KV
+cache and the fused kernels need that output plus a plain low-rank term (``is_additive_lora``: no LoRA
+variant). A block with another tuner on its q/k/v projections is replayed with its adapters off instead.
 
 PEFT's ``disable_adapter()`` is avoided on purpose: it flips ``requires_grad`` (peft#3447) and unmerges
 merged weights in place. Here only the per-module ``_disable_adapters`` flag is toggled, and it is put
@@ -30,13 +31,20 @@ from .inventory import ModuleInventory, is_switchable
 _ADDITIVE_LORA_TYPES = frozenset({"Linear", "Linear4bit", "Linear8bitLt"})
 
 
+def computes_base_output(module: nn.Module) -> bool:
+    """A PEFT LoRA linear, of any LoRA variant (DoRA, ...): its forward calls its base layer on the very input
+    first and changes only that call's result, so the base layer's output is the pre-trained projection. Not
+    one with another tuner layer beneath it (a mixed model's), whose base output has adapters of its own."""
+    return _additive_lora_class(type(module)) and "base_layer" not in module.base_layer._modules
+
+
 def is_additive_lora(module: nn.Module) -> bool:
     """A PEFT LoRA linear whose active adapters all add a plain low-rank term to the pre-trained projection: no
     DoRA or other LoRA variant (they rescale or reshape it), no other tuner layer beneath it (a mixed model's).
 
     Asked per module on every call (and per linear call by the fused backend): the class part is decided once
     per class, the instance part reads plain attributes."""
-    if not _additive_lora_class(type(module)) or "base_layer" in module.base_layer._modules:
+    if not computes_base_output(module):
         return False
     variants, dora = module.lora_variant, module.use_dora
     if not variants and not any(dora.values()):
@@ -56,7 +64,7 @@ def _additive_lora_class(cls: type) -> bool:
 
 def pretrained_projection(module: nn.Module) -> nn.Module:
     """The module whose output is the pre-trained projection: a LoRA layer's base layer, or the layer itself."""
-    return module.get_base_layer() if is_additive_lora(module) else module
+    return module.get_base_layer() if computes_base_output(module) else module
 
 
 def check_adapters(modules: ModuleInventory) -> None:
@@ -89,8 +97,8 @@ def _warn_of_generic_layers(modules: ModuleInventory) -> None:
     for name, module in modules.other_adapters:
         kinds.setdefault(f"{type(module).__module__}.{type(module).__name__}", name)
     for name, module in modules.lora_layers:
-        if _additive_lora_class(type(module)) and not is_additive_lora(module):
-            kinds.setdefault("LoRA (with DoRA, another LoRA variant, or a tuner layer beneath it)", name)
+        if _additive_lora_class(type(module)) and not computes_base_output(module):
+            kinds.setdefault("LoRA with a tuner layer beneath it", name)
     for kind, name in kinds.items():
         warnings.warn(
             f"{kind} adapter layers (e.g. {name}) are decomposed exactly by switching them off; a block with one "

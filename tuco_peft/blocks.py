@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
-from .adapters import adapters_disabled, is_additive_lora, pretrained_projection
+from .adapters import adapters_disabled, computes_base_output, is_additive_lora, pretrained_projection
 from .attention import apply_rope, attend_rows, key_visibility
 from .backend import LoraLinearBackend
 from .block_calls import hidden_states
@@ -180,8 +180,9 @@ class SharedProjectionBlock(_RowwiseBlock):
 
     @staticmethod
     def supports(layer: nn.Module, spec: FamilySpec) -> bool:
-        """The family allows it, the layer has its parts, and the parts shared by every position (the
-        attention norm, q/k norms) carry no adapter of their own."""
+        """The family allows it, the layer has its parts, the parts shared by every position (the attention
+        norm, q/k norms) carry no adapter of their own, and each q/k/v projection computes its base output
+        (a LoRA linear of any variant, DoRA included) or has no adapter."""
         if not spec.shared_projections or not has_parts(layer, spec):
             return False
         attention = getattr(layer, spec.attention)
@@ -191,7 +192,7 @@ class SharedProjectionBlock(_RowwiseBlock):
         if any(is_switchable(m) for part in shared for m in part.modules()):
             return False
         projections = [getattr(attention, name) for name in spec.projections]
-        return all(is_additive_lora(p) or not is_switchable(p) for p in projections)
+        return all(computes_base_output(p) or not is_switchable(p) for p in projections)
 
     def capturing(self, backend: LoraLinearBackend, batch: Batch) -> AbstractContextManager[None]:
         """Send the base q/k/v of the fine-tuned forward to ``capture``: computed in the same fused kernel as

@@ -46,6 +46,7 @@ from .blocks import SharedProjectionBlock
 from .errors import TuCoError
 from .families import OutputRows, QKNorm, attention_heads, spec_for
 from .interception import hooked
+from .inventory import is_switchable
 
 RotaryTable = tuple[torch.Tensor, torch.Tensor]
 KeysValues = tuple[torch.Tensor, torch.Tensor]
@@ -149,9 +150,11 @@ class LowRankDelta:
         if not SharedProjectionBlock.supports(layer, spec):  # e.g. a trained attention norm: k_FT ≠ k_PT + B·A·n(x)
             return None
         attention = getattr(layer, spec.attention)
+        names = spec.key_value_projections
+        if not all(is_additive_lora(p) or not is_switchable(p) for p in (getattr(attention, n) for n in names)):
+            return None  # DoRA rescales the base keys: k_FT is not k_PT plus a low-rank term
         n_heads, n_kv_heads = attention_heads(config)
         head_dim = getattr(attention, spec.head_dim)
-        names = spec.key_value_projections
         distinct = list(dict.fromkeys(names))
         rows = spec.key_value_rows(n_heads, n_kv_heads, head_dim)
         parts = ((distinct.index(names[0]), rows[0]), (distinct.index(names[1]), rows[1]))

@@ -3,10 +3,12 @@ adapters off. Each kind against the two-model oracle (tests/helpers/oracle.py), 
 steered generation against the two-model steering reference."""
 
 import copy
+import importlib
 import warnings
 
 import pytest
 import torch
+from helpers.assertions import assert_components_close
 from helpers.models import base_model, padded_batch
 from helpers.oracle import decoder_blocks, tuco_at_last, two_pass
 from helpers.steering import greedy_generate
@@ -25,7 +27,8 @@ from peft import (
 )
 
 import tuco_peft
-from tuco_peft.adapters import is_additive_lora
+from tuco_peft.adapters import computes_base_output, is_additive_lora
+from tuco_peft.blocks import SharedProjectionBlock, SharedReadBlock
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -75,7 +78,8 @@ def test_every_tuner_matches_the_oracle(kind):
     assert (decomposition.ftc - ftc * real).abs().max() <= 1e-4 * scale
     assert (tuco - tuco_at_last(ptc, ftc, mask)).abs().max() < 1e-5
     assert ftc.abs().max() > 1e-3 * scale  # the adapter matters, so the checks above can fail
-    assert any("decomposed exactly by switching them off" in str(w.message) for w in caught)
+    generic = any("decomposed exactly by switching them off" in str(w.message) for w in caught)
+    assert generic != kind.startswith("dora")  # DoRA is a LoRA variant: one pass, no warning
 
 
 @pytest.mark.parametrize("kind", ["dora", "loha", "ia3", "oft"])
@@ -102,12 +106,41 @@ def test_cached_steered_generation_with_every_tuner(kind):
     torch.testing.assert_close(torch.stack(out.logits, dim=1), reference, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("shared_reads", [True, False], ids=["shared reads", "separate reads"])
+def test_dora_runs_one_pass_and_matches_the_oracle_with_its_dropout_on(shared_reads, monkeypatch):
+    """DoRA's forward computes its base output first: the pre-trained q/k/v are captured, no block is replayed;
+    in training mode with LoRA dropout, against the oracle run on the same dropout masks."""
+    decompose_module = importlib.import_module("tuco_peft.decompose")
+    monkeypatch.setattr(decompose_module, "SHARED_READS_MAX_TOKENS", 10**9 if shared_reads else 0)
+    monkeypatch.setattr(decompose_module, "SHARED_READS_MIN_WIDTH", 0)
+    base = base_model("llama", intermediate_size=128)
+    pretrained = copy.deepcopy(base)
+    torch.manual_seed(1)
+    config = LoraConfig(r=4, target_modules="all-linear", use_dora=True, lora_dropout=0.3, init_lora_weights=False)
+    model = get_peft_model(base, config).train()
+    paths = []
+    pretrained_path = decompose_module.pretrained_path
+    monkeypatch.setattr(
+        decompose_module, "pretrained_path", lambda *a, **k: paths.append(pretrained_path(*a, **k)) or paths[-1]
+    )
+    ids, mask = padded_batch()
+    torch.manual_seed(5)
+    ptc, ftc, _, _ = two_pass(model, decoder_blocks(pretrained), ids, mask)
+    torch.manual_seed(5)
+    decomposition = tuco_peft.decompose(model, ids, mask, positions="all")
+    assert {type(path) for path in paths} == {SharedReadBlock if shared_reads else SharedProjectionBlock}
+    real = mask.bool()[:, None, :, None]
+    assert_components_close(decomposition.ptc, ptc.detach() * real)
+    assert_components_close(decomposition.ftc, ftc.detach() * real)
+    assert ftc.abs().max() > 1e-3 * ptc.abs().max()
+
+
 def test_dora_is_not_taken_for_a_plain_lora_linear():
-    """DoRA rescales the base output, so its keys are not base + low-rank: no captured base projection, no
-    lean cache slot, no fused kernel."""
+    """DoRA rescales the base output, so its keys are not base + low-rank: its base output is the pre-trained
+    projection (captured), but no lean cache slot and no fused kernel."""
     _, model = tuner_pair("dora")
     q_proj = model.get_base_model().model.layers[0].self_attn.q_proj
-    assert not is_additive_lora(q_proj)
+    assert not is_additive_lora(q_proj) and computes_base_output(q_proj)
     model.base_model.model.model.layers[0].self_attn.q_proj.use_dora["default"] = False
     q_proj.lora_variant.pop("default")
     assert is_additive_lora(q_proj)
