@@ -44,10 +44,12 @@ MODELS = {
 decompose_module = importlib.import_module("tuco_peft.decompose")
 
 
-def lora_model(shapes: dict, rank: int) -> torch.nn.Module:
+def lora_model(shapes: dict, rank: int, dora: bool) -> torch.nn.Module:
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(LlamaConfig(**shapes)).eval()  # sdpa, as from_pretrained loads it
-    lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", init_lora_weights=False)
+    lora = LoraConfig(
+        r=rank, lora_alpha=2 * rank, target_modules="all-linear", use_dora=dora, init_lora_weights=False
+    )
     return get_peft_model(base, lora).eval()
 
 
@@ -89,6 +91,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--shapes", nargs="+", default=["1x16"], help="batch x tokens, e.g. 1x16 4x64")
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--dora", action="store_true", help="DoRA adapters instead of plain LoRA")
     parser.add_argument("--repeats", type=int, default=31)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="bench-overhead.json")
@@ -98,13 +101,14 @@ def main() -> None:
     report = {
         "machine": platform.processor() or platform.machine(),
         "threads": args.threads,
+        "adapter": "DoRA" if args.dora else "LoRA",
         "torch": torch.__version__,
         "shared_reads_max_tokens": decompose_module.SHARED_READS_MAX_TOKENS,
         "shared_reads_min_width": decompose_module.SHARED_READS_MIN_WIDTH,
         "results": [],
     }
     for model_name in args.models:
-        model = lora_model(MODELS[model_name], args.rank)
+        model = lora_model(MODELS[model_name], args.rank, args.dora)
         vocab = MODELS[model_name]["vocab_size"]
         for shape in args.shapes:
             batch, tokens = map(int, shape.split("x"))
