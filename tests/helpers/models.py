@@ -9,6 +9,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
+    Gemma3TextConfig,
     GemmaConfig,
     GPT2Config,
     GPTNeoXConfig,
@@ -52,6 +53,11 @@ def _family_config(family: str):
         return Gemma2Config(
             **_COMMON, num_key_value_heads=2, head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
             attn_logit_softcapping=5.0, final_logit_softcapping=30.0,
+        )
+    if family == "gemma3_text":  # local layers (window 4, their own rotary base), then a global one
+        return Gemma3TextConfig(
+            **_COMMON, num_key_value_heads=2, head_dim=16, sliding_window=4, query_pre_attn_scalar=24,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"], bos_token_id=1, eos_token_id=2,
         )
     if family == "phi3":
         return Phi3Config(

@@ -1,6 +1,6 @@
 """Decoder families with a one-pass pre-trained path: one module per family registers its spec."""
 
-from . import gemma, gemma2, gpt2, gpt_neox, llama, mistral, olmo2, phi3, qwen2, qwen3  # noqa: F401 (they register)
+from . import gemma, gemma2, gemma3, gpt2, gpt_neox, llama, mistral, olmo2, phi3, qwen2, qwen3  # noqa: F401 (they register)
 from .registry import register, registered_model_types, spec_for
 from .spec import (
     FamilySpec,

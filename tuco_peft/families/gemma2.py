@@ -7,14 +7,12 @@ from .llama import SPEC as LLAMA
 from .registry import register
 from .spec import Wiring
 
-register(
-    "gemma2",
-    "Gemma2DecoderLayer",
-    replace(
-        LLAMA,
-        wiring=Wiring.SANDWICH,
-        mlp_norm="pre_feedforward_layernorm",
-        post_attention_norm="post_attention_layernorm",
-        post_mlp_norm="post_feedforward_layernorm",
-    ),
+SPEC = replace(
+    LLAMA,
+    wiring=Wiring.SANDWICH,
+    mlp_norm="pre_feedforward_layernorm",
+    post_attention_norm="post_attention_layernorm",
+    post_mlp_norm="post_feedforward_layernorm",
 )
+
+register("gemma2", "Gemma2DecoderLayer", SPEC)
