@@ -38,10 +38,14 @@ class _Components:
         self.x0: torch.Tensor | None = None
         self.xL: torch.Tensor | None = None
         self.blocks_seen = 0
-        # Whether each block's input was the previous block's output, kept on the device: a Python bool here
-        # would make the host wait for every block; it is read once, after the forward.
-        self._continues: list[torch.Tensor] = []
-        self._finite: list[torch.Tensor] = []  # whether each block's output is finite, also on the device
+        # Whether each block's input was the previous block's output, and whether its output is finite, kept
+        # on the device (a Python bool would make the host wait for every block) and read once, after the
+        # forward. Everything kept per block is allocated before the forward and written in place: small
+        # allocations that outlive each block would sit between its large temporaries and fragment the heap,
+        # which then grows by several blocks' activations (as resident memory, on glibc).
+        home = batch.input_ids.device
+        self._continues = torch.ones(n_layers, dtype=torch.bool, device=home)
+        self._finite = torch.ones(n_layers, dtype=torch.bool, device=home)
 
     def rows_of(self, states: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """``states`` [b, seq, ...] at the decomposed ``rows``, in float32; with every position in order, the
@@ -52,8 +56,8 @@ class _Components:
         if index != self.blocks_seen or (self.xL is not None and self.xL.shape != x_rows.shape):
             self._discontinuity(index)
         if self.xL is not None:
-            self._continues.append((self.xL == x_rows).all())
-        self._finite.append(torch.isfinite(out_rows).all())
+            self._continues[index] = (self.xL == x_rows).all()
+        self._finite[index] = torch.isfinite(out_rows).all()
         ftc = (out_rows - x_rows) - ptc
         if self.real is not None:
             ptc, ftc = ptc * self.real, ftc * self.real
@@ -76,7 +80,7 @@ class _Components:
         """x0, xL and the positions, after checking that every block ran, on finite hidden states."""
         if self.blocks_seen != self.n_layers:
             self._discontinuity(self.blocks_seen)
-        finite = torch.stack(self._finite)
+        finite = self._finite
         if not bool(finite.all()):
             block = int((~finite).nonzero()[0])
             raise TuCoError(
@@ -84,10 +88,8 @@ class _Components:
                 "overflow in float16), so TuCo is undefined; check the checkpoint's weights, or load it in "
                 "float32 or bfloat16."
             )
-        if self._continues:  # on finite states, a difference is a real discontinuity
-            continues = torch.stack(self._continues)
-            if not bool(continues.all()):
-                self._discontinuity(int((~continues).nonzero()[0]) + 1)
+        if not bool(self._continues.all()):  # on finite states, a difference is a real discontinuity
+            self._discontinuity(int((~self._continues).nonzero()[0]))
         x0, xL = self.x0, self.xL
         if self.real is not None:
             x0, xL = x0 * self.real, xL * self.real
@@ -128,22 +130,20 @@ class _RunningSums(_Components):
         super().__init__(n_layers, batch)
         self.ptc_sum: torch.Tensor | None = None
         self.ftc_sum: torch.Tensor | None = None
-        self.ptc_l1: list[torch.Tensor] = []
-        self.ftc_l1: list[torch.Tensor] = []
-        self.cumulative: list[torch.Tensor] = []
+        self.per_block: torch.Tensor | None = None  # [3, batch, n_layers, rows]: ‖PTC_l‖₁, ‖FTC_l‖₁, cumulative
 
     def _keep(self, ptc: torch.Tensor, ftc: torch.Tensor) -> None:
         self.ptc_sum = ptc if self.ptc_sum is None else self.ptc_sum + ptc
         self.ftc_sum = ftc if self.ftc_sum is None else self.ftc_sum + ftc
-        self.ptc_l1.append(ptc.abs().sum(-1))
-        self.ftc_l1.append(ftc.abs().sum(-1))
-        self.cumulative.append(tuco_from_sums(self.ptc_sum, self.ftc_sum))
+        if self.per_block is None:
+            self.per_block = ptc.new_empty((3, ptc.shape[0], self.n_layers, *ptc.shape[1:-1]))
+        self.per_block[0, :, self.blocks_seen] = ptc.abs().sum(-1)
+        self.per_block[1, :, self.blocks_seen] = ftc.abs().sum(-1)
+        self.per_block[2, :, self.blocks_seen] = tuco_from_sums(self.ptc_sum, self.ftc_sum)
 
     def result(self) -> DecompositionSums:
         x0, xL, positions = self._ends()
-        ptc_l1, ftc_l1, cumulative = (
-            self._squeezed(torch.stack(values, dim=1), 2) for values in (self.ptc_l1, self.ftc_l1, self.cumulative)
-        )
+        ptc_l1, ftc_l1, cumulative = (self._squeezed(values, 2) for values in self.per_block)
         return DecompositionSums(
             ptc_sum=self._squeezed(self.ptc_sum, 1),
             ftc_sum=self._squeezed(self.ftc_sum, 1),
