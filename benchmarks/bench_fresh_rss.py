@@ -18,6 +18,8 @@ import subprocess
 import sys
 import time
 
+from bench_overhead import MODELS
+
 METHODS = ("decoder", "decompose_all_sums", "decompose_last")
 
 
@@ -31,15 +33,7 @@ def measure(method: str, batch: int, seq: int, threads: int) -> dict[str, float]
     from tuco_peft.introspection import model_parts
 
     torch.set_num_threads(threads)
-    config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        max_position_embeddings=max(2048, seq),
-    )
+    config = LlamaConfig(**MODELS["135m"], max_position_embeddings=max(2048, seq))
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(config).eval()  # sdpa, as from_pretrained loads it
     lora = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
