@@ -30,16 +30,22 @@ import tuco_peft
 
 MODELS = {
     # The demo pair's shapes (tuco_peft.demo.build.DemoRecipe): 4 blocks of width 64.
-    "demo": dict(vocab_size=768, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4),
+    "demo": {
+        "vocab_size": 768,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+    },
     # SmolLM-135M's shapes: 30 blocks of width 576, grouped-query attention 9/3.
-    "135m": dict(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-    ),
+    "135m": {
+        "vocab_size": 49152,
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+    },
 }
 decompose_module = importlib.import_module("tuco_peft.decompose")
 
@@ -68,6 +74,20 @@ def with_reads(shared: bool, call: Callable[[], object]) -> Callable[[], object]
                 setattr(decompose_module, name, value)
 
     return run
+
+
+def methods(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, Callable[[], object]]:
+    """The plain forward and ``tuco`` by each path, on the same ids."""
+
+    def call_tuco() -> object:
+        return tuco_peft.tuco(model, ids)
+
+    return {
+        "forward": lambda: model(input_ids=ids),
+        "tuco": call_tuco,
+        "tuco, shared reads": with_reads(True, call_tuco),
+        "tuco, separate reads": with_reads(False, call_tuco),
+    }
 
 
 def interleaved_medians(methods: dict[str, Callable[[], object]], repeats: int) -> dict[str, dict[str, float]]:
@@ -114,15 +134,7 @@ def main() -> None:
             batch, tokens = map(int, shape.split("x"))
             ids = torch.randint(0, vocab, (batch, tokens), generator=torch.Generator().manual_seed(1))
             with torch.no_grad():
-                summary = interleaved_medians(
-                    {
-                        "forward": lambda: model(input_ids=ids),
-                        "tuco": lambda: tuco_peft.tuco(model, ids),
-                        "tuco, shared reads": with_reads(True, lambda: tuco_peft.tuco(model, ids)),
-                        "tuco, separate reads": with_reads(False, lambda: tuco_peft.tuco(model, ids)),
-                    },
-                    args.repeats,
-                )
+                summary = interleaved_medians(methods(model, ids), args.repeats)
             forward = summary["forward"]["median_ms"]
             row = {"model": model_name, "batch": batch, "tokens": tokens, "ms": summary}
             row["ratio_to_forward"] = {name: s["median_ms"] / forward for name, s in summary.items()}
