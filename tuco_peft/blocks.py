@@ -258,18 +258,14 @@ class SharedReadBlock(SharedProjectionBlock):
         def record(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
             self._block_input = (hidden_states(args, kwargs), kwargs)
 
-        try:
-            with ExitStack() as stack:
-                stack.enter_context(super().capturing(backend, batch))
-                stack.enter_context(hooked(self.layer, before=record, with_kwargs=True))
-                stack.enter_context(replaced_forward(self.output, self._output_forward(backend, batch)))
-                stack.enter_context(replaced_forward(self.mlp, self._mlp_forward(batch)))
-                for module in self.mlp_tuners:
-                    stack.enter_context(replaced_forward(module, self._split_forward(module, backend)))
-                yield
-        finally:
-            self._reset()
-            self._captured = {}
+        with ExitStack() as stack:
+            stack.enter_context(super().capturing(backend, batch))
+            stack.enter_context(hooked(self.layer, before=record, with_kwargs=True))
+            stack.enter_context(replaced_forward(self.output, self._output_forward(backend, batch)))
+            stack.enter_context(replaced_forward(self.mlp, self._mlp_forward(batch)))
+            for module in self.mlp_tuners:
+                stack.enter_context(replaced_forward(module, self._split_forward(module, backend)))
+            yield
 
     def _mismatch(self, what: str) -> RuntimeError:
         return RuntimeError(f"the block's forward {what}: it does not match its family's spec.")

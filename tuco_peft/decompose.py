@@ -231,7 +231,7 @@ Probe = _BlockProbe | _PairedProbe
 # where appending the rows costs copies and a second read of a few rows' weights costs little; narrower
 # models' weights are read in no time, and the extra calls of the shared path cost more than they save.
 # Measured on a CPU, one thread (benchmarks/bench_overhead.py, benchmarks/README.md): on a 135M-shaped
-# model, one prompt of 16 tokens costs 1.14× a plain forward with shared reads against 1.32× without, and
+# model, one prompt of 16 tokens costs 1.16× a plain forward with shared reads against 1.29× without, and
 # from 64 tokens on the two are within 1%; on the demo's width 64 the shared path costs more. A GPU is
 # bound by weight reads further on, so these are conservative there.
 SHARED_READS_MAX_TOKENS = 256

@@ -57,8 +57,9 @@ def forward_replaced(module: nn.Module) -> bool:
 
 
 def submodules(root: nn.Module) -> list[nn.Module]:
-    """Every module below ``root`` (not ``root`` itself), in a fixed order. Without their names, which ``nn.Module.modules`` builds and drops: several times faster, and asked
-    of the model and its blocks on every call."""
+    """Every module below ``root`` (not ``root`` itself), in a fixed order. Without their names, which
+    ``nn.Module.modules`` builds and drops: several times faster, and asked of the model and its blocks on
+    every call."""
     found: list[nn.Module | None] = list(root._modules.values())
     for module in found:  # breadth first: the list grows while it is read
         if module is not None:  # a module registered as None (an absent submodule) has no children
