@@ -17,9 +17,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from tuco_peft.apps.runner import Batching, Runner, padding_fraction, plan_batches
 from tuco_peft.demo.build import build_tokenizer
-from tuco_peft.prompts import Prompt
-from tuco_peft.runner import Batching, Runner, padding_fraction, plan_batches
+from tuco_peft.io.prompts import Prompt
 
 _WORDS = "the quick brown fox jumps over a lazy dog by the river while small models read short prompts".split()
 

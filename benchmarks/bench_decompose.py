@@ -22,7 +22,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from tuco_peft.benchmark import compare_full_finetune_methods, compare_methods
+from tuco_peft.apps.benchmark import compare_full_finetune_methods, compare_methods
 
 
 def build_base(args: argparse.Namespace):

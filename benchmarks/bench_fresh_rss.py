@@ -30,7 +30,7 @@ def measure(method: str, batch: int, seq: int, threads: int) -> dict[str, float]
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     import tuco_peft
-    from tuco_peft.introspection import model_parts
+    from tuco_peft.model.parts import model_parts
 
     torch.set_num_threads(threads)
     config = LlamaConfig(**MODELS["135m"], max_position_embeddings=max(2048, seq))

@@ -76,9 +76,9 @@ from peft import LoraConfig, get_peft_model  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
 
-from tuco_peft.benchmark import compare_methods  # noqa: E402
-from tuco_peft.generation import generate  # noqa: E402
-from tuco_peft.fused_lora import dual_lora_linear, two_stream_lora_linear  # noqa: E402
+from tuco_peft.apps.benchmark import compare_methods  # noqa: E402
+from tuco_peft.lora.fused import dual_lora_linear, two_stream_lora_linear  # noqa: E402
+from tuco_peft.steering.generation import generate  # noqa: E402
 
 BACKENDS = ("torch", "triton")
 STEERING_ALPHA = 1.1

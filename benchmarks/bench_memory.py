@@ -19,9 +19,9 @@ import torch
 from bench_decompose import lora_finetune
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from tuco_peft import decompose
-from tuco_peft.benchmark import peak_extra_memory
-from tuco_peft.introspection import model_parts
+from tuco_peft.apps.benchmark import peak_extra_memory
+from tuco_peft.core import decompose
+from tuco_peft.model.parts import model_parts
 
 
 def lora_model(args: argparse.Namespace) -> torch.nn.Module:

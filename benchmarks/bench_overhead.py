@@ -47,7 +47,7 @@ MODELS = {
         "num_key_value_heads": 3,
     },
 }
-decompose_module = importlib.import_module("tuco_peft.decompose")
+decompose_module = importlib.import_module("tuco_peft.core.decompose")
 
 
 def lora_model(shapes: dict, rank: int, dora: bool) -> torch.nn.Module:

@@ -26,11 +26,11 @@ import statistics
 import time
 
 import torch
+from bench_decompose import build_base, lora_finetune  # the same model builder and LoRA
 from transformers import DynamicCache
 
-from bench_decompose import build_base, lora_finetune  # the same model builder and LoRA
-from tuco_peft.generation import generate
-from tuco_peft.steering import ftc_scale
+from tuco_peft.steering.forward import ftc_scale
+from tuco_peft.steering.generation import generate
 
 
 def cache_bytes(cache: DynamicCache) -> int:

@@ -24,9 +24,9 @@ from peft import LoraConfig, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
-from tuco_peft.callbacks import TuCoCallback
 from tuco_peft.demo import demo_prompts, ensure_demo_checkpoints
 from tuco_peft.demo.corpus import chat_exchange
+from tuco_peft.integrations.callback import TuCoCallback
 
 
 class ProbeWriter(TrainerCallback):

@@ -8,30 +8,29 @@ from __future__ import annotations
 
 import importlib
 import sys
-from types import ModuleType
 from typing import Any
 
 __version__ = "0.1.0"
 
 # Public name -> the submodule that defines it.
 _EXPORTS = {
-    "PAPER_ALPHAS": "sweep",
-    "ChoiceItem": "sweep",
-    "Decomposition": "decomposition",
-    "DecompositionSums": "decomposition",
+    "PAPER_ALPHAS": "integrations.alpha_sweep",
+    "ChoiceItem": "integrations.alpha_sweep",
+    "Decomposition": "core.contributions",
+    "DecompositionSums": "core.contributions",
     "InputError": "errors",
-    "SteeredGeneration": "generation",
-    "SweepResult": "sweep",
-    "TuCoCallback": "callbacks",
+    "SteeredGeneration": "steering.generation",
+    "SweepResult": "integrations.alpha_sweep",
+    "TuCoCallback": "integrations.callback",
     "TuCoError": "errors",
     "UnsupportedModelError": "errors",
-    "alpha_sweep": "sweep",
-    "decompose": "decompose",
-    "ftc_scale": "steering",
-    "generate": "generation",
-    "load_items": "sweep",
-    "tuco": "decompose",
-    "tuco_from_sums": "decomposition",
+    "alpha_sweep": "integrations.alpha_sweep",
+    "decompose": "core.decompose",
+    "ftc_scale": "steering.forward",
+    "generate": "steering.generation",
+    "load_items": "integrations.alpha_sweep",
+    "tuco": "core.decompose",
+    "tuco_from_sums": "core.contributions",
 }
 
 __all__ = [*_EXPORTS, "__version__"]
@@ -48,18 +47,3 @@ def __getattr__(name: str) -> Any:
 def __dir__() -> list[str]:
     return sorted({*globals(), *__all__})
 
-
-class _Package(ModuleType):
-    """Keeps ``tuco_peft.decompose`` the function once the submodule of that name is imported.
-
-    Importing ``tuco_peft.decompose`` binds the submodule on the package, which would hide the function
-    ``from tuco_peft import decompose`` is documented to return; it is bound to the function instead.
-    """
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if isinstance(value, ModuleType) and value.__name__ == f"{__name__}.{_EXPORTS.get(name)}":
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

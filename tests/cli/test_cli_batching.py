@@ -17,11 +17,11 @@ import pytest
 import torch
 from helpers.cli_fixtures import read_rows, write_lines
 
+from tuco_peft.apps.runner import Batching, padding_fraction, plan_batches
 from tuco_peft.cli import main
-from tuco_peft.decompose import decompose
-from tuco_peft.runner import Batching, padding_fraction, plan_batches
+from tuco_peft.core.decompose import decompose
 
-DECOMPOSE_MODULE = importlib.import_module("tuco_peft.decompose")  # the package re-exports a function of that name
+DECOMPOSE_MODULE = importlib.import_module("tuco_peft.core.decompose")  # the package re-exports a function of that name
 WORDS = "the quick brown fox jumps over the lazy dog near the river bank".split()
 MIXED = [" ".join(WORDS[: 1 + (7 * i) % 12]) for i in range(24)]  # 1 to 12 words, shuffled by the stride
 
@@ -227,7 +227,7 @@ def test_a_prompt_over_the_token_budget_is_named_in_a_warning(checkpoints, tmp_p
 def test_a_huge_prompt_is_tokenized_by_its_end_only(checkpoints, monkeypatch):
     from transformers import AutoTokenizer
 
-    from tuco_peft.prompts import encode_prompt
+    from tuco_peft.io.prompts import encode_prompt
 
     tokenizer = AutoTokenizer.from_pretrained(checkpoints.base)
     text = " ".join(WORDS[i % len(WORDS)] for i in range(200_000))  # about a million characters

@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers.cli_fixtures import CONTEXT, fails, write_lines
 
-from tuco_peft.benchmark import COMPUTE_BOUND, OVERHEAD_BOUND, _measure, compare_workloads, token_windows
+from tuco_peft.apps.benchmark import COMPUTE_BOUND, OVERHEAD_BOUND, _measure, compare_workloads, token_windows
 from tuco_peft.cli import main
 
 PROMPTS = ["the quick brown fox", "how can I help you today?", "a small model reads", "the lazy dog"]

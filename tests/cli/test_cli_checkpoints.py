@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from helpers.cli_fixtures import fails, write_lines
 
-from tuco_peft.loading import LoadOptions, Source, load_adapter, load_base
+from tuco_peft.io.loading import LoadOptions, Source, load_adapter, load_base
 
 
 def _argv(base, adapter, tmp_path, command="analyze"):

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from helpers.cli_fixtures import read_rows
 
+from tuco_peft.apps.distributed import Ranks, part_file, parts_directory
 from tuco_peft.cli import main
-from tuco_peft.distributed import Ranks, part_file, parts_directory
-from tuco_peft.locking import lock_path, results_lock
+from tuco_peft.io.locking import lock_path, results_lock
 
 PROMPTS = [
     "the quick brown fox",
@@ -163,7 +163,7 @@ def test_process_group_waits_long_for_slow_ranks(monkeypatch):
     """A rank that finished its share waits at the next step for the slowest: gloo's 30 minutes is too short."""
     import torch.distributed as dist
 
-    from tuco_peft.distributed import process_group
+    from tuco_peft.apps.distributed import process_group
 
     calls = []
     monkeypatch.setattr(dist, "init_process_group", lambda *args, **kwargs: calls.append(kwargs))

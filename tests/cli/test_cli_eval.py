@@ -15,7 +15,7 @@ from helpers.lm_eval_tasks import write_tasks
 
 from tuco_peft.cli import main
 from tuco_peft.demo import DemoRecipe, ensure_demo_checkpoints
-from tuco_peft.loading import _PROXY_VARIABLES
+from tuco_peft.io.loading import _PROXY_VARIABLES
 
 EXAMPLE_TASKS = Path(__file__).resolve().parents[2] / "examples" / "lm_eval_tasks"
 
@@ -120,6 +120,7 @@ def test_unknown_tasks_and_a_cv_without_alpha_one_are_refused_before_loading(
 def test_a_missing_lm_eval_names_the_extra(checkpoints, tmp_path, capsys, monkeypatch, loading_forbidden):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval now raises ImportError
     monkeypatch.delitem(sys.modules, "tuco_peft.evaluation", raising=False)
+    monkeypatch.delitem(sys.modules, "tuco_peft.integrations.evaluation", raising=False)
     fails(_eval_argv(checkpoints, tmp_path / "results.json"), capsys, "pip install 'tuco-peft[eval]'", status=2)
 
 
@@ -155,7 +156,7 @@ def test_a_task_whose_data_set_is_not_cached_is_refused_at_once_without_the_hub(
     import datasets.config
     import huggingface_hub.constants
 
-    from tuco_peft import evaluation
+    from tuco_peft.integrations import evaluation
 
     monkeypatch.setattr(evaluation, "TaskManager", lambda include_path=None: lm_eval_index)  # built once, above
     if no_hub == "no connection":

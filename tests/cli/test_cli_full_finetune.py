@@ -11,7 +11,7 @@ from helpers.oracle import decoder_blocks, tuco_at_last, two_pass
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tuco_peft.cli import main
-from tuco_peft.decompose import tuco
+from tuco_peft.core.decompose import tuco
 
 PROMPTS = ["the quick brown fox", "how can I help you today?", "tell me about the old mill by the water", "dog"]
 

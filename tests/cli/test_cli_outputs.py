@@ -16,7 +16,7 @@ from helpers.models import base_model, lora_model
 
 import tuco_peft
 from tuco_peft.cli import main
-from tuco_peft.locking import lock_path, replaced_atomically
+from tuco_peft.io.locking import lock_path, replaced_atomically
 
 PROMPTS = ["the quick brown fox", "how can I help you today?"]
 
@@ -202,7 +202,7 @@ def test_a_hub_id_without_network_fails_at_once(checkpoints, tmp_path, capsys, m
 
     from huggingface_hub import constants
 
-    from tuco_peft import loading
+    from tuco_peft.io import loading
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: the connection is refused

@@ -50,7 +50,7 @@ def test_help_and_usage_errors_import_no_heavy_library(argv):
 def test_importing_the_package_imports_no_heavy_library_yet_exports_everything():
     run = _python(
         "import sys, tuco_peft; heavy = [n for n in ('torch', 'transformers') if n in sys.modules]; "
-        "from tuco_peft import decompose, tuco, TuCoCallback; import tuco_peft.decompose; "
+        "from tuco_peft import decompose, tuco, TuCoCallback; import tuco_peft.core.decompose; "
         "print(heavy, callable(tuco_peft.decompose), decompose is tuco_peft.decompose, sorted(tuco_peft.__all__) "
         "== sorted(n for n in tuco_peft.__all__ if hasattr(tuco_peft, n)))"
     )
@@ -102,7 +102,7 @@ def test_ctrl_c_at_any_moment_is_one_line_and_130(checkpoints, tmp_path, delay):
 # Makes a third-party logger warn and err while the command loads its model, as bitsandbytes does.
 _THIRD_PARTY_NOTICES = """
 import logging, sys
-import tuco_peft.loading as loading
+import tuco_peft.io.loading as loading
 from tuco_peft.cli import main
 
 load_pair = loading.load_pair

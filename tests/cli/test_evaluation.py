@@ -18,7 +18,7 @@ from tuco_peft.errors import InputError, TuCoError
 lm_eval = pytest.importorskip("lm_eval", reason="the [eval] extra (lm-eval) is not installed")
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from tuco_peft.evaluation import FTCScaledLM, check_task_data, evaluate_alphas, write_report  # noqa: E402
+from tuco_peft.integrations.evaluation import FTCScaledLM, check_task_data, evaluate_alphas, write_report  # noqa: E402
 
 pytestmark = pytest.mark.slow  # lm-eval builds its task index (seconds) per run
 
@@ -131,5 +131,6 @@ def test_a_task_whose_local_data_is_missing_is_one_line_naming_the_file(tmp_path
 def test_missing_lm_eval_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)
     monkeypatch.delitem(sys.modules, "tuco_peft.evaluation")
+    monkeypatch.delitem(sys.modules, "tuco_peft.integrations.evaluation", raising=False)
     with pytest.raises(TuCoError, match=r"pip install 'tuco-peft\[eval\]'"):
         importlib.import_module("tuco_peft.evaluation")

@@ -27,8 +27,8 @@ from peft import (
 )
 
 import tuco_peft
-from tuco_peft.adapters import computes_base_output, is_additive_lora
-from tuco_peft.blocks import SharedProjectionBlock, SharedReadBlock
+from tuco_peft.core.pretrained_path import SharedProjectionBlock, SharedReadBlock
+from tuco_peft.lora.adapters import computes_base_output, is_additive_lora
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -110,7 +110,7 @@ def test_cached_steered_generation_with_every_tuner(kind):
 def test_dora_runs_one_pass_and_matches_the_oracle_with_its_dropout_on(shared_reads, monkeypatch):
     """DoRA's forward computes its base output first: the pre-trained q/k/v are captured, no block is replayed;
     in training mode with LoRA dropout, against the oracle run on the same dropout masks."""
-    decompose_module = importlib.import_module("tuco_peft.decompose")
+    decompose_module = importlib.import_module("tuco_peft.core.decompose")
     monkeypatch.setattr(decompose_module, "SHARED_READS_MAX_TOKENS", 10**9 if shared_reads else 0)
     monkeypatch.setattr(decompose_module, "SHARED_READS_MIN_WIDTH", 0)
     base = base_model("llama", intermediate_size=128)

@@ -1,12 +1,12 @@
 """The paper's two-pass baselines (kept for benchmarking) agree with decompose and with the oracle."""
 
 import torch
-
-import tuco_peft
 from helpers.models import model_pair, padded_batch
 from helpers.oracle import decoder_blocks, tuco_at_last, two_pass
-from tuco_peft.baselines import disable_adapter_tuco, two_model_tuco
-from tuco_peft.benchmark import compare_methods
+
+import tuco_peft
+from tuco_peft.apps.benchmark import compare_methods
+from tuco_peft.core.baselines import disable_adapter_tuco, two_model_tuco
 
 
 def test_baselines_agree_with_oracle_and_decompose():

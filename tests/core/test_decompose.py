@@ -4,13 +4,13 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, FalconConfig, OlmoConfig, OPTConfig
-
-import tuco_peft
 from helpers.assertions import assert_components_close
 from helpers.models import FAMILIES, base_model, family_config, lora_model, model_pair, padded_batch
 from helpers.oracle import decoder_blocks, last_index, tuco_at_last, two_pass
-from tuco_peft.blocks import ReplayBlock, SharedProjectionBlock, pretrained_path
+from transformers import AutoModelForCausalLM, FalconConfig, OlmoConfig, OPTConfig
+
+import tuco_peft
+from tuco_peft.core.pretrained_path import ReplayBlock, SharedProjectionBlock, pretrained_path
 
 
 def _oracle(pretrained, model, ids, mask):

@@ -4,12 +4,12 @@ import copy
 
 import pytest
 import torch
+from helpers.models import base_model, lora_model, model_pair, padded_batch
+from helpers.oracle import decoder_blocks, tuco_at_last, two_pass
 from peft import LoraConfig, PromptTuningConfig, get_peft_model
 from transformers import BertConfig, BertForMaskedLM
 
 import tuco_peft
-from helpers.models import base_model, lora_model, model_pair, padded_batch
-from helpers.oracle import decoder_blocks, tuco_at_last, two_pass
 
 
 def snapshot(model):

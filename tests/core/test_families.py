@@ -2,17 +2,17 @@
 
 import pytest
 import torch
+from helpers.models import FAMILIES, base_model, family_config, lora_model, model_pair, padded_batch
+from helpers.oracle import decoder_blocks
 from transformers import AutoModelForCausalLM, GPT2Config
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
-from helpers.models import FAMILIES, base_model, family_config, lora_model, model_pair, padded_batch
-from helpers.oracle import decoder_blocks
-from tuco_peft.blocks import OwnProjectionBlock, ReplayBlock, SharedProjectionBlock, pretrained_path
-from tuco_peft.dual_cache import LowRankDelta, LowRankSlot, PastRotary, PreNormKeySlot
+from tuco_peft.core.paired import PairedBlock
+from tuco_peft.core.pretrained_path import OwnProjectionBlock, ReplayBlock, SharedProjectionBlock, pretrained_path
 from tuco_peft.families import FamilySpec, QKNorm, QKVLayout, Wiring, attention_heads, spec_for
-from tuco_peft.introspection import model_parts
-from tuco_peft.paired import PairedBlock
-from tuco_peft.steering import ftc_scale
+from tuco_peft.model.parts import model_parts
+from tuco_peft.steering.forward import ftc_scale
+from tuco_peft.steering.lean_cache import LowRankDelta, LowRankSlot, PastRotary, PreNormKeySlot
 
 
 @pytest.mark.parametrize("family", FAMILIES)

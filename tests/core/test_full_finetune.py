@@ -3,10 +3,10 @@
 import pytest
 import torch
 from accelerate import dispatch_model
-
-import tuco_peft
 from helpers.models import FAMILIES, base_model, full_finetune_pair, lora_model, padded_batch
 from helpers.oracle import decoder_blocks, last_index, tuco_at_last, two_pass
+
+import tuco_peft
 
 
 @pytest.mark.parametrize("family", FAMILIES)

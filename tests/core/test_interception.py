@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from tuco_peft.interception import (
+from tuco_peft.model.interception import (
     CacheView,
     any_forward_replaced,
     forward_replaced,

@@ -4,11 +4,11 @@ import copy
 
 import pytest
 import torch
+from helpers.models import base_model, lora_model, padded_batch
+from helpers.oracle import decoder_blocks, tuco_at_last, two_pass
 from peft import LoraConfig, get_peft_model
 
 import tuco_peft
-from helpers.models import base_model, lora_model, padded_batch
-from helpers.oracle import decoder_blocks, tuco_at_last, two_pass
 
 
 def _check_against_oracle(pretrained, model, ids=None, mask=None):

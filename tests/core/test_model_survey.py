@@ -8,13 +8,13 @@ import weakref
 
 import pytest
 import torch
+from helpers.models import base_model, model_pair, padded_batch
+from helpers.oracle import decoder_blocks, tuco_at_last, two_pass
 from peft import LoraConfig
 
 import tuco_peft
-from helpers.models import base_model, model_pair, padded_batch
-from helpers.oracle import decoder_blocks, tuco_at_last, two_pass
 from tuco_peft.errors import UnsupportedModelError
-from tuco_peft.introspection import model_parts
+from tuco_peft.model.parts import model_parts
 
 
 def _oracle_tuco(pretrained, model, ids, mask):

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import tomllib
 from importlib import metadata
 from pathlib import Path
 
+import tomllib
 from helpers import REPO_ROOT
 
 

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from helpers.models import base_model, lora_model, padded_batch
+from helpers.oracle import decoder_blocks, tuco_at_last, two_pass
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import tuco_peft
-from helpers.models import base_model, lora_model, padded_batch
-from helpers.oracle import decoder_blocks, tuco_at_last, two_pass
 
 bnb = pytest.importorskip("bitsandbytes")
 

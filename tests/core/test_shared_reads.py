@@ -6,14 +6,14 @@ import importlib
 
 import pytest
 import torch
-
-import tuco_peft
 from helpers.assertions import assert_close, assert_components_close
 from helpers.models import FAMILIES, base_model, lora_model, model_pair, padded_batch
 from helpers.oracle import decoder_blocks, two_pass
-from tuco_peft.blocks import SharedProjectionBlock, SharedReadBlock
 
-decompose_module = importlib.import_module("tuco_peft.decompose")
+import tuco_peft
+from tuco_peft.core.pretrained_path import SharedProjectionBlock, SharedReadBlock
+
+decompose_module = importlib.import_module("tuco_peft.core.decompose")
 STRATEGIES = {"shared reads": SharedReadBlock, "separate reads": SharedProjectionBlock}
 
 

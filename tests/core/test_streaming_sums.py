@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from helpers.models import FAMILIES, model_pair, padded_batch
 
 import tuco_peft
-from helpers.models import FAMILIES, model_pair, padded_batch
-from tuco_peft.decomposition import Decomposition, DecompositionSums, tuco_from_sums
+from tuco_peft.core.contributions import Decomposition, DecompositionSums, tuco_from_sums
 from tuco_peft.errors import InputError, UnsupportedModelError
 
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
-
-import tuco_peft.fused_lora as kernels_api
 from helpers.lora_layers import CustomForwardLinear, cpu_repacked_linear_4bit, lora_layer
 from helpers.models import base_model, lora_model, padded_batch
-from tuco_peft import backend
-from tuco_peft.adapters import is_additive_lora
-from tuco_peft.backend import LoraLinearBackend, make_backend, resolve_backend
+from torch import nn
+
+import tuco_peft.lora.fused as kernels_api
 from tuco_peft.errors import InputError
+from tuco_peft.lora import backend
+from tuco_peft.lora.adapters import is_additive_lora
+from tuco_peft.lora.backend import LoraLinearBackend, make_backend, resolve_backend
 
 pytestmark = pytest.mark.interpreter
 

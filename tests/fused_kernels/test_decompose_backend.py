@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-
-import tuco_peft
 from helpers.assertions import assert_components_close
 from helpers.models import base_model, lora_model, padded_batch
 from helpers.quantized_models import nf4_llama
+
+import tuco_peft
 
 pytestmark = pytest.mark.interpreter
 

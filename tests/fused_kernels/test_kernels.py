@@ -13,10 +13,6 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from peft import LoraConfig, get_peft_model
-from torch import nn
-from transformers.pytorch_utils import Conv1D
-
 from helpers.assertions import assert_close
 from helpers.kernel_reference import decode_4bit_reference, reference_outputs
 from helpers.lora_layers import (
@@ -28,11 +24,15 @@ from helpers.lora_layers import (
     linear_4bit,
     lora_layer,
 )
-from tuco_peft.errors import InputError, UnsupportedModelError
-from tuco_peft.fused_lora import dual_lora_linear, two_stream_lora_linear
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from transformers.pytorch_utils import Conv1D
 from tuco_peft.kernels import Packed4bitWeight, dequantize_4bit, settings
 from tuco_peft.kernels.lora_linear_kernel import _lora_linear_kernel
-from tuco_peft.lora_tensors import base_weight
+
+from tuco_peft.errors import InputError, UnsupportedModelError
+from tuco_peft.lora.fused import dual_lora_linear, two_stream_lora_linear
+from tuco_peft.lora.tensors import base_weight
 
 pytestmark = pytest.mark.interpreter
 

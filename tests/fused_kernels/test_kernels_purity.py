@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+
 import pytest
 from helpers import REPO_ROOT
 

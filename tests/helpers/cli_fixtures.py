@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from helpers.models import base_model, lora_model
 from safetensors.torch import load_file
 
+from helpers.models import base_model, lora_model
 from tuco_peft.cli import main
 from tuco_peft.demo.build import build_tokenizer
 

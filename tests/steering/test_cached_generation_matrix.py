@@ -21,11 +21,11 @@ from helpers.steering_reference import steered_logits
 from transformers import DynamicCache
 from transformers.utils import is_flash_attn_2_available
 
-import tuco_peft.paired
-import tuco_peft.steering
+import tuco_peft.core.paired
+import tuco_peft.steering.forward
 from tuco_peft.errors import UnsupportedModelError
-from tuco_peft.generation import generate
-from tuco_peft.steering import ftc_scale
+from tuco_peft.steering.forward import ftc_scale
+from tuco_peft.steering.generation import generate
 
 N_NEW = 5
 ALPHAS = (0.5, 1.25, [0.6, 1.0, 1.7])  # below one, above one, one per block
@@ -200,9 +200,9 @@ def test_a_cache_that_cannot_be_followed_is_refused_not_decoded(paired, monkeypa
     into the fine-tuned slots: the check after every forward refuses its output instead."""
     _, model = model_pair("llama", attention=None)
     if not paired:
-        monkeypatch.setattr(tuco_peft.steering, "paired_block", lambda *args: None)
-    monkeypatch.setattr(tuco_peft.steering, "find_cache", lambda args, kwargs: None)
-    monkeypatch.setattr(tuco_peft.paired, "find_cache", lambda args, kwargs: None)
+        monkeypatch.setattr(tuco_peft.steering.forward, "paired_block", lambda *args: None)
+    monkeypatch.setattr(tuco_peft.steering.forward, "find_cache", lambda args, kwargs: None)
+    monkeypatch.setattr(tuco_peft.core.paired, "find_cache", lambda args, kwargs: None)
     ids, mask = prompts("one prompt")
     before = model_snapshot(model)
     with pytest.raises(UnsupportedModelError, match="lost track of the KV cache"), ftc_scale(model, 0.5):

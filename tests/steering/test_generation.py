@@ -2,14 +2,15 @@
 
 import pytest
 import torch
-from transformers import GenerationConfig
-
 from helpers.models import FAMILIES, base_model, model_pair, padded_batch
 from helpers.steering import N_NEW, prefixes
 from helpers.steering_reference import greedy, steered_last_token_tuco
-from tuco_peft.decompose import decompose
+from transformers import GenerationConfig
+
+from tuco_peft.core.decompose import decompose
 from tuco_peft.errors import InputError
-from tuco_peft.generation import generate
+from tuco_peft.steering.generation import generate
+
 
 @pytest.mark.device
 @pytest.mark.parametrize("family", FAMILIES)

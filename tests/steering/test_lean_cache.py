@@ -6,17 +6,17 @@ from collections import defaultdict
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
-from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
-
 from helpers.models import base_model, lora_model, model_pair, padded_batch
 from helpers.steering import greedy_generate
 from helpers.steering_reference import greedy, steered_logits
-from tuco_peft.dual_cache import LowRankDelta, LowRankSlot, PastRotary, PreNormKeySlot
+from peft import LoraConfig, get_peft_model
+from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+
+from tuco_peft.core.paired import PairedBlock
 from tuco_peft.families import QKNorm, attention_heads, spec_for
-from tuco_peft.introspection import model_parts
-from tuco_peft.paired import PairedBlock
-from tuco_peft.steering import ftc_scale
+from tuco_peft.model.parts import model_parts
+from tuco_peft.steering.forward import ftc_scale
+from tuco_peft.steering.lean_cache import LowRankDelta, LowRankSlot, PastRotary, PreNormKeySlot
 
 # k_norm per head (qwen3) and over the full key width (olmo2): their pre-trained slots hold pre-norm keys.
 K_NORM_FAMILIES = ["qwen3", "olmo2"]

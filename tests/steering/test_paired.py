@@ -9,16 +9,16 @@ from collections import Counter
 
 import pytest
 import torch
-
-import tuco_peft
-import tuco_peft.fused_lora as kernels_api
 from helpers.models import base_model, lora_model, model_pair, padded_batch
 from helpers.quantized_models import nf4_llama
 from helpers.steering import plain_logits
 from helpers.steering_reference import greedy, steered_last_token_tuco, steered_logits
+
+import tuco_peft
+import tuco_peft.lora.fused as kernels_api
 from tuco_peft.families import QKVLayout, spec_for
-from tuco_peft.introspection import model_parts
-from tuco_peft.steering import ftc_scale
+from tuco_peft.model.parts import model_parts
+from tuco_peft.steering.forward import ftc_scale
 
 pytestmark = pytest.mark.interpreter
 

@@ -3,15 +3,15 @@
 import bitsandbytes as bnb
 import pytest
 import torch
-from transformers import DynamicCache
-
 from helpers.models import FAMILIES, base_model, model_pair, padded_batch
 from helpers.oracle import decoder_blocks
 from helpers.quantized_models import quantized_pair
 from helpers.steering import greedy_generate, model_snapshot, plain_logits, real_rows
 from helpers.steering_reference import greedy, steered_logits
+from transformers import DynamicCache
+
 from tuco_peft.errors import InputError, TuCoError, UnsupportedModelError
-from tuco_peft.steering import ftc_scale
+from tuco_peft.steering.forward import ftc_scale
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])

@@ -15,10 +15,10 @@ from helpers.steering import N_NEW, greedy_generate, model_snapshot, plain_logit
 from helpers.steering_reference import greedy, steered_last_token_tuco, steered_logits
 from transformers import DynamicCache
 
-from tuco_peft.decompose import decompose
+from tuco_peft.core.decompose import decompose
 from tuco_peft.errors import UnsupportedModelError
-from tuco_peft.generation import generate
-from tuco_peft.steering import ftc_scale
+from tuco_peft.steering.forward import ftc_scale
+from tuco_peft.steering.generation import generate
 
 FAMILIES = ("llama", "gpt2")
 

@@ -5,13 +5,20 @@ import string
 
 import pytest
 import torch
+from helpers.models import VOCAB, model_pair
+from helpers.steering_reference import steered_logits
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from helpers.models import VOCAB, model_pair
-from helpers.steering_reference import steered_logits
 from tuco_peft.errors import InputError
-from tuco_peft.sweep import ChoiceItem, alpha_sweep, cross_validate, encode_items, load_items, parse_item
+from tuco_peft.integrations.alpha_sweep import (
+    ChoiceItem,
+    alpha_sweep,
+    cross_validate,
+    encode_items,
+    load_items,
+    parse_item,
+)
 
 _SPECIAL = ["[PAD]", "[UNK]", "Answer", ":", ".", "A", "B", "C", "D", "Yes", "No"]
 _WORDS = [f"w{i}" for i in range(VOCAB - len(_SPECIAL))]

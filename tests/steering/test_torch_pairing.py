@@ -13,20 +13,20 @@ from collections import Counter
 
 import pytest
 import torch
-from torch import nn
-
-import tuco_peft
 from helpers.assertions import assert_components_close
 from helpers.lora_layers import dense_linear, linear_4bit, lora_layer
 from helpers.models import base_model, lora_model, model_pair, padded_batch
 from helpers.quantized_models import nf4_llama
 from helpers.steering import plain_logits
 from helpers.steering_reference import greedy, steered_last_token_tuco, steered_logits
-from tuco_peft.adapters import is_additive_lora
-from tuco_peft.backend import make_backend
-from tuco_peft.introspection import model_parts
-from tuco_peft.paired import StackedArguments
-from tuco_peft.steering import ftc_scale
+from torch import nn
+
+import tuco_peft
+from tuco_peft.core.paired import StackedArguments
+from tuco_peft.lora.adapters import is_additive_lora
+from tuco_peft.lora.backend import make_backend
+from tuco_peft.model.parts import model_parts
+from tuco_peft.steering.forward import ftc_scale
 
 ALPHAS = (0.5, 0.0, 1.7)
 
@@ -105,7 +105,7 @@ def test_generate_runs_paired_and_follows_the_reference(monkeypatch, family):
 @pytest.mark.parametrize("model_factory", [lambda: lora_model(base_model("llama")), nf4_llama], ids=["fp32", "nf4"])
 def test_decompose_all_positions_stays_unpaired_and_equals_the_replay_path(monkeypatch, model_factory):
     # A batch beyond the small ones whose pre-trained rows share the fine-tuned calls (test_shared_reads.py).
-    monkeypatch.setattr(importlib.import_module("tuco_peft.decompose"), "SHARED_READS_MAX_TOKENS", 0)
+    monkeypatch.setattr(importlib.import_module("tuco_peft.core.decompose"), "SHARED_READS_MAX_TOKENS", 0)
     model = model_factory()
     ids, mask = padded_batch(lengths=(6, 4))
     with torch.no_grad():

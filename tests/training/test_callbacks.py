@@ -4,12 +4,13 @@ import copy
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models as tokenizer_models, pre_tokenizers
+from helpers.models import VOCAB, base_model, lora_model
+from tokenizers import Tokenizer, pre_tokenizers
+from tokenizers import models as tokenizer_models
 from transformers import PreTrainedTokenizerFast, Trainer, TrainerCallback, TrainingArguments
 
 import tuco_peft
-from helpers.models import VOCAB, base_model, lora_model
-from tuco_peft.callbacks import TuCoCallback
+from tuco_peft.integrations.callback import TuCoCallback
 
 PROMPTS = {
     "chat": ["w1 w2 w3", "w5 w6", "w7 w8 w9 w10 w11"],
@@ -245,10 +246,9 @@ def test_sft_trainer_keeps_its_own_metrics_and_losses(tmp_path):
 
 
 def _qlora_model(checkpoint_dir):
+    import bitsandbytes as bnb
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    import bitsandbytes as bnb
 
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(checkpoint_dir, quantization_config=quantization, device_map="cpu")

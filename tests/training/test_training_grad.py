@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from helpers.models import VOCAB, base_model, lora_model, model_pair, padded_batch
+from helpers.oracle import decoder_blocks, tuco_at_last, two_pass
 from transformers import Trainer, TrainingArguments
 
 import tuco_peft
-from helpers.models import VOCAB, base_model, lora_model, model_pair, padded_batch
-from helpers.oracle import decoder_blocks, tuco_at_last, two_pass
 
 
 def lora_parameters(model):
@@ -55,10 +55,9 @@ def test_tuco_gradients_equal_the_two_model_reference_with_checkpointing_on(fami
 
 
 def test_qlora_tuco_gradients_equal_the_reference(tmp_path):
+    import bitsandbytes as bnb
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    import bitsandbytes as bnb
 
     base_model("llama").save_pretrained(tmp_path)
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)

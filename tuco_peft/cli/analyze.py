@@ -10,12 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import loading
-from ..distributed import Ranks, fold_parts, part_file, process_group, together
+from ..apps.distributed import Ranks, fold_parts, part_file, process_group, together
+from ..apps.runner import Runner, quiet_libraries, view_title
 from ..errors import InputError
-from ..prompts import Prompt, encode_prompt
-from ..results import ResultRow, ResultsFile, prompt_keys, prompts_by_key, rows_for, summary_table
-from ..runner import Runner, quiet_libraries, view_title
+from ..io import loading
+from ..io.prompts import Prompt, encode_prompt
+from ..io.results import ResultRow, ResultsFile, prompt_keys, prompts_by_key, rows_for, summary_table
 from .checks import analysable_prompts
 from .options import (
     CommandOptions,
@@ -120,7 +120,7 @@ def analyze_prompts(options: AnalyzeOptions) -> int:
     print(summary_table(rows))
     print(f"rows: {options.out}")
     if options.plot:
-        from ..plotting import plot_analysis
+        from ..apps.plotting import plot_analysis
 
         print(f"plot: {plot_analysis({Path(options.prompt_file).name: rows}, options.plot)}")
     if options.html:

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from .. import loading
+from ..apps.runner import Runner, quiet_libraries, warn
 from ..errors import InputError
-from ..prompts import Prompt, encode_prompt
-from ..runner import Runner, quiet_libraries, warn
+from ..io import loading
+from ..io.prompts import Prompt, encode_prompt
 from .checks import analysable_prompts, check_cache_dir
 from .options import CommandOptions, add_model_arguments, add_prompt_arguments, check_common
 from .outputs import add_force_argument, check_outputs, json_report, write_json
@@ -142,7 +142,7 @@ def benchmark(options: BenchOptions) -> int:
         from ..demo import ensure_demo_checkpoints
 
         base, adapter = (str(path) for path in ensure_demo_checkpoints(options.cache_dir))
-    from ..benchmark import compare_full_finetune_methods, compare_methods, compare_workloads, token_windows
+    from ..apps.benchmark import compare_full_finetune_methods, compare_methods, compare_workloads, token_windows
 
     quiet_libraries()
     load = choice.load
@@ -198,7 +198,7 @@ def _write_report(report: dict, path: Path) -> None:
 
 
 def _print_report(report: dict) -> None:
-    from ..benchmark import OVERHEAD_BOUND
+    from ..apps.benchmark import OVERHEAD_BOUND
 
     workloads = report["workloads"]
     print("time: median per call, ± half its interquartile range; × plain: median of each round's ratio")

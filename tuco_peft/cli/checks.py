@@ -6,9 +6,9 @@ import math
 import os
 from pathlib import Path
 
+from ..apps.runner import warn
 from ..errors import InputError
-from ..prompts import Prompt, check_formats, read_prompts
-from ..runner import warn
+from ..io.prompts import Prompt, check_formats, read_prompts
 
 
 def analysable_prompts(path: str, chat_template: bool, announce: bool = True) -> list[Prompt]:

@@ -8,9 +8,9 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..apps.runner import Runner
 from ..errors import InputError
-from ..results import ResultRow, prompt_keys, prompts_by_key, roc_auc, rows_for
-from ..runner import Runner
+from ..io.results import ResultRow, prompt_keys, prompts_by_key, roc_auc, rows_for
 from .checks import analysable_prompts
 from .options import (
     CommandOptions,
@@ -93,7 +93,7 @@ def compare_sets(options: CompareOptions) -> int:
     auc = roc_auc(*([row.tuco for row in rows] for rows in groups.values()))
     print(f"ROC-AUC of TuCo, {names[0]} (positive) vs {names[1]}: {auc:.4f}")
     if options.plot:
-        from ..plotting import plot_analysis
+        from ..apps.plotting import plot_analysis
 
         print(f"plot: {plot_analysis(groups, options.plot, title=f'TuCo ROC-AUC {auc:.3f}')}")
     return 0

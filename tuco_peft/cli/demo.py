@@ -32,8 +32,8 @@ def add_parser(commands: argparse._SubParsersAction, common: argparse.ArgumentPa
 
 def run_demo_command(cache_dir: str | None) -> int:
     check_cache_dir(cache_dir)
+    from ..apps.runner import quiet_libraries
     from ..demo.run import run_demo
-    from ..runner import quiet_libraries
 
     quiet_libraries()
     run_demo(cache_dir=cache_dir)

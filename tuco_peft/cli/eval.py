@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..apps.runner import Runner
 from ..errors import InputError
-from ..runner import Runner
 from .checks import check_alpha
 from .options import (
     CommandOptions,
@@ -121,13 +121,7 @@ def evaluate_tasks(options: EvalOptions) -> int:
         raise InputError(f"--include-path {options.include_path} is not a folder of lm-eval task YAML files.")
     check_outputs(json_report("--out", options.out), force=options.force)
     options.model.check()
-    from ..evaluation import (  # names the [eval] extra
-        check_task_data,
-        check_tasks,
-        checked_alphas,
-        evaluate_alphas,
-        write_report,
-    )
+    from ..integrations.evaluation import check_task_data, check_tasks, checked_alphas, evaluate_alphas, write_report
 
     alphas = list(checked_alphas(alphas, options.cv))  # repeats, and 1.0 among them for --cv
     task_manager = check_tasks(tasks, options.include_path)

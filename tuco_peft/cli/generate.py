@@ -6,9 +6,9 @@ import argparse
 import math
 from dataclasses import dataclass
 
+from ..apps.runner import Runner
 from ..errors import InputError
-from ..prompts import Prompt
-from ..runner import Runner
+from ..io.prompts import Prompt
 from .checks import check_alpha
 from .options import (
     CommandOptions,
@@ -54,7 +54,7 @@ def generate_text(options: GenerateOptions) -> int:
     options.model.check()
     import torch
 
-    from ..generation import generate
+    from ..steering.generation import generate
     from ..views import print_tokens, texts_from_generation, write_html
 
     runner = Runner.load(options.model, prompt_format=options.prompts.format)

@@ -11,11 +11,11 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..distributed import Ranks
+from ..apps.distributed import Ranks
+from ..apps.runner import Batching, ModelChoice, PromptFormat
 from ..errors import InputError
-from ..fingerprint import checkpoint_fingerprint, tokenizer_fingerprint
-from ..loading import LoadOptions
-from ..runner import Batching, ModelChoice, PromptFormat
+from ..io.fingerprint import checkpoint_fingerprint, tokenizer_fingerprint
+from ..io.loading import LoadOptions
 from .outputs import add_force_argument
 
 _PARTNERS = {"--base": "--adapter", "--adapter": "--base", "--model": "--base-model", "--base-model": "--model"}
@@ -218,7 +218,7 @@ def check_common(
     if results is not None:
         results.check()
     if plot:
-        from ..plotting import check_plot_path
+        from ..apps.plotting import check_plot_path
 
         check_plot_path(plot)
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..apps.plotting import FIGURE_MARK
 from ..errors import InputError
-from ..locking import WRITER, WRITTEN_BY, lock_path, replaced_atomically
-from ..plotting import FIGURE_MARK
+from ..io.locking import WRITER, WRITTEN_BY, lock_path, replaced_atomically
 from ..views.html import PAGE_MARK
 
 JSON_MARK = f'"written_by": "{WRITER}'.encode()

@@ -13,11 +13,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..distributed import fold_parts
-from ..locking import results_lock
-from ..prompts import Prompt, PromptJson
-from ..results import ResultsFile
-from ..runner import warn
+from ..apps.distributed import fold_parts
+from ..apps.runner import warn
+from ..io.locking import results_lock
+from ..io.prompts import Prompt, PromptJson
+from ..io.results import ResultsFile
 from .options import ResultsOptions
 
 

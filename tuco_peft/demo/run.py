@@ -16,11 +16,11 @@ from typing import TextIO
 
 import torch
 
-from ..loading import LoadOptions, load_pair
-from ..prompts import Prompt, encode_prompt
-from ..results import ResultRow, roc_auc
-from ..runner import Batching, Runner
-from ..steering import ftc_scale
+from ..apps.runner import Batching, Runner
+from ..io.loading import LoadOptions, load_pair
+from ..io.prompts import Prompt, encode_prompt
+from ..io.results import ResultRow, roc_auc
+from ..steering.forward import ftc_scale
 from . import corpus
 from .build import ensure_demo_checkpoints, is_built, single_thread
 from .prompts import demo_prompts

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import InputError
-from ..locking import WRITER, WRITTEN_BY, replaced_atomically
+from ..io.locking import WRITER, WRITTEN_BY, replaced_atomically
 from .colours import css, gradient_stops, text_rgb, tuco_rgb
 from .tokens import ScoredText, ScoredToken
 

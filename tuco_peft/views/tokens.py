@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from ..decomposition import Decomposition, DecompositionSums
-    from ..generation import SteeredGeneration
-    from ..results import ResultRow
+    from ..core.contributions import Decomposition, DecompositionSums
+    from ..io.results import ResultRow
+    from ..steering.generation import SteeredGeneration
 
 _DECODE_WINDOW = 8  # tokens of left context decoded with each token, so spaces and merges come out as in the text
 NO_BLOCK_NORMS = "per-block norms are not recorded during generation; new tokens show TuCo only"

@@ -1,0 +1,269 @@
+"""Run ``decompose`` over many prompts: load the model, encode the prompts, batch them by length, make rows.
+
+The command line (``analyze``, ``compare``, ``generate``, ``eval``, ``bench``), its data-parallel ``analyze``
+and the demo all go through a ``Runner``, so prompts are formatted, fitted to the context and batched the
+same way everywhere. Batches are made of prompts of similar length (cut from the prompts sorted by token
+count, under a token budget), so that a file mixing short and long prompts is not mostly padding; the
+caller puts the rows back in the prompt file's order.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import TuCoError
+from ..io import loading
+from ..io.loading import Checkpoints, LoadOptions
+from ..io.prompts import EncodedPrompt, Prompt, PromptId, encode_prompt
+from ..io.results import ResultRow, decomposition_rows
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ..views import ScoredText
+
+
+def warn(message: str) -> None:
+    """A warning that does not break the progress bar."""
+    from tqdm import tqdm
+
+    tqdm.write(f"tuco-peft: warning: {message}", file=sys.stderr)
+
+
+def quiet_libraries() -> None:
+    """Keep transformers' notices about loading off the terminal; errors still come through as one line."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How prompts become text: as given, or through the tokenizer's chat template with a system prompt."""
+
+    chat_template: bool = False
+    system: str | None = None
+
+
+@dataclass(frozen=True)
+class Batching:
+    """At most ``batch_size`` prompts per forward pass, and with ``max_batch_tokens`` at most that many
+    positions (prompts × the longest one's tokens, padding included).
+
+    ``overhead_tokens`` is what one more forward pass costs, in positions: every forward reads all the
+    weights once and launches the same kernels whatever its size, and on current GPUs reading a model's
+    weights takes as long as the arithmetic of 150 to 300 tokens (FLOP/s over bytes/s, as a token costs
+    2 FLOP per 2-byte weight: about 150 on an A100, 200 on an H200, 300 on an H100). So the planner splits
+    a batch only where that saves more padding than a forward pass costs.
+    """
+
+    batch_size: int = 8
+    max_batch_tokens: int | None = None
+    overhead_tokens: int = 256
+
+
+def plan_batches(lengths: Sequence[int], batching: Batching) -> list[list[int]]:
+    """Indices into ``lengths``, grouped into batches of similar length, the largest first.
+
+    The batches are runs of the prompts sorted by length, cut where they cost least: the positions
+    computed (each batch's size × its longest prompt) plus ``overhead_tokens`` per batch, which a dynamic
+    programme over where each batch ends finds exactly in O(n × batch_size). Runs lose nothing: sort any
+    grouping's batches by their longest prompt, refill them in that order with the prompts sorted by
+    length, and no batch changes size or gets a longer longest prompt.
+
+    The largest first (the most positions, then the longest prompt), so that a batch too large for the
+    device fails at once rather than at the end. A prompt longer than the budget gets a batch of its own.
+    """
+    order = sorted(range(len(lengths)), key=lambda index: -lengths[index])
+    count = len(order)
+    # cost[start]: the least cost of batching order[start:]; end[start]: where its first batch then ends.
+    cost = [0] * (count + 1)
+    end = [count] * (count + 1)
+    for start in reversed(range(count)):
+        longest = lengths[order[start]]
+        cost[start], end[start] = longest + batching.overhead_tokens + cost[start + 1], start + 1  # alone
+        for stop in range(start + 2, min(start + batching.batch_size, count) + 1):
+            positions = (stop - start) * longest
+            if batching.max_batch_tokens is not None and positions > batching.max_batch_tokens:
+                break
+            candidate = positions + batching.overhead_tokens + cost[stop]
+            if candidate <= cost[start]:  # on a tie, the larger batch
+                cost[start], end[start] = candidate, stop
+    batches: list[list[int]] = []
+    start = 0
+    while start < count:
+        batches.append(order[start : end[start]])
+        start = end[start]
+    batches.sort(key=lambda batch: (-len(batch) * lengths[batch[0]], -lengths[batch[0]]))
+    return batches
+
+
+def padding_fraction(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> float:
+    """The share of the positions computed that are padding, when ``batches`` are left-padded."""
+    computed = sum(len(batch) * max(lengths[index] for index in batch) for batch in batches)
+    return 1 - sum(lengths) / computed if computed else 0.0
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """The model to analyse: a LoRA fine-tune (``base`` and ``adapter``) or a full fine-tune (``model`` beside
+    its pre-trained ``base_model``, streamed from its safetensors unless ``resident_base``)."""
+
+    base: str | None = None
+    adapter: str | None = None
+    model: str | None = None
+    base_model: str | None = None
+    resident_base: bool = False
+    load: LoadOptions = field(default_factory=LoadOptions)
+
+    def check(self) -> Checkpoints:
+        """The checkpoints, each checked as far as it can be without loading it."""
+        if self.model is not None:
+            return loading.check_full_finetune(self.model, self.base_model, self.load, resident=self.resident_base)
+        return loading.check_pair(self.base, self.adapter, self.load)
+
+
+@dataclass
+class Runner:
+    """A loaded model and tokenizer, and how prompts are formatted and batched for ``decompose``.
+
+    ``base_model`` is decompose's: the pre-trained model of a full fine-tune (loaded, or the directory of
+    its safetensors to stream), ``None`` for a LoRA fine-tune. ``provenance`` (settings and fingerprint)
+    goes into every row, so that a rerun resumes only rows computed the same way. ``views`` collects each
+    decomposed prompt's tokens, by id, when given (``analyze --html``).
+    """
+
+    model: nn.Module
+    tokenizer: Any
+    prompt_format: PromptFormat = PromptFormat()
+    batching: Batching = Batching()
+    positions: str = "last"
+    base_model: nn.Module | Path | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+    views: dict[PromptId, ScoredText] | None = None
+
+    @classmethod
+    def load(cls, choice: ModelChoice, **settings: Any) -> Runner:
+        """Load ``choice``'s model and tokenizer; ``settings`` are the other fields of the runner."""
+        quiet_libraries()
+        base_model = None
+        if choice.model is not None:
+            model, base_model, tokenizer = loading.load_full_finetune(
+                choice.model, choice.base_model, choice.load, resident=choice.resident_base
+            )
+        else:
+            model, tokenizer = loading.load_pair(choice.base, choice.adapter, choice.load)
+        return cls(model, tokenizer, base_model=base_model, **settings)
+
+    def context_length(self) -> int | None:
+        from ..model.parts import model_parts
+
+        config = model_parts(self.model).config
+        return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+    def encode(self, prompts: Sequence[Prompt], room: int = 0) -> list[EncodedPrompt]:
+        """Each (non-empty) prompt's token ids. Over-long ones keep their last tokens, with a warning;
+        ``room`` is how many positions of the context to leave free (for generated tokens)."""
+        context = self.context_length()
+        limit = None if context is None else context - room
+        encoded = []
+        for prompt in prompts:
+            tokens = encode_prompt(
+                self.tokenizer,
+                prompt,
+                chat_template=self.prompt_format.chat_template,
+                system=self.prompt_format.system,
+                context_length=limit,
+            )
+            if not tokens.ids:
+                warn(f"prompt {prompt.id!r} (line {prompt.line}) has no tokens; skipped.")
+                continue
+            if tokens.was_cut:
+                room_note = f" less {room} new tokens" if room else ""
+                size = (
+                    "far more tokens than"
+                    if tokens.n_cut is None
+                    else f"{tokens.n_cut + len(tokens.ids)} tokens, more than"
+                )
+                warn(
+                    f"prompt {prompt.id!r} (line {prompt.line}) has {size} the model's context of "
+                    f"{context}{room_note}; analysing its last {limit} tokens."
+                )
+            encoded.append(tokens)
+        return encoded
+
+    def run(
+        self,
+        prompts: Sequence[Prompt],
+        write: Callable[[list[ResultRow]], None],
+        set_name: str | None = None,
+        label: str | None = None,
+    ) -> None:
+        """Decompose ``prompts`` batch by batch, handing each batch's rows to ``write`` as soon as they exist.
+
+        Batches follow ``plan_batches``, so rows come by batches of similar length, not in the order of
+        ``prompts``. ``label`` names the progress bar (default: the set name, else "analyze").
+        """
+        from tqdm import tqdm
+
+        encoded = self.encode(prompts)
+        lengths = [len(tokens.ids) for tokens in encoded]
+        budget = self.batching.max_batch_tokens
+        if budget is not None and lengths and max(lengths) > budget:
+            over = sum(length > budget for length in lengths)
+            warn(
+                f"{over} prompt(s) have more tokens than --max-batch-tokens {budget} (the longest {max(lengths)}); "
+                "each runs in a batch of its own, over the budget. Raise --max-batch-tokens if that is too much."
+            )
+        batches = plan_batches(lengths, self.batching)
+        with tqdm(
+            total=len(encoded), unit="prompt", desc=label or set_name or "analyze", file=sys.stderr, dynamic_ncols=True
+        ) as bar:
+            for batch in batches:
+                rows = self._batch_rows([encoded[index] for index in batch])
+                write([row.made_with(self.provenance, set_name) for row in rows])
+                bar.update(len(batch))
+
+    def _batch_rows(self, batch: Sequence[EncodedPrompt]) -> list[ResultRow]:
+        import torch
+
+        from ..core.decompose import decompose
+        from ..model.inputs import left_pad
+
+        input_ids, attention_mask = left_pad([tokens.ids for tokens in batch])
+        try:
+            with torch.no_grad():
+                # Rows and views need TuCo and per-block norms only: running sums keep memory linear in length.
+                decomposition = decompose(
+                    self.model,
+                    input_ids,
+                    attention_mask,
+                    positions=self.positions,
+                    base_model=self.base_model,
+                    keep="sums",
+                )
+        except (torch.OutOfMemoryError, RuntimeError) as error:
+            message = str(error)
+            if isinstance(error, torch.OutOfMemoryError) or "out of memory" in message or "can't allocate" in message:
+                raise TuCoError(
+                    f"out of memory on a batch of {len(batch)} prompts of up to {input_ids.shape[1]} tokens; rerun "
+                    "with a smaller --batch-size or --max-batch-tokens (finished rows are kept and the rerun resumes)."
+                ) from error
+            raise
+        if self.views is not None:
+            from ..views import texts_from_decomposition
+
+            prompts = [tokens.prompt for tokens in batch]
+            titles = [view_title(prompt) for prompt in prompts]
+            texts = texts_from_decomposition(decomposition, input_ids, attention_mask, self.tokenizer, titles)
+            self.views.update((prompt.id, text) for prompt, text in zip(prompts, texts))
+        return decomposition_rows(decomposition, batch, attention_mask, self.tokenizer.decode)
+
+
+def view_title(prompt: Prompt) -> str:
+    """The heading of a prompt's tokens in an HTML page."""
+    return f"prompt {prompt.id} (line {prompt.line})"

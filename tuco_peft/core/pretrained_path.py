@@ -1,0 +1,375 @@
+"""The pre-trained path of one decoder block, evaluated on the fine-tuned hidden states.
+
+The pre-trained block at a query row needs its query there and its keys/values at every position;
+everything after attention is position-wise. Three strategies, chosen per block:
+
+- ``SharedProjectionBlock`` (adapter fine-tunes of a registered family, ``tuco_peft.families``). The
+  pre-trained q/k/v are the *base* projections of the same (normed) hidden states, which every LoRA linear
+  computes before adding its low-rank delta: captured during the fine-tuned forward, for free. The rest of
+  the block runs on the requested rows only, wired as the family's spec says.
+- ``OwnProjectionBlock`` (a separate pre-trained model of a registered family): the pre-trained block
+  computes its own keys/values at every position and everything else on the requested rows only.
+- ``SharedReadBlock`` (the same, on small batches): the pre-trained rows ride along in the fine-tuned
+  forward's own calls of the attention output projection and the MLP, appended to their inputs, so each of
+  those weights is read once for both paths. A small batch is bound by weight reads, not arithmetic: there,
+  reading the block's weights a second time for a few rows would cost nearly a second forward.
+- ``ReplayBlock`` (any other block): the pre-trained block runs in full on the inputs the fine-tuned
+  forward gave its twin. Exact for any architecture, at the cost of a second pass through the block.
+
+``pretrained_update`` takes the pre-trained block as an argument (``pretrained.PretrainedBlocks.block``): the
+fine-tuned block itself with its adapters switched off, the same block of another model, or one streamed
+from disk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from ..families import (
+    FamilySpec,
+    QKNorm,
+    QKVLayout,
+    WindowSource,
+    Wiring,
+    attention_heads,
+    attention_implementation,
+    spec_for,
+)
+from ..lora.adapters import adapters_disabled, computes_base_output, is_additive_lora, pretrained_projection
+from ..lora.backend import LoraLinearBackend
+from ..model.attention import apply_rope, attend_rows, key_visibility
+from ..model.block_args import hidden_states
+from ..model.inputs import Batch
+from ..model.interception import any_forward_replaced, hooked, replaced_forward
+from ..model.inventory import is_switchable, outermost_switchable
+
+
+def block_output(output: Any) -> torch.Tensor:
+    """A decoder layer's hidden states (transformers 5 returns a tensor, older versions a tuple)."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def gather_rows(states: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """states [b, seq, ...] at rows [b, k] → [b, k, ...]."""
+    index = rows.reshape(*rows.shape, *([1] * (states.ndim - 2))).expand(-1, -1, *states.shape[2:])
+    return states.gather(1, index)
+
+
+class ReplayBlock:
+    """Pre-trained path of any block: run the pre-trained block (adapters off) in full."""
+
+    def capturing(self, backend: LoraLinearBackend, batch: Batch) -> AbstractContextManager[None]:
+        return nullcontext()
+
+    def pretrained_update(
+        self, pretrained: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict[str, Any], batch: Batch
+    ) -> torch.Tensor:
+        out = block_output(pretrained.forward(*args, **kwargs))
+        return gather_rows(out.float() - x.float(), batch.rows)
+
+
+def has_parts(layer: nn.Module, spec: FamilySpec) -> bool:
+    """The layer has every part its family's spec names (a custom block of a known family may not)."""
+    if not all(hasattr(layer, name) for name in spec.layer_parts):
+        return False
+    attention = getattr(layer, spec.attention)
+    return all(hasattr(attention, name) for name in spec.attention_parts)
+
+
+def _apply(layer: nn.Module, norm: str | None, states: torch.Tensor) -> torch.Tensor:
+    """``states`` through the layer's norm ``norm``, or unchanged where the wiring has none there."""
+    return states if norm is None else getattr(layer, norm)(states)
+
+
+class _RowwiseBlock:
+    """Attention at the requested rows, then the position-wise rest of the block on those rows only.
+
+    Subclasses supply the pre-trained projections (query at the rows, keys and values everywhere).
+    """
+
+    def __init__(self, layer: nn.Module, spec: FamilySpec, config: PretrainedConfig):
+        attention = getattr(layer, spec.attention)
+        self.spec = spec
+        self.n_heads, self.n_kv_heads = attention_heads(config)
+        self.head_dim = getattr(attention, spec.head_dim)
+        self.scaling = attention.scaling
+        self.sliding_window = {
+            WindowSource.NONE: None,
+            WindowSource.ATTENTION: getattr(attention, "sliding_window", None),
+            WindowSource.CONFIG: getattr(config, "sliding_window", None),
+        }[spec.window]
+        self.softcap = getattr(attention, "attn_logit_softcapping", None)
+        self.eager = attention_implementation(config) == "eager"
+
+    def capturing(self, backend: LoraLinearBackend, batch: Batch) -> AbstractContextManager[None]:
+        return nullcontext()
+
+    def _split(self, projections: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """(query, key, value), each [b, seq, heads·hd], from the projections' outputs."""
+        if self.spec.qkv_layout is QKVLayout.SEPARATE:
+            return tuple(projections)
+        rows = self.spec.qkv_rows(self.n_heads, self.n_kv_heads, self.head_dim)
+        return tuple(part.of(projections[0], dim=-1) for part in rows)
+
+    def _projections(
+        self, pretrained: nn.Module, x: torch.Tensor, batch: Batch
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(query [b, rows, heads·hd], key and value [b, seq, kv_heads·hd]) of the pre-trained block."""
+        raise NotImplementedError
+
+    def _attend(self, attention: nn.Module, query, key, value, kwargs: dict[str, Any], batch: Batch) -> torch.Tensor:
+        bsz, seq = key.shape[:2]
+        if self.spec.qk_norm is QKNorm.FULL_WIDTH:
+            query, key = attention.q_norm(query), attention.k_norm(key)
+        query = query.reshape(bsz, -1, self.n_heads, self.head_dim)
+        key = key.reshape(bsz, seq, self.n_kv_heads, self.head_dim)
+        value = value.reshape(bsz, seq, self.n_kv_heads, self.head_dim)
+        if self.spec.qk_norm is QKNorm.PER_HEAD:
+            query, key = attention.q_norm(query), attention.k_norm(key)
+        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        if self.spec.rotary_module is not None:
+            cos, sin = (t.expand(bsz, -1, -1) for t in kwargs["position_embeddings"])
+            query = apply_rope(query, gather_rows(cos, batch.rows), gather_rows(sin, batch.rows))
+            key = apply_rope(key, cos, sin)
+        visible = key_visibility(batch.attention_mask, batch.rows, self.sliding_window)
+        return attend_rows(query, key, value, visible, self.scaling, self.softcap, eager=self.eager)
+
+    def pretrained_update(
+        self, pretrained: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict[str, Any], batch: Batch
+    ) -> torch.Tensor:
+        # The residual adds stay in the model's dtype and order, as in the block itself: in bf16/fp16 the
+        # fine-tuned update carries their rounding, and so must the pre-trained one, or FTC would absorb it.
+        spec = self.spec
+        attention = getattr(pretrained, spec.attention)
+        attended = self._attend(attention, *self._projections(pretrained, x, batch), kwargs, batch)
+        attn_update = _apply(pretrained, spec.post_attention_norm, getattr(attention, spec.output)(attended))
+        x_rows = gather_rows(x, batch.rows)
+        mlp_out = getattr(pretrained, spec.mlp)(self._mlp_input(pretrained, x_rows, attn_update))
+        return self._output(pretrained, x_rows, attn_update, mlp_out).float() - x_rows.float()
+
+    def _mlp_input(self, block: nn.Module, x_rows: torch.Tensor, attn_update: torch.Tensor | None) -> torch.Tensor:
+        """What the MLP sees at the rows: the normed block input (parallel wiring) or normed x + attention."""
+        if self.spec.wiring is Wiring.PARALLEL:
+            return _apply(block, self.spec.mlp_norm, x_rows)
+        return _apply(block, self.spec.mlp_norm, x_rows + attn_update)
+
+    def _output(
+        self, block: nn.Module, x_rows: torch.Tensor, attn_update: torch.Tensor, mlp_out: torch.Tensor
+    ) -> torch.Tensor:
+        """The block's output at the rows, its sums in the block's own order."""
+        if self.spec.wiring is Wiring.PARALLEL:
+            return mlp_out + attn_update + x_rows
+        return (x_rows + attn_update) + _apply(block, self.spec.post_mlp_norm, mlp_out)
+
+
+class SharedProjectionBlock(_RowwiseBlock):
+    """Adapter fine-tunes: the pre-trained q/k/v are the base projections captured in the fine-tuned forward."""
+
+    def __init__(self, layer: nn.Module, spec: FamilySpec, config: PretrainedConfig):
+        super().__init__(layer, spec, config)
+        attention = getattr(layer, spec.attention)
+        self.projections = [getattr(attention, name) for name in spec.projections]
+        self._base_layers = [pretrained_projection(p) for p in self.projections]
+        self._captured: dict[int, torch.Tensor] = {}
+
+    @staticmethod
+    def supports(layer: nn.Module, spec: FamilySpec) -> bool:
+        """The family allows it, the layer has its parts, the parts shared by every position (the attention
+        norm, q/k norms) carry no adapter of their own, and each q/k/v projection computes its base output
+        (a LoRA linear of any variant, DoRA included) or has no adapter."""
+        if not spec.shared_projections or not has_parts(layer, spec):
+            return False
+        attention = getattr(layer, spec.attention)
+        shared = [] if spec.attention_norm is None else [getattr(layer, spec.attention_norm)]
+        if spec.qk_norm is not QKNorm.NONE:
+            shared += [attention.q_norm, attention.k_norm]
+        if any(is_switchable(m) for part in shared for m in part.modules()):
+            return False
+        projections = [getattr(attention, name) for name in spec.projections]
+        return all(computes_base_output(p) or not is_switchable(p) for p in projections)
+
+    def capturing(self, backend: LoraLinearBackend, batch: Batch) -> AbstractContextManager[None]:
+        """Send the base q/k/v of the fine-tuned forward to ``capture``: computed in the same fused kernel as
+        the LoRA output on the Triton backend, read by hooks on the base layers otherwise."""
+        return backend.report_base_outputs(self.projections, self.capture)
+
+    def capture(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        self._captured[id(module)] = output
+
+    def _projections(self, pretrained: nn.Module, x: torch.Tensor, batch: Batch):
+        captured, self._captured = self._captured, {}
+        missing = [i for i, base in enumerate(self._base_layers) if id(base) not in captured]
+        if missing:
+            raise RuntimeError(
+                f"the block's forward did not run its projections {[self.spec.projections[i] for i in missing]}: "
+                "it does not match its family's spec."
+            )
+        query, key, value = self._split([captured[id(base)] for base in self._base_layers])
+        return gather_rows(query, batch.rows), key, value
+
+
+class SharedReadBlock(SharedProjectionBlock):
+    """Adapter fine-tunes on small batches: the pre-trained rows computed inside the fine-tuned forward.
+
+    The fine-tuned block calls its attention output projection and its MLP once each; while it runs, those
+    calls also take the pre-trained rows (appended along the sequence axis: every module on the way is
+    position-wise), and each LoRA linear computes its base output on both and its adapters on the
+    fine-tuned part only (``LoraLinearBackend.two_stream``: one base call). Hooks on those modules see the
+    fine-tuned stream as usual; hooks inside the MLP see both parts, as in a paired block.
+    """
+
+    def __init__(self, layer: nn.Module, spec: FamilySpec, config: PretrainedConfig):
+        super().__init__(layer, spec, config)
+        self.layer = layer
+        self.attention = getattr(layer, spec.attention)
+        self.output = getattr(self.attention, spec.output)
+        self.mlp = getattr(layer, spec.mlp)
+        self.mlp_tuners = outermost_switchable(self.mlp)
+        self._reset()
+
+    @staticmethod
+    def supports(layer: nn.Module, spec: FamilySpec) -> bool:
+        """``SharedProjectionBlock`` applies, the MLP is no tuner layer itself, the output projection holds none
+        inside it, and nothing replaced their forwards (accelerate's device hooks)."""
+        if not SharedProjectionBlock.supports(layer, spec):
+            return False
+        output, mlp = getattr(getattr(layer, spec.attention), spec.output), getattr(layer, spec.mlp)
+        return (
+            not is_switchable(mlp)
+            and outermost_switchable(output) in ([], [output])
+            and not any_forward_replaced(output)
+            and not any_forward_replaced(mlp)
+        )
+
+    def _reset(self) -> None:
+        self._block_input: tuple[torch.Tensor, dict[str, Any]] | None = None
+        self._attn_update: torch.Tensor | None = None
+        self._mlp_out: torch.Tensor | None = None
+        self._n_pretrained_rows: int | None = None
+
+    @contextmanager
+    def capturing(self, backend: LoraLinearBackend, batch: Batch) -> Iterator[None]:
+        def record(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+            self._block_input = (hidden_states(args, kwargs), kwargs)
+
+        with ExitStack() as stack:
+            stack.enter_context(super().capturing(backend, batch))
+            stack.enter_context(hooked(self.layer, before=record, with_kwargs=True))
+            stack.enter_context(replaced_forward(self.output, self._output_forward(backend, batch)))
+            stack.enter_context(replaced_forward(self.mlp, self._mlp_forward(batch)))
+            for module in self.mlp_tuners:
+                stack.enter_context(replaced_forward(module, self._split_forward(module, backend)))
+            yield
+
+    def _mismatch(self, what: str) -> RuntimeError:
+        return RuntimeError(f"the block's forward {what}: it does not match its family's spec.")
+
+    def _output_forward(self, backend: LoraLinearBackend, batch: Batch) -> Callable[..., torch.Tensor]:
+        def forward(attended: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            if args or kwargs or self._block_input is None or self._attn_update is not None:
+                raise self._mismatch(f"called {self.spec.output} other than once, on the attended states alone")
+            x, block_kwargs = self._block_input
+            query, key, value = self._projections(self.layer, x, batch)
+            attended_rows = self._attend(self.attention, query, key, value, block_kwargs, batch)
+            update_rows, update = _shared_call(self.output, attended_rows, attended, backend)
+            self._attn_update = _apply(self.layer, self.spec.post_attention_norm, update_rows)
+            return update
+
+        return forward
+
+    def _mlp_forward(self, batch: Batch) -> Callable[..., torch.Tensor]:
+        def forward(normed: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            sequential = self.spec.wiring is not Wiring.PARALLEL
+            if args or kwargs or self._block_input is None or self._mlp_out is not None:
+                raise self._mismatch(f"called {self.spec.mlp} other than once, on the normed states alone")
+            if sequential and self._attn_update is None:
+                raise self._mismatch(f"called {self.spec.mlp} before {self.spec.output}")
+            x_rows = gather_rows(self._block_input[0], batch.rows)
+            normed_rows = self._mlp_input(self.layer, x_rows, self._attn_update)
+            self._n_pretrained_rows = normed_rows.shape[1]
+            both = type(self.mlp).forward(self.mlp, torch.cat([normed_rows, normed], dim=1))
+            self._mlp_out, out = both.split([normed_rows.shape[1], normed.shape[1]], dim=1)
+            return out
+
+        return forward
+
+    def _split_forward(self, module: nn.Module, backend: LoraLinearBackend) -> Callable[..., torch.Tensor]:
+        """A tuner layer inside the MLP, on the pre-trained rows followed by the fine-tuned states."""
+
+        def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            n_rows = self._n_pretrained_rows
+            if args or kwargs or n_rows is None or x.ndim != 3:
+                raise self._mismatch(f"calls {type(module).__name__} inside {self.spec.mlp} in a way it cannot pair")
+            return torch.cat(_shared_call(module, x[:, :n_rows], x[:, n_rows:], backend), dim=1)
+
+        return forward
+
+    def pretrained_update(
+        self, pretrained: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict[str, Any], batch: Batch
+    ) -> torch.Tensor:
+        if self._attn_update is None or self._mlp_out is None:
+            raise self._mismatch(f"did not call both {self.spec.output} and {self.spec.mlp}")
+        x_rows = gather_rows(x, batch.rows)
+        out = self._output(self.layer, x_rows, self._attn_update, self._mlp_out)
+        self._reset()
+        return out.float() - x_rows.float()
+
+
+def _shared_call(
+    module: nn.Module, x_rows: torch.Tensor, x: torch.Tensor, backend: LoraLinearBackend
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``module`` pre-trained on ``x_rows``, ``module`` fine-tuned on ``x``), each weight read once where it can."""
+    if is_additive_lora(module):
+        return backend.two_stream(x_rows, x, module)
+    forward = type(module).forward
+    if is_switchable(module):  # another tuner: its own forward, adapters off then on
+        with adapters_disabled(module.modules()):
+            pretrained = forward(module, x_rows)
+        return pretrained, forward(module, x)
+    both = forward(module, torch.cat([x_rows, x], dim=1))
+    return tuple(both.split([x_rows.shape[1], x.shape[1]], dim=1))
+
+
+class OwnProjectionBlock(_RowwiseBlock):
+    """A separate pre-trained model: its block projects its own (normed) input, keys/values everywhere."""
+
+    def _projections(self, pretrained: nn.Module, x: torch.Tensor, batch: Batch):
+        attention = getattr(pretrained, self.spec.attention)
+        normed = _apply(pretrained, self.spec.attention_norm, x)
+        projections = [getattr(attention, name) for name in self.spec.projections]
+        if self.spec.qkv_layout is not QKVLayout.SEPARATE:  # one fused projection
+            query, key, value = self._split([projections[0](normed)])
+            return gather_rows(query, batch.rows), key, value
+        query = projections[0](gather_rows(normed, batch.rows))
+        return query, projections[1](normed), projections[2](normed)
+
+
+PretrainedPath = ReplayBlock | SharedProjectionBlock | SharedReadBlock | OwnProjectionBlock
+
+
+def pretrained_path(
+    layer: nn.Module,
+    config: PretrainedConfig,
+    *,
+    separate_model: bool = False,
+    replay_only: bool = False,
+    shared_reads: bool = False,
+) -> PretrainedPath:
+    """The cheapest exact strategy for this block (``separate_model``: the pre-trained block is another model's;
+    ``shared_reads``: the batch is small enough that weight reads, not arithmetic, bound the block)."""
+    spec = spec_for(layer, config)
+    if replay_only or spec is None:
+        return ReplayBlock()
+    if separate_model:
+        return OwnProjectionBlock(layer, spec, config) if has_parts(layer, spec) else ReplayBlock()
+    if shared_reads and SharedReadBlock.supports(layer, spec):
+        return SharedReadBlock(layer, spec, config)
+    if SharedProjectionBlock.supports(layer, spec):
+        return SharedProjectionBlock(layer, spec, config)
+    return ReplayBlock()

@@ -1,0 +1,7 @@
+"""The files layer: checkpoints, prompts and results on disk, read and written safely.
+
+Checking and loading checkpoints (``loading``), the pre-trained blocks of a decomposition, resident or
+streamed from safetensors (``block_sources``), prompt files (``prompts``), JSONL results that resume
+(``results``), locks and atomic writes (``locking``) and fingerprints of what produced a row
+(``fingerprint``). It imports from ``lora`` and below; it knows nothing of the decomposition itself.
+"""

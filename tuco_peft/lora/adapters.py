@@ -1,0 +1,127 @@
+"""Check that a model's adapters can be decomposed exactly, and switch them off without side effects.
+
+The pre-trained block of an adapter fine-tune is the same block with its adapters off, which PEFT defines
+for every tuner (LoRA and its variants such as DoRA, IA3, LoHa, LoKr, VeRA, OFT, BOFT, ...), so every tuner
+is decomposed exactly. The one-pass shortcuts need more than "off". Capturing the pre-trained q/k/v during
+the fine-tuned forward needs a forward that computes the base output on its input first
+(``computes_base_output``: PEFT's LoRA linears, DoRA and the other LoRA variants included). The lean KV
+cache and the fused kernels need that output plus a plain low-rank term (``is_additive_lora``: no LoRA
+variant). A block with another tuner on its q/k/v projections is replayed with its adapters off instead.
+
+PEFT's ``disable_adapter()`` is avoided on purpose: it flips ``requires_grad`` (peft#3447) and unmerges
+merged weights in place. Here only the per-module ``_disable_adapters`` flag is toggled, and it is put
+back exactly as it was found.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from functools import cache
+
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from ..model.inventory import ModuleInventory, is_switchable
+
+# LoRA layers whose forward is ``base_layer(x) + Σ scaling·B(A(dropout(x)))``: the base output of these is
+# exactly the pre-trained projection, so it can be captured during the fine-tuned forward.
+_ADDITIVE_LORA_TYPES = frozenset({"Linear", "Linear4bit", "Linear8bitLt"})
+
+
+def computes_base_output(module: nn.Module) -> bool:
+    """A PEFT LoRA linear, of any LoRA variant (DoRA, ...): its forward calls its base layer on the very input
+    first and changes only that call's result, so the base layer's output is the pre-trained projection. Not
+    one with another tuner layer beneath it (a mixed model's), whose base output has adapters of its own."""
+    return _additive_lora_class(type(module)) and "base_layer" not in module.base_layer._modules
+
+
+def is_additive_lora(module: nn.Module) -> bool:
+    """A PEFT LoRA linear whose active adapters all add a plain low-rank term to the pre-trained projection: no
+    DoRA or other LoRA variant (they rescale or reshape it), no other tuner layer beneath it (a mixed model's).
+
+    Asked per module on every call (and per linear call by the fused backend): the class part is decided once
+    per class, the instance part reads plain attributes."""
+    if not computes_base_output(module):
+        return False
+    variants, dora = module.lora_variant, module.use_dora
+    if not variants and not any(dora.values()):
+        return True
+    return not any(a in variants or dora.get(a, False) for a in module.active_adapters)
+
+
+@cache
+def _additive_lora_class(cls: type) -> bool:
+    """PEFT's LoRA linears (``isinstance`` against PEFT's abstract classes is slow, hence once per class)."""
+    return (
+        issubclass(cls, LoraLayer)
+        and cls.__module__.startswith("peft.tuners.lora")
+        and cls.__name__ in _ADDITIVE_LORA_TYPES
+    )
+
+
+def pretrained_projection(module: nn.Module) -> nn.Module:
+    """The module whose output is the pre-trained projection: a LoRA layer's base layer, or the layer itself."""
+    return module.get_base_layer() if computes_base_output(module) else module
+
+
+def check_adapters(modules: ModuleInventory) -> None:
+    """Refuse a model without adapters, or with adapters merged into the base weights (the pre-trained block
+    is then gone); warn once per kind of tuner layer that has no one-pass rule.
+
+    Tuner layers outside the decoder blocks (e.g. the trainable tokens of ``LoraConfig(trainable_token_indices=
+    ...)``) belong to no component: the embeddings and the head are not decomposed.
+    """
+    tuner_layers = modules.lora_layers + modules.other_adapters
+    if not tuner_layers:
+        raise UnsupportedModelError(
+            "the model has no LoRA adapters (nor any other PEFT adapter), so there is no fine-tuned component to "
+            "measure; wrap the base "
+            "model with peft.get_peft_model(...) or PeftModel.from_pretrained(base, adapter_path); for a full "
+            "fine-tune pass base_model=<the pre-trained model or its checkpoint path>."
+        )
+    merged = [name for name, module in tuner_layers if getattr(module, "merged", False)]
+    if merged:
+        raise UnsupportedModelError(
+            f"{len(merged)} adapter layers are merged into their base weights (e.g. {merged[0]}), so the "
+            "pre-trained block is no longer in the model; call model.unmerge_adapter() first."
+        )
+    _warn_of_generic_layers(modules)
+
+
+def _warn_of_generic_layers(modules: ModuleInventory) -> None:
+    """One warning per kind of adapter layer that is not a plain LoRA linear."""
+    kinds: dict[str, str] = {}
+    for name, module in modules.other_adapters:
+        kinds.setdefault(f"{type(module).__module__}.{type(module).__name__}", name)
+    for name, module in modules.lora_layers:
+        if _additive_lora_class(type(module)) and not computes_base_output(module):
+            kinds.setdefault("LoRA with a tuner layer beneath it", name)
+    for kind, name in kinds.items():
+        warnings.warn(
+            f"{kind} adapter layers (e.g. {name}) are decomposed exactly by switching them off; a block with one "
+            "on a q/k/v projection runs its pre-trained path as a second pass through the block (the generic "
+            "path), and its KV cache slots under ftc_scale stay full.",
+            stacklevel=3,
+        )
+
+
+@contextmanager
+def adapters_disabled(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Run the pre-trained path of ``modules``: their adapters off, restored exactly afterwards."""
+    saved = [(m, m.__dict__.get("_disable_adapters", _MISSING)) for m in modules if is_switchable(m)]
+    try:
+        for module, _ in saved:
+            module._disable_adapters = True
+        yield
+    finally:
+        for module, previous in saved:
+            if previous is _MISSING:
+                del module._disable_adapters
+            else:
+                module._disable_adapters = previous
+
+
+_MISSING = object()

@@ -1,0 +1,239 @@
+"""Which implementation computes the LoRA linears of an analysis: fused Triton kernels or plain PyTorch.
+
+``backend="auto"`` (the default, or the ``TUCO_PEFT_BACKEND`` environment variable) picks Triton on CUDA
+when it is importable; ``"torch"`` is the reference path; ``"triton"`` forces the kernels (on CPU this needs
+``TRITON_INTERPRET=1`` before triton is imported). Each is a ``LoraLinearBackend``: ``TorchBackend`` or
+``TritonBackend``, built from the resolved name by ``make_backend``. A layer the kernels cannot compute
+(8-bit, GPTQ, AWQ, an unsupported dtype, a CPU-repacked 4-bit weight, ...) runs on the torch path, with one
+warning per reason.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
+from types import ModuleType
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from ..errors import InputError, UnsupportedModelError
+from ..model.interception import forward_replaced, hooked, module_hooked, replaced_forward
+from .adapters import is_additive_lora, pretrained_projection
+
+BACKENDS = ("auto", "torch", "triton")
+BACKEND_ENV_VAR = "TUCO_PEFT_BACKEND"
+
+Backend = Literal["auto", "torch", "triton"]
+ResolvedBackend = Literal["torch", "triton"]
+# Same signature as a forward hook: (base layer, its inputs, its output).
+BaseOutputSink = Callable[[nn.Module, tuple, torch.Tensor], Any]
+_Outputs = tuple[torch.Tensor, torch.Tensor]
+
+
+def _kernels() -> ModuleType | None:
+    """The fused kernels' entry points on layers (``tuco_peft.lora.fused``), or None when Triton cannot be
+    imported here."""
+    try:
+        return importlib.import_module("tuco_peft.lora.fused")
+    except ImportError:
+        return None
+
+
+def resolve_backend(backend: Backend | None, device: torch.device) -> ResolvedBackend:
+    """The backend to use for a model on ``device``; ``None`` reads ``TUCO_PEFT_BACKEND`` (default "auto")."""
+    source = "backend"
+    if backend is None:
+        backend, source = os.environ.get(BACKEND_ENV_VAR, "auto").strip().lower(), BACKEND_ENV_VAR
+    if backend not in BACKENDS:
+        raise InputError(f"{source}={backend!r} is not one of {', '.join(map(repr, BACKENDS))}.")
+    if backend == "torch":
+        return "torch"
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and _kernels() is not None else "torch"
+    kernels = _kernels()
+    if kernels is None:
+        raise InputError("backend='triton' needs Triton: pip install 'tuco-peft[triton]', or use backend='torch'.")
+    if device.type != "cuda" and not kernels.INTERPRETING:
+        raise InputError(
+            f"backend='triton' on {device.type} needs the Triton interpreter: set TRITON_INTERPRET=1 before "
+            "triton is first imported, or use backend='torch'."
+        )
+    return "triton"
+
+
+def _capture_base_output(layer: nn.Module, run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``run`` (a forward of ``layer``) and return (its base layer's output, the layer's output)."""
+    captured: list[torch.Tensor] = []
+    with hooked(layer.get_base_layer(), after=lambda module, args, output: captured.append(output)):
+        output = run()
+    return captured[-1], output
+
+
+class LoraLinearBackend(ABC):
+    """Computes a LoRA linear's pre-trained and fine-tuned outputs together: one subclass per implementation,
+    so that callers never branch on which one runs."""
+
+    name: ClassVar[ResolvedBackend]
+    # Whether an all-position analysis (a prefill, compute-bound) pairs its blocks. Pairing stacks a block's
+    # activations twice; that pays where one kernel decodes each weight tile once for both halves, not where
+    # a matmul would read the weight at full speed anyway.
+    pairs_prefill: ClassVar[bool]
+
+    @abstractmethod
+    def dual(self, x: torch.Tensor, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(layer.base_layer(x), layer(x))``."""
+
+    @abstractmethod
+    def two_stream(self, x_pt: torch.Tensor, x_ft: torch.Tensor, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(layer.base_layer(x_pt), layer(x_ft))``."""
+
+    def stacked(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+        """A paired block's input ``[x_pt; x_ft]`` (halves along the batch) → ``[base(x_pt); layer(x_ft)]``."""
+        half = x.shape[0] // 2
+        return torch.cat(self.two_stream(x[:half], x[half:], layer))
+
+    @abstractmethod
+    def fuses(self, layer: nn.Module) -> bool:
+        """Whether ``report_base_outputs`` computes ``layer``'s base output with its output (``dual``) rather
+        than reading it from a forward hook."""
+
+    @contextmanager
+    def report_base_outputs(self, layers: Iterable[nn.Module], on_base_output: BaseOutputSink) -> Iterator[None]:
+        """While active, every forward of ``layers`` reports its base output as ``on_base_output(base, args, y)``.
+
+        A layer this backend ``fuses`` computes its base and fine-tuned outputs with ``dual`` and returns the
+        fine-tuned one. Every other layer (plain layers, and all of them on the torch backend) reports through
+        a forward hook on its pre-trained projection.
+        """
+        layers = list(layers)
+        fused = [m for m in layers if self.fuses(m)]
+        observed = [pretrained_projection(m) for m in layers if not any(m is f for f in fused)]
+        with ExitStack() as stack:
+            for projection in observed:
+                stack.enter_context(hooked(projection, after=on_base_output))
+            for layer in fused:
+                stack.enter_context(replaced_forward(layer, self._fused_forward(layer, on_base_output)))
+            yield
+
+    def _fused_forward(self, layer: nn.Module, on_base_output: BaseOutputSink) -> Callable[..., torch.Tensor]:
+        def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            if args or kwargs:
+                y_base, y_ft = _capture_base_output(layer, lambda: type(layer).forward(layer, x, *args, **kwargs))
+            else:
+                y_base, y_ft = self.dual(x, layer)
+            on_base_output(layer.get_base_layer(), (x,), y_base)
+            return y_ft
+
+        return forward
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+def _base_layer_callable_once(layer: nn.Module) -> bool:
+    """Whether ``layer``'s base layer may compute its output outside PEFT's forward: nothing observes or
+    replaced it (a hook must see each call as it would unpaired) and it is not itself a tuner layer."""
+    base_layer = layer.base_layer
+    return (
+        base_layer is layer.get_base_layer()
+        and not forward_replaced(base_layer)
+        and not module_hooked(base_layer)
+    )
+
+
+def _peft_forward_given_base_output(layer: nn.Module, x: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` by PEFT's own forward, its base layer's output already computed: the LoRA arithmetic
+    (casts, scalings, dropout, lora_A hooks such as the lean cache's) stays PEFT's."""
+    with replaced_forward(layer.base_layer, lambda *args, **kwargs: base_output):
+        return type(layer).forward(layer, x)
+
+
+class TorchBackend(LoraLinearBackend):
+    """PEFT's own forwards: the reference path, and where the kernels can't compute a layer. Each base
+    layer is called once for both outputs, so a paired block reads every base weight once per step."""
+
+    name = "torch"
+    pairs_prefill = False
+
+    def dual(self, x: torch.Tensor, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        if not _base_layer_callable_once(layer):
+            return _capture_base_output(layer, lambda: type(layer).forward(layer, x))
+        base_output = layer.base_layer(x)
+        return base_output, _peft_forward_given_base_output(layer, x, base_output)
+
+    def two_stream(self, x_pt: torch.Tensor, x_ft: torch.Tensor, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """One call of the base layer on the rows of both streams stacked."""
+        if not _base_layer_callable_once(layer):
+            return layer.base_layer(x_pt), type(layer).forward(layer, x_ft)
+        rows_pt, rows_ft = _rows(x_pt), _rows(x_ft)
+        base_pt, base_ft = layer.base_layer(torch.cat([rows_pt, rows_ft])).split([len(rows_pt), len(rows_ft)])
+        base_pt, base_ft = base_pt.reshape(*x_pt.shape[:-1], -1), base_ft.reshape(*x_ft.shape[:-1], -1)
+        return base_pt, _peft_forward_given_base_output(layer, x_ft, base_ft)
+
+    def stacked(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+        """One call of the base layer on the stacked input as it comes (no copy of its two halves)."""
+        if not _base_layer_callable_once(layer):
+            return super().stacked(x, layer)
+        half = x.shape[0] // 2
+        base_output = layer.base_layer(x)
+        return torch.cat([base_output[:half], _peft_forward_given_base_output(layer, x[half:], base_output[half:])])
+
+    def fuses(self, layer: nn.Module) -> bool:
+        return False
+
+
+class TritonBackend(LoraLinearBackend):
+    """The fused kernels (``tuco_peft.lora.fused``); per layer, the torch path where they can't run."""
+
+    name = "triton"
+    pairs_prefill = True
+
+    def __init__(self) -> None:
+        self._fallback = TorchBackend()
+        self._warned: set[str] = set()
+
+    def dual(self, x: torch.Tensor, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._fused_or_fallback(
+            lambda: _kernels().dual_lora_linear(x, layer), lambda: self._fallback.dual(x, layer)
+        )
+
+    def two_stream(self, x_pt: torch.Tensor, x_ft: torch.Tensor, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._fused_or_fallback(
+            lambda: _kernels().two_stream_lora_linear(x_pt, x_ft, layer),
+            lambda: self._fallback.two_stream(x_pt, x_ft, layer),
+        )
+
+    def fuses(self, layer: nn.Module) -> bool:
+        """A PEFT LoRA linear whose forward is not replaced on the instance (accelerate's device hooks), which
+        is left alone."""
+        return is_additive_lora(layer) and not forward_replaced(layer)
+
+    def _fused_or_fallback(self, fused: Callable[[], _Outputs], fallback: Callable[[], _Outputs]) -> _Outputs:
+        try:
+            return fused()
+        except UnsupportedModelError as error:
+            reason = str(error)
+            if reason not in self._warned:
+                self._warned.add(reason)
+                warnings.warn(
+                    f"tuco-peft: using the torch path where the Triton kernels can't run: {reason}", stacklevel=4
+                )
+        return fallback()
+
+
+BACKEND_CLASSES: dict[ResolvedBackend, type[LoraLinearBackend]] = {
+    backend.name: backend for backend in (TorchBackend, TritonBackend)
+}
+
+
+def make_backend(name: ResolvedBackend) -> LoraLinearBackend:
+    """The backend called ``name``, as ``resolve_backend`` returns it."""
+    return BACKEND_CLASSES[name]()
+

@@ -1,0 +1,171 @@
+"""Find the parts of a (PEFT-wrapped) transformers causal LM that the decomposition works on.
+
+What is found depends on the model's structure only, so it is found once and kept for the next call while
+that structure holds (``_Survey``): every call checks, in one quick walk, that the model still has the very
+same modules (adapters added, injected or unloaded, merged-and-unloaded layers, swapped blocks all change
+them), the same active adapters and the same attention implementation. A stale survey is never used.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from ..errors import UnsupportedModelError
+from .interception import submodules
+from .inventory import ModuleInventory, take_inventory
+
+_LAYER_LIST_NAMES = ("layers", "h", "blocks")
+
+
+@dataclass(frozen=True)
+class ModelParts:
+    """A causal LM split into the pieces TuCo talks about.
+
+    ``decoder`` runs the embeddings, the blocks and the final norm (never the LM head: TuCo needs no
+    logits); ``layers`` are the decoder blocks in order, each one TuCo "layer".
+    """
+
+    causal_lm: PreTrainedModel
+    decoder: nn.Module
+    layers: nn.ModuleList
+    config: PretrainedConfig
+    modules: ModuleInventory  # what the checks and switches of an analysis need, from one walk
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def d_model(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def input_device(self) -> torch.device:
+        """Where the token ids go: the input embeddings' device (the first of several with a device_map)."""
+        return self.causal_lm.get_input_embeddings().weight.device
+
+
+@cache
+def _causal_lm_class_names() -> frozenset[str]:
+    names: set[str] = set()
+    for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        names.update((value,) if isinstance(value, str) else value)
+    return frozenset(names)
+
+
+def _is_causal_lm(model: PreTrainedModel) -> bool:
+    name = type(model).__name__
+    return name in _causal_lm_class_names() or name.endswith(("ForCausalLM", "LMHeadModel"))
+
+
+def _find_layers(decoder: nn.Module, config: PretrainedConfig) -> nn.ModuleList | None:
+    for name in _LAYER_LIST_NAMES:
+        candidate = getattr(decoder, name, None)
+        if isinstance(candidate, nn.ModuleList) and len(candidate) > 0:
+            return candidate
+    n_layers = getattr(config, "num_hidden_layers", None)
+    for module in decoder.modules():
+        if isinstance(module, nn.ModuleList) and n_layers and len(module) == n_layers:
+            return module
+    return None
+
+
+def unwrap_causal_lm(model: nn.Module) -> PreTrainedModel:
+    """The transformers model inside a PeftModel or PeftMixedModel (or the model itself when adapters were
+    injected directly)."""
+    from peft import PeftMixedModel, PeftModel
+
+    if isinstance(model, PeftMixedModel):  # several tuner kinds at once (LoRA + LoHa, ...); no prompt learning
+        return model.base_model.model
+    if isinstance(model, PeftModel):
+        for name in model.active_adapters:
+            config = model.peft_config[name]
+            if config.is_prompt_learning:
+                raise UnsupportedModelError(
+                    f"adapter {name!r} is {config.peft_type.value} (prompt learning): it adds virtual tokens, "
+                    "not a per-block update, so TuCo is not defined block by block. Use a LoRA adapter."
+                )
+        return model.get_base_model()
+    if isinstance(model, PreTrainedModel):
+        return model
+    raise UnsupportedModelError(
+        f"expected a peft.PeftModel wrapping a transformers causal LM, got {type(model).__name__}; "
+        "load one with PeftModel.from_pretrained(base_model, adapter_path)."
+    )
+
+
+def model_parts(model: nn.Module) -> ModelParts:
+    """Locate the decoder stack and its blocks, refusing what is not a decoder-only causal LM."""
+    causal_lm = unwrap_causal_lm(model)
+    survey = _SURVEYS.get(causal_lm)
+    if survey is None or not survey.holds_for(causal_lm):
+        survey = _SURVEYS[causal_lm] = _Survey.of(causal_lm)
+    return ModelParts(causal_lm, survey.decoder, survey.layers, survey.config, survey.inventory)
+
+
+def _active_adapters(inventory: ModuleInventory) -> list[tuple[str, ...]]:
+    return [tuple(module.active_adapters) for _, module in inventory.lora_layers + inventory.other_adapters]
+
+
+@dataclass(frozen=True)
+class _Survey:
+    """What ``model_parts`` found in a causal LM, and the structure it found it in.
+
+    Kept in a weak dictionary keyed by the causal LM, so it must not refer to the causal LM itself (that
+    would keep it alive forever): it holds the LM's submodules and config, which do not refer back.
+    """
+
+    decoder: nn.Module
+    layers: nn.ModuleList
+    config: PretrainedConfig
+    inventory: ModuleInventory
+    structure: list[nn.Module]
+    active_adapters: list[tuple[str, ...]]
+    attention: str | None
+
+    @classmethod
+    def of(cls, causal_lm: PreTrainedModel) -> _Survey:
+        config = causal_lm.config
+        if getattr(config, "is_encoder_decoder", False) or not _is_causal_lm(causal_lm):
+            raise UnsupportedModelError(
+                f"{type(causal_lm).__name__} is not a decoder-only causal LM; TuCo decomposes the residual "
+                "stream of a causal decoder (load the model with AutoModelForCausalLM)."
+            )
+        decoder = getattr(causal_lm, causal_lm.base_model_prefix, None)
+        layers = _find_layers(decoder, config) if isinstance(decoder, nn.Module) else None
+        if layers is None:
+            raise UnsupportedModelError(
+                f"could not find the decoder blocks of {type(causal_lm).__name__} "
+                f"(looked for {', '.join(_LAYER_LIST_NAMES)} under .{causal_lm.base_model_prefix})."
+            )
+        inventory = take_inventory(causal_lm, layers)
+        return cls(
+            decoder=decoder,
+            layers=layers,
+            config=config,
+            inventory=inventory,
+            structure=submodules(causal_lm),
+            active_adapters=_active_adapters(inventory),
+            attention=getattr(config, "_attn_implementation", None),
+        )
+
+    def holds_for(self, causal_lm: PreTrainedModel) -> bool:
+        """Whether ``causal_lm`` still has the structure this survey was taken in. The list comparison is
+        by identity first, in C; the survey holds every module it lists, so no id can be reused meanwhile."""
+        config = causal_lm.config
+        return (
+            config is self.config
+            and getattr(config, "_attn_implementation", None) == self.attention
+            and submodules(causal_lm) == self.structure
+            and _active_adapters(self.inventory) == self.active_adapters
+        )
+
+
+_SURVEYS: weakref.WeakKeyDictionary[nn.Module, _Survey] = weakref.WeakKeyDictionary()
