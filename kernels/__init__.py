@@ -36,7 +36,7 @@ if __name__ == "kernels":
 
 _EXPORTS = {
     "lora_linear": ".ops",
-    "dequantize_4bit": ".bnb_4bit",
+    "dequantize_4bit": ".weights",
     "DenseWeight": ".weights",
     "Packed4bitWeight": ".weights",
     "BaseWeight": ".weights",

@@ -29,7 +29,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from .bnb_4bit import _dequantize_4bit_kernel
+from .bnb_4bit import dequantize_4bit_kernel
 from .lora_linear_kernel import _lora_linear_kernel
 from .settings import INTERPRETING, NO_FP_FUSION, configs_for
 
@@ -152,7 +152,7 @@ def compile_dequantize_4bit(dtype: str, nested: bool, arch: int):
     pointers = dict(out_ptr=_POINTER_TYPES[activation], packed_ptr="*u8", absmax_ptr="*u8" if nested else "*fp32")
     pointers.update(code_ptr="*fp32", nested_code_ptr="*fp32", nested_absmax_ptr="*fp32", nested_offset_ptr="*fp32")
     constants = dict(QUANT_BLOCK=64, NESTED=nested, NESTED_BLOCK=256, WEIGHT_DTYPE=activation, BLOCK=1024)
-    return _compile(_dequantize_4bit_kernel, pointers, constants, arch, warps=4, stages=1)
+    return _compile(dequantize_4bit_kernel, pointers, constants, arch, warps=4, stages=1)
 
 
 def resource_usage(compiled) -> tuple[int, int, int]:

@@ -5,7 +5,8 @@
   nibbles split in registers, one absmax per quantization block broadcast over it. The fused linear
   kernels use it.
 - ``decode_4bit`` decodes any tile of flat element indices, gathering the absmax per element: the exact
-  path for other shapes, and what ``dequantize_4bit`` uses to rebuild the whole matrix (backward, tests).
+  path for other shapes, and what ``dequantize_4bit_kernel`` (``weights.dequantize_4bit``) rebuilds the
+  whole matrix with (backward, tests).
 
 Bit-identity needs ``code · absmax`` and, with nested quantization, ``nested_code · nested_absmax`` then
 ``+ offset`` each rounded in fp32 as bitsandbytes does: kernels that decode are launched with
@@ -14,17 +15,10 @@ Bit-identity needs ``code · absmax`` and, with nested quantization, ``nested_co
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-import torch
 import triton
 import triton.language as tl
 
 from .rounding import round_to
-from .settings import NO_FP_FUSION, triton_dtype
-
-if TYPE_CHECKING:
-    from .weights import Packed4bitWeight
 
 
 @triton.jit
@@ -131,7 +125,7 @@ def decode_4bit_tile(
 
 
 @triton.jit
-def _dequantize_4bit_kernel(
+def dequantize_4bit_kernel(
     out_ptr, packed_ptr, absmax_ptr, code_ptr, nested_code_ptr, nested_absmax_ptr, nested_offset_ptr,
     numel,
     QUANT_BLOCK: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCK: tl.constexpr, WEIGHT_DTYPE: tl.constexpr,
@@ -144,17 +138,3 @@ def _dequantize_4bit_kernel(
         QUANT_BLOCK, NESTED, NESTED_BLOCK, WEIGHT_DTYPE,
     )
     tl.store(out_ptr + flat, values, mask=valid)
-
-
-def dequantize_4bit(weight: Packed4bitWeight) -> torch.Tensor:
-    """The dense ``[out, in]`` matrix of a packed 4-bit weight, in its quant_state dtype."""
-    out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.packed.device)
-    block = 1024
-    args = weight.kernel_args()
-    _dequantize_4bit_kernel[(triton.cdiv(out.numel(), block),)](
-        out, weight.packed, args["absmax_ptr"], args["code_ptr"], args["nested_code_ptr"],
-        args["nested_absmax_ptr"], args["nested_offset_ptr"], out.numel(),
-        QUANT_BLOCK=weight.blocksize, NESTED=weight.nested, NESTED_BLOCK=weight.nested_blocksize,
-        WEIGHT_DTYPE=triton_dtype(weight.dtype), BLOCK=block, **NO_FP_FUSION,
-    )
-    return out

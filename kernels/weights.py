@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import triton
 
-from .bnb_4bit import dequantize_4bit
-from .settings import triton_dtype
+from .bnb_4bit import dequantize_4bit_kernel
+from .settings import NO_FP_FUSION, triton_dtype
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,20 @@ class Packed4bitWeight:
 
     def dense(self) -> torch.Tensor:
         return dequantize_4bit(self)
+
+
+def dequantize_4bit(weight: Packed4bitWeight) -> torch.Tensor:
+    """The dense ``[out, in]`` matrix of a packed 4-bit weight, in its quant_state dtype."""
+    out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.packed.device)
+    block = 1024
+    args = weight.kernel_args()
+    dequantize_4bit_kernel[(triton.cdiv(out.numel(), block),)](
+        out, weight.packed, args["absmax_ptr"], args["code_ptr"], args["nested_code_ptr"],
+        args["nested_absmax_ptr"], args["nested_offset_ptr"], out.numel(),
+        QUANT_BLOCK=weight.blocksize, NESTED=weight.nested, NESTED_BLOCK=weight.nested_blocksize,
+        WEIGHT_DTYPE=triton_dtype(weight.dtype), BLOCK=block, **NO_FP_FUSION,
+    )
+    return out
 
 
 BaseWeight = DenseWeight | Packed4bitWeight

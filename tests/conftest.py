@@ -72,13 +72,13 @@ def device(pytestconfig: pytest.Config) -> torch.device:
 @pytest.fixture
 def loading_forbidden(monkeypatch):
     """Make loading a model an error, so that a test can show a check ran before it."""
-    import tuco_peft.io.loading
+    import tuco_peft.io.loaders
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded")
 
     for name in ("load_pair", "load_full_finetune", "load_base"):
-        monkeypatch.setattr(tuco_peft.io.loading, name, refuse)
+        monkeypatch.setattr(tuco_peft.io.loaders, name, refuse)
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,10 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tuco_peft.apps.plotting import analysis_figure
+from tuco_peft.apps.statistics import roc_auc
 from tuco_peft.cli import main
 from tuco_peft.core.decompose import decompose, tuco
-from tuco_peft.io.results import ResultRow, roc_auc
+from tuco_peft.io.results import ResultRow
 
 DECOMPOSE_MODULE = importlib.import_module("tuco_peft.core.decompose")  # the package re-exports a function of that name
 PROMPTS = [
@@ -348,7 +349,7 @@ def test_resume_with_empty_prompts_loads_nothing(checkpoints, tmp_path, capsys, 
     assert _analyze(checkpoints, prompts, out) == 0
     err = capsys.readouterr().err
     assert "prompts 2 (line 2), 4 (line 4) are empty; skipped" in err and err.count("empty") == 1
-    monkeypatch.setattr(importlib.import_module("tuco_peft.io.loading"), "load_pair", None)  # a reload would fail
+    monkeypatch.setattr(importlib.import_module("tuco_peft.io.loaders"), "load_pair", None)  # a reload would fail
     assert _analyze(checkpoints, prompts, out) == 0
     assert "resuming: 2 of 2 prompts are already in" in capsys.readouterr().err
     assert [row["id"] for row in read_rows(out)] == [1, 3]

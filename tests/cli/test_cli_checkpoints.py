@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 from helpers.cli_fixtures import fails, write_lines
 
-from tuco_peft.io.loading import LoadOptions, Source, load_adapter, load_base
+from tuco_peft.io.checkpoints import LoadOptions, Source
+from tuco_peft.io.loaders import load_adapter, load_base
 
 
 def _argv(base, adapter, tmp_path, command="analyze"):

@@ -15,7 +15,7 @@ from helpers.lm_eval_tasks import write_tasks
 
 from tuco_peft.cli import main
 from tuco_peft.demo import DemoRecipe, ensure_demo_checkpoints
-from tuco_peft.io.loading import _PROXY_VARIABLES
+from tuco_peft.io.checkpoints import _PROXY_VARIABLES
 
 EXAMPLE_TASKS = Path(__file__).resolve().parents[2] / "examples" / "lm_eval_tasks"
 

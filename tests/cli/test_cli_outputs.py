@@ -202,7 +202,7 @@ def test_a_hub_id_without_network_fails_at_once(checkpoints, tmp_path, capsys, m
 
     from huggingface_hub import constants
 
-    from tuco_peft.io import loading
+    from tuco_peft.io import checkpoints as loading
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: the connection is refused

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tuco_peft.cli import main
 from tuco_peft.core.decompose import decompose
 from tuco_peft.io import fingerprint
-from tuco_peft.io.loading import Source, safetensors_header
+from tuco_peft.io.checkpoints import Source, safetensors_header
 from tuco_peft.io.locking import lock_path, results_lock
 
 DECOMPOSE_MODULE = importlib.import_module("tuco_peft.core.decompose")
@@ -241,7 +241,7 @@ def test_a_one_line_file_that_is_not_ours_is_never_cut(checkpoints, tmp_path, ca
     prompts = write_lines(tmp_path / "p.txt", PROMPTS[:2])
     out = tmp_path / "notes.txt"
     out.write_text(content)  # no newline: it is not a row cut short
-    monkeypatch.setattr(importlib.import_module("tuco_peft.io.loading"), "load_pair", None)  # refused before loading
+    monkeypatch.setattr(importlib.import_module("tuco_peft.io.loaders"), "load_pair", None)  # refused before loading
     fails(_argv(checkpoints.base, checkpoints.adapter, prompts, out), capsys, "did not write it", "--force", status=2)
     assert out.read_text() == content
     monkeypatch.undo()

@@ -102,7 +102,7 @@ def test_ctrl_c_at_any_moment_is_one_line_and_130(checkpoints, tmp_path, delay):
 # Makes a third-party logger warn and err while the command loads its model, as bitsandbytes does.
 _THIRD_PARTY_NOTICES = """
 import logging, sys
-import tuco_peft.io.loading as loading
+import tuco_peft.io.loaders as loading
 from tuco_peft.cli import main
 
 load_pair = loading.load_pair

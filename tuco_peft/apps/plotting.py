@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING
 
 from ..errors import InputError
 from ..io.locking import WRITER, WRITTEN_BY, replaced_atomically
-from ..io.results import ResultRow, mean_per_layer
+from ..io.results import ResultRow
+from .statistics import mean_per_layer
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -16,14 +16,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import TuCoError
-from ..io import loading
-from ..io.loading import Checkpoints, LoadOptions
+from ..io import checkpoints, loaders
+from ..io.checkpoints import Checkpoints, LoadOptions
 from ..io.prompts import EncodedPrompt, Prompt, PromptId, encode_prompt
-from ..io.results import ResultRow, decomposition_rows
+from ..io.results import ResultRow, stored_prompt
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
+    from ..core.contributions import Decomposition, DecompositionSums
     from ..views import ScoredText
 
 
@@ -108,6 +110,43 @@ def padding_fraction(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -
     return 1 - sum(lengths) / computed if computed else 0.0
 
 
+def decomposition_rows(
+    decomposition: Decomposition | DecompositionSums,
+    batch: Sequence[EncodedPrompt],
+    attention_mask: torch.Tensor,
+    decode: Callable[[list[int]], str],
+) -> list[ResultRow]:
+    """One row per prompt of ``batch``: TuCo, per-layer ‖PTC_l‖₁ and ‖FTC_l‖₁ and the cumulative TuCo, at the
+    last token. ``decode`` (the tokenizer's) gives the text analysed of a prompt that was cut.
+
+    With ``positions="all"`` the row also gets ``token_tuco``, the TuCo at every token of the prompt.
+    """
+    from ..model.inputs import last_real_index
+
+    per_position = decomposition.positions.ndim == 2
+    if per_position:
+        at_last = decomposition.at(last_real_index(attention_mask.to(decomposition.x0.device)))
+        token_tuco = decomposition.tuco
+    else:
+        at_last = decomposition
+    ptc_norm, ftc_norm = at_last.layer_norms()
+    cumulative = at_last.cumulative_tuco()
+    tuco = at_last.tuco.tolist()
+    return [
+        ResultRow(
+            id=tokens.prompt.id,
+            **stored_prompt(tokens, decode),
+            n_tokens=len(tokens.ids),
+            tuco=tuco[b],
+            ptc_l1=ptc_norm[b].tolist(),
+            ftc_l1=ftc_norm[b].tolist(),
+            cumulative_tuco=cumulative[b].tolist(),
+            token_tuco=token_tuco[b][attention_mask[b].bool().to(token_tuco.device)].tolist() if per_position else None,
+        )
+        for b, tokens in enumerate(batch)
+    ]
+
+
 @dataclass(frozen=True)
 class ModelChoice:
     """The model to analyse: a LoRA fine-tune (``base`` and ``adapter``) or a full fine-tune (``model`` beside
@@ -123,8 +162,8 @@ class ModelChoice:
     def check(self) -> Checkpoints:
         """The checkpoints, each checked as far as it can be without loading it."""
         if self.model is not None:
-            return loading.check_full_finetune(self.model, self.base_model, self.load, resident=self.resident_base)
-        return loading.check_pair(self.base, self.adapter, self.load)
+            return checkpoints.check_full_finetune(self.model, self.base_model, self.load, resident=self.resident_base)
+        return checkpoints.check_pair(self.base, self.adapter, self.load)
 
 
 @dataclass
@@ -152,11 +191,11 @@ class Runner:
         quiet_libraries()
         base_model = None
         if choice.model is not None:
-            model, base_model, tokenizer = loading.load_full_finetune(
+            model, base_model, tokenizer = loaders.load_full_finetune(
                 choice.model, choice.base_model, choice.load, resident=choice.resident_base
             )
         else:
-            model, tokenizer = loading.load_pair(choice.base, choice.adapter, choice.load)
+            model, tokenizer = loaders.load_pair(choice.base, choice.adapter, choice.load)
         return cls(model, tokenizer, base_model=base_model, **settings)
 
     def context_length(self) -> int | None:

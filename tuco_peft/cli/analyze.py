@@ -12,10 +12,11 @@ from typing import Any
 
 from ..apps.distributed import Ranks, fold_parts, part_file, process_group, together
 from ..apps.runner import Runner, quiet_libraries, view_title
+from ..apps.statistics import summary_table
 from ..errors import InputError
-from ..io import loading
+from ..io import loaders
 from ..io.prompts import Prompt, encode_prompt
-from ..io.results import ResultRow, ResultsFile, prompt_keys, prompts_by_key, rows_for, summary_table
+from ..io.results import ResultRow, ResultsFile, prompt_keys, prompts_by_key, rows_for
 from .checks import analysable_prompts
 from .options import (
     CommandOptions,
@@ -185,7 +186,7 @@ def _write_token_page(
             continue
         if tokenizer is None:
             quiet_libraries()
-            tokenizer = loading.load_tokenizer(options.model.check().tokenizer, None, options.model.load)
+            tokenizer = loaders.load_tokenizer(options.model.check().tokenizer, None, options.model.load)
         chat = options.prompts.format
         # Its last n_tokens tokens, as analysed: of a huge prompt only the end is tokenized again.
         ids = encode_prompt(

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from ..apps.runner import Runner, quiet_libraries, warn
 from ..errors import InputError
-from ..io import loading
+from ..io import loaders
+from ..io.checkpoints import resolve
 from ..io.prompts import Prompt, encode_prompt
 from .checks import analysable_prompts, check_cache_dir
 from .options import CommandOptions, add_model_arguments, add_prompt_arguments, check_common
@@ -147,12 +148,12 @@ def benchmark(options: BenchOptions) -> int:
     quiet_libraries()
     load = choice.load
     if choice.model is not None:
-        model, checkpoint, tokenizer = loading.load_full_finetune(choice.model, choice.base_model, load)
-        pretrained = loading.load_base(loading.resolve(choice.base_model, "--base-model"), load)
+        model, checkpoint, tokenizer = loaders.load_full_finetune(choice.model, choice.base_model, load)
+        pretrained = loaders.load_base(resolve(choice.base_model, "--base-model"), load)
         measure = partial(compare_full_finetune_methods, model, pretrained, checkpoint)
     else:
-        model, tokenizer = loading.load_pair(base, adapter, load)
-        pretrained = loading.load_base(loading.resolve(base, "--base"), load)  # the paper's method needs two models
+        model, tokenizer = loaders.load_pair(base, adapter, load)
+        pretrained = loaders.load_base(resolve(base, "--base"), load)  # the paper's method needs two models
         measure = partial(compare_methods, model, pretrained)
     prompt_format = options.prompts.format
     stream = [

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..apps.runner import Runner
+from ..apps.statistics import roc_auc
 from ..errors import InputError
-from ..io.results import ResultRow, prompt_keys, prompts_by_key, roc_auc, rows_for
+from ..io.results import ResultRow, prompt_keys, prompts_by_key, rows_for
 from .checks import analysable_prompts
 from .options import (
     CommandOptions,

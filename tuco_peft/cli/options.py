@@ -14,8 +14,8 @@ from typing import Any, TypeVar
 from ..apps.distributed import Ranks
 from ..apps.runner import Batching, ModelChoice, PromptFormat
 from ..errors import InputError
+from ..io.checkpoints import LoadOptions
 from ..io.fingerprint import checkpoint_fingerprint, tokenizer_fingerprint
-from ..io.loading import LoadOptions
 from .outputs import add_force_argument
 
 _PARTNERS = {"--base": "--adapter", "--adapter": "--base", "--model": "--base-model", "--base-model": "--model"}

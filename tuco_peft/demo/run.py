@@ -17,9 +17,11 @@ from typing import TextIO
 import torch
 
 from ..apps.runner import Batching, Runner
-from ..io.loading import LoadOptions, load_pair
+from ..apps.statistics import roc_auc
+from ..io.checkpoints import LoadOptions
+from ..io.loaders import load_pair
 from ..io.prompts import Prompt, encode_prompt
-from ..io.results import ResultRow, roc_auc
+from ..io.results import ResultRow
 from ..steering.forward import ftc_scale
 from . import corpus
 from .build import ensure_demo_checkpoints, is_built, single_thread

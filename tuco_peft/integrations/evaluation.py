@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError, TuCoError, first_line
-from ..io.loading import hub_connection_failure
+from ..io.checkpoints import hub_connection_failure
 from ..lora.backend import Backend
 from ..steering.forward import Alpha, ftc_scale, layer_alphas
 from .alpha_sweep import _best_alpha, cross_validate

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from .loading import PICKLE_SUFFIXES, TOKENIZER_FILES, Source, safetensors_header
+from .checkpoints import PICKLE_SUFFIXES, TOKENIZER_FILES, Source, safetensors_header
 
 HASHED_IN_FULL_BYTES = 64 * 2**20
 SAMPLE_BYTES = 4096

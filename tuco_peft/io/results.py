@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -22,9 +21,8 @@ from .locking import replaced_atomically
 from .prompts import EncodedPrompt, Prompt, PromptId, PromptJson
 
 if TYPE_CHECKING:
-    import torch
 
-    from ..core.contributions import Decomposition, DecompositionSums
+    pass
 
 Settings = dict[str, Any]
 Fingerprint = dict[str, str]
@@ -165,50 +163,13 @@ def _write_atomically(path: Path, rows: Iterable[ResultRow]) -> None:
         staging.write_text("".join(_json_line(row) for row in rows), encoding="utf-8")
 
 
-def _stored_prompt(tokens: EncodedPrompt, decode: Callable[[list[int]], str]) -> dict[str, Any]:
+def stored_prompt(tokens: EncodedPrompt, decode: Callable[[list[int]], str]) -> dict[str, Any]:
     """The prompt fields of a row: the whole prompt, or for a prompt cut to fit the context the text analysed
     and the whole prompt's length and digest (see ``ResultRow``)."""
     whole = tokens.prompt.as_json()
     if not tokens.was_cut:
         return {"prompt": whole}
     return {"prompt": decode(tokens.ids), "prompt_chars": prompt_length(whole), "prompt_sha256": prompt_digest(whole)}
-
-
-def decomposition_rows(
-    decomposition: Decomposition | DecompositionSums,
-    batch: Sequence[EncodedPrompt],
-    attention_mask: torch.Tensor,
-    decode: Callable[[list[int]], str],
-) -> list[ResultRow]:
-    """One row per prompt of ``batch``: TuCo, per-layer ‖PTC_l‖₁ and ‖FTC_l‖₁ and the cumulative TuCo, at the
-    last token. ``decode`` (the tokenizer's) gives the text analysed of a prompt that was cut.
-
-    With ``positions="all"`` the row also gets ``token_tuco``, the TuCo at every token of the prompt.
-    """
-    from ..model.inputs import last_real_index
-
-    per_position = decomposition.positions.ndim == 2
-    if per_position:
-        at_last = decomposition.at(last_real_index(attention_mask.to(decomposition.x0.device)))
-        token_tuco = decomposition.tuco
-    else:
-        at_last = decomposition
-    ptc_norm, ftc_norm = at_last.layer_norms()
-    cumulative = at_last.cumulative_tuco()
-    tuco = at_last.tuco.tolist()
-    return [
-        ResultRow(
-            id=tokens.prompt.id,
-            **_stored_prompt(tokens, decode),
-            n_tokens=len(tokens.ids),
-            tuco=tuco[b],
-            ptc_l1=ptc_norm[b].tolist(),
-            ftc_l1=ftc_norm[b].tolist(),
-            cumulative_tuco=cumulative[b].tolist(),
-            token_tuco=token_tuco[b][attention_mask[b].bool().to(token_tuco.device)].tolist() if per_position else None,
-        )
-        for b, tokens in enumerate(batch)
-    ]
 
 
 class ResultsFile:
@@ -402,29 +363,3 @@ def rows_for(rows: Iterable[ResultRow], prompts: Sequence[Prompt], set_name: str
     """The row of each of ``prompts`` (in prompt set ``set_name``) that has one, in the prompts' order."""
     by_key = {row.key: row for row in rows}
     return [by_key[key] for key in prompt_keys(prompts, set_name) if key in by_key]
-
-
-def roc_auc(positive: Sequence[float], negative: Sequence[float]) -> float:
-    """Probability that a random positive scores above a random negative (ties count half): the ROC-AUC."""
-    if not positive or not negative:
-        raise InputError("ROC-AUC needs at least one prompt in each set.")
-    wins = sum((p > n) + 0.5 * (p == n) for p in positive for n in negative)
-    return wins / (len(positive) * len(negative))
-
-
-def mean_per_layer(rows: Sequence[ResultRow], name: str) -> list[float]:
-    """The mean over ``rows`` of a per-layer field (``ptc_l1``, ``ftc_l1``, ``cumulative_tuco``), layer by layer."""
-    return [statistics.fmean(values) for values in zip(*(getattr(row, name) for row in rows))]
-
-
-def summary_table(rows: Sequence[ResultRow]) -> str:
-    """Count, mean and median TuCo, then the mean per-layer norms and cumulative TuCo."""
-    values = [row.tuco for row in rows]
-    lines = [
-        f"prompts: {len(values)}   TuCo mean {statistics.fmean(values):.4f}   median {statistics.median(values):.4f}"
-    ]
-    lines.append(f"{'layer':>5}  {'mean |PTC|_1':>13}  {'mean |FTC|_1':>13}  {'cumulative TuCo':>15}")
-    columns = (mean_per_layer(rows, field) for field in ("ptc_l1", "ftc_l1", "cumulative_tuco"))
-    for layer, (ptc, ftc, share) in enumerate(zip(*columns)):
-        lines.append(f"{layer:>5}  {ptc:>13.4f}  {ftc:>13.4f}  {share:>15.4f}")
-    return "\n".join(lines)

@@ -41,8 +41,7 @@ import transformers
 from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 
-from ..core.paired import PairedBlock, StackedArguments
-from ..core.pairing import paired_block
+from ..core.paired import PairedBlock, StackedArguments, paired_block
 from ..core.pretrained_path import block_output
 from ..errors import InputError, UnsupportedModelError
 from ..io.block_sources import PretrainedBlocks, analysis_states, checked_pretrained_blocks

@@ -10,14 +10,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import torch
 
-    from ..core.contributions import Decomposition, DecompositionSums
     from ..io.results import ResultRow
-    from ..steering.generation import SteeredGeneration
 
 _DECODE_WINDOW = 8  # tokens of left context decoded with each token, so spaces and merges come out as in the text
 NO_BLOCK_NORMS = "per-block norms are not recorded during generation; new tokens show TuCo only"
@@ -54,6 +52,32 @@ class ScoredText:
         """(‖PTC_l‖₁, ‖FTC_l‖₁) per block at the last token that has them, or None."""
         with_norms = [t for t in self.tokens if t.ptc_l1 is not None]
         return (with_norms[-1].ptc_l1, with_norms[-1].ftc_l1) if with_norms else None
+
+
+
+class DecomposedTokens(Protocol):
+    """What the views read of a ``Decomposition`` or ``DecompositionSums`` (the views sit below the core)."""
+
+    @property
+    def x0(self) -> torch.Tensor: ...
+
+    @property
+    def positions(self) -> torch.Tensor: ...
+
+    @property
+    def tuco(self) -> torch.Tensor: ...
+
+    def layer_norms(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class GeneratedTokens(Protocol):
+    """What the views read of a ``SteeredGeneration``."""
+
+    @property
+    def sequences(self) -> torch.Tensor: ...
+
+    @property
+    def tuco(self) -> torch.Tensor: ...
 
 
 def token_texts(tokenizer: Any, ids: Sequence[int]) -> list[str]:
@@ -93,7 +117,7 @@ def _per_row(tensor: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 def texts_from_decomposition(
-    decomposition: Decomposition | DecompositionSums,
+    decomposition: DecomposedTokens,
     input_ids: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
     tokenizer: Any | None = None,
@@ -165,7 +189,7 @@ def text_from_row(
 
 
 def texts_from_generation(
-    generation: SteeredGeneration,
+    generation: GeneratedTokens,
     tokenizer: Any | None = None,
     attention_mask: torch.Tensor | None = None,
     titles: Sequence[str] | None = None,
