@@ -21,7 +21,7 @@ from tuco_peft.apps.runner import Batching, Runner, padding_fraction, plan_batch
 from tuco_peft.demo.build import build_tokenizer
 from tuco_peft.io.prompts import Prompt
 
-_WORDS = "the quick brown fox jumps over a lazy dog by the river while small models read short prompts".split()
+_WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "by", "the", "river", "while", "small", "models", "read", "short", "prompts"]
 
 
 def _prompts(count: int, rng: random.Random) -> list[str]:

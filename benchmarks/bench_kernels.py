@@ -2,7 +2,7 @@
 
 1. ``decompose`` end to end on a random Llama-style model of about 1B parameters (``bench_decompose``'s),
    dense bf16 and NF4 (quantized by transformers from a checkpoint of the same model), LoRA r = 16 on every
-   linear, batch 4 × 512: ``tuco_peft.benchmark.compare_methods`` once per backend (torch, triton), so
+   linear, batch 4 × 512: ``tuco_peft.apps.benchmark.compare_methods`` once per backend (torch, triton), so
    every method is timed against a plain forward of the same PeftModel, interleaved round-robin.
 2. ``tuco_peft.generate(alpha=1.1)`` tokens/s on each backend against plain ``generate`` (bf16, batch 4,
    64-token prompts, 32 greedy new tokens), with ``bench_steering``'s timing.
@@ -68,17 +68,17 @@ ARGS = parse_args()
 if ARGS.smoke:  # the interpreter must be chosen before triton is imported
     os.environ["TRITON_INTERPRET"] = "1"
 
-import bitsandbytes as bnb  # noqa: E402
-import torch  # noqa: E402
-from bench_decompose import build_base, lora_finetune  # noqa: E402
-from bench_steering import plain, timed_runs  # noqa: E402
-from peft import LoraConfig, get_peft_model  # noqa: E402
-from torch import nn  # noqa: E402
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig  # noqa: E402
+import bitsandbytes as bnb
+import torch
+from bench_decompose import build_base, lora_finetune
+from bench_steering import plain, timed_runs
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from tuco_peft.apps.benchmark import compare_methods  # noqa: E402
-from tuco_peft.lora.fused import dual_lora_linear, two_stream_lora_linear  # noqa: E402
-from tuco_peft.steering.generation import generate  # noqa: E402
+from tuco_peft.apps.benchmark import compare_methods
+from tuco_peft.lora.fused import dual_lora_linear, two_stream_lora_linear
+from tuco_peft.steering.generation import generate
 
 BACKENDS = ("torch", "triton")
 STEERING_ALPHA = 1.1

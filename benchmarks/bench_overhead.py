@@ -4,7 +4,7 @@ computing the pre-trained rows.
 
 Issue 24 targets (CPU, alone on the machine): ≤ 1.25× a plain forward on the demo model, ≤ 1.10× on a
 135M-shaped model. A small call pays what larger batches amortise: the model survey (kept between calls, see
-``introspection``), the hooks, and, per block, the pre-trained rows' weight reads, which ``SharedReadBlock``
+``model.parts``), the hooks, and, per block, the pre-trained rows' weight reads, which ``SharedReadBlock``
 shares with the fine-tuned forward. Each timing is the median of ``--repeats`` calls, the methods
 interleaved so that drift on a shared machine favours none of them.
 

@@ -2,7 +2,7 @@
 
 Fused LoRA linears that read each base-weight tile (dense, or bitsandbytes NF4/FP4 decoded in the tile)
 once for the pre-trained and the fine-tuned outputs. They import torch and triton only: reading PEFT
-layers into these tensors is ``tuco_peft.lora_tensors``' job. Using them needs Triton; on CPU, set
+layers into these tensors is ``tuco_peft.lora.tensors``' job. Using them needs Triton; on CPU, set
 TRITON_INTERPRET=1 before triton is imported.
 
 In a source checkout, a Python started in the repository root (``python -m``, ``python -c``) also finds this
@@ -16,6 +16,7 @@ from importlib import import_module
 from importlib.machinery import PathFinder
 from importlib.util import module_from_spec
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 
 def _hand_over_the_name() -> None:
@@ -34,6 +35,11 @@ def _hand_over_the_name() -> None:
 if __name__ == "kernels":
     _hand_over_the_name()
 
+if TYPE_CHECKING:  # the same names for type checkers and editors; at run time __getattr__ imports them
+    from .ops import lora_linear
+    from .settings import INTERPRETING, SUPPORTED_DTYPES
+    from .weights import BaseWeight, DenseWeight, Packed4bitWeight, dequantize_4bit
+
 _EXPORTS = {
     "lora_linear": ".ops",
     "dequantize_4bit": ".weights",
@@ -44,10 +50,12 @@ _EXPORTS = {
     "SUPPORTED_DTYPES": ".settings",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "INTERPRETING", "SUPPORTED_DTYPES", "BaseWeight", "DenseWeight", "Packed4bitWeight", "dequantize_4bit", "lora_linear"
+]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
     if name not in _EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     return getattr(import_module(_EXPORTS[name], __name__), name)

@@ -17,8 +17,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # The test files of every area (core/, steering/, …) import the shared code as helpers.<module>.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 # Tiny models gain nothing from threads, and oversubscribe a shared 2-core machine.
 torch.set_num_threads(1)

@@ -8,9 +8,18 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:  # the same names for type checkers and editors; at run time __getattr__ imports them
+    from .core.contributions import Decomposition, DecompositionSums, tuco_from_sums
+    from .core.decompose import decompose, tuco
+    from .errors import InputError, TuCoError, UnsupportedModelError
+    from .integrations.alpha_sweep import PAPER_ALPHAS, ChoiceItem, SweepResult, alpha_sweep, load_items
+    from .integrations.callback import TuCoCallback
+    from .steering.forward import ftc_scale
+    from .steering.generation import SteeredGeneration, generate
 
 # Public name -> the submodule that defines it.
 _EXPORTS = {
@@ -33,7 +42,26 @@ _EXPORTS = {
     "tuco_from_sums": "core.contributions",
 }
 
-__all__ = [*_EXPORTS, "__version__"]
+__all__ = [
+    "PAPER_ALPHAS",
+    "ChoiceItem",
+    "Decomposition",
+    "DecompositionSums",
+    "InputError",
+    "SteeredGeneration",
+    "SweepResult",
+    "TuCoCallback",
+    "TuCoError",
+    "UnsupportedModelError",
+    "__version__",
+    "alpha_sweep",
+    "decompose",
+    "ftc_scale",
+    "generate",
+    "load_items",
+    "tuco",
+    "tuco_from_sums",
+]
 
 
 def __getattr__(name: str) -> Any:

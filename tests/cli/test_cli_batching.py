@@ -22,7 +22,7 @@ from tuco_peft.cli import main
 from tuco_peft.core.decompose import decompose
 
 DECOMPOSE_MODULE = importlib.import_module("tuco_peft.core.decompose")  # the package re-exports a function of that name
-WORDS = "the quick brown fox jumps over the lazy dog near the river bank".split()
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "near", "the", "river", "bank"]
 MIXED = [" ".join(WORDS[: 1 + (7 * i) % 12]) for i in range(24)]  # 1 to 12 words, shuffled by the stride
 
 

@@ -13,8 +13,8 @@ from helpers.cli_fixtures import fails, read_rows, write_lines
 from tuco_peft.cli import main
 
 PROMPTS = ["the quick brown fox", "how can I help you <b>today</b>?", "the lazy dog"]
-_SECTION = re.compile(r"<section><h3>(.*?) <small>.*?</h3>(.*?)</section>", re.S)
-_TOKEN = re.compile(r'<span class="tuco-tok[^"]*"([^>]*)>(.*?)</span>', re.S)
+_SECTION = re.compile(r"<section><h3>(.*?) <small>.*?</h3>(.*?)</section>", re.DOTALL)
+_TOKEN = re.compile(r'<span class="tuco-tok[^"]*"([^>]*)>(.*?)</span>', re.DOTALL)
 
 
 def _model_args(checkpoints):

@@ -16,9 +16,9 @@ from tuco_peft.demo.build import build_tokenizer
 from tuco_peft.errors import InputError, TuCoError
 
 lm_eval = pytest.importorskip("lm_eval", reason="the [eval] extra (lm-eval) is not installed")
-from lm_eval.tasks import TaskManager  # noqa: E402
+from lm_eval.tasks import TaskManager
 
-from tuco_peft.integrations.evaluation import FTCScaledLM, check_task_data, evaluate_alphas, write_report  # noqa: E402
+from tuco_peft.integrations.evaluation import FTCScaledLM, check_task_data, evaluate_alphas, write_report
 
 pytestmark = pytest.mark.slow  # lm-eval builds its task index (seconds) per run
 

@@ -17,7 +17,7 @@ from tuco_peft.steering.lean_cache import LowRankDelta, LowRankSlot, PastRotary,
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_each_family_takes_the_path_its_spec_allows(family):
-    pretrained, model = model_pair(family)
+    _pretrained, model = model_pair(family)
     parts = model_parts(model)
     layer, config = parts.layers[0], parts.config
     spec = spec_for(layer, config)

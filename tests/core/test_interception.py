@@ -1,4 +1,4 @@
-"""tuco_peft.interception: every interception is undone on exit, also after an exception."""
+"""tuco_peft.model.interception: every interception is undone on exit, also after an exception."""
 
 from __future__ import annotations
 
@@ -24,28 +24,25 @@ def test_hooks_run_in_order_and_are_removed_after_an_exception():
     layer = nn.Linear(3, 3)
     seen = []
     layer.register_forward_hook(lambda module, args, output: seen.append("own"))
-    with pytest.raises(_Boom):
-        with hooked(
-            layer, before=lambda module, args: seen.append("before"), after=lambda module, args, out: seen.append("ours")
-        ):
+    with pytest.raises(_Boom), hooked(
+        layer, before=lambda module, args: seen.append("before"), after=lambda module, args, out: seen.append("ours")
+    ):
+        layer(torch.ones(1, 3))
+        with hooked(layer, after=lambda module, args, out: seen.append("first"), first=True):
             layer(torch.ones(1, 3))
-            with hooked(layer, after=lambda module, args, out: seen.append("first"), first=True):
-                layer(torch.ones(1, 3))
-            raise _Boom
+        raise _Boom
     assert seen == ["before", "own", "ours", "before", "first", "own", "ours"]
     assert len(layer._forward_hooks) == 1 and not layer._forward_pre_hooks
 
 
 def test_a_replaced_forward_is_restored_and_never_stacked():
     block = nn.Sequential(nn.Linear(3, 3))
-    with pytest.raises(_Boom):
-        with replaced_forward(block[0], lambda x: x * 0):
-            assert forward_replaced(block[0]) and any_forward_replaced(block)
-            assert torch.equal(block(torch.ones(1, 3)), torch.zeros(1, 3))
-            with pytest.raises(RuntimeError, match="already replaced"):
-                with replaced_forward(block[0], lambda x: x):
-                    pass
-            raise _Boom
+    with pytest.raises(_Boom), replaced_forward(block[0], lambda x: x * 0):
+        assert forward_replaced(block[0]) and any_forward_replaced(block)
+        assert torch.equal(block(torch.ones(1, 3)), torch.zeros(1, 3))
+        with pytest.raises(RuntimeError, match="already replaced"), replaced_forward(block[0], lambda x: x):
+            pass
+        raise _Boom
     assert not any_forward_replaced(block)
     assert "forward" not in block[0].__dict__
 

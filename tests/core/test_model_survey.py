@@ -1,4 +1,4 @@
-"""What a call learns about a model is kept for the next call (``introspection.model_parts``), and never used
+"""What a call learns about a model is kept for the next call (``model.parts.model_parts``), and never used
 once the model has changed: after each change below, decompose still equals the two-model oracle, or
 refuses, exactly as on a model it never saw."""
 

@@ -5,6 +5,7 @@ A package missing from the wheel still works in an editable install, so the whee
 
 from __future__ import annotations
 
+import ast
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import zipfile
 from importlib import metadata
 from pathlib import Path
 
+import pytest
 from helpers import REPO_ROOT
 
 
@@ -56,3 +58,19 @@ def test_a_python_started_in_the_checkout_gets_hugging_face_kernels_not_ours():
     else:
         assert run.returncode == 0, run.stderr
         assert REPO_ROOT not in Path(run.stdout.strip()).resolve().parents
+
+
+@pytest.mark.parametrize("facade", ["tuco_peft/__init__.py", "kernels/__init__.py"])
+def test_a_facade_shows_type_checkers_the_names_it_imports_on_first_use(facade):
+    """``__all__``, the names imported under ``TYPE_CHECKING`` and the lazy ``_EXPORTS`` agree, module for module."""
+    tree = ast.parse((REPO_ROOT / facade).read_text(encoding="utf-8"))
+    assigned = {
+        node.targets[0].id: ast.literal_eval(node.value)
+        for node in tree.body
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) in ("_EXPORTS", "__all__")
+    }
+    (checking,) = [node for node in tree.body if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING"]
+    typed = {alias.name: "." * node.level + node.module for node in checking.body for alias in node.names}
+    lazy = {name: module if module.startswith(".") else f".{module}" for name, module in assigned["_EXPORTS"].items()}
+    assert typed == lazy
+    assert set(assigned["__all__"]) - {"__version__"} == set(lazy)

@@ -83,7 +83,7 @@ def test_cpu_repacked_4bit_falls_back_to_torch(recwarn):
     layer = lora_layer(cpu_repacked_linear_4bit(), ranks=(4,))
     x = torch.randn(2, 128)
     with torch.no_grad():
-        y_base, y_ft = make_backend("triton").dual(x, layer)
+        _y_base, y_ft = make_backend("triton").dual(x, layer)
         torch.testing.assert_close(y_ft, layer(x))
     assert [str(w.message) for w in recwarn if "packing_format_for_cpu" in str(w.message)]
 
@@ -134,14 +134,13 @@ def test_instance_forwards_and_plain_layers_are_hooked_and_everything_is_restore
     accelerated.forward = hooked_forward
     reported: list[nn.Module] = []
     x = torch.randn(2, 16)
-    with pytest.raises(RuntimeError, match="boom"):
-        with make_backend("triton").report_base_outputs(
-            [fusable, accelerated, plain], lambda module, args, output: reported.append(module)
-        ):
-            assert "forward" in fusable.__dict__ and accelerated.forward is hooked_forward
-            with torch.no_grad():
-                fusable(x), accelerated(x), plain(x)
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), make_backend("triton").report_base_outputs(
+        [fusable, accelerated, plain], lambda module, args, output: reported.append(module)
+    ):
+        assert "forward" in fusable.__dict__ and accelerated.forward is hooked_forward
+        with torch.no_grad():
+            fusable(x), accelerated(x), plain(x)
+        raise RuntimeError("boom")
     assert reported == [fusable.base_layer, accelerated.base_layer, plain]
     assert "forward" not in fusable.__dict__ and accelerated.__dict__["forward"] is hooked_forward
     assert not any(m._forward_hooks for m in (fusable.base_layer, accelerated.base_layer, plain))

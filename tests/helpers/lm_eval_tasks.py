@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-WORDS = "quick brown lazy blue red old small green dark calm".split()
+WORDS = ["quick", "brown", "lazy", "blue", "red", "old", "small", "green", "dark", "calm"]
 _MC_TASK = """task: tiny_mc
 dataset_path: json
 dataset_kwargs:

@@ -1,4 +1,4 @@
-"""The lean dual KV cache (tuco_peft.dual_cache): the same steered generation as two full cache slots, in the
+"""The lean dual KV cache (tuco_peft.steering.lean_cache): the same steered generation as two full cache slots, in the
 memory the module docstring states, for every family with a lean cache and every dynamic slot kind."""
 
 import copy

@@ -1,4 +1,4 @@
-"""Paired blocks (tuco_peft.paired) on the Triton backend, under the interpreter.
+"""Paired blocks (tuco_peft.core.paired) on the Triton backend, under the interpreter.
 
 ftc_scale, generate and decompose(positions="all") run each adapter block once on its input stacked twice,
 the LoRA linears through the two-stream and shared-input kernels. References: the plain two-model
@@ -130,10 +130,9 @@ def test_everything_is_restored_after_an_exception_inside_ftc_scale():
     _, model = model_pair("llama")
     ids, mask = padded_batch(lengths=(6, 4))
     flags = {name: m.__dict__.get("_disable_adapters") for name, m in model.named_modules()}
-    with pytest.raises(RuntimeError, match="boom"):
-        with torch.no_grad(), ftc_scale(model, 0.5, backend="triton"):
-            plain_logits(model, ids, mask)
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), torch.no_grad(), ftc_scale(model, 0.5, backend="triton"):
+        plain_logits(model, ids, mask)
+        raise RuntimeError("boom")
     for module in model.modules():
         assert "forward" not in module.__dict__
         assert not module._forward_hooks and not module._forward_pre_hooks

@@ -137,10 +137,9 @@ def test_model_is_restored_after_exit_and_after_an_exception():
     with ftc_scale(model, [0.3, 1.0, 2.0]):
         plain_logits(model, ids, mask)
     assert model_snapshot(model) == before
-    with pytest.raises(RuntimeError, match="boom"):
-        with ftc_scale(model, 0.5):
-            plain_logits(model, ids, mask)
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), ftc_scale(model, 0.5):
+        plain_logits(model, ids, mask)
+        raise RuntimeError("boom")
     assert model_snapshot(model) == before
     torch.testing.assert_close(plain_logits(model, ids, mask), plain, atol=0, rtol=0)
 
@@ -160,19 +159,15 @@ def test_model_is_restored_after_exit_and_after_an_exception():
 def test_bad_alpha_is_refused(alpha, message):
     _, model = model_pair("llama")
     before = model_snapshot(model)
-    with pytest.raises(InputError, match=message):
-        with ftc_scale(model, alpha):
-            pass
+    with pytest.raises(InputError, match=message), ftc_scale(model, alpha):
+        pass
     assert model_snapshot(model) == before
 
 
 def test_model_without_lora_and_nesting_are_refused():
-    with pytest.raises(UnsupportedModelError, match="no LoRA adapters"):
-        with ftc_scale(base_model("llama"), 1.1):
-            pass
+    with pytest.raises(UnsupportedModelError, match="no LoRA adapters"), ftc_scale(base_model("llama"), 1.1):
+        pass
     _, model = model_pair("gpt2")
-    with ftc_scale(model, 1.1):
-        with pytest.raises(InputError, match="nesting"):
-            with ftc_scale(model, 0.9):
-                pass
+    with ftc_scale(model, 1.1), pytest.raises(InputError, match="nesting"), ftc_scale(model, 0.9):
+        pass
     assert all(len(b._forward_hooks) == 0 for b in decoder_blocks(model))

@@ -149,7 +149,7 @@ def test_a_hooked_base_layer_sees_each_stream_on_its_own():
     handle = layer.base_layer.register_forward_hook(lambda module, args, output: seen.append(args[0]))
     try:
         with torch.no_grad():
-            y_pt, y_ft = make_backend("torch").two_stream(x_pt, x_ft, layer)
+            _y_pt, y_ft = make_backend("torch").two_stream(x_pt, x_ft, layer)
     finally:
         handle.remove()
     assert len(seen) == 2 and torch.equal(seen[0], x_pt) and torch.equal(seen[1], x_ft)

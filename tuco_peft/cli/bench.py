@@ -4,7 +4,7 @@ pair unless a model is given.
 Which method is cheaper depends on the regime, so bench times two workloads side by side: one short prompt
 (training-loop probes, interactive use), where the fixed cost of each call can dominate, and a large batch
 (throughput), where the arithmetic does; each is labelled with the regime measured for it
-(``benchmark.compare_workloads``). Both are cut from the prompts' tokens at exactly their shape, unpadded.
+(``apps.benchmark.compare_workloads``). Both are cut from the prompts' tokens at exactly their shape, unpadded.
 """
 
 from __future__ import annotations

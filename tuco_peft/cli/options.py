@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from ..apps.distributed import Ranks
 from ..apps.runner import Batching, ModelChoice, PromptFormat
@@ -17,6 +17,9 @@ from ..errors import InputError
 from ..io.checkpoints import LoadOptions
 from ..io.fingerprint import checkpoint_fingerprint, tokenizer_fingerprint
 from .outputs import add_force_argument
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 _PARTNERS = {"--base": "--adapter", "--adapter": "--base", "--model": "--base-model", "--base-model": "--model"}
 _MODEL_CHOICE = (
@@ -171,7 +174,6 @@ def model_choice(args: argparse.Namespace) -> ModelChoice:
     return ModelChoice(args.base, args.adapter, args.model, args.base_model, args.resident_base, load)
 
 
-_OptionsT = TypeVar("_OptionsT", bound="CommandOptions")
 
 
 @dataclass(frozen=True)
@@ -183,7 +185,7 @@ class CommandOptions:
     prompts: PromptOptions
 
     @classmethod
-    def from_args(cls: type[_OptionsT], args: argparse.Namespace) -> _OptionsT:
+    def from_args(cls, args: argparse.Namespace) -> Self:
         groups = {"model": model_choice, "prompts": PromptOptions.from_args, "results": ResultsOptions.from_args}
         return cls(**{f.name: groups[f.name](args) if f.name in groups else getattr(args, f.name) for f in fields(cls)})
 

@@ -4,7 +4,7 @@ A file tuco-peft did not write is never overwritten without ``--force``: a file 
 (a results row, the page's generator tag, the JSON's ``written_by``, the figure's metadata), and an empty
 file holds nothing to lose. No two outputs of one command, nor an output and an input, are the same file.
 Each output lies in an existing folder (results files create theirs) that can be written. Files written
-whole go through ``locking.replaced_atomically``, so that a failure leaves the old file as it was.
+whole go through ``io.locking.replaced_atomically``, so that a failure leaves the old file as it was.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ not need to.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack, nullcontext
-from typing import Callable
 
 import torch
 from torch import nn

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 if TYPE_CHECKING:
+    from typing_extensions import Self
+
     from ..views import TokenReport
 
 
@@ -23,7 +25,6 @@ def tuco_from_sums(ptc_sum: torch.Tensor, ftc_sum: torch.Tensor) -> torch.Tensor
     return torch.where(total.isfinite(), share, float("nan"))
 
 
-_Result = TypeVar("_Result", bound="_TokenContributions")
 _REPR_VALUES = 6  # TuCo values a repr shows
 
 
@@ -41,7 +42,7 @@ class _TokenContributions:
         """ΣPTC and ΣFTC over the blocks, in block order: [batch, d_model] (or [batch, k, d_model])."""
         raise NotImplementedError
 
-    def at(self: _Result, columns: torch.Tensor) -> _Result:
+    def at(self, columns: torch.Tensor) -> Self:
         """One decomposed position per prompt (``columns`` [batch] indexes the positions axis), shaped as for
         ``positions="last"``."""
         rows = torch.arange(len(columns), device=self.x0.device)
@@ -108,7 +109,7 @@ class Decomposition(_TokenContributions):
     xL: torch.Tensor
     positions: torch.Tensor  # token index of each decomposed row: [batch] or [batch, k]
 
-    _POSITIONS_AXIS = {"ptc": 2, "ftc": 2, "x0": 1, "xL": 1, "positions": 1}
+    _POSITIONS_AXIS: ClassVar[dict[str, int]] = {"ptc": 2, "ftc": 2, "x0": 1, "xL": 1, "positions": 1}
 
     @property
     def n_layers(self) -> int:
@@ -151,7 +152,7 @@ class DecompositionSums(_TokenContributions):
     xL: torch.Tensor
     positions: torch.Tensor
 
-    _POSITIONS_AXIS = {
+    _POSITIONS_AXIS: ClassVar[dict[str, int]] = {
         "ptc_sum": 1, "ftc_sum": 1, "ptc_l1": 2, "ftc_l1": 2, "cumulative": 2, "x0": 1, "xL": 1, "positions": 1
     }
 

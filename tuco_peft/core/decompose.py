@@ -46,9 +46,11 @@ class _BlockProbe:
 
     @contextmanager
     def attached(self) -> Iterator[None]:
-        with hooked(self.layer, before=self._before, after=self._after, with_kwargs=True):
-            with self.path.capturing(self.lora_backend, self.batch):
-                yield
+        with (
+            hooked(self.layer, before=self._before, after=self._after, with_kwargs=True),
+            self.path.capturing(self.lora_backend, self.batch),
+        ):
+            yield
 
     def _before(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         self._input = (hidden_states(args, kwargs), args, kwargs)
@@ -70,7 +72,7 @@ class _BlockProbe:
 
 
 class _PairedProbe:
-    """One decoder block run paired (``paired.PairedBlock``): its pre-trained and fine-tuned outputs at every
+    """One decoder block run paired (``core.paired.PairedBlock``): its pre-trained and fine-tuned outputs at every
     position from one forward, so each weight is read once for both. Used for all-position decompositions
     on a backend that ``pairs_prefill``, where the pre-trained path is needed at every row anyway."""
 
@@ -93,7 +95,7 @@ class _PairedProbe:
 Probe = _BlockProbe | _PairedProbe
 
 # Batches of up to SHARED_READS_MAX_TOKENS tokens (padding included) of a model at least SHARED_READS_MIN_WIDTH
-# wide compute the pre-trained rows inside the fine-tuned forward's calls (``blocks.SharedReadBlock``): there
+# wide compute the pre-trained rows inside the fine-tuned forward's calls (``pretrained_path.SharedReadBlock``): there
 # a block's cost is reading its weights, which the rows then share. Larger batches are bound by arithmetic,
 # where appending the rows costs copies and a second read of a few rows' weights costs little; narrower
 # models' weights are read in no time, and the extra calls of the shared path cost more than they save.
@@ -189,7 +191,7 @@ def decompose(
         backend: ``"auto"`` (default: fused Triton kernels on CUDA when Triton is importable), ``"torch"``
             or ``"triton"``; ``None`` reads the ``TUCO_PEFT_BACKEND`` environment variable. On Triton, the
             q/k/v projections give both paths from one kernel; with ``positions="all"`` each block runs
-            paired (``paired.PairedBlock``), every weight read once for both paths.
+            paired (``core.paired.PairedBlock``), every weight read once for both paths.
         keep: ``"all"`` returns every block's PTC and FTC (a ``Decomposition``); ``"sums"`` reduces each
             block's components as soon as they are computed and returns a ``DecompositionSums`` (TuCo,
             per-block L1 norms and cumulative TuCo at every position; no per-block vectors), so that

@@ -16,7 +16,7 @@ everything after attention is position-wise. Three strategies, chosen per block:
 - ``ReplayBlock`` (any other block): the pre-trained block runs in full on the inputs the fine-tuned
   forward gave its twin. Exact for any architecture, at the cost of a second pass through the block.
 
-``pretrained_update`` takes the pre-trained block as an argument (``pretrained.PretrainedBlocks.block``): the
+``pretrained_update`` takes the pre-trained block as an argument (``io.block_sources.PretrainedBlocks.block``): the
 fine-tuned block itself with its adapters switched off, the same block of another model, or one streamed
 from disk.
 """

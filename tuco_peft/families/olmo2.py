@@ -1,5 +1,5 @@
 """OLMo-2: Llama's parts wired post-norm (no norm before attention or MLP, one after each), q/k norms over
-the whole projection width (its lean cache stores pre-norm keys, see ``dual_cache``), no sliding window."""
+the whole projection width (its lean cache stores pre-norm keys, see ``steering.lean_cache``), no sliding window."""
 
 from dataclasses import replace
 

@@ -1,5 +1,5 @@
 """Qwen3: Llama's block with a norm on each query and key head (its lean cache stores pre-norm keys, see
-``dual_cache``)."""
+``steering.lean_cache``)."""
 
 from dataclasses import replace
 

@@ -7,6 +7,7 @@ steering read it instead of re-deriving it from class names.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from enum import Enum
 
@@ -82,7 +83,7 @@ class FamilySpec:
     the fine-tuned projections (the one-pass path); ``lean_cache``: under steering, fine-tuned keys/values are
     the pre-trained ones plus a low-rank delta (before the k-norm, if any, which then needs a separate key
     projection; RoPE, if any, from the decoder's ``rotary_module``); ``pairable``: the block may run on its
-    input stacked twice (``paired.PairedBlock``).
+    input stacked twice (``core.paired.PairedBlock``).
     """
 
     attention: str
@@ -136,7 +137,7 @@ class FamilySpec:
         if self.qkv_layout is QKVLayout.CONCATENATED:
             q_size, kv_size = n_heads * head_dim, n_kv_heads * head_dim
             bounds = (0, q_size, q_size + kv_size, q_size + 2 * kv_size)
-            return tuple(OutputRows(1, slice(start, stop)) for start, stop in zip(bounds, bounds[1:]))
+            return tuple(OutputRows(1, slice(start, stop)) for start, stop in itertools.pairwise(bounds))
         if self.qkv_layout is QKVLayout.INTERLEAVED_BY_HEAD:
             return tuple(OutputRows(n_heads, slice(i * head_dim, (i + 1) * head_dim)) for i in range(3))
         raise ValueError("separate q/k/v projections have no fused output rows")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,7 +25,7 @@ from ..lora.adapters import check_adapters
 from ..model.inputs import left_pad
 from ..model.parts import model_parts
 
-Prompts = Union[Sequence[str], Mapping[str, Sequence[str]]]
+Prompts = Sequence[str] | Mapping[str, Sequence[str]]
 
 UNNAMED_GROUP = "prompts"
 """The group name under which a plain list of prompts is logged: ``tuco/prompts``."""

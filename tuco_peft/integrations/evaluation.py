@@ -3,7 +3,7 @@
 ``FTCScaledLM`` is lm-eval's ``HFLM`` whose every forward and generation runs under ``ftc_scale``, so any
 lm-eval task (log-likelihood, multiple choice, generation) scores the steered model exactly as it scores
 a plain one. ``evaluate_alphas`` runs a list of tasks once per α and, on request, chooses α by k-fold
-cross-validation over the task's items (the paper's protocol, §5) with ``sweep.cross_validate``.
+cross-validation over the task's items (the paper's protocol, §5) with ``alpha_sweep.cross_validate``.
 ``check_task_data`` loads each task's data set before a model is: where the Hugging Face Hub cannot be
 reached, data sets come from the cache or local files only, so that a missing one fails at once instead of
 after a minute of retries. Importing this module needs lm-eval; without it the import raises a ``TuCoError``
@@ -305,7 +305,7 @@ def evaluate_alphas(
     tasks: Sequence[str],
     alphas: Sequence[float],
     include_path: str | Path | None = None,
-    limit: int | float | None = None,
+    limit: float | None = None,
     cv_folds: int | None = None,
     progress: bool = True,
     *,

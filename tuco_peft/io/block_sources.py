@@ -198,7 +198,7 @@ def checked_pretrained_blocks(parts: ModelParts, base_model: nn.Module | str | P
 
 @contextmanager
 def analysis_states(parts: ModelParts, source: PretrainedBlocks) -> Iterator[None]:
-    """``state.analysis_state`` for the fine-tuned blocks and, when it is another loaded model, the base's."""
+    """``model.analysis_state.analysis_state`` for the fine-tuned blocks and, when it is another loaded model, the base's."""
     with analysis_state(parts.modules):
         if isinstance(source, ModelBlocks):
             with analysis_state(source.base.modules):

@@ -14,15 +14,11 @@ import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import InputError
 from .locking import replaced_atomically
 from .prompts import EncodedPrompt, Prompt, PromptId, PromptJson
-
-if TYPE_CHECKING:
-
-    pass
 
 Settings = dict[str, Any]
 Fingerprint = dict[str, str]

@@ -1,6 +1,6 @@
 """Both outputs of a PEFT LoRA linear from one fused kernel launch: the Triton backend's entry points.
 
-Checks the layer and the inputs, reads the layer into tensors (``lora_tensors``) and calls the pure op
+Checks the layer and the inputs, reads the layer into tensors (``lora.tensors``) and calls the pure op
 ``tuco_peft.kernels.lora_linear``. Importing this module imports Triton: the backend imports it lazily.
 """
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 
 from ..errors import InputError
 
-Positions = Union[Literal["last", "all"], Sequence[int], torch.Tensor]
+Positions = Literal["last", "all"] | Sequence[int] | torch.Tensor
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ used to walk the model on its own; on a 30-block model the walks cost as much as
 themselves. The inventory is taken in one walk and holds only what the model's structure decides (module
 classes, attributes a module has at all), never a value that can change without the structure changing
 (a dropout rate, a checkpointing flag): those are read at each call. So it stays true while the structure
-does, and ``introspection.model_parts`` keeps it from call to call.
+does, and ``parts.model_parts`` keeps it from call to call.
 """
 
 from __future__ import annotations

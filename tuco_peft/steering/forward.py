@@ -10,14 +10,14 @@ block from the *steered* states, which differ from the fine-tuned block's own ke
 the model's cache object itself, in extra layer slots ``n_layers + l``: whatever transformers does to the
 cache during ``generate`` (reset for a new generation, beam reorder, batch expansion, cropping) applies to
 those slots too, so beam search and sampling need no special handling. Where a block allows it (see
-``dual_cache``), the fine-tuned slot then shrinks to the rank-r LoRA inputs, since both blocks see the same
+``steering.lean_cache``), the fine-tuned slot then shrinks to the rank-r LoRA inputs, since both blocks see the same
 state and their keys/values differ only by the low-rank delta (under a k-norm, before it: the pre-trained
 slot then stores pre-norm keys); static slots keep full keys/values in both (2× plain memory). Every block
 whose α ≠ 1 runs twice per forward; an adapter block of a pairable family runs once on its input stacked
 twice instead (``paired``), its first half with adapters off, so every weight is read once for both blocks.
 
 Full fine-tunes (``base_model=``). The pre-trained block of layer l is then block l of the base model,
-loaded or streamed from its safetensors checkpoint (``pretrained.pretrained_blocks``), run on the same
+loaded or streamed from its safetensors checkpoint (``io.block_sources.pretrained_blocks``), run on the same
 steered state with its own keys/values in slot ``n_layers + l``. The fine-tuned slot holds the fine-tuned
 block's full keys/values (the two differ by a full-rank delta), so the cache is 2× plain. Embedding, final
 norm and head stay the fine-tuned model's: α = 0 is "fine-tuned embeddings and head around the base
@@ -34,7 +34,7 @@ import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 import transformers
@@ -51,7 +51,7 @@ from ..model.interception import CacheView, hooked
 from ..model.parts import ModelParts, model_parts
 from .lean_cache import LowRankDelta, PastRotary, use_lean_slots
 
-Alpha = Union[float, Sequence[float], torch.Tensor]
+Alpha = float | Sequence[float] | torch.Tensor
 
 # Called after every steered block with (layer index, block input, pre-trained output, fine-tuned output).
 BlockObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -157,7 +157,7 @@ class _SteeredBlock:
 
     Either a forward hook runs the pre-trained block (the block itself with adapters off, or the base
     model's block) after the fine-tuned one, or, for an adapter block of a pairable family, the block runs
-    paired (``paired.PairedBlock``): both outputs from one forward, each weight read once for both.
+    paired (``core.paired.PairedBlock``): both outputs from one forward, each weight read once for both.
     """
 
     def __init__(

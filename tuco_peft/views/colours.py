@@ -6,6 +6,7 @@ same TuCo on every page and in every terminal.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 RGB = tuple[int, int, int]
@@ -25,7 +26,7 @@ def tuco_rgb(value: float) -> RGB:
     if math.isnan(value):
         return (224, 224, 224)
     value = min(max(value, 0.0), 1.0)
-    for (low, low_rgb), (high, high_rgb) in zip(_STOPS, _STOPS[1:]):
+    for (low, low_rgb), (high, high_rgb) in itertools.pairwise(_STOPS):
         if value <= high:
             share = (value - low) / (high - low)
             return tuple(round(a + share * (b - a)) for a, b in zip(low_rgb, high_rgb))

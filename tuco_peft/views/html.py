@@ -157,8 +157,8 @@ def _profile_svg(texts: Sequence[ScoredText]) -> str:
         return x, height - pad - (height - 2 * pad) * value / top
 
     parts = [
-        f'<svg class="tuco-profile" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
-        'xmlns="http://www.w3.org/2000/svg" role="img" aria-label="per-block profile">',
+        (f'<svg class="tuco-profile" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+        'xmlns="http://www.w3.org/2000/svg" role="img" aria-label="per-block profile">'),
         f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="#999"/>',
         f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="#999"/>',
         f'<text x="{width / 2}" y="{height - 6}" text-anchor="middle" font-size="11">block</text>',
