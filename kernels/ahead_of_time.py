@@ -22,6 +22,7 @@ import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import triton
@@ -164,10 +165,16 @@ def resource_usage(compiled) -> tuple[int, int, int]:
         report = subprocess.run(
             [str(cuobjdump), "--dump-resource-usage", cubin.name], capture_output=True, text=True, check=True
         ).stdout
-    registers = int(re.search(r"REG:(\d+)", report).group(1))
-    spilled = int(re.search(r"STACK:(\d+)", report).group(1))
+    registers, spilled = _reported(r"REG:(\d+)", report), _reported(r"STACK:(\d+)", report)
     # Triton allocates shared memory dynamically: the static figure in the cubin is 0, the metadata has it.
     return registers, spilled, int(compiled.metadata.shared)
+
+
+def _reported(pattern: str, report: str) -> int:
+    match = re.search(pattern, report)
+    if match is None:
+        raise RuntimeError(f"cuobjdump's resource usage has no {pattern!r}: {report[:200]!r}")
+    return int(match.group(1))
 
 
 def _describe(config: triton.Config) -> str:
@@ -180,13 +187,19 @@ def variant_configs(variant: Variant) -> list[triton.Config]:
     return configs_for(variant.weight_4bit, variant.activation_type, variant.blockwise)
 
 
-def _measure(job: tuple) -> Resources:
+# (kind, arch, a LoRA linear variant and its config, or the dequantize kernel's (dtype, nested) and None)
+Job = tuple[str, int, "Variant | tuple[str, bool]", "triton.Config | None"]
+
+
+def _measure(job: Job) -> Resources:
     kind, arch, variant, config = job
-    if kind == "lora_linear":
-        described, build = asdict(variant), lambda: compile_lora_linear(variant, config, arch)
+    if isinstance(variant, Variant):
+        assert config is not None, "a LoRA linear job carries its config"
+        described, build = asdict(variant), partial(compile_lora_linear, variant, config, arch)
         name = _describe(config)
     else:
-        described, build = dict(dtype=variant[0], nested=variant[1]), lambda: compile_dequantize_4bit(*variant, arch)
+        dtype, nested = variant
+        described, build = dict(dtype=dtype, nested=nested), partial(compile_dequantize_4bit, dtype, nested, arch)
         name = "1024 w4 s1"
     try:
         registers, spilled, shared = resource_usage(build())
@@ -203,7 +216,7 @@ def check(
 
     ``configs=None``: the configs each variant autotunes over (``variant_configs``).
     """
-    work = [
+    work: list[Job] = [
         ("lora_linear", arch, variant, config)
         for variant in variants for config in (variant_configs(variant) if configs is None else configs)
     ]

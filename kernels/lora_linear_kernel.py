@@ -154,7 +154,7 @@ def lora_linear_forward(
     """
     n_out, n_in = weight.shape
     two_streams = x_ft is not None
-    x_ft_or_pt = x_ft if two_streams else x_pt
+    x_ft_or_pt = x_pt if x_ft is None else x_ft
     rows_pt, rows_ft = x_pt.shape[0], x_ft_or_pt.shape[0]
     y_pt = x_pt.new_empty(rows_pt, n_out)
     y_ft = x_pt.new_empty(rows_ft, n_out)

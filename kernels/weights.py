@@ -26,7 +26,8 @@ class DenseWeight:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.matrix.shape)
+        n_out, n_in = self.matrix.shape
+        return n_out, n_in
 
     def kernel_args(self) -> dict[str, Any]:
         matrix = self.matrix
@@ -65,7 +66,8 @@ class Packed4bitWeight:
         """The packed bytes and a ``bitsandbytes.functional.QuantState`` (read by attribute, so bitsandbytes
         need not be importable here) as the kernels' tensors."""
         nested = bool(quant_state.nested)
-        state2 = quant_state.state2 if nested else None
+        state2 = quant_state.state2  # the absmax values' own quantization state; None unless nested
+        n_out, n_in = quant_state.shape
         offset = None
         if nested:
             offset = torch.as_tensor(quant_state.offset, dtype=torch.float32, device=packed.device).reshape(1)
@@ -74,7 +76,7 @@ class Packed4bitWeight:
             absmax=quant_state.absmax.contiguous(),
             code=quant_state.code.to(device=packed.device, dtype=torch.float32).contiguous(),
             blocksize=int(quant_state.blocksize),
-            shape=tuple(int(s) for s in quant_state.shape),
+            shape=(int(n_out), int(n_in)),
             dtype=quant_state.dtype,
             nested_code=state2.code.to(device=packed.device, dtype=torch.float32).contiguous() if nested else None,
             nested_absmax=state2.absmax.float().contiguous() if nested else None,

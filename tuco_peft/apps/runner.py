@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import TuCoError
 from ..io import checkpoints, loaders
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 def warn(message: str) -> None:
     """A warning that does not break the progress bar."""
-    from tqdm import tqdm
+    from tqdm import tqdm  # type: ignore[import-untyped]  # tqdm ships no type information
 
     tqdm.write(f"tuco-peft: warning: {message}", file=sys.stderr)
 
@@ -159,11 +159,26 @@ class ModelChoice:
     resident_base: bool = False
     load: LoadOptions = field(default_factory=LoadOptions)
 
+    def full_finetune(self) -> tuple[str, str] | None:
+        """(``model``, ``base_model``) of a full fine-tune, or None when the choice is a LoRA fine-tune."""
+        if self.model is None:
+            return None
+        assert self.base_model is not None, "cli.options.check_model_choice gives --model its --base-model"
+        return self.model, self.base_model
+
+    def lora_finetune(self) -> tuple[str, str]:
+        """(``base``, ``adapter``) of a LoRA fine-tune, the choice when no full fine-tune was given."""
+        assert self.base is not None and self.adapter is not None, "check_model_choice gives --base its --adapter"
+        return self.base, self.adapter
+
     def check(self) -> Checkpoints:
         """The checkpoints, each checked as far as it can be without loading it."""
-        if self.model is not None:
-            return checkpoints.check_full_finetune(self.model, self.base_model, self.load, resident=self.resident_base)
-        return checkpoints.check_pair(self.base, self.adapter, self.load)
+        full_finetune = self.full_finetune()
+        if full_finetune is not None:
+            finetuned, pretrained = full_finetune
+            return checkpoints.check_full_finetune(finetuned, pretrained, self.load, resident=self.resident_base)
+        base, adapter = self.lora_finetune()
+        return checkpoints.check_pair(base, adapter, self.load)
 
 
 @dataclass
@@ -180,7 +195,7 @@ class Runner:
     tokenizer: Any
     prompt_format: PromptFormat = PromptFormat()
     batching: Batching = Batching()
-    positions: str = "last"
+    positions: Literal["last", "all"] = "last"
     base_model: nn.Module | Path | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
     views: dict[PromptId, ScoredText] | None = None
@@ -190,12 +205,15 @@ class Runner:
         """Load ``choice``'s model and tokenizer; ``settings`` are the other fields of the runner."""
         quiet_libraries()
         base_model = None
-        if choice.model is not None:
+        full_finetune = choice.full_finetune()
+        if full_finetune is not None:
+            finetuned, pretrained = full_finetune
             model, base_model, tokenizer = loaders.load_full_finetune(
-                choice.model, choice.base_model, choice.load, resident=choice.resident_base
+                finetuned, pretrained, choice.load, resident=choice.resident_base
             )
         else:
-            model, tokenizer = loaders.load_pair(choice.base, choice.adapter, choice.load)
+            base, adapter = choice.lora_finetune()
+            model, tokenizer = loaders.load_pair(base, adapter, choice.load)
         return cls(model, tokenizer, base_model=base_model, **settings)
 
     def context_length(self) -> int | None:

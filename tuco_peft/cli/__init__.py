@@ -26,15 +26,17 @@ import sys
 import threading
 import traceback
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..errors import TuCoError, first_line
 from . import analyze, bench, compare, demo, eval, generate
 
 if TYPE_CHECKING:
+    from types import FrameType
+
     from typing_extensions import Self
 
 EXIT_INPUT, EXIT_UNEXPECTED, EXIT_INTERRUPTED = 2, 1, 130
@@ -72,7 +74,8 @@ class _ExitOnCtrlC:
 
     def __init__(self) -> None:
         self.note = ""
-        self._previous = None
+        # What signal.signal returns: the previous handler, SIG_DFL or SIG_IGN (ints), None if not set from Python.
+        self._previous: Callable[[int, FrameType | None], Any] | int | None = None
 
     def __enter__(self) -> Self:
         if threading.current_thread() is threading.main_thread():  # signal handlers belong to the main thread

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ..apps.distributed import Ranks, fold_parts, part_file, process_group, together
 from ..apps.runner import Runner, quiet_libraries, view_title
@@ -28,19 +28,20 @@ from .options import (
     provenance,
 )
 from .outputs import check_outputs, figure, page, results_outputs
-from .stored_rows import locked_results, missing_prompts
+from .stored_rows import locked_out, missing_prompts
 
 
 @dataclass(frozen=True)
 class AnalyzeOptions(CommandOptions):
     results: ResultsOptions
     prompt_file: str
-    positions: str
+    positions: Literal["last", "all"]
     plot: str | None
     html: str | None
 
     @property
     def out(self) -> str:
+        assert self.results.out is not None, "analyze's --out is required"
         return self.results.out
 
     def runner_settings(self, provenance: dict[str, Any]) -> dict[str, Any]:
@@ -107,7 +108,7 @@ def analyze_prompts(options: AnalyzeOptions) -> int:
         if results is None:  # not rank 0
             return 0
     else:
-        with locked_results(options.results, made_with, prompts_by_key(prompts)) as results:
+        with locked_out(options.out, options.results, made_with, prompts_by_key(prompts)) as results:
             todo = missing_prompts(results, prompts, announce=True)
             if todo:
                 runner = Runner.load(options.model, **options.runner_settings(made_with))
@@ -141,7 +142,7 @@ def _analyze_shard(
 
         def lock_and_merge() -> None:
             if ranks.is_main:
-                opened = locked_results(options.results, made_with, prompts_by_key(prompts))
+                opened = locked_out(options.out, options.results, made_with, prompts_by_key(prompts))
                 held.enter_context(opened).sort_by(keys)
 
         def analyze_own_share() -> None:
@@ -175,7 +176,7 @@ def _write_token_page(
     """
     from ..views import text_from_row, write_html
 
-    views = runner.views if runner is not None else {}
+    views = runner.views if runner is not None and runner.views is not None else {}
     tokenizer = runner.tokenizer if runner is not None else None
     by_id = {prompt.id: prompt for prompt in prompts}
     texts = []
@@ -194,4 +195,5 @@ def _write_token_page(
         ).ids
         note = f"from its row in {options.out}: per-block norms at the last token only"
         texts.append(text_from_row(row, ids, tokenizer, view_title(prompt), note))
+    assert options.html is not None, "the page is written for --html"
     return write_html(texts, options.html, title=f"TuCo per token: {Path(options.prompt_file).name}")

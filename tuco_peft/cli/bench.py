@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -136,22 +136,25 @@ def benchmark(options: BenchOptions) -> int:
     check_cache_dir(options.cache_dir)
     check_outputs(json_report("--json", options.json), {"the prompt file": options.prompt_file}, force=options.force)
     prompts = _bench_prompts(options, own_model)
-    base, adapter = choice.base, choice.adapter
     if own_model:
         choice.check()
     else:
         from ..demo import ensure_demo_checkpoints
 
         base, adapter = (str(path) for path in ensure_demo_checkpoints(options.cache_dir))
+        choice = replace(choice, base=base, adapter=adapter)  # the demo pair, measured as a model given would be
     from ..apps.benchmark import compare_full_finetune_methods, compare_methods, compare_workloads, token_windows
 
     quiet_libraries()
     load = choice.load
-    if choice.model is not None:
-        model, checkpoint, tokenizer = loaders.load_full_finetune(choice.model, choice.base_model, load)
-        pretrained = loaders.load_base(resolve(choice.base_model, "--base-model"), load)
+    full_finetune = choice.full_finetune()
+    if full_finetune is not None:
+        finetuned, base_model = full_finetune
+        model, checkpoint, tokenizer = loaders.load_full_finetune(finetuned, base_model, load)
+        pretrained = loaders.load_base(resolve(base_model, "--base-model"), load)
         measure = partial(compare_full_finetune_methods, model, pretrained, checkpoint)
     else:
+        base, adapter = choice.lora_finetune()
         model, tokenizer = loaders.load_pair(base, adapter, load)
         pretrained = loaders.load_base(resolve(base, "--base"), load)  # the paper's method needs two models
         measure = partial(compare_methods, model, pretrained)

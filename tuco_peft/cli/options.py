@@ -186,8 +186,12 @@ class CommandOptions:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Self:
-        groups = {"model": model_choice, "prompts": PromptOptions.from_args, "results": ResultsOptions.from_args}
-        return cls(**{f.name: groups[f.name](args) if f.name in groups else getattr(args, f.name) for f in fields(cls)})
+        own = {
+            f.name: ResultsOptions.from_args(args) if f.name == "results" else getattr(args, f.name)
+            for f in fields(cls)
+            if f.name not in ("model", "prompts")
+        }
+        return cls(model=model_choice(args), prompts=PromptOptions.from_args(args), **own)
 
 
 def check_model_choice(choice: ModelChoice, required: bool = True) -> None:

@@ -35,11 +35,13 @@ def missing_prompts(
     return todo
 
 
-def open_results(options: ResultsOptions, provenance: dict[str, Any], prompts: Mapping[str, PromptJson]) -> ResultsFile:
-    """--out with the rows of any interrupted data-parallel run folded in, once its rows are known to be
-    computed as this run would compute them, each from its prompt in ``prompts`` (by row key). With
-    --repair, the lines that are not such rows are dropped and reported. The caller holds its lock."""
-    results = ResultsFile(options.out, repair=options.repair, force=options.force)
+def open_results(
+    out: str, options: ResultsOptions, provenance: dict[str, Any], prompts: Mapping[str, PromptJson]
+) -> ResultsFile:
+    """--out (``out``, given) with the rows of any interrupted data-parallel run folded in, once its rows are
+    known to be computed as this run would compute them, each from its prompt in ``prompts`` (by row key).
+    With --repair, the lines that are not such rows are dropped and reported. The caller holds its lock."""
+    results = ResultsFile(out, repair=options.repair, force=options.force)
 
     def check() -> None:
         results.check_made_like(**provenance)
@@ -49,18 +51,26 @@ def open_results(options: ResultsOptions, provenance: dict[str, Any], prompts: M
     if results.dropped:
         lines = ", ".join(str(line) for line, _ in sorted(results.dropped))
         reasons = "; ".join(f"line {line} {why}" for line, why in sorted(results.dropped)[:3])
-        warn(f"--repair dropped line(s) {lines} of {options.out} ({reasons}); kept every other row.")
+        warn(f"--repair dropped line(s) {lines} of {out} ({reasons}); kept every other row.")
     return results
+
+
+@contextmanager
+def locked_out(
+    out: str, options: ResultsOptions, provenance: dict[str, Any], prompts: Mapping[str, PromptJson]
+) -> Iterator[ResultsFile]:
+    """--out (``out``, given), opened under its lock (see ``open_results``), which is held until the block ends."""
+    with results_lock(Path(out), wait=options.wait):
+        yield open_results(out, options, provenance, prompts)
 
 
 @contextmanager
 def locked_results(
     options: ResultsOptions, provenance: dict[str, Any], prompts: Mapping[str, PromptJson]
 ) -> Iterator[ResultsFile | None]:
-    """--out, opened under its lock (see ``open_results``), which is held until the block ends; None when
-    there is no --out."""
+    """``locked_out`` of --out, or None when there is no --out."""
     if options.out is None:
         yield None
         return
-    with results_lock(Path(options.out), wait=options.wait):
-        yield open_results(options, provenance, prompts)
+    with locked_out(options.out, options, provenance, prompts) as results:
+        yield results

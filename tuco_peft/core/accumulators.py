@@ -3,6 +3,8 @@ running sums and per-block norms (``keep="sums"``), with the checks that x_L = x
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 import torch
 
 from ..errors import TuCoError, UnsupportedModelError
@@ -58,7 +60,7 @@ class Components:
     def _keep(self, ptc: torch.Tensor, ftc: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def _discontinuity(self, index: int) -> None:
+    def _discontinuity(self, index: int) -> NoReturn:
         raise UnsupportedModelError(
             f"the residual stream changes between blocks {index - 1} and {index} (or a block was skipped), so "
             "x_L ≠ x_0 + ΣPTC + ΣFTC for this architecture."
@@ -79,6 +81,7 @@ class Components:
         if not bool(self._continues.all()):  # on finite states, a difference is a real discontinuity
             self._discontinuity(int((~self._continues).nonzero()[0]))
         x0, xL = self.x0, self.xL
+        assert x0 is not None and xL is not None, "every block ran, so the first set x0 and the last xL"
         if self.real is not None:
             x0, xL = x0 * self.real, xL * self.real
         return self._squeezed(x0, 1), self._squeezed(xL, 1), self._squeezed(self.batch.rows, 1)
@@ -98,7 +101,7 @@ class AllComponents(Components):
         self.ftc: torch.Tensor | None = None
 
     def _keep(self, ptc: torch.Tensor, ftc: torch.Tensor) -> None:
-        if self.ptc is None:
+        if self.ptc is None or self.ftc is None:  # the first block: both are allocated together
             shape = (ptc.shape[0], self.n_layers, *ptc.shape[1:])
             self.ptc, self.ftc = ptc.new_empty(shape), ftc.new_empty(shape)
         self.ptc[:, self.blocks_seen] = ptc
@@ -106,6 +109,7 @@ class AllComponents(Components):
 
     def result(self) -> Decomposition:
         x0, xL, positions = self._ends()
+        assert self.ptc is not None and self.ftc is not None, "every block was kept"
         ptc, ftc = self._squeezed(self.ptc, 2), self._squeezed(self.ftc, 2)
         return Decomposition(ptc=ptc, ftc=ftc, x0=x0, xL=xL, positions=positions)
 
@@ -131,10 +135,12 @@ class RunningSums(Components):
 
     def result(self) -> DecompositionSums:
         x0, xL, positions = self._ends()
-        ptc_l1, ftc_l1, cumulative = (self._squeezed(values, 2) for values in self.per_block)
+        ptc_sum, ftc_sum, per_block = self.ptc_sum, self.ftc_sum, self.per_block
+        assert ptc_sum is not None and ftc_sum is not None and per_block is not None, "every block was kept"
+        ptc_l1, ftc_l1, cumulative = (self._squeezed(values, 2) for values in per_block)
         return DecompositionSums(
-            ptc_sum=self._squeezed(self.ptc_sum, 1),
-            ftc_sum=self._squeezed(self.ftc_sum, 1),
+            ptc_sum=self._squeezed(ptc_sum, 1),
+            ftc_sum=self._squeezed(ftc_sum, 1),
             ptc_l1=ptc_l1,
             ftc_l1=ftc_l1,
             cumulative=cumulative,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack, nullcontext
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,15 +24,19 @@ from .contributions import tuco_from_sums
 from .pretrained_path import block_output
 
 
-def _record_block_inputs(ft_model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list:
+def _record_block_inputs(
+    ft_model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> list[tuple[tuple, dict[str, Any], torch.Tensor]]:
+    """Each block's (args, kwargs, output) in one fine-tuned forward, in the order the blocks ran."""
     layers = model_parts(ft_model).layers
-    records: list = []
+    inputs: list[tuple[tuple, dict[str, Any]]] = []
+    outputs: list[torch.Tensor] = []
 
-    def record(module, args, kwargs):
-        records.append([args, kwargs, None])
+    def record(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        inputs.append((args, kwargs))
 
-    def finish(module, args, kwargs, output):
-        records[-1][2] = block_output(output)
+    def finish(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+        outputs.append(block_output(output))
 
     with ExitStack() as stack:
         for layer in layers:
@@ -42,7 +47,7 @@ def _record_block_inputs(ft_model: nn.Module, input_ids: torch.Tensor, attention
             position_ids=position_ids_from_mask(attention_mask),
             use_cache=False,
         )
-    return records
+    return [(args, kwargs, output) for (args, kwargs), output in zip(inputs, outputs)]
 
 
 def _two_pass_tuco(
@@ -55,7 +60,7 @@ def _two_pass_tuco(
     records = _record_block_inputs(ft_model, input_ids, attention_mask)
     last = last_real_index(attention_mask)
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-    ptc_sum = ftc_sum = 0.0
+    ptc_sum = ftc_sum = torch.zeros(())  # 0-d on the CPU: adds to a tensor on any device, as 0.0 would
     with pretrained_context():
         for layer, (args, kwargs, ft_out) in zip(pt_layers, records):
             x = hidden_states(args, kwargs)
@@ -76,4 +81,6 @@ def two_model_tuco(
 
 def disable_adapter_tuco(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """TuCo by two passes over one PeftModel, the second under PEFT's ``disable_adapter()``."""
-    return _two_pass_tuco(model, model_parts(model).layers, input_ids, attention_mask, model.disable_adapter)
+    layers = model_parts(model).layers
+    # disable_adapter is PeftModel's method: torch's stub types any attribute of a Module as Tensor | Module.
+    return _two_pass_tuco(model, layers, input_ids, attention_mask, model.disable_adapter)  # type: ignore[arg-type]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import Field, dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -37,9 +37,15 @@ class _TokenContributions:
 
     # Each field's positions axis (after batch, and after the layers for per-block fields), for ``at``.
     _POSITIONS_AXIS: ClassVar[dict[str, int]]
+    # Set by @dataclass on each subclass, which ``fields(self)`` reads.
+    __dataclass_fields__: ClassVar[dict[str, Field[Any]]]
 
     def _sums(self) -> tuple[torch.Tensor, torch.Tensor]:
         """ΣPTC and ΣFTC over the blocks, in block order: [batch, d_model] (or [batch, k, d_model])."""
+        raise NotImplementedError
+
+    def layer_norms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """‖PTC_l‖₁ and ‖FTC_l‖₁ of each block: two [batch, n_layers] (or [batch, n_layers, k]) tensors."""
         raise NotImplementedError
 
     def at(self, columns: torch.Tensor) -> Self:

@@ -56,6 +56,7 @@ class _BlockProbe:
         self._input = (hidden_states(args, kwargs), args, kwargs)
 
     def _after(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+        assert self._input is not None, "the pre-hook ran first and recorded the block's input"
         x, args, kwargs = self._input
         self._input = None
         out = block_output(output)

@@ -71,7 +71,9 @@ def paired_slots(cache: Any, pretrained_slot: int) -> CacheView:
     slot, which must not yet hold the new tokens.
     """
 
-    def write(key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+    def write(
+        key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         half = key_states.shape[0] // 2
         keys_ft, values_ft = cache.update(key_states[half:], value_states[half:], layer_idx, *args, **kwargs)
         keys_pt, values_pt = cache.update(key_states[:half], value_states[:half], pretrained_slot, *args, **kwargs)
@@ -91,6 +93,7 @@ class PairedBlock:
         self.arguments = arguments
         self._torch_backend = TorchBackend()
         spec = spec_for(layer, config)
+        assert spec is not None, "a block is paired only where PairedBlock.supports it"
         attention = getattr(layer, spec.attention)
         shared = SharedProjectionBlock.supports(layer, spec)
         self.shared_input = [getattr(attention, name) for name in spec.projections] if shared else []

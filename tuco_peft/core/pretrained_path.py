@@ -123,15 +123,23 @@ class _RowwiseBlock:
         """(query [b, rows, heads·hd], key and value [b, seq, kv_heads·hd]) of the pre-trained block."""
         raise NotImplementedError
 
-    def _attend(self, attention: nn.Module, query, key, value, kwargs: dict[str, Any], batch: Batch) -> torch.Tensor:
+    def _attend(
+        self,
+        attention: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kwargs: dict[str, Any],
+        batch: Batch,
+    ) -> torch.Tensor:
         bsz, seq = key.shape[:2]
         if self.spec.qk_norm is QKNorm.FULL_WIDTH:
-            query, key = attention.q_norm(query), attention.k_norm(key)
+            query, key = _apply(attention, "q_norm", query), _apply(attention, "k_norm", key)
         query = query.reshape(bsz, -1, self.n_heads, self.head_dim)
         key = key.reshape(bsz, seq, self.n_kv_heads, self.head_dim)
         value = value.reshape(bsz, seq, self.n_kv_heads, self.head_dim)
         if self.spec.qk_norm is QKNorm.PER_HEAD:
-            query, key = attention.q_norm(query), attention.k_norm(key)
+            query, key = _apply(attention, "q_norm", query), _apply(attention, "k_norm", key)
         query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
         if self.spec.rotary_module is not None:
             cos, sin = (t.expand(bsz, -1, -1) for t in kwargs["position_embeddings"])
@@ -157,6 +165,7 @@ class _RowwiseBlock:
         """What the MLP sees at the rows: the normed block input (parallel wiring) or normed x + attention."""
         if self.spec.wiring is Wiring.PARALLEL:
             return _apply(block, self.spec.mlp_norm, x_rows)
+        assert attn_update is not None, "a sequential block's MLP input follows its attention"
         return _apply(block, self.spec.mlp_norm, x_rows + attn_update)
 
     def _output(
@@ -202,7 +211,9 @@ class SharedProjectionBlock(_RowwiseBlock):
     def capture(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         self._captured[id(module)] = output
 
-    def _projections(self, pretrained: nn.Module, x: torch.Tensor, batch: Batch):
+    def _projections(
+        self, pretrained: nn.Module, x: torch.Tensor, batch: Batch
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         captured, self._captured = self._captured, {}
         missing = [i for i, base in enumerate(self._base_layers) if id(base) not in captured]
         if missing:
@@ -339,7 +350,9 @@ def _shared_call(
 class OwnProjectionBlock(_RowwiseBlock):
     """A separate pre-trained model: its block projects its own (normed) input, keys/values everywhere."""
 
-    def _projections(self, pretrained: nn.Module, x: torch.Tensor, batch: Batch):
+    def _projections(
+        self, pretrained: nn.Module, x: torch.Tensor, batch: Batch
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         attention = getattr(pretrained, self.spec.attention)
         normed = _apply(pretrained, self.spec.attention_norm, x)
         projections = [getattr(attention, name) for name in self.spec.projections]

@@ -161,7 +161,7 @@ def _build(recipe: DemoRecipe, target: Path) -> None:
     model = get_peft_model(base, lora)
     chat_stream = _token_stream(tokenizer, chats, [corpus.END_OF_TEXT] * len(chats))
     _train(model, chat_stream, recipe, recipe.finetune_steps, lr=5e-3, seed=recipe.seed + 2)
-    model.save_pretrained(target / "adapter")
+    model.save_pretrained(str(target / "adapter"))
 
 
 def _pair_dir(cache_dir: str | os.PathLike | None, recipe: DemoRecipe | None) -> Path:

@@ -25,7 +25,8 @@ def register(model_type: str, layer_class: str, spec: FamilySpec | SpecOfConfig)
 def spec_for(layer: nn.Module, config: PretrainedConfig) -> FamilySpec | None:
     """The spec of ``layer``'s family, or None when the family is unknown or the layer is not its block class
     (a custom block under a known ``model_type``)."""
-    entry = _FAMILIES.get(getattr(config, "model_type", None))
+    # "" is PretrainedConfig's own model_type, that of a config without one: never a registered family
+    entry = _FAMILIES.get(getattr(config, "model_type", ""))
     if entry is None or type(layer).__name__ != entry[0]:
         return None
     return entry[1](config)

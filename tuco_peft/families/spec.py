@@ -137,9 +137,11 @@ class FamilySpec:
         if self.qkv_layout is QKVLayout.CONCATENATED:
             q_size, kv_size = n_heads * head_dim, n_kv_heads * head_dim
             bounds = (0, q_size, q_size + kv_size, q_size + 2 * kv_size)
-            return tuple(OutputRows(1, slice(start, stop)) for start, stop in itertools.pairwise(bounds))
+            queries, keys, values = (OutputRows(1, slice(start, stop)) for start, stop in itertools.pairwise(bounds))
+            return queries, keys, values
         if self.qkv_layout is QKVLayout.INTERLEAVED_BY_HEAD:
-            return tuple(OutputRows(n_heads, slice(i * head_dim, (i + 1) * head_dim)) for i in range(3))
+            queries, keys, values = (OutputRows(n_heads, slice(i * head_dim, (i + 1) * head_dim)) for i in range(3))
+            return queries, keys, values
         raise ValueError("separate q/k/v projections have no fused output rows")
 
     def key_value_rows(self, n_heads: int, n_kv_heads: int, head_dim: int) -> tuple[OutputRows, OutputRows]:

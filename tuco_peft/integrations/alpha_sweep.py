@@ -173,15 +173,16 @@ def encode_items(
     splits off, as in " A" → " ", "A", or a SentencePiece "▁") move into the context, so the scored tokens
     are the first ones where the options differ.
     """
-    contexts, options = [], []
+    contexts: list[list[int]] = []
+    options: list[list[int]] = []
     for index, item in enumerate(items):
         prompt = format_prompt(item)
         completions = [encode_prompt(tokenizer, prompt + option).ids for option in item.options()]
         shared = 0
         while all(shared < len(ids) and ids[shared] == completions[0][shared] for ids in completions):
             shared += 1
-        scored = [ids[shared] if shared < len(ids) else None for ids in completions]
-        if None in scored or len(set(scored)) != len(scored):
+        scored = [ids[shared] for ids in completions if shared < len(ids)]
+        if len(scored) < len(completions) or len(set(scored)) != len(scored):
             raise InputError(
                 f"item {index}: the options {item.options()} do not each start with a token of their own after "
                 "the prompt, so next-token probabilities cannot tell them apart; reword the choices."
@@ -192,7 +193,9 @@ def encode_items(
 
 
 @torch.no_grad()
-def _predictions(model: nn.Module, prompts, options, batch_size: int, pad_id: int) -> list[int]:
+def _predictions(
+    model: nn.Module, prompts: Sequence[list[int]], options: Sequence[list[int]], batch_size: int, pad_id: int
+) -> list[int]:
     """Index of the most probable option of each item: one forward per item, batched."""
     device = model_parts(model).input_device
     predictions = []
@@ -227,20 +230,23 @@ def alpha_sweep(
             tokenized without adding special tokens.
         log_path: if given, one JSON line per α is appended as soon as that α is scored.
     """
-    items = [item if isinstance(item, ChoiceItem) else parse_item(item, f"items[{i}]") for i, item in enumerate(items)]
-    if not items:
+    choice_items = [
+        item if isinstance(item, ChoiceItem) else parse_item(item, f"items[{i}]") for i, item in enumerate(items)
+    ]
+    if not choice_items:
         raise InputError("items is empty.")
-    cross_validate(torch.zeros(len(items), len(alphas), dtype=torch.bool), alphas, folds, seed)  # check early
-    prompts, options = encode_items(tokenizer, items, format_prompt)
+    cross_validate(torch.zeros(len(choice_items), len(alphas), dtype=torch.bool), alphas, folds, seed)  # check early
+    prompts, options = encode_items(tokenizer, choice_items, format_prompt)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    answers = torch.tensor([item.answer for item in items])
+    answers = torch.tensor([item.answer for item in choice_items])
     columns = []
     for alpha in alphas:
         with ftc_scale(model, alpha):
             predicted = torch.tensor(_predictions(model, prompts, options, batch_size, pad_id))
         columns.append(predicted == answers)
         if log_path is not None:
-            record = {"alpha": float(alpha), "accuracy": float(columns[-1].double().mean()), "n_items": len(items)}
+            n_items = len(choice_items)
+            record = {"alpha": float(alpha), "accuracy": float(columns[-1].double().mean()), "n_items": n_items}
             with open(log_path, "a", encoding="utf-8") as log:
                 log.write(json.dumps(record) + "\n")
     return cross_validate(torch.stack(columns, dim=1), alphas, folds, seed)

@@ -31,6 +31,13 @@ UNNAMED_GROUP = "prompts"
 """The group name under which a plain list of prompts is logged: ``tuco/prompts``."""
 
 
+def _trained_model(trainer: Trainer) -> nn.Module:
+    """The model being trained: ``Trainer.__init__`` always sets it (the model given, or ``model_init``'s),
+    though transformers types the attribute as optional."""
+    assert trainer.model is not None, "a Trainer holds its model once built"
+    return trainer.model
+
+
 @contextmanager
 def _probing(model: nn.Module) -> Iterator[None]:
     """Run analysis forwards in the middle of training without leaving a trace on the run.
@@ -131,7 +138,7 @@ class TuCoCallback(TrainerCallback):
         if tokenizer is None:
             raise InputError("the trainer has no processing_class to tokenize the prompts with; pass tokenizer=.")
         # Refuse a model TuCo cannot decompose now, not after the first every_n_steps steps of training.
-        parts = model_parts(trainer.model)
+        parts = model_parts(_trained_model(trainer))
         check_adapters(parts.modules)
         self.trainer = trainer
         self.every_n_steps = every_n_steps
@@ -142,7 +149,7 @@ class TuCoCallback(TrainerCallback):
 
     def measure(self) -> dict[str, float]:
         """Probe the model now: the metrics the callback logs, as a dict."""
-        model = self.trainer.model
+        model = _trained_model(self.trainer)
         metrics: dict[str, float] = {}
         start = time.perf_counter()
         with _probing(model):
@@ -162,12 +169,12 @@ class TuCoCallback(TrainerCallback):
         return metrics
 
     def on_train_begin(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> TrainerControl:
         return self._measure_and_log(control)
 
     def on_step_end(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> TrainerControl:
         if state.global_step % self.every_n_steps == 0 or state.global_step == state.max_steps:
             return self._measure_and_log(control)

@@ -42,7 +42,7 @@ from ..steering.forward import Alpha, ftc_scale, layer_alphas
 from .alpha_sweep import _best_alpha, cross_validate
 
 try:
-    import datasets.config
+    import datasets.config  # type: ignore[import-untyped]  # datasets ships no type information
     import lm_eval
     import lm_eval.evaluator
     from lm_eval.loggers.utils import get_commit_from_path
@@ -85,11 +85,15 @@ class FTCScaledLM(HFLM):
         with ftc_scale(self.model, self.alpha, base_model=self.base_model, backend=self.ftc_backend):
             yield
 
-    def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
+    def _model_call(
+        self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         with self._steered():
             return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
 
-    def _model_generate(self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs):
+    def _model_generate(
+        self, context: torch.Tensor, max_length: int, stop: list[str], **generation_kwargs: Any
+    ) -> torch.Tensor:
         with self._steered():
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
@@ -224,7 +228,7 @@ class _FirstOfEach(logging.Filter):
 
 
 @contextmanager
-def _lm_eval_logs(keep: Callable[[logging.LogRecord], bool]) -> Iterator[None]:
+def _lm_eval_logs(keep: logging.Filter | Callable[[logging.LogRecord], bool]) -> Iterator[None]:
     """While held, lm-eval's loggers pass only the records ``keep`` keeps, whatever handles them."""
     loggers = [
         logger
@@ -331,7 +335,7 @@ def evaluate_alphas(
     ``ftc_scale``'s (full fine-tunes). Other keywords go to ``lm_eval.simple_evaluate`` (e.g.
     ``num_fewshot``, ``apply_chat_template``); its seeds are fixed, so every α sees the same few-shot examples.
     """
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # type: ignore[import-untyped]  # tqdm ships no type information
 
     alphas = checked_alphas(alphas, cv_folds)
     manager = check_tasks(tasks, include_path, task_manager)

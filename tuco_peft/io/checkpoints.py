@@ -124,8 +124,8 @@ def safetensors_header(path: Path) -> bytes:
     return header
 
 
-def _check_safetensors(source: Source) -> None:
-    for path in sorted(source.local.glob("*.safetensors")):
+def _check_safetensors(source: Source, folder: Path) -> None:
+    for path in sorted(folder.glob("*.safetensors")):
         try:
             safetensors_header(path)
         except ValueError as error:
@@ -134,8 +134,8 @@ def _check_safetensors(source: Source) -> None:
             ) from None
 
 
-def _check_weight_files(source: Source, safetensors_names: tuple[str, ...], trust_pickle: bool) -> None:
-    files = [p.name for p in source.local.iterdir() if p.is_file()]
+def _check_weight_files(source: Source, folder: Path, safetensors_names: tuple[str, ...], trust_pickle: bool) -> None:
+    files = [p.name for p in folder.iterdir() if p.is_file()]
     if any(name.endswith(".safetensors") and name.startswith(safetensors_names) for name in files):
         return
     pickled = sorted(name for name in files if name.endswith(PICKLE_SUFFIXES))
@@ -148,9 +148,9 @@ def _check_weight_files(source: Source, safetensors_names: tuple[str, ...], trus
         )
 
 
-def _read_config(source: Source, name: str) -> dict:
+def _read_config(source: Source, folder: Path, name: str) -> dict:
     """A checkpoint's config.json or adapter_config.json, which must be a JSON object."""
-    path = source.local / name
+    path = folder / name
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
@@ -165,10 +165,10 @@ def _read_config(source: Source, name: str) -> dict:
     return config
 
 
-def _check_remote_code(source: Source, trust_remote_code: bool) -> None:
-    if trust_remote_code or not (source.local / "config.json").is_file():
+def _check_remote_code(source: Source, folder: Path, trust_remote_code: bool) -> None:
+    if trust_remote_code or not (folder / "config.json").is_file():
         return
-    config = _read_config(source, "config.json")
+    config = _read_config(source, folder, "config.json")
     if config.get("auto_map"):
         raise InputError(
             f"{source.describe()} needs custom model code (auto_map in config.json); pass --trust-remote-code "
@@ -176,9 +176,9 @@ def _check_remote_code(source: Source, trust_remote_code: bool) -> None:
         )
 
 
-def _check_kind(source: Source, adapter: bool) -> None:
+def _check_kind(source: Source, folder: Path, adapter: bool) -> None:
     """A model folder where a model is wanted, an adapter folder where an adapter is."""
-    has_model, has_adapter = ((source.local / name).is_file() for name in ("config.json", "adapter_config.json"))
+    has_model, has_adapter = ((folder / name).is_file() for name in ("config.json", "adapter_config.json"))
     if adapter and not has_adapter:
         if has_model:
             raise InputError(
@@ -211,28 +211,33 @@ def check_checkpoint(source: Source, options: LoadOptions, kind: str = "model") 
             "--load-in-4bit with a streamed --base-model is not supported (streamed blocks are read unquantized); "
             "add --resident-base to load both models in 4-bit."
         )
-    if source.local is None:
+    folder = source.local  # the checks below read it, and name the source in their messages
+    if folder is None:
         return
-    _check_kind(source, adapter=kind == "adapter")
-    _read_config(source, "adapter_config.json" if kind == "adapter" else "config.json")
+    _check_kind(source, folder, adapter=kind == "adapter")
+    _read_config(source, folder, "adapter_config.json" if kind == "adapter" else "config.json")
     if kind == "streamed":
-        if not any(source.local.glob("*.safetensors")):
+        if not any(folder.glob("*.safetensors")):
             raise InputError(
                 f"{source.describe()} has no .safetensors weights to stream; convert them, or add --resident-base "
                 "(with --trust-pickle for pickle weights you trust)."
             )
     else:
-        _check_weight_files(source, ("adapter_model",) if kind == "adapter" else ("model",), options.trust_pickle)
+        weight_names = ("adapter_model",) if kind == "adapter" else ("model",)
+        _check_weight_files(source, folder, weight_names, options.trust_pickle)
         if kind == "model":
-            _check_remote_code(source, options.trust_remote_code)
-    _check_safetensors(source)
+            _check_remote_code(source, folder, options.trust_remote_code)
+    _check_safetensors(source, folder)
 
 
 def tokenizer_source(base: Source, finetune: Source | None) -> Source:
     """Where the tokenizer is read from: the fine-tune (adapter or fine-tuned model) when it ships one
     (fine-tunes often add a chat template), else the base."""
-    ships_one = finetune is not None and finetune.local is not None
-    if ships_one and any((finetune.local / name).is_file() for name in _TOKENIZER_MARKERS):
+    if (
+        finetune is not None
+        and finetune.local is not None
+        and any((finetune.local / name).is_file() for name in _TOKENIZER_MARKERS)
+    ):
         return finetune
     return base
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, overload
 
 from ..errors import InputError, first_line
 
@@ -40,7 +40,7 @@ def load_base(source: Source, options: LoadOptions) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     check_checkpoint(source, options)
-    kwargs = {
+    kwargs: dict[str, object] = {
         "dtype": options.torch_dtype(),
         "use_safetensors": None if options.trust_pickle else True,
         "trust_remote_code": options.trust_remote_code,
@@ -49,7 +49,8 @@ def load_base(source: Source, options: LoadOptions) -> nn.Module:
         kwargs["quantization_config"] = _four_bit_config(options.torch_dtype())
         kwargs["device_map"] = {"": options.torch_device()}
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        # Typed as the nn.Module it is: transformers' @wraps(nn.Module.to) hides ``to``'s self from checkers.
+        model: nn.Module = AutoModelForCausalLM.from_pretrained(
             source.location if source.local is None else source.local, **kwargs
         )
     except (OSError, SafetensorError) as error:
@@ -155,6 +156,24 @@ def streamable_checkpoint(source: Source, options: LoadOptions) -> Path:
             raise _hub_failure(source, error) from error
         check_checkpoint(Source(source.flag, source.location, directory), options, "streamed")
     return directory
+
+
+@overload
+def load_full_finetune(
+    finetuned: str, pretrained: str, options: LoadOptions, *, resident: Literal[False] = False
+) -> tuple[nn.Module, Path, object]: ...
+
+
+@overload
+def load_full_finetune(
+    finetuned: str, pretrained: str, options: LoadOptions, *, resident: Literal[True]
+) -> tuple[nn.Module, nn.Module, object]: ...
+
+
+@overload
+def load_full_finetune(
+    finetuned: str, pretrained: str, options: LoadOptions, *, resident: bool
+) -> tuple[nn.Module, nn.Module | Path, object]: ...
 
 
 def load_full_finetune(

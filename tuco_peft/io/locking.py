@@ -26,11 +26,10 @@ from ..errors import InputError
 WRITER = "tuco-peft"
 WRITTEN_BY = f"{WRITER} {__version__}"
 
-try:
-    import fcntl
-except ImportError:  # Windows
-    fcntl = None
+if sys.platform == "win32":
     import msvcrt
+else:
+    import fcntl
 
 WAIT_POLL_SECONDS = 0.2
 _WINDOWS_LOCK_OFFSET = 2**30  # the locked byte: past the pid, which stays readable
@@ -42,17 +41,17 @@ def lock_path(out: Path) -> Path:
 
 def _try_lock(descriptor: int) -> bool:
     """Take the lock without waiting; False when another open file holds it."""
-    if fcntl is not None:
+    if sys.platform == "win32":
+        os.lseek(descriptor, _WINDOWS_LOCK_OFFSET, os.SEEK_SET)
+        try:
+            msvcrt.locking(descriptor, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+    else:
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return False
-        return True
-    os.lseek(descriptor, _WINDOWS_LOCK_OFFSET, os.SEEK_SET)
-    try:
-        msvcrt.locking(descriptor, msvcrt.LK_NBLCK, 1)
-    except OSError:
-        return False
     return True
 
 

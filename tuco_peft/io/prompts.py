@@ -29,13 +29,19 @@ class Prompt:
     messages: tuple[dict[str, str], ...] | None = None
 
     @property
+    def plain_text(self) -> str:
+        """The text of a prompt without chat messages (every prompt holds one or the other)."""
+        assert self.text is not None, f"prompt {self.id!r} holds neither text nor messages"
+        return self.text
+
+    @property
     def is_empty(self) -> bool:
         if self.messages is not None:
             return not any(m["content"].strip() for m in self.messages)
-        return not self.text.strip()
+        return not self.plain_text.strip()
 
     def as_json(self) -> PromptJson:
-        return list(self.messages) if self.messages is not None else self.text
+        return list(self.messages) if self.messages is not None else self.plain_text
 
 
 def _read_lines(path: Path) -> list[str]:
@@ -134,13 +140,15 @@ def format_prompt(tokenizer: Any, prompt: Prompt, *, chat_template: bool, system
     unless the conversation already ends with an assistant turn.
     """
     if not chat_template:
-        check_formats([prompt], chat_template=False)
-        return prompt.text
+        check_formats([prompt], chat_template=False)  # refuses chat messages, so the prompt is plain text
+        return prompt.plain_text
     if not getattr(tokenizer, "chat_template", None):
         raise InputError(
             "--chat-template was given but the tokenizer has no chat template; drop the flag or use a chat tokenizer."
         )
-    messages = list(prompt.messages) if prompt.messages is not None else [{"role": "user", "content": prompt.text}]
+    messages = (
+        list(prompt.messages) if prompt.messages is not None else [{"role": "user", "content": prompt.plain_text}]
+    )
     if system is not None and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system})
     return tokenizer.apply_chat_template(
@@ -202,7 +210,7 @@ def encode_prompt(
         prompt = Prompt(id=0, line=0, text=prompt)
     text = format_prompt(tokenizer, prompt, chat_template=chat_template, system=system)
     bos = getattr(tokenizer, "bos_token", None)
-    templated = chat_template or (bool(bos) and text.startswith(bos))
+    templated = chat_template or bool(bos and text.startswith(bos))
     if context_length is not None and len(text) > context_length * CHARACTERS_PER_TOKEN_AT_MOST:
         tail = _last_tokens(tokenizer, text, context_length)
         if tail is not None:

@@ -104,7 +104,9 @@ class ResultRow:
 
 REQUIRED_FIELDS = ("id", "prompt", "tuco", "ptc_l1", "settings")
 _NUMBER_LISTS = ("ptc_l1", "ftc_l1", "cumulative_tuco", "token_tuco")
-_FIELD_TYPES = {"id": (int, str), "prompt": (str, list), "tuco": (int, float), "n_tokens": int, "set": str}
+# Each field's classes for isinstance, as type[Any]: a value that passes is then used as the JSON it is.
+_FIELD_TYPES: dict[str, type[Any] | tuple[type[Any], ...]] = {"id": (int, str), "prompt": (str, list)}
+_FIELD_TYPES.update({"tuco": (int, float), "n_tokens": int, "set": str})
 _FIELD_TYPES.update({"prompt_chars": int, "prompt_sha256": str, "settings": dict, "fingerprint": dict})
 _FIELD_TYPES.update(dict.fromkeys(_NUMBER_LISTS, list))
 
@@ -261,6 +263,7 @@ class ResultsFile:
                     f"{self.path} holds rows of an earlier tuco-peft, which do not record their checkpoints' "
                     "content; pass a new --out to start a new file."
                 )
+            assert row.settings is not None, "settings is a required field of a stored row"
             found = {**row.settings, **row.fingerprint}
             if found == expected:
                 continue

@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from functools import cache
+from typing import TYPE_CHECKING, TypeGuard, cast
 
 from peft.tuners.lora import LoraLayer
 from torch import nn
@@ -26,19 +27,25 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from ..model.inventory import ModuleInventory, is_switchable
 
+if TYPE_CHECKING:
+    from ..model.inventory import LoraModule
+
 # LoRA layers whose forward is ``base_layer(x) + Σ scaling·B(A(dropout(x)))``: the base output of these is
 # exactly the pre-trained projection, so it can be captured during the fine-tuned forward.
 _ADDITIVE_LORA_TYPES = frozenset({"Linear", "Linear4bit", "Linear8bitLt"})
 
 
-def computes_base_output(module: nn.Module) -> bool:
+def computes_base_output(module: nn.Module) -> TypeGuard[LoraModule]:
     """A PEFT LoRA linear, of any LoRA variant (DoRA, ...): its forward calls its base layer on the very input
     first and changes only that call's result, so the base layer's output is the pre-trained projection. Not
     one with another tuner layer beneath it (a mixed model's), whose base output has adapters of its own."""
-    return _additive_lora_class(type(module)) and "base_layer" not in module.base_layer._modules
+    if not _additive_lora_class(type(module)):  # type: ignore[arg-type]  # mypy#11470: classes are Hashable
+        return False
+    lora_layer = cast("LoraModule", module)  # its class is a LoraLayer, as _additive_lora_class checked
+    return "base_layer" not in lora_layer.base_layer._modules
 
 
-def is_additive_lora(module: nn.Module) -> bool:
+def is_additive_lora(module: nn.Module) -> TypeGuard[LoraModule]:
     """A PEFT LoRA linear whose active adapters all add a plain low-rank term to the pre-trained projection: no
     DoRA or other LoRA variant (they rescale or reshape it), no other tuner layer beneath it (a mixed model's).
 
@@ -114,7 +121,7 @@ def adapters_disabled(modules: Iterable[nn.Module]) -> Iterator[None]:
     saved = [(m, m.__dict__.get("_disable_adapters", _MISSING)) for m in modules if is_switchable(m)]
     try:
         for module, _ in saved:
-            module._disable_adapters = True
+            module._disable_adapters = True  # type: ignore[assignment]  # torch types the value as Tensor | Module
         yield
     finally:
         for module, previous in saved:

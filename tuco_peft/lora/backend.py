@@ -17,7 +17,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from types import ModuleType
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeGuard, cast
 
 import torch
 from torch import nn
@@ -25,6 +25,9 @@ from torch import nn
 from ..errors import InputError, UnsupportedModelError
 from ..model.interception import forward_replaced, hooked, module_hooked, replaced_forward
 from .adapters import is_additive_lora, pretrained_projection
+
+if TYPE_CHECKING:
+    from ..model.inventory import LoraModule
 
 BACKENDS = ("auto", "torch", "triton")
 BACKEND_ENV_VAR = "TUCO_PEFT_BACKEND"
@@ -45,16 +48,24 @@ def _kernels() -> ModuleType | None:
         return None
 
 
+def _loaded_kernels() -> ModuleType:
+    """``_kernels()`` where a Triton backend runs: ``resolve_backend`` picks Triton only where they import."""
+    kernels = _kernels()
+    assert kernels is not None
+    return kernels
+
+
 def resolve_backend(backend: Backend | None, device: torch.device) -> ResolvedBackend:
     """The backend to use for a model on ``device``; ``None`` reads ``TUCO_PEFT_BACKEND`` (default "auto")."""
     source = "backend"
-    if backend is None:
-        backend, source = os.environ.get(BACKEND_ENV_VAR, "auto").strip().lower(), BACKEND_ENV_VAR
-    if backend not in BACKENDS:
-        raise InputError(f"{source}={backend!r} is not one of {', '.join(map(repr, BACKENDS))}.")
-    if backend == "torch":
+    name: str | None = backend  # the environment variable may hold any string
+    if name is None:
+        name, source = os.environ.get(BACKEND_ENV_VAR, "auto").strip().lower(), BACKEND_ENV_VAR
+    if name not in BACKENDS:
+        raise InputError(f"{source}={name!r} is not one of {', '.join(map(repr, BACKENDS))}.")
+    if name == "torch":
         return "torch"
-    if backend == "auto":
+    if name == "auto":
         return "triton" if device.type == "cuda" and _kernels() is not None else "torch"
     kernels = _kernels()
     if kernels is None:
@@ -67,7 +78,7 @@ def resolve_backend(backend: Backend | None, device: torch.device) -> ResolvedBa
     return "triton"
 
 
-def _capture_base_output(layer: nn.Module, run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def _capture_base_output(layer: LoraModule, run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``run`` (a forward of ``layer``) and return (its base layer's output, the layer's output)."""
     captured: list[torch.Tensor] = []
     with hooked(layer.get_base_layer(), after=lambda module, args, output: captured.append(output)):
@@ -99,9 +110,9 @@ class LoraLinearBackend(ABC):
         return torch.cat(self.two_stream(x[:half], x[half:], layer))
 
     @abstractmethod
-    def fuses(self, layer: nn.Module) -> bool:
+    def fuses(self, layer: nn.Module) -> TypeGuard[LoraModule]:
         """Whether ``report_base_outputs`` computes ``layer``'s base output with its output (``dual``) rather
-        than reading it from a forward hook."""
+        than reading it from a forward hook (only ever for a PEFT LoRA linear)."""
 
     @contextmanager
     def report_base_outputs(self, layers: Iterable[nn.Module], on_base_output: BaseOutputSink) -> Iterator[None]:
@@ -121,7 +132,7 @@ class LoraLinearBackend(ABC):
                 stack.enter_context(replaced_forward(layer, self._fused_forward(layer, on_base_output)))
             yield
 
-    def _fused_forward(self, layer: nn.Module, on_base_output: BaseOutputSink) -> Callable[..., torch.Tensor]:
+    def _fused_forward(self, layer: LoraModule, on_base_output: BaseOutputSink) -> Callable[..., torch.Tensor]:
         def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
             if args or kwargs:
                 y_base, y_ft = _capture_base_output(layer, lambda: type(layer).forward(layer, x, *args, **kwargs))
@@ -137,7 +148,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def _base_layer_callable_once(layer: nn.Module) -> bool:
+def _base_layer_callable_once(layer: LoraModule) -> bool:
     """Whether ``layer``'s base layer may compute its output outside PEFT's forward: nothing observes or
     replaced it (a hook must see each call as it would unpaired) and it is not itself a tuner layer."""
     base_layer = layer.base_layer
@@ -148,7 +159,7 @@ def _base_layer_callable_once(layer: nn.Module) -> bool:
     )
 
 
-def _peft_forward_given_base_output(layer: nn.Module, x: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
+def _peft_forward_given_base_output(layer: LoraModule, x: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
     """``layer(x)`` by PEFT's own forward, its base layer's output already computed: the LoRA arithmetic
     (casts, scalings, dropout, lora_A hooks such as the lean cache's) stays PEFT's."""
     with replaced_forward(layer.base_layer, lambda *args, **kwargs: base_output):
@@ -163,6 +174,7 @@ class TorchBackend(LoraLinearBackend):
     pairs_prefill = False
 
     def dual(self, x: torch.Tensor, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        layer = cast("LoraModule", layer)  # a PEFT LoRA linear, as every layer a backend computes
         if not _base_layer_callable_once(layer):
             return _capture_base_output(layer, lambda: type(layer).forward(layer, x))
         base_output = layer.base_layer(x)
@@ -170,6 +182,7 @@ class TorchBackend(LoraLinearBackend):
 
     def two_stream(self, x_pt: torch.Tensor, x_ft: torch.Tensor, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """One call of the base layer on the rows of both streams stacked."""
+        layer = cast("LoraModule", layer)  # a PEFT LoRA linear, as every layer a backend computes
         if not _base_layer_callable_once(layer):
             return layer.base_layer(x_pt), type(layer).forward(layer, x_ft)
         rows_pt, rows_ft = _rows(x_pt), _rows(x_ft)
@@ -179,13 +192,14 @@ class TorchBackend(LoraLinearBackend):
 
     def stacked(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
         """One call of the base layer on the stacked input as it comes (no copy of its two halves)."""
+        layer = cast("LoraModule", layer)  # a PEFT LoRA linear, as every layer a backend computes
         if not _base_layer_callable_once(layer):
             return super().stacked(x, layer)
         half = x.shape[0] // 2
         base_output = layer.base_layer(x)
         return torch.cat([base_output[:half], _peft_forward_given_base_output(layer, x[half:], base_output[half:])])
 
-    def fuses(self, layer: nn.Module) -> bool:
+    def fuses(self, layer: nn.Module) -> TypeGuard[LoraModule]:
         return False
 
 
@@ -201,16 +215,16 @@ class TritonBackend(LoraLinearBackend):
 
     def dual(self, x: torch.Tensor, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         return self._fused_or_fallback(
-            lambda: _kernels().dual_lora_linear(x, layer), lambda: self._fallback.dual(x, layer)
+            lambda: _loaded_kernels().dual_lora_linear(x, layer), lambda: self._fallback.dual(x, layer)
         )
 
     def two_stream(self, x_pt: torch.Tensor, x_ft: torch.Tensor, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         return self._fused_or_fallback(
-            lambda: _kernels().two_stream_lora_linear(x_pt, x_ft, layer),
+            lambda: _loaded_kernels().two_stream_lora_linear(x_pt, x_ft, layer),
             lambda: self._fallback.two_stream(x_pt, x_ft, layer),
         )
 
-    def fuses(self, layer: nn.Module) -> bool:
+    def fuses(self, layer: nn.Module) -> TypeGuard[LoraModule]:
         """A PEFT LoRA linear whose forward is not replaced on the instance (accelerate's device hooks), which
         is left alone."""
         return is_additive_lora(layer) and not forward_replaced(layer)

@@ -6,6 +6,8 @@ Checks the layer and the inputs, reads the layer into tensors (``lora.tensors``)
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 import torch
 from torch import nn
 
@@ -14,18 +16,13 @@ from ..kernels import INTERPRETING, SUPPORTED_DTYPES, lora_linear
 from .adapters import is_additive_lora
 from .tensors import base_weight, lora_factors
 
+if TYPE_CHECKING:
+    from ..model.inventory import LoraModule
+
 __all__ = ["INTERPRETING", "dual_lora_linear", "two_stream_lora_linear"]
 
 
-def _check_layer_kind(layer: nn.Module) -> None:
-    if not is_additive_lora(layer):
-        raise UnsupportedModelError(
-            f"{type(layer).__module__}.{type(layer).__name__} is not a PEFT LoRA linear (lora.Linear or "
-            "lora.bnb.Linear4bit); use backend='torch'."
-        )
-
-
-def _check_input(x: torch.Tensor, layer: nn.Module) -> None:
+def _check_input(x: torch.Tensor, layer: LoraModule) -> None:
     if x.dtype not in SUPPORTED_DTYPES:
         raise UnsupportedModelError(f"inputs of dtype {x.dtype} are not supported; the kernels take fp16/bf16/fp32.")
     if x.device.type != "cuda" and not INTERPRETING:
@@ -38,13 +35,18 @@ def _check_input(x: torch.Tensor, layer: nn.Module) -> None:
 
 
 def _apply(layer: nn.Module, x_pt: torch.Tensor, x_ft: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_layer_kind(layer)
+    if not is_additive_lora(layer):
+        raise UnsupportedModelError(
+            f"{type(layer).__module__}.{type(layer).__name__} is not a PEFT LoRA linear (lora.Linear or "
+            "lora.bnb.Linear4bit); use backend='torch'."
+        )
     base_layer = layer.get_base_layer()
     weight, factors = base_weight(base_layer), lora_factors(layer)
     for x in (x_pt, x_ft):
         if x is not None:
             _check_input(x, layer)
-    return lora_linear(x_pt, x_ft, weight, base_layer.bias, factors.a, factors.b, factors.scale)
+    bias = cast("torch.Tensor | None", base_layer.bias)  # of a layer base_weight reads: nn.Linear, Conv1D, 4-bit
+    return lora_linear(x_pt, x_ft, weight, bias, factors.a, factors.b, factors.scale)
 
 
 def dual_lora_linear(x: torch.Tensor, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:

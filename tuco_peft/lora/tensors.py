@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -18,6 +19,9 @@ from ..errors import UnsupportedModelError
 from ..kernels import SUPPORTED_DTYPES, BaseWeight, DenseWeight, Packed4bitWeight
 from ..model.analysis_state import cpu_repacked
 from ..model.inventory import is_bnb_4bit
+
+if TYPE_CHECKING:
+    from ..model.inventory import LoraModule
 
 
 def base_weight(layer: nn.Module) -> BaseWeight:
@@ -33,7 +37,8 @@ def base_weight(layer: nn.Module) -> BaseWeight:
             )
         if quant_state.dtype not in SUPPORTED_DTYPES:
             raise UnsupportedModelError(f"{name} dequantizes to {quant_state.dtype}; the kernels need fp16/bf16/fp32.")
-        return Packed4bitWeight.from_quant_state(layer.weight.data, quant_state)
+        packed = cast(torch.Tensor, layer.weight)  # bitsandbytes' Params4bit, a Tensor
+        return Packed4bitWeight.from_quant_state(packed.data, quant_state)
     if isinstance(layer, Conv1D):
         matrix = layer.weight.t()
     elif isinstance(layer, nn.Linear) and type(layer).forward is nn.Linear.forward:
@@ -61,7 +66,7 @@ class LoraFactors:
     scale: torch.Tensor
 
 
-def _check_plain_lora(layer: nn.Module, adapter: str) -> None:
+def _check_plain_lora(layer: LoraModule, adapter: str) -> None:
     """Refuse what the fused kernel does not compute: dropout at train time, LoRA biases, DoRA, variants."""
     dropout = layer.lora_dropout[adapter]
     if dropout.training and isinstance(dropout, nn.Dropout) and dropout.p > 0:
@@ -75,18 +80,20 @@ def _check_plain_lora(layer: nn.Module, adapter: str) -> None:
         raise UnsupportedModelError(f"adapter {adapter!r} is DoRA or another LoRA variant; use backend='torch'.")
 
 
-def lora_factors(layer: nn.Module) -> LoraFactors:
+def lora_factors(layer: LoraModule) -> LoraFactors:
     """The factors of a PEFT LoRA linear's active adapters (none when its adapters are disabled)."""
     adapters = [] if layer.disable_adapters else [name for name in layer.active_adapters if name in layer.lora_A]
     for adapter in adapters:
         _check_plain_lora(layer, adapter)
-    weight = layer.get_base_layer().weight
+    weight = cast(torch.Tensor, layer.get_base_layer().weight)  # a linear base layer's weight Parameter
     if not adapters:
         n_out, n_in = layer.out_features, layer.in_features
+        assert n_out is not None and n_in is not None  # PEFT sets both for every linear base layer
         empty = torch.empty(0, device=weight.device, dtype=torch.float32)
         return LoraFactors(a=empty.reshape(0, n_in), b=empty.reshape(n_out, 0), scale=empty)
-    a = [layer.lora_A[name].weight for name in adapters]
-    b = [layer.lora_B[name].weight for name in adapters]
+    # The factors are nn.Linear layers, which PEFT's ModuleDicts type as any nn.Module.
+    a = [cast(nn.Linear, layer.lora_A[name]).weight for name in adapters]
+    b = [cast(nn.Linear, layer.lora_B[name]).weight for name in adapters]
     scalings = tuple(float(layer.scaling[name]) for name in adapters)
     scale = _rank_scales(tuple(w.shape[0] for w in a), scalings, a[0].device)
     if len(adapters) == 1:

@@ -39,14 +39,15 @@ def analysis_state(modules: ModuleInventory) -> Iterator[None]:
         (m, m.support_avx512bf16_for_cpu) for m in modules.quantized_4bit if hasattr(m, "support_avx512bf16_for_cpu")
     ]
     try:
+        # torch types Module.__setattr__'s value as Tensor | Module; a plain attribute takes any value.
         for module in checkpointed:
-            module.gradient_checkpointing = False
+            module.gradient_checkpointing = False  # type: ignore[assignment]
         for module, _ in repack_flags:
-            module.support_avx512bf16_for_cpu = False
+            module.support_avx512bf16_for_cpu = False  # type: ignore[assignment]
         yield
     finally:
         for module in checkpointed:
-            module.gradient_checkpointing = True
+            module.gradient_checkpointing = True  # type: ignore[assignment]
         for module, flag in repack_flags:
             module.support_avx512bf16_for_cpu = flag
 

@@ -26,8 +26,10 @@ class Batch:
     def to(self, device: torch.device) -> Batch:
         if self.input_ids.device == device:
             return self
-        moved = (t.to(device) for t in (self.input_ids, self.attention_mask, self.position_ids, self.rows))
-        return Batch(*moved, self.squeeze_positions)
+        input_ids, attention_mask, position_ids, rows = (
+            t.to(device) for t in (self.input_ids, self.attention_mask, self.position_ids, self.rows)
+        )
+        return Batch(input_ids, attention_mask, position_ids, rows, self.squeeze_positions)
 
     @property
     def row_is_real(self) -> torch.Tensor:

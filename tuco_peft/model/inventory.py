@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cache
+from typing import TYPE_CHECKING
 
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -23,10 +24,20 @@ from .interception import submodules
 
 _BNB_4BIT_CLASSES = ("Linear4bit", "LinearNF4", "LinearFP4")
 
+if TYPE_CHECKING:
+    # PEFT's tuner layers are nn.Modules too (``class Linear(nn.Module, LoraLayer)``, ...). Type checkers have no
+    # intersection types, so these classes spell them; they exist for type checkers only.
+
+    class TunerModule(nn.Module, BaseTunerLayer):
+        """A PEFT tuner layer: LoRA, LoHa, LoKr, IA3, ..."""
+
+    class LoraModule(TunerModule, LoraLayer):
+        """A PEFT LoRA layer: ``lora.Linear`` and its bitsandbytes twins, ``lora.Embedding``, ..."""
+
 
 def is_switchable(module: nn.Module) -> bool:
     """True for modules whose fine-tuned behaviour PEFT can switch off (tuner layers, modules_to_save)."""
-    return _kind(type(module)).switchable
+    return _kind(type(module)).switchable  # type: ignore[arg-type]  # mypy#11470: classes are Hashable
 
 
 def outermost_switchable(module: nn.Module) -> list[nn.Module]:
@@ -39,7 +50,7 @@ def outermost_switchable(module: nn.Module) -> list[nn.Module]:
 
 def is_bnb_4bit(module: nn.Module) -> bool:
     """A bitsandbytes 4-bit linear (Linear4bit and its NF4/FP4 subclasses)."""
-    return _kind(type(module)).quantized_4bit and hasattr(module, "weight")
+    return _kind(type(module)).quantized_4bit and hasattr(module, "weight")  # type: ignore[arg-type]  # mypy#11470
 
 
 @dataclass(frozen=True)
@@ -53,8 +64,8 @@ class ModuleInventory:
     whatever its value. ``switchable`` holds each block's tuner layers and modules_to_save, in module order.
     """
 
-    lora_layers: tuple[tuple[str, LoraLayer], ...]
-    other_adapters: tuple[tuple[str, nn.Module], ...]
+    lora_layers: tuple[tuple[str, LoraModule], ...]
+    other_adapters: tuple[tuple[str, TunerModule], ...]
     dropouts: tuple[tuple[str, nn.Module], ...]
     checkpointable: tuple[nn.Module, ...]
     quantized_4bit: tuple[nn.Module, ...]
@@ -100,7 +111,7 @@ def take_inventory(model: nn.Module, layers: nn.ModuleList) -> ModuleInventory:
             block, block_prefix = block_index[id(module)], name + "."
         elif block is not None and not name.startswith(block_prefix):
             block = None
-        kind = _kind(type(module))
+        kind = _kind(type(module))  # type: ignore[arg-type]  # mypy#11470: classes are Hashable
         if kind.lora:
             lora_layers.append((name, module))
             lora_dropouts.update(id(d) for d in module.lora_dropout.values())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass
 from functools import cache
+from typing import cast
 
 import torch
 from torch import nn
@@ -49,7 +50,8 @@ class ModelParts:
     @property
     def input_device(self) -> torch.device:
         """Where the token ids go: the input embeddings' device (the first of several with a device_map)."""
-        return self.causal_lm.get_input_embeddings().weight.device
+        weight = cast(torch.Tensor, self.causal_lm.get_input_embeddings().weight)  # an embedding's Parameter
+        return weight.device
 
 
 @cache
@@ -80,7 +82,7 @@ def _find_layers(decoder: nn.Module, config: PretrainedConfig) -> nn.ModuleList 
 def unwrap_causal_lm(model: nn.Module) -> PreTrainedModel:
     """The transformers model inside a PeftModel or PeftMixedModel (or the model itself when adapters were
     injected directly)."""
-    from peft import PeftMixedModel, PeftModel
+    from peft import PeftMixedModel, PeftModel, PeftType
 
     if isinstance(model, PeftMixedModel):  # several tuner kinds at once (LoRA + LoHa, ...); no prompt learning
         return model.base_model.model
@@ -88,11 +90,13 @@ def unwrap_causal_lm(model: nn.Module) -> PreTrainedModel:
         for name in model.active_adapters:
             config = model.peft_config[name]
             if config.is_prompt_learning:
+                peft_type = cast(PeftType, config.peft_type)  # typed str | None; each prompt-learning config sets it
                 raise UnsupportedModelError(
-                    f"adapter {name!r} is {config.peft_type.value} (prompt learning): it adds virtual tokens, "
+                    f"adapter {name!r} is {peft_type.value} (prompt learning): it adds virtual tokens, "
                     "not a per-block update, so TuCo is not defined block by block. Use a LoRA adapter."
                 )
-        return model.get_base_model()
+        # PEFT types the base model as any nn.Module; a PeftModel wraps a PreTrainedModel (its __init__'s type).
+        return cast(PreTrainedModel, model.get_base_model())
     if isinstance(model, PreTrainedModel):
         return model
     raise UnsupportedModelError(
@@ -140,7 +144,7 @@ class _Survey:
             )
         decoder = getattr(causal_lm, causal_lm.base_model_prefix, None)
         layers = _find_layers(decoder, config) if isinstance(decoder, nn.Module) else None
-        if layers is None:
+        if not isinstance(decoder, nn.Module) or layers is None:
             raise UnsupportedModelError(
                 f"could not find the decoder blocks of {type(causal_lm).__name__} "
                 f"(looked for {', '.join(_LAYER_LIST_NAMES)} under .{causal_lm.base_model_prefix})."

@@ -89,7 +89,9 @@ def _pretrained_slot(cache: Any, slot: int) -> CacheView:
     model's block (loaded or streamed) lands in the right slot whatever index it was built with.
     """
 
-    def write(key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+    def write(
+        key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return cache.update(key_states, value_states, slot, *args, **kwargs)
 
     return CacheView(cache, write)

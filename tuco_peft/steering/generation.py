@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -24,6 +24,11 @@ from .forward import Alpha, layer_alphas, steered_forward
 
 if TYPE_CHECKING:
     from ..views import TokenReport
+
+    class _GeneratingModel(Protocol):
+        """What ``model_parts`` accepts: a PeftModel, a PeftMixedModel or a transformers causal LM."""
+
+        def generate(self, *args: Any, **kwargs: Any) -> Any: ...
 
 
 @dataclass
@@ -72,6 +77,7 @@ class _LastTokenTuCo:
         if index == 0:
             self._ptc_sum, self._ftc_sum = ptc, ftc
         else:
+            assert self._ptc_sum is not None and self._ftc_sum is not None  # block 0 of this forward set them
             self._ptc_sum, self._ftc_sum = self._ptc_sum + ptc, self._ftc_sum + ftc
         if index == len(self.alphas) - 1:
             self.steps.append(tuco_from_sums(self._ptc_sum, self._ftc_sum))
@@ -158,7 +164,8 @@ def generate(
         )
     recorder = _LastTokenTuCo(layer_alphas(alpha, parts.n_layers))
     with steered_forward(model, alpha, observer=recorder, base_model=base_model, backend=backend), torch.no_grad():
-        output = model.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **generate_kwargs)
+        generating = cast("_GeneratingModel", model)  # model_parts refused any other model
+        output = generating.generate(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **generate_kwargs)
     sequences = output if isinstance(output, torch.Tensor) else output.sequences
     new_tokens = sequences[:, batch.input_ids.shape[1] :]
     if len(recorder.steps) != new_tokens.shape[1]:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,9 @@ from ..lora.adapters import is_additive_lora, pretrained_projection
 from ..model.attention import apply_rope
 from ..model.interception import hooked
 from ..model.inventory import is_switchable
+
+if TYPE_CHECKING:
+    from ..model.inventory import LoraModule
 
 RotaryTable = tuple[torch.Tensor, torch.Tensor]
 KeysValues = tuple[torch.Tensor, torch.Tensor]
@@ -97,6 +100,7 @@ class NormedKeys:
         """K0 of this forward's tokens as [batch, kv_heads, seq, head_dim]: the first ``batch`` rows, which are
         the pre-trained half where a paired block calls a projection without adapters on both halves. (The
         fine-tuned slot, written first, refuses a forward outside the ``ftc_scale`` that records them.)"""
+        assert self._base_keys is not None  # recorded in this forward, as the fine-tuned slot made sure
         base_keys, self._base_keys = self._base_keys[:batch], None
         return base_keys.unflatten(-1, (-1, self.head_dim)).transpose(1, 2)
 
@@ -181,10 +185,18 @@ class LowRankDelta:
             stack.enter_context(hooked(layer, before=self._record_positions, with_kwargs=True))
             if self.normed_keys is not None:
                 stack.enter_context(self.normed_keys.recording())
-            for index, projection in enumerate(self.projections):
-                for adapter in self._recorded[index]:
-                    stack.enter_context(hooked(projection.lora_A[adapter], after=self._recorder(index)))
+            for index, adapters in enumerate(self._recorded):
+                for adapter in adapters:
+                    stack.enter_context(hooked(self._lora(index).lora_A[adapter], after=self._recorder(index)))
             yield
+
+    def _lora(self, index: int) -> LoraModule:
+        """Projection ``index`` where adapters of it are recorded: a PEFT LoRA linear, as ``_adapters`` checked."""
+        return cast("LoraModule", self.projections[index])
+
+    def _lora_b(self, index: int, adapter: str) -> nn.Linear:
+        """LoRA B of a recorded ``adapter`` of projection ``index``: an nn.Linear (typed any nn.Module by PEFT)."""
+        return cast(nn.Linear, self._lora(index).lora_B[adapter])
 
     def _recorder(self, index: int) -> Callable:
         def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -205,24 +217,25 @@ class LowRankDelta:
             )
         inputs, self._inputs = self._inputs, [[] for _ in self.projections]
         positions, self._positions = self._positions.expand(batch, -1), None
-        u = [part for per_projection in inputs for part in per_projection]
-        u = torch.cat(u, dim=-1) if u else torch.zeros(batch, length, 0)
+        parts = [part for per_projection in inputs for part in per_projection]
+        u = torch.cat(parts, dim=-1) if parts else torch.zeros(batch, length, 0)
         return positions[:, None, :, None], u.to(positions.device)[:, None]
 
     def _split(self, u: torch.Tensor) -> list[list[torch.Tensor]]:
         """The stored u [batch, seq, R] back into one [batch, seq, r] part per projection and adapter."""
-        ranks = [self.projections[i].lora_B[a].in_features for i, names in enumerate(self._recorded) for a in names]
+        ranks = [self._lora_b(i, a).in_features for i, names in enumerate(self._recorded) for a in names]
         parts = iter(u.split(ranks, dim=-1))
         return [[next(parts) for _ in names] for names in self._recorded]
 
     def _delta(self, part: tuple[int, OutputRows], inputs: list[list[torch.Tensor]]) -> torch.Tensor | None:
         """Σ_a s_a·B_a·u_a over the rows ``part`` names, as [batch, kv_heads, seq, head_dim]; None without adapters."""
         index, rows = part
-        projection, total = self.projections[index], None
+        total = None
         for adapter, u in zip(self._recorded[index], inputs[index]):
-            lora_b = projection.lora_B[adapter]
+            lora_b = self._lora_b(index, adapter)
             bias = None if lora_b.bias is None else rows.of(lora_b.bias)
-            term = F.linear(u.to(lora_b.weight.dtype), rows.of(lora_b.weight), bias) * projection.scaling[adapter]
+            scaling = self._lora(index).scaling[adapter]
+            term = F.linear(u.to(lora_b.weight.dtype), rows.of(lora_b.weight), bias) * scaling
             total = term if total is None else total + term
         if total is None:
             return None
@@ -249,6 +262,8 @@ class LowRankDelta:
 
     def pretrained_keys(self, base_keys: torch.Tensor) -> torch.Tensor:
         """The pre-trained keys RoPE(k_norm(K0)) of a k-norm block's past, from its pre-norm keys ``base_keys``."""
+        # A k-norm block's delta; the fine-tuned slot, written first, rebuilt the same past this forward.
+        assert self.normed_keys is not None and self._past_positions is not None
         return self._rotated(self.normed_keys.normed(base_keys), self._past_positions)
 
     def _rotated(self, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -272,6 +287,12 @@ def _joined(past: torch.Tensor, delta: torch.Tensor | None, new: torch.Tensor) -
     return joined
 
 
+def _keys_values(slot: DynamicLayer) -> KeysValues:
+    """The keys and values of a slot that holds some tokens (its sequence length is above 0)."""
+    assert slot.keys is not None and slot.values is not None
+    return slot.keys, slot.values
+
+
 class LowRankSlot(DynamicLayer):
     """The lean fine-tuned cache slot of a block: its ``keys`` hold the position ids, its ``values`` the u of
     each token, as [batch, 1, seq, ·] tensors.
@@ -287,6 +308,7 @@ class LowRankSlot(DynamicLayer):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
+        assert self.values is not None  # set by the initialization just made
         self.values = self.values.to(value_states.dtype)  # u is not in the dtype of the (integer) positions
 
     def update(
@@ -294,12 +316,11 @@ class LowRankSlot(DynamicLayer):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this forward's low-rank inputs; return what the plain layer kind would: the past (rebuilt)
         and the new keys/values, cut to the tokens the kind returns (a window may return fewer)."""
-        has_past = self.get_seq_length() > 0
-        stored = (self.keys, self.values)
+        stored = _keys_values(self) if self.get_seq_length() > 0 else None
         positions, u = self.delta.take(key_states.shape[0], key_states.shape[-2])
         visible = super().update(positions, u)[0].shape[-2]
-        if has_past:
-            pretrained = (self.pretrained.keys, self.pretrained.values)
+        if stored is not None:
+            pretrained = _keys_values(self.pretrained)
             key_states, value_states = self.delta.rebuild(stored, pretrained, (key_states, value_states))
         return key_states[..., -visible:, :], value_states[..., -visible:, :]
 
@@ -332,10 +353,11 @@ class PreNormKeySlot(DynamicLayer):
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store K0 and the values of this forward's tokens; return what the plain layer kind would."""
-        has_past = self.get_seq_length() > 0
-        past_base_keys = self.keys
-        values = super().update(self.delta.normed_keys.take(key_states.shape[0]), value_states)[1]
-        if has_past:
+        past_base_keys = _keys_values(self)[0] if self.get_seq_length() > 0 else None
+        normed_keys = self.delta.normed_keys
+        assert normed_keys is not None  # this slot is made for the blocks of k-norm families only
+        values = super().update(normed_keys.take(key_states.shape[0]), value_states)[1]
+        if past_base_keys is not None:
             key_states = torch.cat([self.delta.pretrained_keys(past_base_keys), key_states], dim=-2)
         return key_states[..., -values.shape[-2] :, :], values
 
@@ -343,12 +365,14 @@ class PreNormKeySlot(DynamicLayer):
 class PreNormKeySlidingWindowSlot(PreNormKeySlot, DynamicSlidingWindowLayer):
     """The pre-norm pre-trained slot of a sliding-window layer: the inherited window crops K0 as keys."""
 
+    replaced: DynamicSlidingWindowLayer
+
     def __init__(self, replaced: DynamicSlidingWindowLayer, delta: LowRankDelta):
         super().__init__(replaced, delta, sliding_window=replaced.sliding_window)
         self.record_past = getattr(replaced, "record_past", False)
 
     def plain(self) -> DynamicSlidingWindowLayer:
-        slot = super().plain()
+        slot = copy.deepcopy(self.replaced)
         slot.record_past = self.record_past  # set by assisted decoding since this slot replaced it
         return slot
 
@@ -366,14 +390,15 @@ def use_lean_slots(layers: list[CacheLayerMixin], n_layers: int, deltas: dict[in
     pre-trained slot of a k-norm block then stores pre-norm keys."""
     for index in range(n_layers):
         # Slots left by an earlier ftc_scale, whose deltas no longer record, go back to the plain kind.
-        if isinstance(layers[n_layers + index], PreNormKeySlot):
-            layers[n_layers + index] = layers[n_layers + index].plain()
         pretrained = layers[n_layers + index]
+        if isinstance(pretrained, PreNormKeySlot):
+            pretrained = layers[n_layers + index] = pretrained.plain()
         if isinstance(layers[index], LowRankSlot):
             layers[index] = copy.deepcopy(pretrained)
         slot_classes = _LEAN_SLOTS.get(type(pretrained))
         if index in deltas and slot_classes is not None and type(layers[index]) is type(pretrained):
             finetuned_class, pretrained_class = slot_classes
+            assert isinstance(pretrained, DynamicLayer)  # as every slot kind in _LEAN_SLOTS
             if deltas[index].normed_keys is not None:
                 pretrained = layers[n_layers + index] = pretrained_class(pretrained, deltas[index])
             layers[index] = finetuned_class(pretrained, deltas[index])

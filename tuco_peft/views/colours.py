@@ -29,7 +29,8 @@ def tuco_rgb(value: float) -> RGB:
     for (low, low_rgb), (high, high_rgb) in itertools.pairwise(_STOPS):
         if value <= high:
             share = (value - low) / (high - low)
-            return tuple(round(a + share * (b - a)) for a, b in zip(low_rgb, high_rgb))
+            red, green, blue = (round(a + share * (b - a)) for a, b in zip(low_rgb, high_rgb))
+            return (red, green, blue)
     return _STOPS[-1][1]
 
 

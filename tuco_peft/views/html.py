@@ -84,7 +84,7 @@ def _number(value: float | None) -> str:
 
 def _tooltip(token: ScoredToken) -> str:
     lines = [f"TuCo {_number(token.tuco)}"]
-    if token.ptc_l1 is not None:
+    if token.ptc_l1 is not None and token.ftc_l1 is not None:  # a token has both or neither
         lines += [
             f"block {l}: ‖PTC‖₁ {p:.3g}  ‖FTC‖₁ {f:.3g}" for l, (p, f) in enumerate(zip(token.ptc_l1, token.ftc_l1))
         ]

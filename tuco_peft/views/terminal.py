@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import TextIO
+from typing import TYPE_CHECKING, Literal, TextIO
 
 from .colours import gradient_stops, text_rgb, tuco_rgb
 from .tokens import ScoredText
+
+if TYPE_CHECKING:
+    from rich.style import Style
+    from rich.text import Text
 
 
 def wants_colour(stream: TextIO) -> bool:
@@ -20,7 +24,7 @@ def wants_colour(stream: TextIO) -> bool:
     return bool(isatty and isatty()) and not os.environ.get("NO_COLOR")
 
 
-def _style(value: float):
+def _style(value: float) -> Style:
     from rich.color import Color
     from rich.style import Style
 
@@ -28,7 +32,7 @@ def _style(value: float):
     return Style(color=Color.from_rgb(*text_rgb(background)), bgcolor=Color.from_rgb(*background))
 
 
-def coloured(text: ScoredText, legend: bool = True):
+def coloured(text: ScoredText, legend: bool = True) -> Text:
     """``text`` as a ``rich.text.Text``, scored tokens on their TuCo colour, with a one-line legend after."""
     from rich.text import Text
 
@@ -56,7 +60,7 @@ def print_tokens(
     from rich.console import Console
 
     # Forced colour may go to a non-terminal (a test, a pager): then no terminal to ask, so 24-bit colour.
-    system = "auto" if colour is None else "truecolor"
+    system: Literal["auto", "truecolor"] = "auto" if colour is None else "truecolor"
     Console(file=file, force_terminal=True, color_system=system, highlight=False, soft_wrap=True).print(
         coloured(text, legend)
     )

@@ -50,8 +50,8 @@ class ScoredText:
 
     def profile(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
         """(‖PTC_l‖₁, ‖FTC_l‖₁) per block at the last token that has them, or None."""
-        with_norms = [t for t in self.tokens if t.ptc_l1 is not None]
-        return (with_norms[-1].ptc_l1, with_norms[-1].ftc_l1) if with_norms else None
+        norms = [(t.ptc_l1, t.ftc_l1) for t in self.tokens if t.ptc_l1 is not None and t.ftc_l1 is not None]
+        return norms[-1] if norms else None
 
 
 
@@ -179,10 +179,13 @@ def text_from_row(
     values = row.token_tuco or []
     if len(values) != len(input_ids):
         raise ValueError(f"row {row.id!r} has {len(values)} token TuCo values for {len(input_ids)} tokens.")
+    if row.ftc_l1 is None:
+        raise ValueError(f"row {row.id!r} has no ftc_l1, the per-block norms drawn at its last token.")
+    last_norms = (tuple(row.ptc_l1), tuple(row.ftc_l1))
     labels = _labels(tokenizer, input_ids)
     last = len(labels) - 1
     tokens = tuple(
-        ScoredToken(label, value, *((tuple(row.ptc_l1), tuple(row.ftc_l1)) if k == last else ()))
+        ScoredToken(label, value, *(last_norms if k == last else ()))
         for k, (label, value) in enumerate(zip(labels, values))
     )
     return ScoredText(title, tokens, note)
