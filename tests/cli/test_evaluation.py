@@ -130,7 +130,7 @@ def test_a_task_whose_local_data_is_missing_is_one_line_naming_the_file(tmp_path
 
 def test_missing_lm_eval_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)
-    monkeypatch.delitem(sys.modules, "tuco_peft.evaluation")
+    monkeypatch.delitem(sys.modules, "tuco_peft.evaluation", raising=False)
     monkeypatch.delitem(sys.modules, "tuco_peft.integrations.evaluation", raising=False)
     with pytest.raises(TuCoError, match=r"pip install 'tuco-peft\[eval\]'"):
         importlib.import_module("tuco_peft.evaluation")
