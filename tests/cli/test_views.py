@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import html
 import io
-import os
 import re
-import shutil
-import subprocess
 
 import pytest
 import torch
+from helpers.browser import render
 from helpers.models import family_config, lora_model
 from transformers import AutoModelForCausalLM
 
@@ -31,7 +29,6 @@ from tuco_peft.views import (
 from tuco_peft.views.colours import css, tuco_rgb
 
 _PROMPTS = ["the old mill by the water", "how can I help you today? tell me"]
-_BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 
 
 @pytest.fixture(scope="module")
@@ -210,29 +207,13 @@ def test_notebook_views(model_and_tokenizer, batch):
     assert "[" in generation._repr_html_()
 
 
-def _browser() -> str:
-    found = next((path for path in map(shutil.which, _BROWSERS) if path), None)
-    if found is None:
-        message = f"no headless browser found (looked for {', '.join(_BROWSERS)}); apt-get install chromium"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
-
-
 def test_page_renders_in_a_headless_browser(model_and_tokenizer, batch, tmp_path):
-    browser = _browser()
     _, tokenizer = model_and_tokenizer
     input_ids, attention_mask, decomposition = batch
     texts = texts_from_decomposition(decomposition, input_ids, attention_mask, tokenizer)
     page = write_html(texts, tmp_path / "report.html")
     screenshot = tmp_path / "report.png"
-    common = [browser, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}"]
-    url = page.resolve().as_uri()
-    dom = subprocess.run([*common, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=True).stdout
-    subprocess.run([*common, f"--screenshot={screenshot}", "--window-size=1000,1200", url],
-                   capture_output=True, timeout=120, check=True)
-    print(f"screenshot of the rendered page: {screenshot}")
+    dom = render(page, screenshot, tmp_path / "profile", "1000,1200")
     rendered = _spans(dom)
     tokens = [token for text in texts for token in text.tokens]
     assert [text for _, text in rendered] == [token.text for token in tokens]

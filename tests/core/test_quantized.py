@@ -7,6 +7,8 @@ from helpers.oracle import decoder_blocks, tuco_at_last, two_pass
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 import tuco_peft
+from tuco_peft.core.pretrained_path import SharedProjectionBlock, pretrained_path
+from tuco_peft.model.parts import model_parts
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -19,7 +21,7 @@ def _repacked(model):
     return [m for m in _linear4bit_modules(model) if getattr(m.weight.quant_state, "packing_format_for_cpu", False)]
 
 
-def _quantized_lora_model(tmp_path, quantization, device="cpu"):
+def _quantized_lora_model(tmp_path, quantization, device="cpu", **lora_kwargs):
     """A LoRA fine-tune of a tiny Llama whose linears bitsandbytes quantized on ``device`` (its own kernels
     there: CUDA, or the CPU backend)."""
     base_model("llama").save_pretrained(tmp_path)
@@ -27,17 +29,17 @@ def _quantized_lora_model(tmp_path, quantization, device="cpu"):
     model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quantization, device_map=device_map)
     for module in _linear4bit_modules(model):
         module.support_avx512bf16_for_cpu = False  # keep the oracle's weights as loaded
-    return lora_model(model)
+    return lora_model(model, **lora_kwargs)
 
 
-def qlora_model(tmp_path, quant_type="nf4", double_quant=False, device="cpu"):
+def qlora_model(tmp_path, quant_type="nf4", double_quant=False, device="cpu", **lora_kwargs):
     quantization = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant_type,
         bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=torch.float32,
     )
-    return _quantized_lora_model(tmp_path, quantization, device)
+    return _quantized_lora_model(tmp_path, quantization, device, **lora_kwargs)
 
 
 def _oracle(model, ids, mask):
@@ -61,6 +63,24 @@ def test_qlora_matches_oracle(tmp_path, quant_type, double_quant, device):
     assert (d.ptc - ptc * real).abs().max() <= 1e-4 * scale
     assert (d.ftc - ftc * real).abs().max() <= 1e-4 * scale
     assert (last - tuco_at_last(ptc, ftc, mask)).abs().max() < 1e-5
+
+
+def test_dora_on_a_4bit_base_matches_oracle_in_one_pass(tmp_path):
+    """QDoRA: DoRA's forward computes the dequantized base output first, so its q/k/v are captured (no block is
+    replayed) and its magnitude vector rescales only the fine-tuned path."""
+    model = qlora_model(tmp_path, double_quant=True, use_dora=True)
+    parts = model_parts(model)
+    assert type(pretrained_path(parts.layers[0], parts.config)) is SharedProjectionBlock
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        ptc, ftc, _, _ = _oracle(model, ids, mask)
+        d = tuco_peft.decompose(model, ids, mask, positions="all")
+    real = mask.bool()[:, None, :, None]
+    scale = ptc.abs().max()
+    assert (ftc * real).abs().max() > 1e-2 * scale  # DoRA changed the blocks
+    assert (d.ptc - ptc * real).abs().max() <= 1e-4 * scale
+    assert (d.ftc - ftc * real).abs().max() <= 1e-4 * scale
+    assert not _repacked(model)
 
 
 def test_lora_on_an_8bit_base_matches_oracle(tmp_path):

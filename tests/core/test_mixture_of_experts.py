@@ -1,0 +1,87 @@
+"""Mixture-of-experts decoders (Mixtral, Qwen3-MoE, OLMoE): exact against the two-model references.
+
+No MoE family is registered, so each block's pre-trained path is the generic replay (the block run again
+with its adapters off, router included). Adapters on the attention projections, and through PEFT's
+``target_parameters`` on the router's weight and the experts' fused 3-D weights (transformers 5 stores the
+experts of a block as one parameter each; PEFT 0.18 cannot wrap the router module itself).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers.models import VOCAB, padded_batch
+from helpers.oracle import decoder_blocks, tuco_at_last, two_pass
+from helpers.steering import greedy_generate
+from helpers.steering_reference import greedy
+from peft import LoraConfig, get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import tuco_peft
+from tuco_peft.core.pretrained_path import ReplayBlock, pretrained_path
+from tuco_peft.model.parts import model_parts
+from tuco_peft.steering.forward import ftc_scale
+
+_SHAPE = dict(
+    hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+    vocab_size=VOCAB, max_position_embeddings=64, eos_token_id=None,
+)
+_FAMILIES = {
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16),
+    "olmoe": dict(num_experts=4, num_experts_per_tok=2),
+}
+_ADAPTERS = {
+    "attention": dict(target_modules=["q_proj", "v_proj", "o_proj"]),
+    "experts and router": dict(
+        target_modules=["q_proj"], target_parameters=["gate.weight", "experts.gate_up_proj", "experts.down_proj"]
+    ),
+}
+
+
+def _moe_pair(model_type: str, adapters: str):
+    """(pre-trained copy, PeftModel in eval mode), with the default (sdpa) attention and random LoRA weights."""
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **_SHAPE, **_FAMILIES[model_type]))
+    pretrained = copy.deepcopy(base).eval()
+    torch.manual_seed(1)
+    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **_ADAPTERS[adapters])
+    return pretrained, get_peft_model(base, config).eval()
+
+
+@pytest.mark.parametrize("adapters", _ADAPTERS)
+@pytest.mark.parametrize("model_type", _FAMILIES)
+def test_every_block_matches_the_two_model_oracle(model_type, adapters):
+    pretrained, model = _moe_pair(model_type, adapters)
+    assert type(pretrained_path(model_parts(model).layers[0], model.config)) is ReplayBlock
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        ours = tuco_peft.decompose(model, ids, mask, positions="all")
+        ptc, ftc, x0, xL = two_pass(model, decoder_blocks(pretrained), ids, mask)
+    real = mask.bool()[:, None, :, None]
+    assert ftc[real.expand_as(ftc)].abs().max() > 1e-2  # the adapters change every batch's blocks
+    torch.testing.assert_close(ours.ptc * real, ptc * real, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.ftc * real, ftc * real, atol=1e-5, rtol=1e-5)
+    for ends, expected in ((ours.x0, x0), (ours.xL, xL)):
+        torch.testing.assert_close(ends * real[:, 0], expected * real[:, 0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", _FAMILIES)
+def test_tuco_of_one_unpadded_prompt_is_the_oracles(model_type):
+    pretrained, model = _moe_pair(model_type, "experts and router")
+    ids, mask = padded_batch(lengths=(11,))
+    with torch.no_grad():
+        ptc, ftc, _, _ = two_pass(model, decoder_blocks(pretrained), ids, mask)
+        torch.testing.assert_close(tuco_peft.tuco(model, ids), tuco_at_last(ptc, ftc, mask), atol=1e-6, rtol=1e-5)
+
+
+def test_steered_generation_with_cache_equals_the_reference_without():
+    pretrained, model = _moe_pair("qwen3_moe", "experts and router")
+    ids, mask = padded_batch(lengths=(7, 4, 9))
+    alphas = [1.5, 0.6, 2.0]
+    with ftc_scale(model, alphas):
+        generated = greedy_generate(model, ids, mask, 6)
+    assert torch.equal(generated, greedy(model, pretrained, ids, mask, alphas, 6))
+    assert not torch.equal(generated, greedy_generate(model, ids, mask, 6))  # steering changed the tokens
