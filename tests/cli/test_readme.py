@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers.markdown import FencedBlock, fenced_blocks
 
 from tuco_peft.cli import main
 from tuco_peft.demo import DemoRecipe, ensure_demo_checkpoints
@@ -63,27 +64,8 @@ SET_UP_SECTION = "Python API"  # its snippet loads the model that every other sn
 OUTPUT_FLAGS = ("--out", "--plot", "--html", "--json")
 
 
-@dataclass(frozen=True)
-class Block:
-    language: str
-    text: str
-    section: str  # the heading above it
-
-
-def _blocks() -> list[Block]:
-    blocks, section, fence, lines = [], "", None, []
-    for line in README.read_text(encoding="utf-8").splitlines():
-        if fence is None and line.startswith("```"):
-            fence, lines = line[3:].strip(), []
-        elif fence is not None and line.startswith("```"):
-            blocks.append(Block(fence, "\n".join(lines), section))
-            fence = None
-        elif fence is not None:
-            lines.append(line)
-        elif line.startswith("#"):
-            section = line.lstrip("#").strip()
-    assert fence is None, "README.md has an unclosed code fence"
-    return blocks
+def _blocks() -> list[FencedBlock]:
+    return fenced_blocks(README.read_text(encoding="utf-8"))
 
 
 def _commands() -> list[str]:
@@ -98,7 +80,7 @@ def _commands() -> list[str]:
     return commands
 
 
-def _python_blocks() -> list[Block]:
+def _python_blocks() -> list[FencedBlock]:
     return [block for block in _blocks() if block.language == "python"]
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import pytest
 from helpers import REPO_ROOT
+from helpers.markdown import fenced_blocks
 
 from tuco_peft.cli import build_parser
 
@@ -35,17 +36,7 @@ class Block:
 
 
 def _fenced_blocks(markdown: str, where: str) -> list[Block]:
-    blocks, fence, lines = [], None, []
-    for line in markdown.splitlines():
-        stripped = line.strip()
-        if fence is None and stripped.startswith("```"):
-            fence, lines = stripped[3:].strip(), []
-        elif fence is not None and stripped.startswith("```"):
-            blocks.append(Block(fence, "\n".join(lines), where))
-            fence = None
-        elif fence is not None:
-            lines.append(line)
-    return blocks
+    return [Block(block.language, block.text, where) for block in fenced_blocks(markdown)]
 
 
 def _blocks() -> list[Block]:
