@@ -1,12 +1,14 @@
 """decompose/tuco against the paper's two-pass Algorithm 1 (tests/helpers/oracle.py), family by family."""
 
 import copy
+from collections import Counter
 
 import pytest
 import torch
 from helpers.assertions import assert_components_close
 from helpers.models import FAMILIES, base_model, family_config, lora_model, model_pair, padded_batch
 from helpers.oracle import decoder_blocks, last_index, tuco_at_last, two_pass
+from peft.tuners.lora import Linear as LoraLinear
 from transformers import AutoModelForCausalLM, FalconConfig, OlmoConfig, OPTConfig
 
 import tuco_peft
@@ -259,3 +261,22 @@ def test_a_sliding_window_in_a_llama_config_is_ignored_as_transformers_does():
     ptc, ftc, _, _ = _oracle(pretrained, model, ids, mask)
     with torch.no_grad():
         assert (tuco_peft.tuco(model, ids, mask) - tuco_at_last(ptc, ftc, mask)).abs().max() < 1e-5
+
+
+def test_the_pretrained_rows_reach_base_layers_without_peft_forward(monkeypatch):
+    """PEFT's forward of a LoRA linear runs once per call of ``decompose``, in the fine-tuned forward: the
+    pre-trained rows call the base layers directly (what it would do with its adapters off, without its cost)."""
+    model = lora_model(base_model("llama")).eval()
+    ids, mask = padded_batch()
+    calls: Counter = Counter()
+    peft_forward = LoraLinear.forward
+
+    def counted(self, *args, **kwargs):
+        calls[id(self)] += 1
+        return peft_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(LoraLinear, "forward", counted)
+    with torch.no_grad():
+        tuco_peft.decompose(model, ids, mask)
+    lora_layers = [id(m) for m in model.modules() if isinstance(m, LoraLinear)]
+    assert calls == Counter(lora_layers)

@@ -78,6 +78,28 @@ def test_state_is_unchanged_after_an_exception_inside_the_forward():
     handle.remove()
 
 
+def test_state_is_unchanged_after_an_exception_inside_the_pretrained_path():
+    """The pre-trained rows run with adapters off and each LoRA linear's forward short-cut to its base layer's
+    call: an error raised there leaves neither behind."""
+    model = lora_model(base_model("llama")).eval()
+    ids, mask = padded_batch()
+    down = model.get_base_model().model.layers[1].mlp.down_proj
+    before = snapshot(model)
+    seen = []
+
+    def explode_on_the_pretrained_call(module, args, output):
+        seen.append("forward" in vars(down))  # the fine-tuned forward first, then the pre-trained rows
+        if len(seen) == 2:
+            raise RuntimeError("boom")
+
+    handle = down.base_layer.register_forward_hook(explode_on_the_pretrained_call)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="boom"):
+        tuco_peft.decompose(model, ids, mask)
+    handle.remove()
+    assert seen == [False, True]
+    assert_same_state(before, snapshot(model))
+
+
 def test_gradient_checkpointing_is_paused_and_restored():
     pretrained, model = model_pair("llama")
     model.get_base_model().gradient_checkpointing_enable()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from functools import cache
 from typing import TYPE_CHECKING, TypeGuard, cast
 
@@ -25,6 +25,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from ..model.interception import forward_replaced, replaced_forward
 from ..model.inventory import ModuleInventory, is_switchable
 
 if TYPE_CHECKING:
@@ -117,18 +118,28 @@ def _warn_of_generic_layers(modules: ModuleInventory) -> None:
 
 @contextmanager
 def adapters_disabled(modules: Iterable[nn.Module]) -> Iterator[None]:
-    """Run the pre-trained path of ``modules``: their adapters off, restored exactly afterwards."""
+    """Run the pre-trained path of ``modules``: their adapters off, restored exactly afterwards.
+
+    A LoRA linear with its adapters off computes ``base_layer(x)``, and meanwhile calls exactly that: its
+    instance forward is its base layer's call (hooks on either still run), without PEFT's per-call Python,
+    which costs several times a small projection. Not where something else replaced its forward already.
+    """
     saved = [(m, m.__dict__.get("_disable_adapters", _MISSING)) for m in modules if is_switchable(m)]
-    try:
+    with ExitStack() as stack:
+        stack.callback(_restore_flags, saved)  # undone last, after the forwards
         for module, _ in saved:
             module._disable_adapters = True  # type: ignore[assignment]  # torch types the value as Tensor | Module
+            if computes_base_output(module) and not forward_replaced(module):
+                stack.enter_context(replaced_forward(module, module.base_layer.__call__))
         yield
-    finally:
-        for module, previous in saved:
-            if previous is _MISSING:
-                del module._disable_adapters
-            else:
-                module._disable_adapters = previous
+
+
+def _restore_flags(saved: list[tuple[nn.Module, object]]) -> None:
+    for module, previous in saved:
+        if previous is _MISSING:
+            del module._disable_adapters
+        else:
+            module._disable_adapters = previous  # type: ignore[assignment]  # as above: any value is taken
 
 
 _MISSING = object()
