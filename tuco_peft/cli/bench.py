@@ -151,6 +151,7 @@ def benchmark(options: BenchOptions) -> int:
     if full_finetune is not None:
         finetuned, base_model = full_finetune
         model, checkpoint, tokenizer = loaders.load_full_finetune(finetuned, base_model, load)
+        assert isinstance(checkpoint, Path), "not resident: the pre-trained blocks stream from this checkpoint"
         pretrained = loaders.load_base(resolve(base_model, "--base-model"), load)
         measure = partial(compare_full_finetune_methods, model, pretrained, checkpoint)
     else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, overload
+from typing import TYPE_CHECKING
 
 from ..errors import InputError, first_line
 
@@ -156,24 +156,6 @@ def streamable_checkpoint(source: Source, options: LoadOptions) -> Path:
             raise _hub_failure(source, error) from error
         check_checkpoint(Source(source.flag, source.location, directory), options, "streamed")
     return directory
-
-
-@overload
-def load_full_finetune(
-    finetuned: str, pretrained: str, options: LoadOptions, *, resident: Literal[False] = False
-) -> tuple[nn.Module, Path, object]: ...
-
-
-@overload
-def load_full_finetune(
-    finetuned: str, pretrained: str, options: LoadOptions, *, resident: Literal[True]
-) -> tuple[nn.Module, nn.Module, object]: ...
-
-
-@overload
-def load_full_finetune(
-    finetuned: str, pretrained: str, options: LoadOptions, *, resident: bool
-) -> tuple[nn.Module, nn.Module | Path, object]: ...
 
 
 def load_full_finetune(
