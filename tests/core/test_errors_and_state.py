@@ -175,6 +175,19 @@ def test_unsupported_models_are_refused(make, message):
         tuco_peft.tuco(model, ids, mask)
 
 
+@pytest.mark.parametrize("keep", ["all", "sums"])
+@pytest.mark.parametrize("positions", ["last", "all"])
+def test_a_residual_stream_that_changes_between_blocks_is_refused(keep, positions):
+    """x_L = x_0 + ΣPTC + ΣFTC only if each block's input is the previous block's output, bit for bit: a change
+    between blocks, however small (here a user's pre-hook that scales block 2's input by 1 + 2⁻²⁰), is named
+    whatever is kept."""
+    model = lora_model(base_model("llama"))
+    ids, mask = padded_batch()
+    decoder_blocks(model)[2].register_forward_pre_hook(lambda module, args: (args[0] * (1 + 2**-20), *args[1:]))
+    with pytest.raises(tuco_peft.UnsupportedModelError, match="changes between blocks 1 and 2"):
+        tuco_peft.decompose(model, ids, mask, positions=positions, keep=keep)
+
+
 def test_merged_adapters_are_refused_and_left_merged():
     model = lora_model(base_model("llama"))
     model.merge_adapter()

@@ -4,6 +4,7 @@ refuses, exactly as on a model it never saw."""
 
 import copy
 import gc
+import importlib
 import weakref
 
 import pytest
@@ -126,6 +127,49 @@ def test_another_attention_implementation_is_seen(pair):
     model.set_attn_implementation("sdpa")
     pretrained.set_attn_implementation("sdpa")
     assert model_parts(model).config._attn_implementation == "sdpa"
+    torch.testing.assert_close(_tuco(model, ids, mask), _oracle_tuco(pretrained, model, ids, mask), rtol=0, atol=1e-5)
+
+
+@pytest.fixture
+def shared_reads(monkeypatch):
+    """Every block on the path that replaces forwards inside it (``SharedReadBlock``), whatever the width."""
+    decompose_module = importlib.import_module("tuco_peft.core.decompose")
+    monkeypatch.setattr(decompose_module, "SHARED_READS_MIN_WIDTH", 0)
+
+
+@pytest.mark.usefixtures("shared_reads")
+def test_a_forward_replaced_on_an_instance_after_a_call_is_seen(pair):
+    """Accelerate's device hooks replace forwards on instances; a block's pre-trained path chosen before (and kept
+    between calls) would step on them."""
+    pretrained, model = pair
+    ids, mask = padded_batch()
+    _tuco(model, ids, mask)
+    mlp = decoder_blocks(model)[1].mlp
+    calls = []
+
+    def device_hook_forward(*args, **kwargs):
+        calls.append(1)
+        return type(mlp).forward(mlp, *args, **kwargs)
+
+    mlp.forward = device_hook_forward
+    torch.testing.assert_close(_tuco(model, ids, mask), _oracle_tuco(pretrained, model, ids, mask), rtol=0, atol=1e-5)
+    assert calls and mlp.forward is device_hook_forward
+
+
+@pytest.mark.usefixtures("shared_reads")
+def test_a_call_that_failed_inside_a_block_leaves_nothing_for_the_next(pair):
+    pretrained, model = pair
+    ids, mask = padded_batch()
+    _tuco(model, ids, mask)
+    mlp = decoder_blocks(model)[2].mlp
+
+    def fail(module, args, output):
+        raise RuntimeError("a user's hook failed")
+
+    handle = mlp.register_forward_hook(fail)
+    with pytest.raises(RuntimeError, match="a user's hook failed"):
+        _tuco(model, ids, mask)
+    handle.remove()
     torch.testing.assert_close(_tuco(model, ids, mask), _oracle_tuco(pretrained, model, ids, mask), rtol=0, atol=1e-5)
 
 

@@ -5,6 +5,7 @@ import torch
 from helpers.models import FAMILIES, model_pair, padded_batch
 
 import tuco_peft
+from tuco_peft.core import accumulators
 from tuco_peft.core.contributions import Decomposition, DecompositionSums, tuco_from_sums
 from tuco_peft.errors import InputError, UnsupportedModelError
 
@@ -45,6 +46,18 @@ def test_sums_answer_as_the_full_decomposition_at_every_position(family, side):
     _assert_same_answers(every, sums)
     padding = ~mask.bool()
     assert torch.all(sums.tuco[padding] == 0) and torch.all(sums.ptc_l1.transpose(1, 2)[padding] == 0)
+
+
+@pytest.mark.parametrize("reduction", ["stacked", "one tensor at a time"])
+def test_small_and_large_rows_reduce_to_the_same_bits(reduction, monkeypatch):
+    """Few rows are reduced in one stacked operation, many one tensor at a time (no temporary of five times
+    their size): the same sums either way."""
+    if reduction == "one tensor at a time":
+        monkeypatch.setattr(accumulators, "_ONE_REDUCTION_MAX_ELEMENTS", 0)
+    _, model = model_pair("llama")
+    ids, mask = padded_batch()
+    every, sums = _both(model, ids, mask, positions="all")
+    _assert_same_answers(every, sums)
 
 
 @pytest.mark.parametrize("positions", ["last", [2, -1, 5]])

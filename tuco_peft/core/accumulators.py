@@ -9,13 +9,17 @@ import torch
 
 from ..errors import TuCoError, UnsupportedModelError
 from ..model.inputs import Batch
-from .contributions import Decomposition, DecompositionSums, tuco_from_sums
-from .pretrained_path import gather_rows
+from .contributions import Decomposition, DecompositionSums, tuco_from_norms
 
 
 class Components:
     """Receives each block's rows as the forward reaches it, splits its update into PTC and FTC, and checks
-    that the residual stream runs unchanged from one block into the next. Subclasses decide what is kept."""
+    that the residual stream runs unchanged from one block into the next. Subclasses decide what is kept.
+
+    A small call is bound by the number of tensor operations per block, not by their arithmetic, so each block
+    costs a handful: the checks (finite components, each block's input equal to the previous block's output)
+    are decided once, after the forward, from what the blocks left behind.
+    """
 
     def __init__(self, n_layers: int, batch: Batch):
         self.n_layers = n_layers
@@ -28,36 +32,31 @@ class Components:
         self.x0: torch.Tensor | None = None
         self.xL: torch.Tensor | None = None
         self.blocks_seen = 0
-        # Whether each block's input was the previous block's output, and whether its output is finite, kept
-        # on the device (a Python bool would make the host wait for every block) and read once, after the
-        # forward. Everything kept per block is allocated before the forward and written in place: small
-        # allocations that outlive each block would sit between its large temporaries and fragment the heap,
-        # which then grows by several blocks' activations (as resident memory, on glibc).
-        home = batch.input_ids.device
-        self._continues = torch.ones(n_layers, dtype=torch.bool, device=home)
-        self._finite = torch.ones(n_layers, dtype=torch.bool, device=home)
 
-    def rows_of(self, states: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """``states`` [b, seq, ...] at the decomposed ``rows``, in float32; with every position in order, the
-        states themselves (no copy of a float32 model's activations)."""
-        return states.float() if self.every_position else gather_rows(states, rows).float()
+    def rows_of(self, states: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """``states`` [b, seq, ...] at the decomposed rows (of ``batch``: this one, or its copy on the device
+        where a block ran), in float32; with every position in order, the states themselves (no copy of a
+        float32 model's activations)."""
+        return states.float() if self.every_position else batch.gather(states).float()
 
     def add(self, index: int, x_rows: torch.Tensor, out_rows: torch.Tensor, ptc: torch.Tensor) -> None:
-        if index != self.blocks_seen or (self.xL is not None and self.xL.shape != x_rows.shape):
+        previous = self.xL
+        if index != self.blocks_seen or (previous is not None and previous.shape != x_rows.shape):
             self._discontinuity(index)
-        if self.xL is not None:
-            self._continues[index] = (self.xL == x_rows).all()
-        self._finite[index] = torch.isfinite(out_rows).all()
         ftc = (out_rows - x_rows) - ptc
         if self.real is not None:
             ptc, ftc = ptc * self.real, ftc * self.real
-        if self.x0 is None:
+        if previous is None:
             self.x0 = x_rows
         self.xL = out_rows
-        self._keep(ptc, ftc)
+        self._keep(index, ptc, ftc, x_rows if previous is None else previous, x_rows)
         self.blocks_seen += 1
 
-    def _keep(self, ptc: torch.Tensor, ftc: torch.Tensor) -> None:
+    def _keep(
+        self, index: int, ptc: torch.Tensor, ftc: torch.Tensor, previous_out: torch.Tensor, x_rows: torch.Tensor
+    ) -> None:
+        """Keep block ``index``'s components, and what tells whether its input ``x_rows`` was the previous
+        block's output ``previous_out`` (the first block's own input)."""
         raise NotImplementedError
 
     def _discontinuity(self, index: int) -> NoReturn:
@@ -66,11 +65,11 @@ class Components:
             "x_L ≠ x_0 + ΣPTC + ΣFTC for this architecture."
         )
 
-    def _ends(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x0, xL and the positions, after checking that every block ran, on finite hidden states."""
+    def _ends(self, finite: torch.Tensor, continues: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x0, xL and the positions, after checking that every block ran, on finite components (``finite``
+        [n_layers] bool), each taking the previous block's output as its input (``continues``)."""
         if self.blocks_seen != self.n_layers:
             self._discontinuity(self.blocks_seen)
-        finite = self._finite
         if not bool(finite.all()):
             block = int((~finite).nonzero()[0])
             raise TuCoError(
@@ -78,8 +77,8 @@ class Components:
                 "overflow in float16), so TuCo is undefined; check the checkpoint's weights, or load it in "
                 "float32 or bfloat16."
             )
-        if not bool(self._continues.all()):  # on finite states, a difference is a real discontinuity
-            self._discontinuity(int((~self._continues).nonzero()[0]))
+        if not bool(continues.all()):  # on finite states, a difference is a real discontinuity
+            self._discontinuity(int((~continues).nonzero()[0]))
         x0, xL = self.x0, self.xL
         assert x0 is not None and xL is not None, "every block ran, so the first set x0 and the last xL"
         if self.real is not None:
@@ -99,45 +98,70 @@ class AllComponents(Components):
         super().__init__(n_layers, batch)
         self.ptc: torch.Tensor | None = None
         self.ftc: torch.Tensor | None = None
+        # Whether each block's input differs from the previous block's output, kept on the device (a Python
+        # bool would make the host wait for every block) and allocated before the forward: small tensors that
+        # outlive each block would sit between its large temporaries and fragment the heap.
+        self._gaps = torch.zeros(n_layers, dtype=torch.bool, device=batch.input_ids.device)
 
-    def _keep(self, ptc: torch.Tensor, ftc: torch.Tensor) -> None:
+    def _keep(
+        self, index: int, ptc: torch.Tensor, ftc: torch.Tensor, previous_out: torch.Tensor, x_rows: torch.Tensor
+    ) -> None:
         if self.ptc is None or self.ftc is None:  # the first block: both are allocated together
             shape = (ptc.shape[0], self.n_layers, *ptc.shape[1:])
             self.ptc, self.ftc = ptc.new_empty(shape), ftc.new_empty(shape)
-        self.ptc[:, self.blocks_seen] = ptc
-        self.ftc[:, self.blocks_seen] = ftc
+        self.ptc[:, index] = ptc
+        self.ftc[:, index] = ftc
+        self._gaps[index] = (x_rows != previous_out).any()
 
     def result(self) -> Decomposition:
-        x0, xL, positions = self._ends()
-        assert self.ptc is not None and self.ftc is not None, "every block was kept"
+        assert self.ptc is not None and self.ftc is not None, "a decoder has at least one block"
+        finite = self.ftc.isfinite().transpose(0, 1).flatten(1).all(1)
+        x0, xL, positions = self._ends(finite, ~self._gaps)
         ptc, ftc = self._squeezed(self.ptc, 2), self._squeezed(self.ftc, 2)
         return Decomposition(ptc=ptc, ftc=ftc, x0=x0, xL=xL, positions=positions)
 
 
+# What ``RunningSums`` reduces to an L1 norm at every block, in one stacked reduction where the rows are few
+# (one per prompt, on a small batch).
+_PTC, _FTC, _PTC_SUM, _FTC_SUM, _GAP = range(5)
+_ONE_REDUCTION_MAX_ELEMENTS = 2**16
+
+
 class RunningSums(Components):
     """Reduces each block's PTC and FTC as soon as they exist (``keep="sums"``): running ΣPTC and ΣFTC in
-    block order, and per block their L1 norms and the cumulative TuCo, so memory does not grow with depth."""
+    block order, and per block the L1 norms of its PTC and FTC and of both sums (the cumulative TuCo is
+    computed from the latter after the forward), so memory does not grow with depth."""
 
     def __init__(self, n_layers: int, batch: Batch):
         super().__init__(n_layers, batch)
         self.ptc_sum: torch.Tensor | None = None
         self.ftc_sum: torch.Tensor | None = None
-        self.per_block: torch.Tensor | None = None  # [3, batch, n_layers, rows]: ‖PTC_l‖₁, ‖FTC_l‖₁, cumulative
+        # [n_layers, 5, batch, rows]: per block the L1 norms listed above, allocated before the forward (see
+        # ``AllComponents._gaps``); the gap between a block's input and the previous block's output is 0
+        # exactly where they are equal.
+        self._norms = torch.empty(
+            (n_layers, 5, *batch.rows.shape), dtype=torch.float32, device=batch.input_ids.device
+        )
 
-    def _keep(self, ptc: torch.Tensor, ftc: torch.Tensor) -> None:
+    def _keep(
+        self, index: int, ptc: torch.Tensor, ftc: torch.Tensor, previous_out: torch.Tensor, x_rows: torch.Tensor
+    ) -> None:
         self.ptc_sum = ptc if self.ptc_sum is None else self.ptc_sum + ptc
         self.ftc_sum = ftc if self.ftc_sum is None else self.ftc_sum + ftc
-        if self.per_block is None:
-            self.per_block = ptc.new_empty((3, ptc.shape[0], self.n_layers, *ptc.shape[1:-1]))
-        self.per_block[0, :, self.blocks_seen] = ptc.abs().sum(-1)
-        self.per_block[1, :, self.blocks_seen] = ftc.abs().sum(-1)
-        self.per_block[2, :, self.blocks_seen] = tuco_from_sums(self.ptc_sum, self.ftc_sum)
+        reduced = (ptc, ftc, self.ptc_sum, self.ftc_sum, x_rows - previous_out)
+        if ptc.numel() <= _ONE_REDUCTION_MAX_ELEMENTS:  # bound by the count of operations: one for all five
+            self._norms[index] = torch.stack(reduced).abs().sum(-1)
+        else:  # bound by memory: no temporary of five times the rows (the same sums, row by row)
+            self._norms[index] = torch.stack([values.abs().sum(-1) for values in reduced])
 
     def result(self) -> DecompositionSums:
-        x0, xL, positions = self._ends()
-        ptc_sum, ftc_sum, per_block = self.ptc_sum, self.ftc_sum, self.per_block
-        assert ptc_sum is not None and ftc_sum is not None and per_block is not None, "every block was kept"
-        ptc_l1, ftc_l1, cumulative = (self._squeezed(values, 2) for values in per_block)
+        norms = self._norms.permute(1, 2, 0, 3)  # [5, batch, n_layers, rows]
+        finite = norms[_FTC].isfinite().transpose(0, 1).flatten(1).all(1)
+        x0, xL, positions = self._ends(finite, (norms[_GAP] == 0).transpose(0, 1).flatten(1).all(1))
+        ptc_sum, ftc_sum = self.ptc_sum, self.ftc_sum
+        assert ptc_sum is not None and ftc_sum is not None, "a decoder has at least one block"
+        cumulative = tuco_from_norms(norms[_PTC_SUM], norms[_FTC_SUM])
+        ptc_l1, ftc_l1, cumulative = (self._squeezed(values, 2) for values in (norms[_PTC], norms[_FTC], cumulative))
         return DecompositionSums(
             ptc_sum=self._squeezed(ptc_sum, 1),
             ftc_sum=self._squeezed(ftc_sum, 1),

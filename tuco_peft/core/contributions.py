@@ -19,8 +19,12 @@ def tuco_from_sums(ptc_sum: torch.Tensor, ftc_sum: torch.Tensor) -> torch.Tensor
 
     A NaN or inf in the components propagates (as NaN): an overflow must not read as "no fine-tuning".
     """
-    ftc_norm = ftc_sum.abs().sum(-1)
-    total = ptc_sum.abs().sum(-1) + ftc_norm
+    return tuco_from_norms(ptc_sum.abs().sum(-1), ftc_sum.abs().sum(-1))
+
+
+def tuco_from_norms(ptc_norm: torch.Tensor, ftc_norm: torch.Tensor) -> torch.Tensor:
+    """TuCo from ‖ΣPTC‖₁ and ‖ΣFTC‖₁ (``tuco_from_sums`` once the sums are reduced)."""
+    total = ptc_norm + ftc_norm
     share = torch.where(total == 0, 0.0, ftc_norm / total.clamp_min(torch.finfo(total.dtype).tiny))
     return torch.where(total.isfinite(), share, float("nan"))
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
@@ -64,12 +64,16 @@ class _BlockProbe:
         # pre-hook): work where the block ran, keep the results where the batch lives.
         if x.device != out.device:
             x, args, kwargs = _to_device((x, args, kwargs), out.device)
-        batch, home = self.batch.to(out.device), self.batch.input_ids.device
-        x_rows = self.components.rows_of(x, batch.rows)
-        out_rows = self.components.rows_of(out, batch.rows)
-        with self.source.block(self.index) as pretrained:
+        batch = self.batch.to(out.device)
+        x_rows = self.components.rows_of(x, batch)
+        out_rows = self.components.rows_of(out, batch)
+        block = self.source.block(self.index) if self.path.needs_pretrained_block else nullcontext(self.layer)
+        with block as pretrained:
             ptc = self.path.pretrained_update(pretrained, x, args, kwargs, batch)
-        self.components.add(self.index, x_rows.to(home), out_rows.to(home), ptc.to(home))
+        home = self.batch.input_ids.device
+        if out.device != home:
+            x_rows, out_rows, ptc = x_rows.to(home), out_rows.to(home), ptc.to(home)
+        self.components.add(self.index, x_rows, out_rows, ptc)
 
 
 class _PairedProbe:
@@ -86,10 +90,10 @@ class _PairedProbe:
         return self.paired.attached(self._split)
 
     def _split(self, x: torch.Tensor, pretrained: torch.Tensor, finetuned: torch.Tensor) -> torch.Tensor:
-        rows = self.components.batch.rows
-        x_rows = self.components.rows_of(x, rows)
-        ptc = self.components.rows_of(pretrained, rows) - x_rows
-        self.components.add(self.index, x_rows, self.components.rows_of(finetuned, rows), ptc)
+        batch = self.components.batch
+        x_rows = self.components.rows_of(x, batch)
+        ptc = self.components.rows_of(pretrained, batch) - x_rows
+        self.components.add(self.index, x_rows, self.components.rows_of(finetuned, batch), ptc)
         return finetuned
 
 
@@ -128,8 +132,9 @@ def _probe(
     if paired is not None:
         return _PairedProbe(index, paired, components)
     shared_reads = batch.input_ids.numel() <= SHARED_READS_MAX_TOKENS and parts.d_model >= SHARED_READS_MIN_WIDTH
-    path = pretrained_path(
-        layer, parts.config, separate_model=source.separate_model, replay_only=replay, shared_reads=shared_reads
+    options = {"separate_model": source.separate_model, "replay_only": replay, "shared_reads": shared_reads}
+    path = parts.derived(
+        ("pretrained path", index, *options.values()), lambda: pretrained_path(layer, parts.config, **options)
     )
     return _BlockProbe(index, layer, path, source, components, lora_backend)
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -43,7 +43,7 @@ from ..families import (
 )
 from ..lora.adapters import adapters_disabled, computes_base_output, is_additive_lora, pretrained_projection
 from ..lora.backend import LoraLinearBackend
-from ..model.attention import apply_rope, attend_rows, key_visibility
+from ..model.attention import RotaryTables, attend_rows
 from ..model.block_args import hidden_states
 from ..model.inputs import Batch
 from ..model.interception import any_forward_replaced, hooked, replaced_forward
@@ -55,14 +55,12 @@ def block_output(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-def gather_rows(states: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """states [b, seq, ...] at rows [b, k] → [b, k, ...]."""
-    index = rows.reshape(*rows.shape, *([1] * (states.ndim - 2))).expand(-1, -1, *states.shape[2:])
-    return states.gather(1, index)
-
-
 class ReplayBlock:
     """Pre-trained path of any block: run the pre-trained block (adapters off) in full."""
+
+    # Whether ``pretrained_update`` runs modules of the pre-trained block it is given (a ``SharedReadBlock``
+    # computed everything during the fine-tuned forward, so its caller need not switch any adapter off).
+    needs_pretrained_block: ClassVar[bool] = True
 
     def capturing(self, backend: LoraLinearBackend, batch: Batch) -> AbstractContextManager[None]:
         return nullcontext()
@@ -71,7 +69,7 @@ class ReplayBlock:
         self, pretrained: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict[str, Any], batch: Batch
     ) -> torch.Tensor:
         out = block_output(pretrained.forward(*args, **kwargs))
-        return gather_rows(out.float() - x.float(), batch.rows)
+        return batch.gather(out.float() - x.float())
 
 
 def has_parts(layer: nn.Module, spec: FamilySpec) -> bool:
@@ -92,6 +90,8 @@ class _RowwiseBlock:
 
     Subclasses supply the pre-trained projections (query at the rows, keys and values everywhere).
     """
+
+    needs_pretrained_block: ClassVar[bool] = True
 
     def __init__(self, layer: nn.Module, spec: FamilySpec, config: PretrainedConfig):
         attention = getattr(layer, spec.attention)
@@ -142,10 +142,11 @@ class _RowwiseBlock:
             query, key = _apply(attention, "q_norm", query), _apply(attention, "k_norm", key)
         query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
         if self.spec.rotary_module is not None:
-            cos, sin = (t.expand(bsz, -1, -1) for t in kwargs["position_embeddings"])
-            query = apply_rope(query, gather_rows(cos, batch.rows), gather_rows(sin, batch.rows))
-            key = apply_rope(key, cos, sin)
-        visible = key_visibility(batch.attention_mask, batch.rows, self.sliding_window)
+            embeddings = kwargs["position_embeddings"]
+            at_rows = batch.shared("rotary at rows", embeddings, lambda cs: RotaryTables.of(*map(batch.gather, cs)))
+            query = at_rows.apply(query)
+            key = batch.shared("rotary", embeddings, lambda cos_sin: RotaryTables.of(*cos_sin)).apply(key)
+        visible = batch.key_visibility(self.sliding_window)
         return attend_rows(query, key, value, visible, self.scaling, self.softcap, eager=self.eager)
 
     def pretrained_update(
@@ -157,7 +158,7 @@ class _RowwiseBlock:
         attention = getattr(pretrained, spec.attention)
         attended = self._attend(attention, *self._projections(pretrained, x, batch), kwargs, batch)
         attn_update = _apply(pretrained, spec.post_attention_norm, getattr(attention, spec.output)(attended))
-        x_rows = gather_rows(x, batch.rows)
+        x_rows = batch.gather(x)
         mlp_out = getattr(pretrained, spec.mlp)(self._mlp_input(pretrained, x_rows, attn_update))
         return self._output(pretrained, x_rows, attn_update, mlp_out).float() - x_rows.float()
 
@@ -203,10 +204,15 @@ class SharedProjectionBlock(_RowwiseBlock):
         projections = [getattr(attention, name) for name in spec.projections]
         return all(computes_base_output(p) or not is_switchable(p) for p in projections)
 
-    def capturing(self, backend: LoraLinearBackend, batch: Batch) -> AbstractContextManager[None]:
+    @contextmanager
+    def capturing(self, backend: LoraLinearBackend, batch: Batch) -> Iterator[None]:
         """Send the base q/k/v of the fine-tuned forward to ``capture``: computed in the same fused kernel as
         the LoRA output on the Triton backend, read by hooks on the base layers otherwise."""
-        return backend.report_base_outputs(self.projections, self.capture)
+        try:
+            with backend.report_base_outputs(self.projections, self.capture):
+                yield
+        finally:  # a path is kept between calls (``ModelParts.derived``): nothing of this one stays behind
+            self._captured = {}
 
     def capture(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         self._captured[id(module)] = output
@@ -222,7 +228,7 @@ class SharedProjectionBlock(_RowwiseBlock):
                 "it does not match its family's spec."
             )
         query, key, value = self._split([captured[id(base)] for base in self._base_layers])
-        return gather_rows(query, batch.rows), key, value
+        return batch.gather(query), key, value
 
 
 class SharedReadBlock(SharedProjectionBlock):
@@ -234,6 +240,8 @@ class SharedReadBlock(SharedProjectionBlock):
     fine-tuned part only (``LoraLinearBackend.two_stream``: one base call). Hooks on those modules see the
     fine-tuned stream as usual; hooks inside the MLP see both parts, as in a paired block.
     """
+
+    needs_pretrained_block = False
 
     def __init__(self, layer: nn.Module, spec: FamilySpec, config: PretrainedConfig):
         super().__init__(layer, spec, config)
@@ -270,6 +278,7 @@ class SharedReadBlock(SharedProjectionBlock):
             self._block_input = (hidden_states(args, kwargs), kwargs)
 
         with ExitStack() as stack:
+            stack.callback(self._reset)  # as the projections (``SharedProjectionBlock.capturing``)
             stack.enter_context(super().capturing(backend, batch))
             stack.enter_context(hooked(self.layer, before=record, with_kwargs=True))
             stack.enter_context(replaced_forward(self.output, self._output_forward(backend, batch)))
@@ -301,7 +310,7 @@ class SharedReadBlock(SharedProjectionBlock):
                 raise self._mismatch(f"called {self.spec.mlp} other than once, on the normed states alone")
             if sequential and self._attn_update is None:
                 raise self._mismatch(f"called {self.spec.mlp} before {self.spec.output}")
-            x_rows = gather_rows(self._block_input[0], batch.rows)
+            x_rows = batch.gather(self._block_input[0])
             normed_rows = self._mlp_input(self.layer, x_rows, self._attn_update)
             self._n_pretrained_rows = normed_rows.shape[1]
             both = type(self.mlp).forward(self.mlp, torch.cat([normed_rows, normed], dim=1))
@@ -326,7 +335,7 @@ class SharedReadBlock(SharedProjectionBlock):
     ) -> torch.Tensor:
         if self._attn_update is None or self._mlp_out is None:
             raise self._mismatch(f"did not call both {self.spec.output} and {self.spec.mlp}")
-        x_rows = gather_rows(x, batch.rows)
+        x_rows = batch.gather(x)
         out = self._output(self.layer, x_rows, self._attn_update, self._mlp_out)
         self._reset()
         return out.float() - x_rows.float()
@@ -358,8 +367,8 @@ class OwnProjectionBlock(_RowwiseBlock):
         projections = [getattr(attention, name) for name in self.spec.projections]
         if self.spec.qkv_layout is not QKVLayout.SEPARATE:  # one fused projection
             query, key, value = self._split([projections[0](normed)])
-            return gather_rows(query, batch.rows), key, value
-        query = projections[0](gather_rows(normed, batch.rows))
+            return batch.gather(query), key, value
+        query = projections[0](batch.gather(normed))
         return query, projections[1](normed), projections[2](normed)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from functools import cache
 from typing import TYPE_CHECKING, TypeGuard, cast
 
@@ -25,7 +25,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from ..model.interception import forward_replaced, replaced_forward
+from ..model.interception import forward_replaced, replaced_forwards
 from ..model.inventory import ModuleInventory, is_switchable
 
 if TYPE_CHECKING:
@@ -123,23 +123,23 @@ def adapters_disabled(modules: Iterable[nn.Module]) -> Iterator[None]:
     A LoRA linear with its adapters off computes ``base_layer(x)``, and meanwhile calls exactly that: its
     instance forward is its base layer's call (hooks on either still run), without PEFT's per-call Python,
     which costs several times a small projection. Not where something else replaced its forward already.
+    Entered once per block and call, so the flags go straight into the instances' ``__dict__`` (where
+    ``nn.Module.__setattr__`` would put a plain value, after checks that cost more than the switch).
     """
-    saved = [(m, m.__dict__.get("_disable_adapters", _MISSING)) for m in modules if is_switchable(m)]
-    with ExitStack() as stack:
-        stack.callback(_restore_flags, saved)  # undone last, after the forwards
-        for module, _ in saved:
-            module._disable_adapters = True  # type: ignore[assignment]  # torch types the value as Tensor | Module
-            if computes_base_output(module) and not forward_replaced(module):
-                stack.enter_context(replaced_forward(module, module.base_layer.__call__))
-        yield
-
-
-def _restore_flags(saved: list[tuple[nn.Module, object]]) -> None:
-    for module, previous in saved:
-        if previous is _MISSING:
-            del module._disable_adapters
-        else:
-            module._disable_adapters = previous  # type: ignore[assignment]  # as above: any value is taken
+    switched = [m for m in modules if is_switchable(m)]
+    saved = [m.__dict__.get("_disable_adapters", _MISSING) for m in switched]
+    base_calls = [(m, m.base_layer.__call__) for m in switched if computes_base_output(m) and not forward_replaced(m)]
+    try:
+        for module in switched:
+            module.__dict__["_disable_adapters"] = True
+        with replaced_forwards(base_calls):
+            yield
+    finally:  # the forwards are undone first, the flags last
+        for module, previous in zip(switched, saved):
+            if previous is _MISSING:
+                del module.__dict__["_disable_adapters"]
+            else:
+                module.__dict__["_disable_adapters"] = previous
 
 
 _MISSING = object()

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 
 from ..errors import InputError
+from .attention import key_visibility
 
 Positions = Literal["last", "all"] | Sequence[int] | torch.Tensor
 
@@ -22,6 +23,35 @@ class Batch:
     position_ids: torch.Tensor
     rows: torch.Tensor
     squeeze_positions: bool
+    # What every block of a forward derives alike from the batch, made by the first block that asks (one
+    # call's worth: a small call costs what its per-block tensor operations cost).
+    _per_forward: dict[str, tuple[Any, Any]] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def key_visibility(self, sliding_window: int | None) -> torch.Tensor:
+        """``model.attention.key_visibility`` at these rows, made once per window."""
+        return self.shared(
+            f"visibility {sliding_window}",
+            self.attention_mask,
+            lambda mask: key_visibility(mask, self.rows, sliding_window),
+        )
+
+    def gather(self, states: torch.Tensor) -> torch.Tensor:
+        """``states`` [b, seq, ...] at the rows: [b, k, ...] (the index made once per trailing shape). A batch
+        axis of 1 (rotary tables, alike for every prompt) is broadcast."""
+        index = self.shared(
+            f"index {tuple(states.shape[2:])}",
+            self.rows,
+            lambda rows: rows.reshape(*rows.shape, *([1] * (states.ndim - 2))).expand(-1, -1, *states.shape[2:]),
+        )
+        return states.expand(len(index), *states.shape[1:]).gather(1, index)
+
+    def shared(self, name: str, source: Any, make: Callable[[Any], Any]) -> Any:
+        """``make(source)``, made once per forward for every block that asks with the same ``source`` object (the
+        decoder hands each block the same position embeddings, for one)."""
+        made = self._per_forward.get(name)
+        if made is None or made[0] is not source:
+            made = self._per_forward[name] = (source, make(source))
+        return made[1]
 
     def to(self, device: torch.device) -> Batch:
         if self.input_ids.device == device:

@@ -3,15 +3,18 @@
 What is found depends on the model's structure only, so it is found once and kept for the next call while
 that structure holds (``_Survey``): every call checks, in one quick walk, that the model still has the very
 same modules (adapters added, injected or unloaded, merged-and-unloaded layers, swapped blocks all change
-them), the same active adapters and the same attention implementation. A stale survey is never used.
+them), the same active adapters, the same attention implementation and the same modules with a forward
+replaced on the instance (accelerate's device hooks). A stale survey is never used, nor anything derived
+from it (``ModelParts.derived``).
 """
 
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
 from functools import cache
-from typing import cast
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import nn
@@ -19,10 +22,11 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from ..errors import UnsupportedModelError
-from .interception import submodules
+from .interception import forward_replaced, submodules
 from .inventory import ModuleInventory, take_inventory
 
 _LAYER_LIST_NAMES = ("layers", "h", "blocks")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,15 @@ class ModelParts:
     layers: nn.ModuleList
     config: PretrainedConfig
     modules: ModuleInventory  # what the checks and switches of an analysis need, from one walk
+    _derived: dict[Hashable, Any]
+
+    def derived(self, key: Hashable, make: Callable[[], T]) -> T:
+        """``make()``, kept under ``key`` while the model keeps the structure it was surveyed in: for what a
+        later layer derives from that structure alone (each block's pre-trained path), dropped with the
+        survey when the model changes."""
+        if key not in self._derived:
+            self._derived[key] = make()
+        return cast(T, self._derived[key])
 
     @property
     def n_layers(self) -> int:
@@ -111,7 +124,7 @@ def model_parts(model: nn.Module) -> ModelParts:
     survey = _SURVEYS.get(causal_lm)
     if survey is None or not survey.holds_for(causal_lm):
         survey = _SURVEYS[causal_lm] = _Survey.of(causal_lm)
-    return ModelParts(causal_lm, survey.decoder, survey.layers, survey.config, survey.inventory)
+    return ModelParts(causal_lm, survey.decoder, survey.layers, survey.config, survey.inventory, survey.derived)
 
 
 def _active_adapters(inventory: ModuleInventory) -> list[tuple[str, ...]]:
@@ -133,6 +146,8 @@ class _Survey:
     structure: list[nn.Module]
     active_adapters: list[tuple[str, ...]]
     attention: str | None
+    replaced_forwards: list[nn.Module]
+    derived: dict[Hashable, Any] = field(default_factory=dict)
 
     @classmethod
     def of(cls, causal_lm: PreTrainedModel) -> _Survey:
@@ -150,14 +165,16 @@ class _Survey:
                 f"(looked for {', '.join(_LAYER_LIST_NAMES)} under .{causal_lm.base_model_prefix})."
             )
         inventory = take_inventory(causal_lm, layers)
+        structure = submodules(causal_lm)
         return cls(
             decoder=decoder,
             layers=layers,
             config=config,
             inventory=inventory,
-            structure=submodules(causal_lm),
+            structure=structure,
             active_adapters=_active_adapters(inventory),
             attention=getattr(config, "_attn_implementation", None),
+            replaced_forwards=_replaced_forwards(structure),
         )
 
     def holds_for(self, causal_lm: PreTrainedModel) -> bool:
@@ -169,7 +186,12 @@ class _Survey:
             and getattr(config, "_attn_implementation", None) == self.attention
             and submodules(causal_lm) == self.structure
             and _active_adapters(self.inventory) == self.active_adapters
+            and _replaced_forwards(self.structure) == self.replaced_forwards
         )
+
+
+def _replaced_forwards(modules: list[nn.Module]) -> list[nn.Module]:
+    return [module for module in modules if forward_replaced(module)]
 
 
 _SURVEYS: weakref.WeakKeyDictionary[nn.Module, _Survey] = weakref.WeakKeyDictionary()
