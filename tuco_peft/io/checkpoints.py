@@ -85,6 +85,11 @@ class Source:
         return f"{self.flag} {self.location}"
 
 
+def is_hub_id(location: str) -> bool:
+    """Whether ``location`` has the form of a Hub model id (``name`` or ``owner/name``), not of a path."""
+    return bool(_HUB_ID.match(location)) and not location.startswith(".")
+
+
 def resolve(location: str, flag: str) -> Source:
     """A local directory if one exists at ``location``; a hub id if it looks like one; an error otherwise."""
     path = Path(location).expanduser()
@@ -92,7 +97,7 @@ def resolve(location: str, flag: str) -> Source:
         if not path.is_dir():
             raise InputError(f"{flag} {location} is a file; pass the checkpoint's directory.")
         return Source(flag, location, path)
-    if _HUB_ID.match(location) and not location.startswith("."):
+    if is_hub_id(location):
         return Source(flag, location, None)
     raise InputError(f"{flag} {location}: no such directory.")
 
