@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:  # the same names for type checkers and editors; at run time __getattr__ imports them
     from .core.contributions import Decomposition, DecompositionSums, tuco_from_sums
     from .core.decompose import decompose, tuco
+    from .core.many_adapters import decompose_adapters
     from .errors import InputError, TuCoError, UnsupportedModelError
     from .integrations.alpha_sweep import PAPER_ALPHAS, ChoiceItem, SweepResult, alpha_sweep, load_items
     from .integrations.callback import TuCoCallback
@@ -35,6 +36,7 @@ _EXPORTS = {
     "UnsupportedModelError": "errors",
     "alpha_sweep": "integrations.alpha_sweep",
     "decompose": "core.decompose",
+    "decompose_adapters": "core.many_adapters",
     "ftc_scale": "steering.forward",
     "generate": "steering.generation",
     "load_items": "integrations.alpha_sweep",
@@ -56,6 +58,7 @@ __all__ = [
     "__version__",
     "alpha_sweep",
     "decompose",
+    "decompose_adapters",
     "ftc_scale",
     "generate",
     "load_items",

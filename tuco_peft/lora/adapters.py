@@ -142,4 +142,35 @@ def adapters_disabled(modules: Iterable[nn.Module]) -> Iterator[None]:
                 module.__dict__["_disable_adapters"] = previous
 
 
+def adapter_names(layers: Iterable[nn.Module]) -> list[str]:
+    """The adapters that ``layers`` (tuner layers) hold, in the order they first appear."""
+    names: dict[str, None] = {}
+    for layer in layers:
+        for attribute in getattr(layer, "adapter_layer_names", ()):
+            names.update(dict.fromkeys(getattr(layer, attribute).keys()))
+    return list(names)
+
+
+@contextmanager
+def adapter_active(layers: Iterable[nn.Module], name: str) -> Iterator[None]:
+    """``name`` the one active adapter of every tuner layer in ``layers``, restored exactly afterwards.
+
+    What PEFT's ``set_adapter`` does to the layers' forwards, without what it does besides: it also makes the
+    adapter's weights trainable and freezes the others'. A layer that does not hold ``name`` computes its
+    base output alone, as it would under ``set_adapter``.
+    """
+    switched = list(layers)
+    saved = [m.__dict__.get("_active_adapter", _MISSING) for m in switched]
+    try:
+        for module in switched:
+            module.__dict__["_active_adapter"] = [name]
+        yield
+    finally:
+        for module, previous in zip(switched, saved):
+            if previous is _MISSING:
+                del module.__dict__["_active_adapter"]
+            else:
+                module.__dict__["_active_adapter"] = previous
+
+
 _MISSING = object()

@@ -1,0 +1,70 @@
+"""TuCo of each adapter a model holds: the checkpoints of a training run, or a shelf of adapters trained on one
+base, measured against that base loaded once (``PeftModel.load_adapter`` adds each to the same model).
+
+Each adapter is decomposed as if it alone were active, its rows exactly those of the model with that adapter
+set; the model's own active adapter, and which weights are trainable, are left as they were found.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+from ..lora.adapters import adapter_active, adapter_names
+from ..lora.backend import Backend
+from ..model.inputs import Positions
+from ..model.parts import model_parts
+from .contributions import Decomposition, DecompositionSums
+from .decompose import decompose
+
+
+def decompose_adapters(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    adapters: Sequence[str] | None = None,
+    positions: Positions = "last",
+    backend: Backend | None = None,
+    keep: Literal["all", "sums"] = "all",
+) -> dict[str, Decomposition | DecompositionSums]:
+    """``decompose`` once per adapter of ``model``, each as the only active one: ``{adapter name: result}``.
+
+    Args:
+        model: a ``peft.PeftModel`` holding several adapters (``model.load_adapter(path, adapter_name=...)``).
+        adapters: the adapters to decompose, in this order; all that the model holds if omitted.
+        input_ids, attention_mask, positions, backend, keep: as in ``decompose``.
+    """
+    parts = model_parts(model)
+    layers = [module for _, module in parts.modules.lora_layers + parts.modules.other_adapters]
+    held = adapter_names(layers)
+    names = held if adapters is None else _checked(adapters, held)
+    results: dict[str, Decomposition | DecompositionSums] = {}
+    for name in names:
+        with adapter_active(layers, name):
+            results[name] = decompose(
+                model, input_ids, attention_mask, positions=positions, backend=backend, keep=keep
+            )
+    return results
+
+
+def _checked(adapters: Sequence[str], held: list[str]) -> list[str]:
+    if isinstance(adapters, str):
+        raise InputError(f"adapters must be a list of adapter names, got the string {adapters!r}; pass [{adapters!r}].")
+    names = list(adapters)
+    if not names:
+        raise InputError(f"adapters is empty; name at least one of the model's adapters: {', '.join(held)}.")
+    unknown = [name for name in names if name not in held]
+    if unknown:
+        raise InputError(
+            f"the model holds no adapter named {', '.join(map(repr, unknown))}; it holds {', '.join(map(repr, held))} "
+            "(add one with model.load_adapter(path, adapter_name=...))."
+        )
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise InputError(f"adapters names {', '.join(map(repr, repeated))} more than once; name each adapter once.")
+    return names
