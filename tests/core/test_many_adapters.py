@@ -1,5 +1,6 @@
 """decompose_adapters: one decomposition per adapter a model holds, each exactly the model with that adapter set
-(PEFT's set_adapter on a copy, and the two-model oracle), the model left as it was found."""
+(PEFT's set_adapter on a copy, and the two-model oracle), whether the adapters' prompts run in one mixed batch
+(decompose's adapter_names) or one adapter after another; the model left as it was found."""
 
 import copy
 
@@ -11,7 +12,7 @@ from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 import tuco_peft
-from tuco_peft.errors import InputError
+from tuco_peft.errors import InputError, UnsupportedModelError
 
 ADAPTERS = ["default", "wide", "attention-only"]
 
@@ -44,13 +45,16 @@ def _state(model):
     }
 
 
+@pytest.mark.parametrize("mixed_batches", [True, False], ids=["one mixed batch", "one adapter at a time"])
 @pytest.mark.parametrize("keep", ["all", "sums"])
-def test_each_adapter_is_the_model_with_that_adapter_set(keep):
+def test_each_adapter_is_the_model_with_that_adapter_set(keep, mixed_batches):
     model = several_adapters(base_model("llama"))
     ids, mask = padded_batch()
     before = _state(model)
     with torch.no_grad():
-        results = tuco_peft.decompose_adapters(model, ids, mask, positions="all", keep=keep)
+        results = tuco_peft.decompose_adapters(
+            model, ids, mask, positions="all", keep=keep, mixed_batches=mixed_batches
+        )
     assert list(results) == ADAPTERS
     assert _state(model) == before
     tucos = []
@@ -78,17 +82,71 @@ def test_chosen_adapters_in_their_order():
     torch.testing.assert_close(results["attention-only"].ptc, alone.ptc, rtol=0, atol=1e-6)
 
 
-def test_gradients_reach_each_adapter_and_only_it():
+@pytest.mark.parametrize("mixed_batches", [True, False], ids=["one mixed batch", "one adapter at a time"])
+def test_gradients_reach_each_adapter_and_only_it(mixed_batches):
     model = several_adapters(base_model("llama"))
     for name, parameter in model.named_parameters():
         parameter.requires_grad_("lora_" in name)
     ids, mask = padded_batch()
     before = _state(model)
-    results = tuco_peft.decompose_adapters(model, ids, mask, adapters=["wide"], keep="sums")
+    results = tuco_peft.decompose_adapters(
+        model, ids, mask, adapters=["wide", "default"], keep="sums", mixed_batches=mixed_batches
+    )
     results["wide"].tuco.sum().backward()
     touched = {n.split(".")[-2] for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert touched == {"wide"}
     assert _state(model) == before
+    lora_a = model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["wide"].weight
+    reference = _with_adapter_set(model, "wide")
+    reference_a = reference.base_model.model.model.layers[0].self_attn.q_proj.lora_A["wide"].weight
+    reference_a.grad = None
+    tuco_peft.tuco(reference, ids, mask).sum().backward()
+    torch.testing.assert_close(lora_a.grad, reference_a.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_rows_of_any_adapters_in_any_order():
+    """decompose(adapter_names=...): each row through its own adapter, "__base__" through none (no FTC)."""
+    model = several_adapters(base_model("llama"))
+    ids, mask = padded_batch(lengths=(9, 6, 12, 7))
+    names = ["wide", "__base__", "default", "wide"]
+    with torch.no_grad():
+        mixed = tuco_peft.decompose(model, ids, mask, adapter_names=names)
+        for row, name in enumerate(names):
+            if name == "__base__":  # the pre-trained model itself: FTC is rounding (its rows are read apart)
+                assert mixed.ftc[row].abs().max() < 1e-6 * mixed.ptc[row].abs().max() and mixed.tuco[row] < 1e-6
+                continue
+            alone = tuco_peft.decompose(_with_adapter_set(model, name), ids[row : row + 1], mask[row : row + 1])
+            torch.testing.assert_close(mixed.ptc[row], alone.ptc[0], rtol=0, atol=1e-6)
+            torch.testing.assert_close(mixed.ftc[row], alone.ftc[0], rtol=0, atol=1e-6)
+
+
+def test_dora_adapters_are_decomposed_one_at_a_time():
+    """PEFT mixes no DoRA adapter in a batch: decompose_adapters takes them in turn, adapter_names refuses."""
+    model = lora_model(base_model("llama"))
+    _add(model, "dora", seed=9, r=4, lora_alpha=8, target_modules="all-linear", use_dora=True)
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        results = tuco_peft.decompose_adapters(model, ids, mask)
+        for name in ("default", "dora"):
+            alone = tuco_peft.tuco(_with_adapter_set(model, name), ids, mask)
+            torch.testing.assert_close(results[name].tuco, alone, rtol=0, atol=1e-6)
+    with pytest.raises(UnsupportedModelError, match="'dora' is DoRA on .*mixed_batches=False"):
+        tuco_peft.decompose(model, ids, mask, adapter_names=["default", "dora", "dora"])
+
+
+@pytest.mark.parametrize(
+    "names, error, message",
+    [
+        (["default", "wide"], InputError, r"one adapter per row of input_ids \(3 names\)"),
+        (["default", "wide", "gone"], InputError, "names 'gone', which the model does not hold"),
+    ],
+    ids=["too few", "unknown"],
+)
+def test_bad_adapter_names_are_refused(names, error, message):
+    model = several_adapters(base_model("llama"))
+    ids, mask = padded_batch()
+    with pytest.raises(error, match=message):
+        tuco_peft.decompose(model, ids, mask, adapter_names=names)
 
 
 @pytest.mark.parametrize(

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -12,6 +13,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..io.block_sources import PretrainedBlocks, analysis_states, checked_pretrained_blocks
+from ..lora.adapters import adapters_per_row, check_adapters_per_row
 from ..lora.backend import Backend, LoraLinearBackend, make_backend, resolve_backend
 from ..model.block_args import hidden_states
 from ..model.inputs import Batch, Positions, prepare_batch
@@ -123,15 +125,22 @@ def _probe(
     arguments: StackedArguments,
 ) -> Probe:
     """The cheapest exact probe: paired where every row is wanted on a backend that ``pairs_prefill``, else the
-    block's pre-trained path (rows only, inside the fine-tuned forward's calls on a small batch, or a replay)."""
+    block's pre-trained path (rows only, inside the fine-tuned forward's calls on a small batch, or a replay).
+    A batch of mixed adapters calls its LoRA layers only as the model does (with each row's adapter), not
+    stacked or with rows appended."""
     batch = components.batch
+    mixed_adapters = batch.adapter_names is not None
     every_row = batch.rows.shape[1] == batch.input_ids.shape[1]
     paired = None
-    if every_row and not replay:
+    if every_row and not replay and not mixed_adapters:
         paired = paired_block(layer, parts.config, lora_backend, source.separate_model, arguments, prefill=True)
     if paired is not None:
         return _PairedProbe(index, paired, components)
-    shared_reads = batch.input_ids.numel() <= SHARED_READS_MAX_TOKENS and parts.d_model >= SHARED_READS_MIN_WIDTH
+    shared_reads = (
+        not mixed_adapters
+        and batch.input_ids.numel() <= SHARED_READS_MAX_TOKENS
+        and parts.d_model >= SHARED_READS_MIN_WIDTH
+    )
     options = {"separate_model": source.separate_model, "replay_only": replay, "shared_reads": shared_reads}
     path = parts.derived(
         ("pretrained path", index, *options.values()), lambda: pretrained_path(layer, parts.config, **options)
@@ -155,6 +164,21 @@ def _check_vocabulary(batch: Batch, parts: ModelParts) -> None:
         )
 
 
+def _checked_adapter_names(
+    adapter_names: Sequence[str], batch: Batch, parts: ModelParts, source: PretrainedBlocks
+) -> tuple[str, ...]:
+    if source.separate_model:
+        raise InputError("adapter_names selects adapters of a PeftModel; a full fine-tune (base_model=...) has none.")
+    names = () if isinstance(adapter_names, str) else tuple(adapter_names)
+    if len(names) != len(batch.input_ids) or not all(isinstance(name, str) for name in names):
+        raise InputError(
+            f"adapter_names must be a list naming one adapter per row of input_ids ({len(batch.input_ids)} names), "
+            f"got {adapter_names!r}."
+        )
+    check_adapters_per_row(parts.modules, names)
+    return names
+
+
 def _to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, torch.Tensor):
         return value.to(device)
@@ -175,6 +199,7 @@ def decompose(
     replay: bool = False,
     backend: Backend | None = None,
     keep: Literal["all", "sums"] = "all",
+    adapter_names: Sequence[str] | None = None,
 ) -> Decomposition | DecompositionSums:
     """Split every block's update of a LoRA/QLoRA model into pre-trained and fine-tuning components.
 
@@ -202,6 +227,9 @@ def decompose(
             block's components as soon as they are computed and returns a ``DecompositionSums`` (TuCo,
             per-block L1 norms and cumulative TuCo at every position; no per-block vectors), so that
             memory grows with the sequence only: use it for TuCo per token over long prompts.
+        adapter_names: the adapter of each row, for a batch that mixes the adapters a model holds, as PEFT's
+            ``adapter_names`` (``"__base__"``: none): each row is decomposed as if its adapter alone were
+            active, and every weight is read once for all of them. LoRA adapters only (no DoRA).
     """
     if keep not in ("all", "sums"):
         raise InputError(f"keep must be 'all' or 'sums', got {keep!r}.")
@@ -209,6 +237,8 @@ def decompose(
     source = checked_pretrained_blocks(parts, base_model)
     batch = prepare_batch(input_ids, attention_mask, positions, parts.input_device)
     _check_vocabulary(batch, parts)
+    if adapter_names is not None:
+        batch = replace(batch, adapter_names=_checked_adapter_names(adapter_names, batch, parts, source))
     lora_backend = make_backend(resolve_backend(backend, batch.input_ids.device))
     components = (AllComponents if keep == "all" else RunningSums)(len(parts.layers), batch)
     arguments = StackedArguments()
@@ -218,6 +248,9 @@ def decompose(
     ]
     with ExitStack() as stack:
         stack.enter_context(analysis_states(parts, source))
+        if batch.adapter_names is not None:
+            lora_layers = [module for _, module in parts.modules.lora_layers]
+            stack.enter_context(adapters_per_row(lora_layers, list(batch.adapter_names)))
         for probe in probes:
             stack.enter_context(probe.attached())
         parts.decoder(

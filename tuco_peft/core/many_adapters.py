@@ -1,22 +1,26 @@
 """TuCo of each adapter a model holds: the checkpoints of a training run, or a shelf of adapters trained on one
 base, measured against that base loaded once (``PeftModel.load_adapter`` adds each to the same model).
 
-Each adapter is decomposed as if it alone were active, its rows exactly those of the model with that adapter
-set; the model's own active adapter, and which weights are trainable, are left as they were found.
+Each adapter is decomposed as if it alone were active. Where PEFT can mix adapters in one batch (LoRA, no
+DoRA), the prompts of every adapter run in one forward, each row through its own adapter (``decompose``'s
+``adapter_names``): every base weight is read once for all of them, as multi-LoRA serving does. Otherwise one
+adapter after another. Either way the model's own active adapter, and which weights are trainable, are left as
+they were found.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import fields
 from typing import Literal
 
 import torch
 from torch import nn
 
 from ..errors import InputError
-from ..lora.adapters import adapter_active, adapter_names
+from ..lora.adapters import adapter_active, adapter_names, why_not_mixable
 from ..lora.backend import Backend
-from ..model.inputs import Positions
+from ..model.inputs import Positions, prepare_batch
 from ..model.parts import model_parts
 from .contributions import Decomposition, DecompositionSums
 from .decompose import decompose
@@ -31,6 +35,7 @@ def decompose_adapters(
     positions: Positions = "last",
     backend: Backend | None = None,
     keep: Literal["all", "sums"] = "all",
+    mixed_batches: bool | None = None,
 ) -> dict[str, Decomposition | DecompositionSums]:
     """``decompose`` once per adapter of ``model``, each as the only active one: ``{adapter name: result}``.
 
@@ -38,18 +43,39 @@ def decompose_adapters(
         model: a ``peft.PeftModel`` holding several adapters (``model.load_adapter(path, adapter_name=...)``).
         adapters: the adapters to decompose, in this order; all that the model holds if omitted.
         input_ids, attention_mask, positions, backend, keep: as in ``decompose``.
+        mixed_batches: the prompts of every adapter in one forward (the batch grows by the number of
+            adapters); ``None``: where PEFT can mix the adapters, else one after another.
     """
     parts = model_parts(model)
     layers = [module for _, module in parts.modules.lora_layers + parts.modules.other_adapters]
     held = adapter_names(layers)
     names = held if adapters is None else _checked(adapters, held)
+    if mixed_batches is None:
+        mixed_batches = why_not_mixable(parts.modules, names) is None
+    if mixed_batches:
+        rows = len(input_ids)
+        if not isinstance(positions, str):  # token indices: one row of them per prompt, for each adapter
+            positions = prepare_batch(input_ids, attention_mask, positions, parts.input_device).rows.repeat(len(names), 1)
+        result = decompose(
+            model,
+            input_ids.repeat(len(names), 1),
+            None if attention_mask is None else attention_mask.repeat(len(names), 1),
+            positions=positions,
+            backend=backend,
+            keep=keep,
+            adapter_names=[name for name in names for _ in range(rows)],
+        )
+        return {name: _prompts(result, slice(i * rows, (i + 1) * rows)) for i, name in enumerate(names)}
     results: dict[str, Decomposition | DecompositionSums] = {}
     for name in names:
         with adapter_active(layers, name):
-            results[name] = decompose(
-                model, input_ids, attention_mask, positions=positions, backend=backend, keep=keep
-            )
+            results[name] = decompose(model, input_ids, attention_mask, positions=positions, backend=backend, keep=keep)
     return results
+
+
+def _prompts(result: Decomposition | DecompositionSums, rows: slice) -> Decomposition | DecompositionSums:
+    """The decomposition of the prompts ``rows`` of the batch (every field's first axis)."""
+    return type(result)(**{field.name: getattr(result, field.name)[rows] for field in fields(result)})
 
 
 def _checked(adapters: Sequence[str], held: list[str]) -> list[str]:

@@ -209,7 +209,9 @@ class SharedProjectionBlock(_RowwiseBlock):
         """Send the base q/k/v of the fine-tuned forward to ``capture``: computed in the same fused kernel as
         the LoRA output on the Triton backend, read by hooks on the base layers otherwise."""
         try:
-            with backend.report_base_outputs(self.projections, self.capture):
+            # PEFT adds a mixed batch's adapters into the base output in place: the pre-trained q/k/v are copies.
+            mixed = batch.adapter_names is not None
+            with backend.report_base_outputs(self.projections, self.capture, copied=mixed):
                 yield
         finally:  # a path is kept between calls (``ModelParts.derived``): nothing of this one stays behind
             self._captured = {}

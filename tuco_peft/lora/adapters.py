@@ -16,16 +16,16 @@ back exactly as it was found.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from functools import cache
-from typing import TYPE_CHECKING, TypeGuard, cast
+from typing import TYPE_CHECKING, Any, TypeGuard, cast
 
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from ..errors import UnsupportedModelError
-from ..model.interception import forward_replaced, replaced_forwards
+from ..errors import InputError, UnsupportedModelError
+from ..model.interception import forward_replaced, hooked, replaced_forwards
 from ..model.inventory import ModuleInventory, is_switchable
 
 if TYPE_CHECKING:
@@ -149,6 +149,56 @@ def adapter_names(layers: Iterable[nn.Module]) -> list[str]:
         for attribute in getattr(layer, "adapter_layer_names", ()):
             names.update(dict.fromkeys(getattr(layer, attribute).keys()))
     return list(names)
+
+
+BASE = "__base__"  # PEFT's name, in ``adapter_names``, for a row without an adapter
+
+
+def check_adapters_per_row(modules: ModuleInventory, names: Sequence[str]) -> None:
+    """Refuse ``adapter_names`` that name no adapter of the model, or that PEFT cannot mix in one batch."""
+    held = adapter_names(m for _, m in modules.lora_layers + modules.other_adapters)
+    unknown = sorted({name for name in names if name not in held and name != BASE})
+    if unknown:
+        raise InputError(
+            f"adapter_names names {', '.join(map(repr, unknown))}, which the model does not hold; it holds "
+            f"{', '.join(map(repr, held))} (and {BASE!r} for a row without an adapter)."
+        )
+    reason = why_not_mixable(modules, names)
+    if reason is not None:
+        raise UnsupportedModelError(
+            f"adapter_names mixes adapters in one batch, but {reason}; decompose one adapter at a time "
+            "(decompose_adapters(..., mixed_batches=False))."
+        )
+
+
+def why_not_mixable(modules: ModuleInventory, names: Iterable[str]) -> str | None:
+    """Why PEFT cannot run the adapters ``names`` side by side in one batch, or None where it can."""
+    if modules.other_adapters:
+        name, module = modules.other_adapters[0]
+        return f"PEFT mixes LoRA adapters only, and {name} is a {type(module).__name__}"
+    wanted = set(names)
+    for name, module in modules.lora_layers:
+        dora = sorted(adapter for adapter in wanted if module.use_dora.get(adapter, False))
+        if dora:
+            return f"PEFT does not mix DoRA adapters, and {dora[0]!r} is DoRA on {name}"
+    return None
+
+
+@contextmanager
+def adapters_per_row(layers: Iterable[nn.Module], names: list[str]) -> Iterator[None]:
+    """Each row of a batch through its own adapter, ``names[i]`` for row i, in every tuner layer of ``layers``
+    (PEFT's mixed batches: its layers take ``adapter_names``) while their adapters are on, that is in the
+    fine-tuned forward; the pre-trained path, adapters off, is the same for every row."""
+
+    def each_row_its_adapter(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple | None:
+        if getattr(module, "disable_adapters", False):  # PEFT's flag, as ``adapters_disabled`` sets it
+            return None
+        return args, {**kwargs, "adapter_names": names}
+
+    with ExitStack() as stack:
+        for layer in layers:
+            stack.enter_context(hooked(layer, before=each_row_its_adapter, with_kwargs=True))
+        yield
 
 
 @contextmanager

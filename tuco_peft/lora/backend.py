@@ -16,6 +16,7 @@ import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
+from functools import partial
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeGuard, cast
 
@@ -78,12 +79,19 @@ def resolve_backend(backend: Backend | None, device: torch.device) -> ResolvedBa
     return "triton"
 
 
-def _capture_base_output(layer: LoraModule, run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run ``run`` (a forward of ``layer``) and return (its base layer's output, the layer's output)."""
+def _capture_base_output(
+    layer: LoraModule, run: Callable[[], torch.Tensor], copied: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``run`` (a forward of ``layer``) and return (its base layer's output, the layer's output);
+    ``copied``: a copy of the base output, which the layer's forward changes in place (a mixed batch's)."""
     captured: list[torch.Tensor] = []
-    with hooked(layer.get_base_layer(), after=lambda module, args, output: captured.append(output)):
+    with hooked(layer.get_base_layer(), after=lambda module, args, output: captured.append(_kept(output, copied))):
         output = run()
     return captured[-1], output
+
+
+def _kept(output: torch.Tensor, copied: bool) -> torch.Tensor:
+    return output.clone() if copied else output
 
 
 class LoraLinearBackend(ABC):
@@ -115,27 +123,34 @@ class LoraLinearBackend(ABC):
         than reading it from a forward hook (only ever for a PEFT LoRA linear)."""
 
     @contextmanager
-    def report_base_outputs(self, layers: Iterable[nn.Module], on_base_output: BaseOutputSink) -> Iterator[None]:
+    def report_base_outputs(
+        self, layers: Iterable[nn.Module], on_base_output: BaseOutputSink, *, copied: bool = False
+    ) -> Iterator[None]:
         """While active, every forward of ``layers`` reports its base output as ``on_base_output(base, args, y)``.
 
         A layer this backend ``fuses`` computes its base and fine-tuned outputs with ``dual`` and returns the
         fine-tuned one. Every other layer (plain layers, and all of them on the torch backend) reports through
-        a forward hook on its pre-trained projection.
+        a forward hook on its pre-trained projection. ``copied``: report copies, for forwards that add their
+        adapters into the base output in place (PEFT's, on a batch that mixes adapters).
         """
         layers = list(layers)
         fused = [m for m in layers if self.fuses(m)]
         observed = [pretrained_projection(m) for m in layers if not any(m is f for f in fused)]
         with ExitStack() as stack:
             for projection in observed:
-                stack.enter_context(hooked(projection, after=on_base_output))
+                report = (lambda m, args, y: on_base_output(m, args, y.clone())) if copied else on_base_output
+                stack.enter_context(hooked(projection, after=report))
             for layer in fused:
-                stack.enter_context(replaced_forward(layer, self._fused_forward(layer, on_base_output)))
+                stack.enter_context(replaced_forward(layer, self._fused_forward(layer, on_base_output, copied)))
             yield
 
-    def _fused_forward(self, layer: LoraModule, on_base_output: BaseOutputSink) -> Callable[..., torch.Tensor]:
+    def _fused_forward(
+        self, layer: LoraModule, on_base_output: BaseOutputSink, copied: bool
+    ) -> Callable[..., torch.Tensor]:
         def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            if args or kwargs:
-                y_base, y_ft = _capture_base_output(layer, lambda: type(layer).forward(layer, x, *args, **kwargs))
+            if args or kwargs:  # a mixed batch's adapter_names among them
+                run = partial(type(layer).forward, layer, x, *args, **kwargs)
+                y_base, y_ft = _capture_base_output(layer, run, copied)
             else:
                 y_base, y_ft = self.dual(x, layer)
             on_base_output(layer.get_base_layer(), (x,), y_base)

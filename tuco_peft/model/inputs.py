@@ -23,6 +23,8 @@ class Batch:
     position_ids: torch.Tensor
     rows: torch.Tensor
     squeeze_positions: bool
+    # Each row's adapter where the rows go through different ones (PEFT's ``adapter_names``).
+    adapter_names: tuple[str, ...] | None = None
     # What every block of a forward derives alike from the batch, made by the first block that asks (one
     # call's worth: a small call costs what its per-block tensor operations cost).
     _per_forward: dict[str, tuple[Any, Any]] = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -59,7 +61,7 @@ class Batch:
         input_ids, attention_mask, position_ids, rows = (
             t.to(device) for t in (self.input_ids, self.attention_mask, self.position_ids, self.rows)
         )
-        return Batch(input_ids, attention_mask, position_ids, rows, self.squeeze_positions)
+        return Batch(input_ids, attention_mask, position_ids, rows, self.squeeze_positions, self.adapter_names)
 
     @property
     def row_is_real(self) -> torch.Tensor:
