@@ -118,6 +118,7 @@ def test_rows_of_any_adapters_in_any_order():
             alone = tuco_peft.decompose(_with_adapter_set(model, name), ids[row : row + 1], mask[row : row + 1])
             torch.testing.assert_close(mixed.ptc[row], alone.ptc[0], rtol=0, atol=1e-6)
             torch.testing.assert_close(mixed.ftc[row], alone.ftc[0], rtol=0, atol=1e-6)
+        torch.testing.assert_close(tuco_peft.tuco(model, ids, mask, adapter_names=names), mixed.tuco, rtol=0, atol=1e-6)
 
 
 def test_dora_adapters_are_decomposed_one_at_a_time():

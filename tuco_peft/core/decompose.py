@@ -270,10 +270,18 @@ def tuco(
     positions: Positions = "last",
     base_model: nn.Module | str | Path | None = None,
     backend: Backend | None = None,
+    adapter_names: Sequence[str] | None = None,
 ) -> torch.Tensor:
     """TuCo of each prompt, in [0, 1], float32: at its last real token (``[batch]``), or at ``positions`` as
     in ``decompose`` (``[batch, k]``, 0 at padding). Only running sums over blocks are kept (``keep="sums"``).
     """
     return decompose(
-        model, input_ids, attention_mask, positions=positions, base_model=base_model, backend=backend, keep="sums"
+        model,
+        input_ids,
+        attention_mask,
+        positions=positions,
+        base_model=base_model,
+        backend=backend,
+        keep="sums",
+        adapter_names=adapter_names,
     ).tuco
