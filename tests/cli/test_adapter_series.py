@@ -83,10 +83,22 @@ def test_a_run_folder_gives_its_checkpoints_in_step_order(tmp_path):
     ]
 
 
-def test_a_run_folder_that_is_an_adapter_itself_is_one_adapter(tmp_path):
+def test_a_run_folder_that_is_an_adapter_itself_comes_after_its_checkpoints(tmp_path):
     run = _adapter(tmp_path / "run")  # the Trainer saved the final adapter into its output folder
     _checkpoint(run, 10)
-    assert find_adapters([run]) == [AdapterCheckpoint("run", run, None, None)]
+    assert find_adapters([run]) == [
+        AdapterCheckpoint("run/checkpoint-10", run / "checkpoint-10", 10, None),
+        AdapterCheckpoint("run", run, None, None),
+    ]
+
+
+def test_names_with_a_dot_become_peft_adapter_names_without(tmp_path):
+    adapter = _adapter(tmp_path / "qwen2.5-sft")
+    (found,) = find_adapters([adapter])
+    assert found.name == "qwen2.5-sft" and found.adapter_name == "qwen2_5-sft"
+    _adapter(tmp_path / "more" / "qwen2_5-sft")
+    with pytest.raises(InputError, match="would both be named 'qwen2_5-sft'"):
+        find_adapters([adapter, tmp_path / "more" / "qwen2_5-sft"])
 
 
 def test_a_folder_of_adapters_is_taken_by_name(tmp_path):

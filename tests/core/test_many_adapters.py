@@ -187,3 +187,83 @@ def test_on_a_4bit_base_each_adapter_is_the_model_with_that_adapter_set():
         for name in ADAPTERS:
             model.set_adapter(name)
             torch.testing.assert_close(results[name].tuco, tuco_peft.tuco(model, ids, mask), rtol=0, atol=1e-6)
+
+
+def _with_token_and_norm_adapters(extra):
+    """Two adapters that also train token 5's embedding (trainable tokens, outside the blocks) and, with
+    ``extra``, their own copy of modules_to_save."""
+    model = lora_model(base_model("llama"), trainable_token_indices=[5], **extra)
+    _add(model, "other", seed=7, r=4, lora_alpha=8, target_modules="all-linear", trainable_token_indices=[5], **extra)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "trainable_tokens_delta.other" in name or "modules_to_save.other" in name:
+                parameter.add_(0.5)
+    return model
+
+
+@pytest.mark.parametrize("mixed_batches", [None, False], ids=["mixed where PEFT can", "one adapter at a time"])
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"modules_to_save": ["input_layernorm"]}],
+    ids=["trainable tokens", "trainable tokens and a norm in modules_to_save"],
+)
+def test_trainable_tokens_and_modules_to_save_follow_their_adapter(extra, mixed_batches):
+    """PEFT switches these auxiliary wrappers with the adapter; each adapter's x0 and blocks are its own. A
+    norm in modules_to_save cannot be mixed in one batch: the adapters are then taken in turn."""
+    model = _with_token_and_norm_adapters(extra)
+    ids, mask = padded_batch()
+    ids[:, -1] = 5
+    before = _state(model)
+    with torch.no_grad():
+        results = tuco_peft.decompose_adapters(model, ids, mask, mixed_batches=mixed_batches)
+        for name in ("default", "other"):
+            reference = _with_adapter_set(model, name)
+            alone = tuco_peft.decompose(reference, ids, mask)
+            torch.testing.assert_close(results[name].x0, alone.x0, rtol=0, atol=1e-6)
+            torch.testing.assert_close(results[name].ftc, alone.ftc, rtol=0, atol=1e-6)
+    assert not torch.allclose(results["default"].x0, results["other"].x0)
+    assert _state(model) == before
+
+
+def test_adapters_on_target_parameters_are_decomposed_one_at_a_time():
+    model = lora_model(base_model("llama"), target_modules=[], target_parameters=["mlp.down_proj.weight"])
+    _add(model, "other", seed=7, r=4, lora_alpha=8, target_modules=[], target_parameters=["mlp.down_proj.weight"])
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        results = tuco_peft.decompose_adapters(model, ids, mask)
+        for name in ("default", "other"):
+            torch.testing.assert_close(
+                results[name].tuco, tuco_peft.tuco(_with_adapter_set(model, name), ids, mask), rtol=0, atol=1e-6
+            )
+    with pytest.raises(UnsupportedModelError, match="target_parameters"):
+        tuco_peft.decompose(model, ids, mask, adapter_names=["default", "other", "other"])
+
+
+def test_a_training_run_on_disk_end_to_end(tmp_path):
+    """The how-to's recipe: a run's checkpoint-N adapters found in step order, loaded into one model under
+    their adapter names, each decomposed as PEFT's own loading of that checkpoint alone gives."""
+    import json
+
+    from peft import PeftModel
+
+    from tuco_peft.io.adapter_series import find_adapters
+
+    run = tmp_path / "run.v1"
+    for step, seed in ((20, 3), (100, 4)):
+        lora_model(base_model("llama"), seed=seed).save_pretrained(run / f"checkpoint-{step}")
+        state = {"global_step": step, "log_history": [{"loss": 1.0 / step, "step": step}]}
+        (run / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps(state))
+    checkpoints = find_adapters([run])
+    assert [(c.step, c.train_loss) for c in checkpoints] == [(20, 1 / 20), (100, 1 / 100)]
+    first, *rest = checkpoints
+    model = PeftModel.from_pretrained(base_model("llama"), first.path, adapter_name=first.adapter_name).eval()
+    for checkpoint in rest:
+        model.load_adapter(checkpoint.path, adapter_name=checkpoint.adapter_name)
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        results = tuco_peft.decompose_adapters(model, ids, mask)
+        for checkpoint in checkpoints:
+            alone = PeftModel.from_pretrained(base_model("llama"), checkpoint.path).eval()
+            torch.testing.assert_close(
+                results[checkpoint.adapter_name].tuco, tuco_peft.tuco(alone, ids, mask), rtol=0, atol=1e-6
+            )

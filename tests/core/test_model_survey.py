@@ -130,6 +130,20 @@ def test_another_attention_implementation_is_seen(pair):
     torch.testing.assert_close(_tuco(model, ids, mask), _oracle_tuco(pretrained, model, ids, mask), rtol=0, atol=1e-5)
 
 
+def test_a_config_value_set_after_a_call_is_seen():
+    """Mistral's attention reads its sliding window from the config at every forward; a pre-trained path kept
+    from the call before must read the new one too."""
+    _, model = model_pair("mistral")
+    ids, mask = padded_batch()
+    before = _tuco(model, ids, mask)
+    model.get_base_model().config.sliding_window = 2
+    with torch.no_grad():
+        kept = tuco_peft.decompose(model, ids, mask, keep="sums").tuco
+        replayed = tuco_peft.decompose(model, ids, mask, keep="sums", replay=True).tuco
+    assert not torch.allclose(kept, before, atol=1e-3)
+    torch.testing.assert_close(kept, replayed, rtol=0, atol=1e-5)
+
+
 @pytest.fixture
 def shared_reads(monkeypatch):
     """Every block on the path that replaces forwards inside it (``SharedReadBlock``), whatever the width."""

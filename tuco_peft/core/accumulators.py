@@ -67,13 +67,17 @@ class Components:
 
     def _ends(self, finite: torch.Tensor, continues: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x0, xL and the positions, after checking that every block ran, on finite components (``finite``
-        [n_layers] bool), each taking the previous block's output as its input (``continues``)."""
+        [n_layers] bool), each taking the previous block's output as its input (``continues``).
+
+        FTC alone tells finiteness: FTC = (out − x) − PTC is NaN or infinite wherever any of the three is (also
+        at padding rows, zeroed by a product that keeps a NaN)."""
         if self.blocks_seen != self.n_layers:
             self._discontinuity(self.blocks_seen)
         if not bool(finite.all()):
             block = int((~finite).nonzero()[0])
             raise TuCoError(
-                f"the hidden states hold NaN or infinity from block {block} on (NaN or infinite weights, or an "
+                f"the hidden states or the pre-trained path hold NaN or infinity from block {block} on (NaN or "
+                "infinite weights, or an "
                 "overflow in float16), so TuCo is undefined; check the checkpoint's weights, or load it in "
                 "float32 or bfloat16."
             )
@@ -115,7 +119,7 @@ class AllComponents(Components):
 
     def result(self) -> Decomposition:
         assert self.ptc is not None and self.ftc is not None, "a decoder has at least one block"
-        finite = self.ftc.isfinite().transpose(0, 1).flatten(1).all(1)
+        finite = self.ftc.isfinite().flatten(2).all(2).all(0)
         x0, xL, positions = self._ends(finite, ~self._gaps)
         ptc, ftc = self._squeezed(self.ptc, 2), self._squeezed(self.ftc, 2)
         return Decomposition(ptc=ptc, ftc=ftc, x0=x0, xL=xL, positions=positions)
@@ -156,8 +160,8 @@ class RunningSums(Components):
 
     def result(self) -> DecompositionSums:
         norms = self._norms.permute(1, 2, 0, 3)  # [5, batch, n_layers, rows]
-        finite = norms[_FTC].isfinite().transpose(0, 1).flatten(1).all(1)
-        x0, xL, positions = self._ends(finite, (norms[_GAP] == 0).transpose(0, 1).flatten(1).all(1))
+        finite = norms[_FTC].isfinite().all(2).all(0)
+        x0, xL, positions = self._ends(finite, (norms[_GAP] == 0).all(2).all(0))
         ptc_sum, ftc_sum = self.ptc_sum, self.ftc_sum
         assert ptc_sum is not None and ftc_sum is not None, "a decoder has at least one block"
         cumulative = tuco_from_norms(norms[_PTC_SUM], norms[_FTC_SUM])

@@ -249,8 +249,7 @@ def decompose(
     with ExitStack() as stack:
         stack.enter_context(analysis_states(parts, source))
         if batch.adapter_names is not None:
-            lora_layers = [module for _, module in parts.modules.lora_layers]
-            stack.enter_context(adapters_per_row(lora_layers, list(batch.adapter_names)))
+            stack.enter_context(adapters_per_row(parts.modules, list(batch.adapter_names)))
         for probe in probes:
             stack.enter_context(probe.attached())
         parts.decoder(

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..lora.adapters import adapter_active, adapter_names, why_not_mixable
+from ..lora.adapters import adapter_active, held_adapters, why_not_mixable
 from ..lora.backend import Backend
 from ..model.inputs import Positions, prepare_batch
 from ..model.parts import model_parts
@@ -47,19 +47,19 @@ def decompose_adapters(
             adapters); ``None``: where PEFT can mix the adapters, else one after another.
     """
     parts = model_parts(model)
-    layers = [module for _, module in parts.modules.lora_layers + parts.modules.other_adapters]
-    held = adapter_names(layers)
+    held = held_adapters(parts.modules)
     names = held if adapters is None else _checked(adapters, held)
     if mixed_batches is None:
         mixed_batches = why_not_mixable(parts.modules, names) is None
     if mixed_batches:
-        rows = len(input_ids)
+        batch = prepare_batch(input_ids, attention_mask, positions, parts.input_device)  # checked before it grows
+        rows = len(batch.input_ids)
         if not isinstance(positions, str):  # token indices: one row of them per prompt, for each adapter
-            positions = prepare_batch(input_ids, attention_mask, positions, parts.input_device).rows.repeat(len(names), 1)
+            positions = batch.rows.repeat(len(names), 1)
         result = decompose(
             model,
-            input_ids.repeat(len(names), 1),
-            None if attention_mask is None else attention_mask.repeat(len(names), 1),
+            batch.input_ids.repeat(len(names), 1),
+            batch.attention_mask.repeat(len(names), 1),
             positions=positions,
             backend=backend,
             keep=keep,
@@ -68,7 +68,7 @@ def decompose_adapters(
         return {name: _prompts(result, slice(i * rows, (i + 1) * rows)) for i, name in enumerate(names)}
     results: dict[str, Decomposition | DecompositionSums] = {}
     for name in names:
-        with adapter_active(layers, name):
+        with adapter_active(parts.modules, name):
             results[name] = decompose(model, input_ids, attention_mask, positions=positions, backend=backend, keep=keep)
     return results
 

@@ -35,6 +35,11 @@ class AdapterCheckpoint:
     step: int | None = None
     train_loss: float | None = None
 
+    @property
+    def adapter_name(self) -> str:
+        """``name`` as PEFT's ``adapter_name`` takes it: module names hold no ".", so it becomes "_"."""
+        return self.name.replace(".", "_")
+
 
 def find_adapters(locations: Sequence[str | Path], base: str | None = None) -> list[AdapterCheckpoint]:
     """The adapters at ``locations``, in their order, each folder expanded to the adapters it holds.
@@ -50,12 +55,12 @@ def find_adapters(locations: Sequence[str | Path], base: str | None = None) -> l
             config = _read_json(location, adapter.path / ADAPTER_CONFIG, "fix it, or save the adapter again")
             if base is not None:
                 _check_base(location, adapter.path / ADAPTER_CONFIG, config, base)
-            if adapter.name in paths_by_name:
+            if adapter.adapter_name in paths_by_name:
                 raise InputError(
-                    f"--adapter {paths_by_name[adapter.name]} and --adapter {adapter.path} would both be named "
-                    f"{adapter.name!r} in the results; pass only one of them, or rename one folder."
+                    f"--adapter {paths_by_name[adapter.adapter_name]} and --adapter {adapter.path} would both be "
+                    f"named {adapter.adapter_name!r}; pass only one of them, or rename one folder."
                 )
-            paths_by_name[adapter.name] = adapter.path
+            paths_by_name[adapter.adapter_name] = adapter.path
             adapters.append(adapter)
     return adapters
 
@@ -71,11 +76,10 @@ def _expand(location: str | Path) -> list[AdapterCheckpoint]:
         )
     if not path.is_dir():
         raise InputError(f"--adapter {location} is a file; pass the adapter's folder (it holds {ADAPTER_CONFIG}).")
-    if (path / ADAPTER_CONFIG).is_file():
-        return [_adapter(location, path)]
     folders = sorted(child for child in path.iterdir() if child.is_dir())
     checkpoints = [folder for folder in folders if _CHECKPOINT.match(folder.name)]
-    if checkpoints:  # the output folder of a training run
+    final = [_adapter(location, path)] if (path / ADAPTER_CONFIG).is_file() else []
+    if checkpoints and not _CHECKPOINT.match(path.name):  # the output folder of a training run
         for folder in checkpoints:
             if not (folder / ADAPTER_CONFIG).is_file():
                 raise InputError(
@@ -83,7 +87,10 @@ def _expand(location: str | Path) -> list[AdapterCheckpoint]:
                     "adapter checkpoints one by one, or remove it from the run folder."
                 )
         checkpoints.sort(key=lambda folder: (_step_in_name(folder), folder.name))
-        return [_adapter(location, folder) for folder in checkpoints]
+        # The adapter a Trainer saved into the run folder at the end (save_model) comes after its checkpoints.
+        return [_adapter(location, folder) for folder in checkpoints] + final
+    if final:
+        return final
     adapters = [folder for folder in folders if (folder / ADAPTER_CONFIG).is_file()]
     if not adapters:
         raise InputError(
@@ -154,6 +161,8 @@ def _read_json(location: str | Path, path: Path, way_out: str) -> dict[str, obje
         ) from None
     except UnicodeDecodeError:
         raise InputError(f"--adapter {location}: {path} is not UTF-8 text; {way_out}.") from None
+    except OSError as error:
+        raise InputError(f"--adapter {location}: {path} cannot be read ({error.strerror}); {way_out}.") from None
     if not isinstance(content, dict):
         raise InputError(f"--adapter {location}: {path} is not a JSON object; {way_out}.")
     return content
@@ -179,4 +188,4 @@ def _certainly_other(named: str, base: str) -> bool:
         return paths[0].resolve() != paths[1].resolve()
     if any(on_disk) or not all(is_hub_id(name) for name in (named, base)):
         return False
-    return named != base
+    return named.lower() != base.lower()  # the Hub's ids are not case-sensitive

@@ -22,6 +22,8 @@ from functools import cache
 from typing import TYPE_CHECKING, Any, TypeGuard, cast
 
 from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from ..errors import InputError, UnsupportedModelError
@@ -142,21 +144,23 @@ def adapters_disabled(modules: Iterable[nn.Module]) -> Iterator[None]:
                 module.__dict__["_disable_adapters"] = previous
 
 
-def adapter_names(layers: Iterable[nn.Module]) -> list[str]:
-    """The adapters that ``layers`` (tuner layers) hold, in the order they first appear."""
+def held_adapters(modules: ModuleInventory) -> list[str]:
+    """The adapters the model's tuner layers hold, in the order they first appear."""
     names: dict[str, None] = {}
-    for layer in layers:
-        for attribute in getattr(layer, "adapter_layer_names", ()):
-            names.update(dict.fromkeys(getattr(layer, attribute).keys()))
+    for _, layer in modules.adapter_holders:
+        if isinstance(layer, BaseTunerLayer):  # the wrappers around some hold the same names
+            for attribute in layer.adapter_layer_names:
+                names.update(dict.fromkeys(getattr(layer, attribute).keys()))
     return list(names)
 
 
 BASE = "__base__"  # PEFT's name, in ``adapter_names``, for a row without an adapter
+_MIXABLE_WRAPPED = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # PEFT's modules_to_save that mix
 
 
 def check_adapters_per_row(modules: ModuleInventory, names: Sequence[str]) -> None:
     """Refuse ``adapter_names`` that name no adapter of the model, or that PEFT cannot mix in one batch."""
-    held = adapter_names(m for _, m in modules.lora_layers + modules.other_adapters)
+    held = held_adapters(modules)
     unknown = sorted({name for name in names if name not in held and name != BASE})
     if unknown:
         raise InputError(
@@ -178,38 +182,50 @@ def why_not_mixable(modules: ModuleInventory, names: Iterable[str]) -> str | Non
         return f"PEFT mixes LoRA adapters only, and {name} is a {type(module).__name__}"
     wanted = set(names)
     for name, module in modules.lora_layers:
+        if type(module).__name__ == "ParamWrapper":
+            return f"PEFT does not mix adapters on target_parameters, as on {name}"
         dora = sorted(adapter for adapter in wanted if module.use_dora.get(adapter, False))
         if dora:
             return f"PEFT does not mix DoRA adapters, and {dora[0]!r} is DoRA on {name}"
+    for name, holder in modules.adapter_holders:
+        if isinstance(holder, AuxiliaryTrainingWrapper) and not _mixes(holder):
+            return f"PEFT mixes modules_to_save of linear, embedding and convolution layers only, not {name}"
     return None
 
 
+def _mixes(wrapper: nn.Module) -> bool:
+    original = getattr(wrapper, "original_module", None)
+    return original is None or isinstance(original, _MIXABLE_WRAPPED)
+
+
 @contextmanager
-def adapters_per_row(layers: Iterable[nn.Module], names: list[str]) -> Iterator[None]:
-    """Each row of a batch through its own adapter, ``names[i]`` for row i, in every tuner layer of ``layers``
-    (PEFT's mixed batches: its layers take ``adapter_names``) while their adapters are on, that is in the
-    fine-tuned forward; the pre-trained path, adapters off, is the same for every row."""
+def adapters_per_row(modules: ModuleInventory, names: list[str]) -> Iterator[None]:
+    """Each row of a batch through its own adapter, ``names[i]`` for row i (PEFT's mixed batches: its LoRA
+    layers and auxiliary wrappers take ``adapter_names``) while the adapters are on, that is in the fine-tuned
+    forward; the pre-trained path, adapters off, is the same for every row."""
 
     def each_row_its_adapter(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple | None:
         if getattr(module, "disable_adapters", False):  # PEFT's flag, as ``adapters_disabled`` sets it
             return None
         return args, {**kwargs, "adapter_names": names}
 
+    takers = [m for _, m in modules.adapter_holders if isinstance(m, (LoraLayer, AuxiliaryTrainingWrapper))]
     with ExitStack() as stack:
-        for layer in layers:
-            stack.enter_context(hooked(layer, before=each_row_its_adapter, with_kwargs=True))
+        for module in takers:
+            stack.enter_context(hooked(module, before=each_row_its_adapter, with_kwargs=True))
         yield
 
 
 @contextmanager
-def adapter_active(layers: Iterable[nn.Module], name: str) -> Iterator[None]:
-    """``name`` the one active adapter of every tuner layer in ``layers``, restored exactly afterwards.
+def adapter_active(modules: ModuleInventory, name: str) -> Iterator[None]:
+    """``name`` the one active adapter of the model, restored exactly afterwards.
 
-    What PEFT's ``set_adapter`` does to the layers' forwards, without what it does besides: it also makes the
-    adapter's weights trainable and freezes the others'. A layer that does not hold ``name`` computes its
-    base output alone, as it would under ``set_adapter``.
+    What PEFT's ``set_adapter`` does to the forwards of the tuner layers and auxiliary wrappers
+    (modules_to_save, trainable tokens), without what it does besides: it also makes the adapter's weights
+    trainable and freezes the others'. A module that does not hold ``name`` computes its base output alone,
+    as it would under ``set_adapter``.
     """
-    switched = list(layers)
+    switched = [module for _, module in modules.adapter_holders]
     saved = [m.__dict__.get("_active_adapter", _MISSING) for m in switched]
     try:
         for module in switched:

@@ -109,7 +109,7 @@ def replaced_forwards(replacements: Sequence[tuple[nn.Module, Callable[..., Any]
         yield
     finally:
         for module in done:
-            del module.__dict__["forward"]
+            module.__dict__.pop("forward", None)
 
 
 class CacheView:

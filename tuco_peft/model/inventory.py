@@ -62,6 +62,8 @@ class ModuleInventory:
     with an ``attention_dropout`` rate), whatever their rate: LoRA's own dropout only acts on the fine-tuned
     branch and is left out. ``checkpointable`` are the modules that have a ``gradient_checkpointing`` flag,
     whatever its value. ``switchable`` holds each block's tuner layers and modules_to_save, in module order.
+    ``adapter_holders`` are the whole model's modules that hold adapters by name and switch between them:
+    tuner layers and PEFT's auxiliary wrappers (modules_to_save, trainable tokens).
     """
 
     lora_layers: tuple[tuple[str, LoraModule], ...]
@@ -70,6 +72,7 @@ class ModuleInventory:
     checkpointable: tuple[nn.Module, ...]
     quantized_4bit: tuple[nn.Module, ...]
     switchable: tuple[tuple[nn.Module, ...], ...]
+    adapter_holders: tuple[tuple[str, nn.Module], ...]
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,7 @@ def _kind(cls: type) -> _Kind:
 def take_inventory(model: nn.Module, layers: nn.ModuleList) -> ModuleInventory:
     """One walk over ``model``, whose decoder blocks are ``layers``."""
     block_index = {id(layer): index for index, layer in enumerate(layers)}
-    lora_layers, other_adapters, dropouts, checkpointable, quantized = [], [], [], [], []
+    lora_layers, other_adapters, dropouts, checkpointable, quantized, holders = [], [], [], [], [], []
     switchable: list[list[nn.Module]] = [[] for _ in layers]
     lora_dropouts: set[int] = set()
     block, block_prefix = None, ""
@@ -115,6 +118,8 @@ def take_inventory(model: nn.Module, layers: nn.ModuleList) -> ModuleInventory:
         if kind.lora:
             lora_layers.append((name, module))
             lora_dropouts.update(id(d) for d in module.lora_dropout.values())
+        if kind.switchable:
+            holders.append((name, module))
         if block is None:
             continue
         if kind.other_adapter:
@@ -136,4 +141,5 @@ def take_inventory(model: nn.Module, layers: nn.ModuleList) -> ModuleInventory:
         checkpointable=tuple(checkpointable),
         quantized_4bit=tuple(quantized),
         switchable=tuple(tuple(modules) for modules in switchable),
+        adapter_holders=tuple(holders),
     )

@@ -3,13 +3,14 @@
 What is found depends on the model's structure only, so it is found once and kept for the next call while
 that structure holds (``_Survey``): every call checks, in one quick walk, that the model still has the very
 same modules (adapters added, injected or unloaded, merged-and-unloaded layers, swapped blocks all change
-them), the same active adapters, the same attention implementation and the same modules with a forward
-replaced on the instance (accelerate's device hooks). A stale survey is never used, nor anything derived
+them), the same active adapters, the same config values (a sliding window set after loading, say) and the
+same modules with a forward replaced on the instance (accelerate's device hooks). A stale survey is never used, nor anything derived
 from it (``ModelParts.derived``).
 """
 
 from __future__ import annotations
 
+import copy
 import weakref
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -147,6 +148,7 @@ class _Survey:
     active_adapters: list[tuple[str, ...]]
     attention: str | None
     replaced_forwards: list[nn.Module]
+    settings: dict[str, Any]  # a deep copy of the config's values
     derived: dict[Hashable, Any] = field(default_factory=dict)
 
     @classmethod
@@ -175,6 +177,7 @@ class _Survey:
             active_adapters=_active_adapters(inventory),
             attention=getattr(config, "_attn_implementation", None),
             replaced_forwards=_replaced_forwards(structure),
+            settings=copy.deepcopy(vars(config)),
         )
 
     def holds_for(self, causal_lm: PreTrainedModel) -> bool:
@@ -187,6 +190,7 @@ class _Survey:
             and submodules(causal_lm) == self.structure
             and _active_adapters(self.inventory) == self.active_adapters
             and _replaced_forwards(self.structure) == self.replaced_forwards
+            and vars(config) == self.settings
         )
 
 
