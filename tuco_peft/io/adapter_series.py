@@ -10,7 +10,6 @@ is named at once, before minutes of model loading.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Sequence
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError
-from .checkpoints import is_hub_id
+from .checkpoints import is_hub_id, read_json_object
 
 ADAPTER_CONFIG = "adapter_config.json"
 TRAINER_STATE = "trainer_state.json"  # the Hugging Face Trainer writes it into every checkpoint folder
@@ -52,7 +51,7 @@ def find_adapters(locations: Sequence[str | Path], base: str | None = None) -> l
     paths_by_name: dict[str, Path] = {}
     for location in locations:
         for adapter in _expand(location):
-            config = _read_json(location, adapter.path / ADAPTER_CONFIG, "fix it, or save the adapter again")
+            config = read_json_object(adapter.path / ADAPTER_CONFIG, f"--adapter {location}", "fix it, or save the adapter again")
             if base is not None:
                 _check_base(location, adapter.path / ADAPTER_CONFIG, config, base)
             if adapter.adapter_name in paths_by_name:
@@ -118,7 +117,7 @@ def _adapter(location: str | Path, folder: Path) -> AdapterCheckpoint:
             f"unknown; restore the file from the training run, or {elsewhere}."
         )
     restore = f"restore it from the training run, or {elsewhere}"
-    state = _read_json(location, state_path, restore)
+    state = read_json_object(state_path, f"--adapter {location}", restore)
     step = state.get("global_step")
     if not isinstance(step, int) or isinstance(step, bool):
         raise InputError(f"--adapter {location}: {state_path} has no integer global_step; {restore}.")
@@ -148,24 +147,6 @@ def _train_loss(state: dict[str, object], step: int) -> float | None:
 
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _read_json(location: str | Path, path: Path, way_out: str) -> dict[str, object]:
-    """A JSON object from ``path``, or an ``InputError`` that names the file, what is wrong and ``way_out``."""
-    try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise InputError(
-            f"--adapter {location}: {path} is not valid JSON ({error.msg} at line {error.lineno} column "
-            f"{error.colno}); {way_out}."
-        ) from None
-    except UnicodeDecodeError:
-        raise InputError(f"--adapter {location}: {path} is not UTF-8 text; {way_out}.") from None
-    except OSError as error:
-        raise InputError(f"--adapter {location}: {path} cannot be read ({error.strerror}); {way_out}.") from None
-    if not isinstance(content, dict):
-        raise InputError(f"--adapter {location}: {path} is not a JSON object; {way_out}.")
-    return content
 
 
 def _check_base(location: str | Path, config_path: Path, config: dict[str, object], base: str) -> None:

@@ -153,21 +153,28 @@ def _check_weight_files(source: Source, folder: Path, safetensors_names: tuple[s
         )
 
 
-def _read_config(source: Source, folder: Path, name: str) -> dict:
-    """A checkpoint's config.json or adapter_config.json, which must be a JSON object."""
-    path = folder / name
+def read_json_object(path: Path, whose: str, way_out: str) -> dict:
+    """The JSON object in ``path``, or an ``InputError`` that names ``whose`` file it is, what is wrong with it
+    and ``way_out``."""
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        content = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise InputError(
-            f"{source.describe()}: {path} is not valid JSON ({error.msg} at line {error.lineno} column "
-            f"{error.colno}); fix it, or save or download the checkpoint again."
+            f"{whose}: {path} is not valid JSON ({error.msg} at line {error.lineno} column {error.colno}); "
+            f"{way_out}."
         ) from None
     except UnicodeDecodeError:
-        raise InputError(f"{source.describe()}: {path} is not UTF-8 text; save or download it again.") from None
-    if not isinstance(config, dict):
-        raise InputError(f"{source.describe()}: {path} is not a JSON object; save or download it again.")
-    return config
+        raise InputError(f"{whose}: {path} is not UTF-8 text; {way_out}.") from None
+    except OSError as error:
+        raise InputError(f"{whose}: {path} cannot be read ({error.strerror}); {way_out}.") from None
+    if not isinstance(content, dict):
+        raise InputError(f"{whose}: {path} is not a JSON object; {way_out}.")
+    return content
+
+
+def _read_config(source: Source, folder: Path, name: str) -> dict:
+    """A checkpoint's config.json or adapter_config.json."""
+    return read_json_object(folder / name, source.describe(), "fix it, or save or download the checkpoint again")
 
 
 def _check_remote_code(source: Source, folder: Path, trust_remote_code: bool) -> None:
