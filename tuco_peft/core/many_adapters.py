@@ -41,8 +41,12 @@ def decompose_adapters(
 
     Args:
         model: a ``peft.PeftModel`` holding several adapters (``model.load_adapter(path, adapter_name=...)``).
+        input_ids: ``[batch, seq]`` token ids, as in ``decompose``.
+        attention_mask: as in ``decompose``.
         adapters: the adapters to decompose, in this order; all that the model holds if omitted.
-        input_ids, attention_mask, positions, backend, keep: as in ``decompose``.
+        positions: as in ``decompose``.
+        backend: as in ``decompose``.
+        keep: as in ``decompose``.
         mixed_batches: the prompts of every adapter in one forward (the batch grows by the number of
             adapters); ``None``: where PEFT can mix the adapters, else one after another.
     """
