@@ -226,8 +226,9 @@ def test_trainable_tokens_and_modules_to_save_follow_their_adapter(extra, mixed_
 
 
 def test_adapters_on_target_parameters_are_decomposed_one_at_a_time():
+    """PEFT mixes no adapter on target_parameters in a batch (and older releases hold only one such adapter)."""
     model = lora_model(base_model("llama"), target_modules=[], target_parameters=["mlp.down_proj.weight"])
-    _add(model, "other", seed=7, r=4, lora_alpha=8, target_modules=[], target_parameters=["mlp.down_proj.weight"])
+    _add(model, "other", seed=7, r=4, lora_alpha=8, target_modules="all-linear")
     ids, mask = padded_batch()
     with torch.no_grad():
         results = tuco_peft.decompose_adapters(model, ids, mask)
