@@ -125,23 +125,30 @@ def adapters_disabled(modules: Iterable[nn.Module]) -> Iterator[None]:
     A LoRA linear with its adapters off computes ``base_layer(x)``, and meanwhile calls exactly that: its
     instance forward is its base layer's call (hooks on either still run), without PEFT's per-call Python,
     which costs several times a small projection. Not where something else replaced its forward already.
-    Entered once per block and call, so the flags go straight into the instances' ``__dict__`` (where
-    ``nn.Module.__setattr__`` would put a plain value, after checks that cost more than the switch).
     """
     switched = [m for m in modules if is_switchable(m)]
-    saved = [m.__dict__.get("_disable_adapters", _MISSING) for m in switched]
     base_calls = [(m, m.base_layer.__call__) for m in switched if computes_base_output(m) and not forward_replaced(m)]
+    with _instance_values(switched, "_disable_adapters", True), replaced_forwards(base_calls):  # flags undone last
+        yield
+
+
+@contextmanager
+def _instance_values(modules: Sequence[nn.Module], name: str, value: object) -> Iterator[None]:
+    """Instance attribute ``name`` of every module set to ``value`` for the block, then put back exactly as found
+    (deleted where the class default showed through). Written straight into ``__dict__``, where
+    ``nn.Module.__setattr__`` would put a plain value, after checks that cost more than the switch; entered
+    once per block and call."""
+    saved = [m.__dict__.get(name, _MISSING) for m in modules]
     try:
-        for module in switched:
-            module.__dict__["_disable_adapters"] = True
-        with replaced_forwards(base_calls):
-            yield
-    finally:  # the forwards are undone first, the flags last
-        for module, previous in zip(switched, saved):
+        for module in modules:
+            module.__dict__[name] = value
+        yield
+    finally:
+        for module, previous in zip(modules, saved):
             if previous is _MISSING:
-                del module.__dict__["_disable_adapters"]
+                del module.__dict__[name]
             else:
-                module.__dict__["_disable_adapters"] = previous
+                module.__dict__[name] = previous
 
 
 def held_adapters(modules: ModuleInventory) -> list[str]:
@@ -225,18 +232,8 @@ def adapter_active(modules: ModuleInventory, name: str) -> Iterator[None]:
     trainable and freezes the others'. A module that does not hold ``name`` computes its base output alone,
     as it would under ``set_adapter``.
     """
-    switched = [module for _, module in modules.adapter_holders]
-    saved = [m.__dict__.get("_active_adapter", _MISSING) for m in switched]
-    try:
-        for module in switched:
-            module.__dict__["_active_adapter"] = [name]
+    with _instance_values([module for _, module in modules.adapter_holders], "_active_adapter", [name]):
         yield
-    finally:
-        for module, previous in zip(switched, saved):
-            if previous is _MISSING:
-                del module.__dict__["_active_adapter"]
-            else:
-                module.__dict__["_active_adapter"] = previous
 
 
 _MISSING = object()

@@ -45,7 +45,9 @@ class Batch:
             self.rows,
             lambda rows: rows.reshape(*rows.shape, *([1] * (states.ndim - 2))).expand(-1, -1, *states.shape[2:]),
         )
-        return states.expand(len(index), *states.shape[1:]).gather(1, index)
+        if len(states) != len(index):
+            states = states.expand(len(index), *states.shape[1:])
+        return states.gather(1, index)
 
     def shared(self, name: str, source: Any, make: Callable[[Any], Any]) -> Any:
         """``make(source)``, made once per forward for every block that asks with the same ``source`` object (the

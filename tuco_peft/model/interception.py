@@ -19,7 +19,7 @@ The rules every site follows:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from torch import nn
@@ -82,23 +82,16 @@ def inner_modules_hooked(module: nn.Module) -> bool:
     return any(module_hooked(m) for m in submodules(module))
 
 
-@contextmanager
-def replaced_forward(module: nn.Module, forward: Callable[..., Any]) -> Iterator[None]:
+def replaced_forward(module: nn.Module, forward: Callable[..., Any]) -> AbstractContextManager[None]:
     """``module.forward`` is ``forward`` for the block. Refused where another instance forward is already in
     place: replacing it would silently drop what it does."""
-    if forward_replaced(module):
-        raise RuntimeError(f"{type(module).__name__}.forward is already replaced on this instance.")
-    module.forward = forward
-    try:
-        yield
-    finally:
-        module.__dict__.pop("forward", None)
+    return replaced_forwards([(module, forward)])
 
 
 @contextmanager
 def replaced_forwards(replacements: Sequence[tuple[nn.Module, Callable[..., Any]]]) -> Iterator[None]:
-    """``replaced_forward`` of many modules at once, for a switch that runs once per block and call: one
-    frame instead of one context manager per module (the same rules; all undone if any is refused)."""
+    """``replaced_forward`` of many modules at once, in one frame (a switch entered once per block and call);
+    all undone if any is refused."""
     done: list[nn.Module] = []
     try:
         for module, forward in replacements:
