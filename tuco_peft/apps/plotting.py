@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from ..errors import InputError
 from ..io.locking import WRITER, WRITTEN_BY, replaced_atomically
@@ -20,7 +20,7 @@ _MARKED_FORMATS = {"png": "Software", "pdf": "Creator", "svg": "Creator", "eps":
 FIGURE_MARK = WRITER.encode()
 
 
-def _pyplot():
+def pyplot():
     try:
         import matplotlib
 
@@ -37,7 +37,7 @@ def _plot_format(path: str | Path) -> str:
 
 def check_plot_path(path: str | Path) -> None:
     """Refuse a file type the figure cannot be written in, with its mark, before any analysis runs."""
-    _pyplot()
+    pyplot()
     if _plot_format(path) not in _MARKED_FORMATS:
         raise InputError(
             f"--plot {path} must end in one of {', '.join('.' + name for name in sorted(_MARKED_FORMATS))} (e.g. .png)."
@@ -59,7 +59,7 @@ def _histogram(axis, groups: Mapping[str, Sequence[ResultRow]]) -> None:
 
 def analysis_figure(groups: Mapping[str, Sequence[ResultRow]], title: str = "") -> Figure:
     """The figure ``plot_analysis`` writes, to show or change first (close it with ``plt.close`` when done)."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, (profile, histogram) = plt.subplots(1, 2, figsize=(11, 4))
     for name, rows in groups.items():
         layers = range(len(rows[0].ptc_l1))
@@ -79,13 +79,21 @@ def analysis_figure(groups: Mapping[str, Sequence[ResultRow]], title: str = "") 
 
 def plot_analysis(groups: Mapping[str, Sequence[ResultRow]], path: str | Path, title: str = "") -> Path:
     """Per-layer mean ‖PTC_l‖₁ and ‖FTC_l‖₁ of each group (left) and the TuCo histograms (right), as a PNG."""
-    figure = analysis_figure(groups, title)
+    return write_figure(analysis_figure(groups, title), path)
+
+
+def save_figure(figure: Figure, target: str | Path | BinaryIO, file_format: str) -> None:
+    """``figure`` in ``file_format``, carrying tuco-peft's mark (so that a rerun may overwrite it)."""
+    figure.savefig(target, dpi=120, format=file_format, metadata={_MARKED_FORMATS[file_format]: WRITTEN_BY})
+
+
+def write_figure(figure: Figure, path: str | Path) -> Path:
+    """Write ``figure`` in the format its suffix names, in one rename (a failure leaves the old file), and
+    close it."""
     path = Path(path)
     try:
         with replaced_atomically(path) as staging:
-            figure.savefig(
-                staging, dpi=120, format=_plot_format(path), metadata={_MARKED_FORMATS[_plot_format(path)]: WRITTEN_BY}
-            )
+            save_figure(figure, staging, _plot_format(path))
     finally:
-        _pyplot().close(figure)
+        pyplot().close(figure)
     return path

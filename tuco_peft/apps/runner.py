@@ -10,16 +10,18 @@ caller puts the rows back in the prompt file's order.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import TuCoError
 from ..io import checkpoints, loaders
+from ..io.adapter_series import AdapterCheckpoint
 from ..io.checkpoints import Checkpoints, LoadOptions
 from ..io.prompts import EncodedPrompt, Prompt, PromptId, encode_prompt
-from ..io.results import ResultRow, stored_prompt
+from ..io.results import Provenance, ResultRow, stored_prompt
 
 if TYPE_CHECKING:
     import torch
@@ -149,15 +151,21 @@ def decomposition_rows(
 
 @dataclass(frozen=True)
 class ModelChoice:
-    """The model to analyse: a LoRA fine-tune (``base`` and ``adapter``) or a full fine-tune (``model`` beside
-    its pre-trained ``base_model``, streamed from its safetensors unless ``resident_base``)."""
+    """The model to analyse: a LoRA fine-tune (``base`` and ``adapters``, the locations of its ``--adapter``
+    flags) or a full fine-tune (``model`` beside its pre-trained ``base_model``, streamed from its safetensors
+    unless ``resident_base``)."""
 
     base: str | None = None
-    adapter: str | None = None
+    adapters: tuple[str, ...] = ()
     model: str | None = None
     base_model: str | None = None
     resident_base: bool = False
     load: LoadOptions = field(default_factory=LoadOptions)
+
+    @property
+    def adapter(self) -> str | None:
+        """The first ``--adapter`` (the only one, for every command but analyze), or None."""
+        return self.adapters[0] if self.adapters else None
 
     def full_finetune(self) -> tuple[str, str] | None:
         """(``model``, ``base_model``) of a full fine-tune, or None when the choice is a LoRA fine-tune."""
@@ -187,7 +195,8 @@ class Runner:
 
     ``base_model`` is decompose's: the pre-trained model of a full fine-tune (loaded, or the directory of
     its safetensors to stream), ``None`` for a LoRA fine-tune. ``provenance`` (settings and fingerprint)
-    goes into every row, so that a rerun resumes only rows computed the same way. ``views`` collects each
+    goes into every row, so that a rerun resumes only rows computed the same way: one entry, under ``None``,
+    for one fine-tune, one per adapter name in a run over several adapters. ``views`` collects each
     decomposed prompt's tokens, by id, when given (``analyze --html``).
     """
 
@@ -197,12 +206,16 @@ class Runner:
     batching: Batching = Batching()
     positions: Literal["last", "all"] = "last"
     base_model: nn.Module | Path | None = None
-    provenance: dict[str, Any] = field(default_factory=dict)
+    provenance: Mapping[str | None, Provenance] = field(default_factory=dict)
     views: dict[PromptId, ScoredText] | None = None
 
     @classmethod
-    def load(cls, choice: ModelChoice, **settings: Any) -> Runner:
-        """Load ``choice``'s model and tokenizer; ``settings`` are the other fields of the runner."""
+    def load(cls, choice: ModelChoice, adapters: Sequence[AdapterCheckpoint] = (), **settings: Any) -> Runner:
+        """Load ``choice``'s model and tokenizer; ``settings`` are the other fields of the runner.
+
+        With ``adapters`` (a run over several), the base loads once and holds each of them under its
+        ``adapter_name``, which ``run`` switches between.
+        """
         quiet_libraries()
         base_model = None
         full_finetune = choice.full_finetune()
@@ -211,6 +224,9 @@ class Runner:
             model, base_model, tokenizer = loaders.load_full_finetune(
                 finetuned, pretrained, choice.load, resident=choice.resident_base
             )
+        elif adapters:
+            assert choice.base is not None, "check_model_choice gives --adapter its --base"
+            model, tokenizer = loaders.load_adapters(choice.base, adapters, choice.load)
         else:
             base, adapter = choice.lora_finetune()
             model, tokenizer = loaders.load_pair(base, adapter, choice.load)
@@ -259,15 +275,20 @@ class Runner:
         write: Callable[[list[ResultRow]], None],
         set_name: str | None = None,
         label: str | None = None,
+        adapters: Sequence[AdapterCheckpoint] | None = None,
     ) -> None:
         """Decompose ``prompts`` batch by batch, handing each batch's rows to ``write`` as soon as they exist.
 
-        Batches follow ``plan_batches``, so rows come by batches of similar length, not in the order of
-        ``prompts``. ``label`` names the progress bar (default: the set name, else "analyze").
+        In a run over several adapters, ``adapters[i]`` is the adapter ``prompts[i]`` is decomposed with (a
+        prompt may come once per adapter). Where PEFT can mix the adapters in one batch, the rows of all of
+        them are batched together, each through its own adapter, so that the base weights are read once for
+        all; otherwise one adapter after another. Batches follow ``plan_batches``, so rows come by batches of
+        similar length, not in the order of ``prompts``. ``label`` names the progress bar (default: the set
+        name, else "analyze").
         """
         from tqdm import tqdm
 
-        encoded = self.encode(prompts)
+        encoded, owners = self._encoded(prompts, adapters)
         lengths = [len(tokens.ids) for tokens in encoded]
         budget = self.batching.max_batch_tokens
         if budget is not None and lengths and max(lengths) > budget:
@@ -276,16 +297,59 @@ class Runner:
                 f"{over} prompt(s) have more tokens than --max-batch-tokens {budget} (the longest {max(lengths)}); "
                 "each runs in a batch of its own, over the budget. Raise --max-batch-tokens if that is too much."
             )
-        batches = plan_batches(lengths, self.batching)
         with tqdm(
             total=len(encoded), unit="prompt", desc=label or set_name or "analyze", file=sys.stderr, dynamic_ncols=True
         ) as bar:
-            for batch in batches:
-                rows = self._batch_rows([encoded[index] for index in batch])
-                write([row.made_with(self.provenance, set_name) for row in rows])
-                bar.update(len(batch))
+            for active, indices, mixed in self._adapter_groups(owners):
+                with active:
+                    for batch in plan_batches([lengths[index] for index in indices], self.batching):
+                        members = [indices[position] for position in batch]
+                        names = [_peft_name(owners[index]) for index in members] if mixed else None
+                        rows = self._batch_rows([encoded[index] for index in members], names)
+                        write(
+                            [
+                                row.made_with(self._provenance_of(owners[index]), set_name, owners[index])
+                                for row, index in zip(rows, members)
+                            ]
+                        )
+                        bar.update(len(batch))
 
-    def _batch_rows(self, batch: Sequence[EncodedPrompt]) -> list[ResultRow]:
+    def _encoded(
+        self, prompts: Sequence[Prompt], adapters: Sequence[AdapterCheckpoint] | None
+    ) -> tuple[list[EncodedPrompt], list[AdapterCheckpoint | None]]:
+        """The prompts that have tokens, each encoded once however many adapters it comes with, and the
+        adapter of each."""
+        owners: Sequence[AdapterCheckpoint | None] = [None] * len(prompts) if adapters is None else adapters
+        assert len(owners) == len(prompts), "one adapter per prompt"
+        unique = {prompt.id: prompt for prompt in prompts}
+        by_id = {tokens.prompt.id: tokens for tokens in self.encode(list(unique.values()))}
+        kept = [(by_id[prompt.id], owner) for prompt, owner in zip(prompts, owners) if prompt.id in by_id]
+        return [tokens for tokens, _ in kept], [owner for _, owner in kept]
+
+    def _adapter_groups(
+        self, owners: Sequence[AdapterCheckpoint | None]
+    ) -> list[tuple[AbstractContextManager[None], list[int], bool]]:
+        """The prompts to batch together, each group with what makes its adapter active and whether its
+        batches mix adapters (``decompose``'s ``adapter_names``)."""
+        everything = list(range(len(owners)))
+        if all(owner is None for owner in owners):
+            return [(nullcontext(), everything, False)]
+        from ..lora.adapters import adapter_active, why_not_mixable
+        from ..model.parts import model_parts
+
+        names = [_peft_name(owner) for owner in owners]
+        modules = model_parts(self.model).modules
+        if why_not_mixable(modules, set(names)) is None:
+            return [(nullcontext(), everything, True)]
+        return [
+            (adapter_active(modules, name), [index for index in everything if names[index] == name], False)
+            for name in dict.fromkeys(names)
+        ]
+
+    def _provenance_of(self, adapter: AdapterCheckpoint | None) -> Provenance:
+        return self.provenance.get(None if adapter is None else adapter.name, {})
+
+    def _batch_rows(self, batch: Sequence[EncodedPrompt], adapter_names: Sequence[str] | None = None) -> list[ResultRow]:
         import torch
 
         from ..core.decompose import decompose
@@ -302,6 +366,7 @@ class Runner:
                     positions=self.positions,
                     base_model=self.base_model,
                     keep="sums",
+                    adapter_names=adapter_names,
                 )
         except (torch.OutOfMemoryError, RuntimeError) as error:
             message = str(error)
@@ -319,6 +384,13 @@ class Runner:
             texts = texts_from_decomposition(decomposition, input_ids, attention_mask, self.tokenizer, titles)
             self.views.update((prompt.id, text) for prompt, text in zip(prompts, texts))
         return decomposition_rows(decomposition, batch, attention_mask, self.tokenizer.decode)
+
+
+def _peft_name(adapter: AdapterCheckpoint | None) -> str:
+    """The name PEFT knows an adapter by, in ``adapter_names`` (``BASE``: the base model alone)."""
+    from ..lora.adapters import BASE
+
+    return BASE if adapter is None else adapter.adapter_name
 
 
 def view_title(prompt: Prompt) -> str:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import __version__
 from ..errors import TuCoError, first_line
-from . import analyze, bench, compare, demo, eval, generate
+from . import analyze, bench, compare, demo, eval, generate, trajectory
 
 if TYPE_CHECKING:
     from types import FrameType
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in (analyze, compare, generate, eval, bench, demo):
+    for command in (analyze, compare, generate, eval, bench, demo, trajectory):
         command.add_parser(commands, common)
     return parser
 

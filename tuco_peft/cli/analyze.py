@@ -4,7 +4,7 @@ under ``torchrun`` or ``accelerate launch`` (see ``distributed``)."""
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,14 +13,17 @@ from typing import Any, Literal
 from ..apps.distributed import Ranks, fold_parts, part_file, process_group, together
 from ..apps.runner import Runner, quiet_libraries, view_title
 from ..apps.statistics import summary_table
+from ..apps.trajectory import trajectory_table
 from ..errors import InputError
 from ..io import loaders
+from ..io.adapter_series import adapter_series
 from ..io.prompts import Prompt, encode_prompt
-from ..io.results import ResultRow, ResultsFile, prompt_keys, prompts_by_key, rows_for
+from ..io.results import Provenance, ResultRow, ResultsFile
 from .checks import analysable_prompts
 from .options import (
     CommandOptions,
     ResultsOptions,
+    adapter_provenances,
     add_model_arguments,
     add_prompt_arguments,
     add_results_arguments,
@@ -28,7 +31,7 @@ from .options import (
     provenance,
 )
 from .outputs import check_outputs, figure, page, results_outputs
-from .stored_rows import locked_out, missing_prompts
+from .stored_rows import RowsOfRun, locked_out
 
 
 @dataclass(frozen=True)
@@ -44,12 +47,12 @@ class AnalyzeOptions(CommandOptions):
         assert self.results.out is not None, "analyze's --out is required"
         return self.results.out
 
-    def runner_settings(self, provenance: dict[str, Any]) -> dict[str, Any]:
+    def runner_settings(self, expected: Mapping[str | None, Provenance]) -> dict[str, Any]:
         return dict(
             prompt_format=self.prompts.format,
             batching=self.prompts.batching,
             positions=self.positions,
-            provenance=provenance,
+            provenance=expected,
         )
 
 
@@ -90,9 +93,15 @@ def add_parser(commands: argparse._SubParsersAction, common: argparse.ArgumentPa
 
 
 def analyze_prompts(options: AnalyzeOptions) -> int:
-    check_common(options.model, options.prompts, options.results, options.plot)
+    check_common(options.model, options.prompts, options.results, options.plot, several_adapters=True)
     if options.html and options.positions != "all":
         raise InputError("--html colours every prompt token by its TuCo; add --positions all.")
+    series = adapter_series(options.model.adapters, options.model.base) if options.model.adapters else None
+    if series is not None and options.html:
+        raise InputError(
+            "--html shows the tokens of one fine-tune; pass one --adapter, or see a run over several with "
+            "tuco-peft trajectory --html."
+        )
     check_outputs(
         [*results_outputs(options.out), *figure("--plot", options.plot), *page("--html", options.html)],
         {"the prompt file": options.prompt_file},
@@ -100,64 +109,74 @@ def analyze_prompts(options: AnalyzeOptions) -> int:
     )
     ranks = Ranks.from_environment()
     prompts = analysable_prompts(options.prompt_file, options.prompts.chat_template, announce=ranks.is_main)
-    made_with = provenance(options.model, options.prompts.format, options.positions, "analyze")
+    expected: dict[str | None, Provenance]
+    if series is None:
+        expected = {None: provenance(options.model, options.prompts.format, options.positions, "analyze")}
+    else:
+        expected = adapter_provenances(options.model, series, options.prompts.format, options.positions, "analyze")
+    work = RowsOfRun(prompts, series)
     runner = None
     if ranks.world_size > 1:
         with process_group(ranks):
-            results = _analyze_shard(options, prompts, ranks, made_with)
+            results = _analyze_shard(options, work, ranks, expected)
         if results is None:  # not rank 0
             return 0
     else:
-        with locked_out(options.out, options.results, made_with, prompts_by_key(prompts)) as results:
-            todo = missing_prompts(results, prompts, announce=True)
+        with locked_out(options.out, options.results, expected, work.by_key()) as results:
+            todo, owners = work.missing(results, announce=True)
             if todo:
-                runner = Runner.load(options.model, **options.runner_settings(made_with))
+                runner = Runner.load(options.model, series or (), **options.runner_settings(expected))
                 if options.html:
                     runner.views = {}
-                runner.run(todo, results.append)
-            results.sort_by(prompt_keys(prompts))  # rows were appended by length: back to the file's order
-    rows = rows_for(results.rows, prompts)
+                runner.run(todo, results.append, adapters=owners)
+            results.sort_by(work.row_keys())  # rows were appended by length: back to the file's order
+    rows = work.rows(results.rows)
     if not rows:
         raise InputError(f"no prompt of {options.prompt_file} could be analysed (none has a token).")
-    print(summary_table(rows))
+    print(summary_table(rows) if series is None else trajectory_table(rows))
     print(f"rows: {options.out}")
     if options.plot:
         from ..apps.plotting import plot_analysis
 
-        print(f"plot: {plot_analysis({Path(options.prompt_file).name: rows}, options.plot)}")
+        groups = {Path(options.prompt_file).name: rows} if series is None else work.by_adapter(rows)
+        print(f"plot: {plot_analysis(groups, options.plot)}")
     if options.html:
         print(f"html: {_write_token_page(options, prompts, rows, runner)}")
     return 0
 
 
 def _analyze_shard(
-    options: AnalyzeOptions, prompts: Sequence[Prompt], ranks: Ranks, made_with: dict[str, Any]
+    options: AnalyzeOptions, work: RowsOfRun, ranks: Ranks, expected: Mapping[str | None, Provenance]
 ) -> ResultsFile | None:
     """This rank's share of a data-parallel analyze, between two merges of every rank's part into --out by
     rank 0: the first takes in the rows of an interrupted run, the last this run's (returned on rank 0).
     Rank 0 holds --out's lock from the first step to the last (see ``distributed``)."""
-    keys = prompt_keys(prompts)
-
     with ExitStack() as held:
 
         def lock_and_merge() -> None:
             if ranks.is_main:
-                opened = locked_out(options.out, options.results, made_with, prompts_by_key(prompts))
-                held.enter_context(opened).sort_by(keys)
+                opened = locked_out(options.out, options.results, expected, work.by_key())
+                held.enter_context(opened).sort_by(work.row_keys())
 
         def analyze_own_share() -> None:
-            share = ranks.shard(missing_prompts(ResultsFile(options.out), prompts, announce=ranks.is_main))
+            todo, owners = work.missing(ResultsFile(options.out), announce=ranks.is_main)
+            share = ranks.shard(list(range(len(todo))))
             if share:
                 part = ResultsFile(part_file(Path(options.out), ranks))
-                runner = Runner.load(options.model, **options.runner_settings(made_with))
-                runner.run(share, part.append, label=f"rank {ranks.rank}/{ranks.world_size}")
+                runner = Runner.load(options.model, work.series or (), **options.runner_settings(expected))
+                runner.run(
+                    [todo[index] for index in share],
+                    part.append,
+                    label=f"rank {ranks.rank}/{ranks.world_size}",
+                    adapters=None if owners is None else [owners[index] for index in share],
+                )
 
         def merge_parts() -> ResultsFile | None:
             if not ranks.is_main:
                 return None
             results = ResultsFile(options.out)
             fold_parts(results)
-            results.sort_by(keys)
+            results.sort_by(work.row_keys())
             return results
 
         together(lock_and_merge)

@@ -142,7 +142,7 @@ def benchmark(options: BenchOptions) -> int:
         from ..demo import ensure_demo_checkpoints
 
         base, adapter = (str(path) for path in ensure_demo_checkpoints(options.cache_dir))
-        choice = replace(choice, base=base, adapter=adapter)  # the demo pair, measured as a model given would be
+        choice = replace(choice, base=base, adapters=(adapter,))  # the demo pair, measured as a model given would be
     from ..apps.benchmark import compare_full_finetune_methods, compare_methods, compare_workloads, token_windows
 
     quiet_libraries()

@@ -10,12 +10,15 @@ from pathlib import Path
 
 from ..apps.runner import Runner
 from ..apps.statistics import roc_auc
+from ..apps.trajectory import trajectory_table
 from ..errors import InputError
-from ..io.results import ResultRow, prompt_keys, prompts_by_key, rows_for
+from ..io.adapter_series import adapter_series
+from ..io.results import Provenance, ResultRow
 from .checks import analysable_prompts
 from .options import (
     CommandOptions,
     ResultsOptions,
+    adapter_provenances,
     add_model_arguments,
     add_prompt_arguments,
     add_results_arguments,
@@ -23,7 +26,7 @@ from .options import (
     provenance,
 )
 from .outputs import check_outputs, figure, results_outputs
-from .stored_rows import locked_results, missing_prompts
+from .stored_rows import RowsOfRun, locked_results
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,13 @@ def add_parser(commands: argparse._SubParsersAction, common: argparse.ArgumentPa
 
 
 def compare_sets(options: CompareOptions) -> int:
-    check_common(options.model, options.prompts, options.results, options.plot)
+    check_common(options.model, options.prompts, options.results, options.plot, several_adapters=True)
+    series = adapter_series(options.model.adapters, options.model.base) if options.model.adapters else None
+    if series is not None and options.plot:
+        raise InputError(
+            "--plot draws one fine-tune's TuCo; for a run over several adapters, pass --out and plot the ROC-AUC "
+            "across them with tuco-peft trajectory OUT --plot FILE."
+        )
     check_outputs(
         [*results_outputs(options.results.out), *figure("--plot", options.plot)],
         {"the prompt file A": options.set_a, "the prompt file B": options.set_b},
@@ -59,33 +68,40 @@ def compare_sets(options: CompareOptions) -> int:
     )
     names = options.set_names()
     sets = {
-        name: analysable_prompts(path, options.prompts.chat_template)
+        name: RowsOfRun(analysable_prompts(path, options.prompts.chat_template), series, name)
         for name, path in zip(names, (options.set_a, options.set_b))
     }
-    made_with = provenance(options.model, options.prompts.format, "last", "compare")
-    expected = {key: prompt for name, prompts in sets.items() for key, prompt in prompts_by_key(prompts, name).items()}
-    with locked_results(options.results, made_with, expected) as results:
+    expected: dict[str | None, Provenance]
+    if series is None:
+        expected = {None: provenance(options.model, options.prompts.format, "last", "compare")}
+    else:
+        expected = adapter_provenances(options.model, series, options.prompts.format, "last", "compare")
+    by_key = {key: prompt for rows in sets.values() for key, prompt in rows.by_key().items()}
+    with locked_results(options.results, expected, by_key) as results:
         memory: list[ResultRow] = []
-        todo = {
-            name: prompts if results is None else missing_prompts(results, prompts, announce=True, set_name=name)
-            for name, prompts in sets.items()
-        }
-        if any(todo.values()):
+        todo = {name: rows.missing(results, announce=True) for name, rows in sets.items()}
+        if any(prompts for prompts, _ in todo.values()):
             runner = Runner.load(
                 options.model,
+                series or (),
                 prompt_format=options.prompts.format,
                 batching=options.prompts.batching,
-                provenance=made_with,
+                provenance=expected,
             )
-            for name, prompts in todo.items():
-                runner.run(prompts, results.append if results is not None else memory.extend, set_name=name)
+            for name, (prompts, owners) in todo.items():
+                write = results.append if results is not None else memory.extend
+                runner.run(prompts, write, set_name=name, adapters=owners)
         if results is not None:  # rows were appended by length: back to the files' order, set A first
-            results.sort_by([key for name, prompts in sets.items() for key in prompt_keys(prompts, name)])
+            results.sort_by([key for rows in sets.values() for key in rows.row_keys()])
     stored = results.rows if results is not None else memory
-    groups = {name: rows_for(stored, prompts, name) for name, prompts in sets.items()}
+    groups = {name: rows.rows(stored) for name, rows in sets.items()}
     for name, rows in groups.items():
         if not rows:
             raise InputError(f"no prompt of set {name!r} could be analysed (none has a token).")
+    if series is not None:
+        print(trajectory_table([row for rows in groups.values() for row in rows]))
+        return 0
+    for name, rows in groups.items():
         values = [row.tuco for row in rows]
         print(
             f"{name}: {len(values)} prompts, TuCo mean {statistics.fmean(values):.4f}, "

@@ -7,15 +7,18 @@ once, at its top; everything below takes those typed values. Checks use the flag
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, fields
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ..apps.distributed import Ranks
 from ..apps.runner import Batching, ModelChoice, PromptFormat
 from ..errors import InputError
-from ..io.checkpoints import LoadOptions
+from ..io.adapter_series import AdapterCheckpoint
+from ..io.checkpoints import LoadOptions, check_pair
 from ..io.fingerprint import checkpoint_fingerprint, tokenizer_fingerprint
+from ..io.results import Provenance
 from .outputs import add_force_argument
 
 if TYPE_CHECKING:
@@ -35,7 +38,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "PRETRAINED); each a local directory or a hub id",
     )
     group.add_argument("--base", help="the pre-trained model the adapter was trained on")
-    group.add_argument("--adapter", help="the LoRA adapter")
+    group.add_argument(
+        "--adapter",
+        action="append",
+        help="the LoRA adapter; analyze takes several (repeat it), a training run's folder (its checkpoint-N "
+        "adapters in step order) or a folder of adapters, all on --base loaded once",
+    )
     group.add_argument("--model", metavar="FINETUNED", help="a fully fine-tuned model (instead of --base/--adapter)")
     group.add_argument(
         "--base-model",
@@ -171,7 +179,8 @@ def model_choice(args: argparse.Namespace) -> ModelChoice:
         trust_pickle=args.trust_pickle,
         trust_remote_code=args.trust_remote_code,
     )
-    return ModelChoice(args.base, args.adapter, args.model, args.base_model, args.resident_base, load)
+    adapters = tuple(args.adapter or ())
+    return ModelChoice(args.base, adapters, args.model, args.base_model, args.resident_base, load)
 
 
 
@@ -194,9 +203,14 @@ class CommandOptions:
         return cls(model=model_choice(args), prompts=PromptOptions.from_args(args), **own)
 
 
-def check_model_choice(choice: ModelChoice, required: bool = True) -> None:
-    """One model to analyse: a base and its adapter, or a fine-tuned model and its pre-trained checkpoint; and
-    a device that exists here."""
+def check_model_choice(choice: ModelChoice, required: bool = True, several_adapters: bool = False) -> None:
+    """One model to analyse: a base and its adapter (with ``several_adapters``, its adapters), or a fine-tuned
+    model and its pre-trained checkpoint."""
+    if len(choice.adapters) > 1 and not several_adapters:
+        raise InputError(
+            f"--adapter is given {len(choice.adapters)} times; this command takes one adapter (analyze takes "
+            "several)."
+        )
     given = [flag for flag in _PARTNERS if getattr(choice, flag[2:].replace("-", "_")) is not None]
     if {"--base", "--adapter"} & set(given) and {"--model", "--base-model"} & set(given):
         raise InputError(f"{' and '.join(given)} mix a LoRA fine-tune with a full fine-tune; {_MODEL_CHOICE}.")
@@ -215,9 +229,10 @@ def check_common(
     results: ResultsOptions | None = None,
     plot: str | None = None,
     model_required: bool = True,
+    several_adapters: bool = False,
 ) -> None:
-    """Every check of the shared flags alone, before anything is read or loaded."""
-    check_model_choice(choice, model_required)
+    """Every check of the shared flags alone, before anything is read or loaded, and that the device exists."""
+    check_model_choice(choice, model_required, several_adapters)
     prompts.check()
     if choice.load.device != "auto":
         choice.load.torch_device()  # a device that does not exist here
@@ -229,7 +244,7 @@ def check_common(
         check_plot_path(plot)
 
 
-def provenance(choice: ModelChoice, prompt_format: PromptFormat, positions: str, command: str) -> dict[str, Any]:
+def provenance(choice: ModelChoice, prompt_format: PromptFormat, positions: str, command: str) -> Provenance:
     """What each row records of how it was computed, once every checkpoint has been checked: the settings,
     and the fingerprint of the command, the checkpoints' content and the tokenizer."""
     checkpoints = choice.check()
@@ -251,3 +266,29 @@ def provenance(choice: ModelChoice, prompt_format: PromptFormat, positions: str,
         "positions": positions,
     }
     return {"settings": settings, "fingerprint": fingerprint}
+
+
+def adapter_provenances(
+    choice: ModelChoice,
+    adapters: Sequence[AdapterCheckpoint],
+    prompt_format: PromptFormat,
+    positions: str,
+    command: str,
+) -> dict[str | None, Provenance]:
+    """``provenance`` of each adapter of a run over several, by adapter name: all share the base and the
+    settings, and must share the tokenizer (the rows of one file are compared token by token)."""
+    assert choice.base is not None, "check_model_choice gives --adapter its --base"
+    first = provenance(replace(choice, adapters=(str(adapters[0].path),)), prompt_format, positions, command)
+    made_with: dict[str | None, Provenance] = {}
+    for adapter in adapters:
+        checkpoints = check_pair(choice.base, str(adapter.path), choice.load)
+        if tokenizer_fingerprint(checkpoints.tokenizer) != first["fingerprint"]["tokenizer"]:
+            raise InputError(
+                f"--adapter {adapter.path} ships another tokenizer than --adapter {adapters[0].path}; analyse "
+                "adapters with different tokenizers in separate runs."
+            )
+        made_with[adapter.name] = {
+            "settings": {**first["settings"], "adapter": str(adapter.path.resolve())},
+            "fingerprint": {**first["fingerprint"], "adapter": checkpoint_fingerprint(checkpoints.by_flag["adapter"])},
+        }
+    return made_with

@@ -64,6 +64,28 @@ def find_adapters(locations: Sequence[str | Path], base: str | None = None) -> l
     return adapters
 
 
+def adapter_series(locations: Sequence[str], base: str | None = None) -> list[AdapterCheckpoint] | None:
+    """The adapters of a run over several (``find_adapters``), or None when ``locations`` is one location that
+    holds no others (an adapter's folder, a Hub id, or something else, which the single fine-tune's checks
+    name): one fine-tune."""
+    if len(locations) == 1 and not _holds_adapters(Path(locations[0]).expanduser()):
+        return None
+    return find_adapters(locations, base)
+
+
+def _holds_adapters(path: Path) -> bool:
+    """Whether ``path`` is a training run's folder or a folder of adapters."""
+    if not path.is_dir():
+        return False
+    if _checkpoint_folders(path):
+        return True
+    return not (path / ADAPTER_CONFIG).is_file() and any((child / ADAPTER_CONFIG).is_file() for child in path.iterdir())
+
+
+def _checkpoint_folders(path: Path) -> list[Path]:
+    return sorted(child for child in path.iterdir() if child.is_dir() and _CHECKPOINT.match(child.name))
+
+
 def _expand(location: str | Path) -> list[AdapterCheckpoint]:
     """The adapters one location stands for: itself, its checkpoints in step order, or its adapter
     subfolders by name."""
@@ -76,7 +98,7 @@ def _expand(location: str | Path) -> list[AdapterCheckpoint]:
     if not path.is_dir():
         raise InputError(f"--adapter {location} is a file; pass the adapter's folder (it holds {ADAPTER_CONFIG}).")
     folders = sorted(child for child in path.iterdir() if child.is_dir())
-    checkpoints = [folder for folder in folders if _CHECKPOINT.match(folder.name)]
+    checkpoints = _checkpoint_folders(path)
     final = [_adapter(location, path)] if (path / ADAPTER_CONFIG).is_file() else []
     if checkpoints and not _CHECKPOINT.match(path.name):  # the output folder of a training run
         for folder in checkpoints:

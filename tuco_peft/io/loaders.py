@@ -4,6 +4,7 @@ model and its LoRA adapter, or a fully fine-tuned model and its pre-trained chec
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,6 +13,8 @@ from ..errors import InputError, first_line
 if TYPE_CHECKING:
     import torch
     from torch import nn
+
+    from .adapter_series import AdapterCheckpoint
 from .checkpoints import LoadOptions, Source, check_checkpoint, check_tokenizer, resolve, tokenizer_source
 
 
@@ -140,6 +143,34 @@ def load_pair(base: str, adapter: str, options: LoadOptions) -> tuple[nn.Module,
     base_source, adapter_source = resolve(base, "--base"), resolve(adapter, "--adapter")
     tokenizer = load_tokenizer(base_source, adapter_source, options)
     return load_adapter(load_base(base_source, options), adapter_source, options), tokenizer
+
+
+def load_adapters(
+    base: str, adapters: Sequence[AdapterCheckpoint], options: LoadOptions
+) -> tuple[nn.Module, object]:
+    """(PeftModel in eval mode holding every adapter of ``adapters`` under its ``adapter_name``, the first
+    active; tokenizer): a run over several adapters, on one load of ``base``."""
+    from peft import PeftModel
+    from safetensors import SafetensorError
+
+    base_source = resolve(base, "--base")
+    sources = [resolve(str(adapter.path), "--adapter") for adapter in adapters]
+    tokenizer = load_tokenizer(base_source, sources[0], options)  # analyze checks that they all ship the same
+    model: nn.Module = load_base(base_source, options)
+    for source in sources:  # each against the plain base, before PEFT renames its modules
+        check_checkpoint(source, options, "adapter")
+        assert source.local is not None, "adapter_series takes local folders only"
+        if (source.local / "adapter_model.safetensors").is_file():
+            check_adapter_fits(model, source.local)
+    for index, (adapter, source) in enumerate(zip(adapters, sources)):
+        try:
+            if index == 0:
+                model = PeftModel.from_pretrained(model, str(source.local), adapter_name=adapter.adapter_name)
+            else:
+                model.load_adapter(str(source.local), adapter_name=adapter.adapter_name)  # type: ignore[operator]
+        except (OSError, ValueError, SafetensorError) as error:
+            raise _load_failure(source, error) from error
+    return model.eval(), tokenizer
 
 
 def streamable_checkpoint(source: Source, options: LoadOptions) -> Path:

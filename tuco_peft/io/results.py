@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from .adapter_series import AdapterCheckpoint
 from .locking import replaced_atomically
 from .prompts import EncodedPrompt, Prompt, PromptId, PromptJson
 
 Settings = dict[str, Any]
 Fingerprint = dict[str, str]
+Provenance = dict[str, Any]  # {"settings": Settings, "fingerprint": Fingerprint}: what a row records of its making
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,8 @@ class ResultRow:
     is the text analysed (its last ``n_tokens`` tokens, decoded), and ``prompt_chars`` and ``prompt_sha256``
     (``prompt_length``, ``prompt_digest``) stand for the whole prompt, so that a huge prompt does not make a
     huge row, yet a rerun still tells whether the row is its prompt's. ``set`` names the prompt set of
-    ``compare``; ``token_tuco`` is the TuCo at every token (``positions="all"``); ``settings`` and
+    ``compare``; ``adapter`` names the adapter of a run over several (``find_adapters``' name), and ``step`` and
+    ``train_loss`` place a training checkpoint in its run; ``token_tuco`` is the TuCo at every token (``positions="all"``); ``settings`` and
     ``fingerprint`` record how it was computed. On disk it is one JSON object whose keys are these fields
     (those that are ``None`` left out) and any ``extra`` keys it was read with, kept as they were.
     """
@@ -48,12 +51,18 @@ class ResultRow:
     cumulative_tuco: list[float] | None = None
     token_tuco: list[float] | None = None
     set: str | None = None
+    adapter: str | None = None
+    step: int | None = None
+    train_loss: float | None = None
     settings: Settings | None = None
     fingerprint: Fingerprint | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     _KEY_ORDER = (
         "set",
+        "adapter",
+        "step",
+        "train_loss",
         "id",
         "prompt",
         "prompt_chars",
@@ -68,7 +77,7 @@ class ResultRow:
 
     @property
     def key(self) -> str:
-        return result_key(self.set, self.id)
+        return result_key(self.set, self.id, self.adapter)
 
     def to_json(self) -> dict[str, Any]:
         """The row as written: the keys in the order earlier files have them, ``None`` fields left out."""
@@ -97,16 +106,24 @@ class ResultRow:
             return self.prompt == prompt
         return self.prompt_chars == prompt_length(prompt) and self.prompt_sha256 == prompt_digest(prompt)
 
-    def made_with(self, provenance: dict[str, Any], set_name: str | None = None) -> ResultRow:
-        """The same row in prompt set ``set_name``, recording the settings and fingerprint it was computed with."""
-        return replace(self, set=set_name, **provenance)
+    def made_with(
+        self, provenance: Provenance, set_name: str | None = None, adapter: AdapterCheckpoint | None = None
+    ) -> ResultRow:
+        """The same row in prompt set ``set_name``, of ``adapter`` in a run over several, recording the settings
+        and fingerprint it was computed with."""
+        if adapter is None:
+            return replace(self, set=set_name, **provenance)
+        return replace(
+            self, set=set_name, adapter=adapter.name, step=adapter.step, train_loss=adapter.train_loss, **provenance
+        )
 
 
 REQUIRED_FIELDS = ("id", "prompt", "tuco", "ptc_l1", "settings")
 _NUMBER_LISTS = ("ptc_l1", "ftc_l1", "cumulative_tuco", "token_tuco")
 # Each field's classes for isinstance, as type[Any]: a value that passes is then used as the JSON it is.
 _FIELD_TYPES: dict[str, type[Any] | tuple[type[Any], ...]] = {"id": (int, str), "prompt": (str, list)}
-_FIELD_TYPES.update({"tuco": (int, float), "n_tokens": int, "set": str})
+_FIELD_TYPES.update({"tuco": (int, float), "n_tokens": int, "set": str, "adapter": str, "step": int})
+_FIELD_TYPES.update({"train_loss": (int, float)})
 _FIELD_TYPES.update({"prompt_chars": int, "prompt_sha256": str, "settings": dict, "fingerprint": dict})
 _FIELD_TYPES.update(dict.fromkeys(_NUMBER_LISTS, list))
 
@@ -138,9 +155,10 @@ def prompt_digest(prompt: PromptJson) -> str:
     return hashlib.sha256(canonical.encode("ascii")).hexdigest()
 
 
-def result_key(set_name: str | None, prompt_id: PromptId) -> str:
-    """What identifies a row across runs: its prompt set (``compare``) and its prompt id."""
-    return json.dumps([set_name, prompt_id])
+def result_key(set_name: str | None, prompt_id: PromptId, adapter: str | None = None) -> str:
+    """What identifies a row across runs: its prompt set (``compare``), its prompt id and, in a run over several
+    adapters, its adapter."""
+    return json.dumps([set_name, prompt_id] if adapter is None else [set_name, prompt_id, adapter])
 
 
 def _json_line(row: ResultRow) -> str:
@@ -250,30 +268,45 @@ class ResultsFile:
                 self._keep(row, 0)
                 self._taken_in.append(row)
 
-    def check_made_like(self, settings: Settings, fingerprint: Fingerprint) -> None:
-        """Refuse a file whose rows were computed otherwise than with ``settings`` and ``fingerprint``: by
-        another command, from other checkpoint or tokenizer content, or with other settings.
+    def check_made_like(self, expected: Mapping[str | None, Provenance]) -> None:
+        """Refuse a file whose rows were computed otherwise than this run would: by another command, from other
+        checkpoint or tokenizer content, or with other settings. ``expected`` is the provenance of each adapter
+        of a run over several, by name, or ``{None: provenance}`` for one fine-tune.
 
-        Checkpoints are compared by content alone, so a folder that moved still resumes.
+        Checkpoints are compared by content alone, so a folder that moved still resumes. The rows of an adapter
+        this run leaves out are kept, if they were computed like this run's rows in all but their adapter.
         """
-        expected = {**settings, **fingerprint}
+        several = None not in expected
         for row in self.rows:
             if row.fingerprint is None:
                 raise InputError(
                     f"{self.path} holds rows of an earlier tuco-peft, which do not record their checkpoints' "
                     "content; pass a new --out to start a new file."
                 )
-            assert row.settings is not None, "settings is a required field of a stored row"
-            found = {**row.settings, **row.fingerprint}
-            if found == expected:
-                continue
-            if found.get("command") != expected["command"]:
+            if (row.adapter is not None) != several:
+                held, given = ("several adapters", "one") if row.adapter is not None else ("one adapter", "several")
                 raise InputError(
-                    f"{self.path} holds rows of tuco-peft {found.get('command')}, not of {expected['command']}; "
+                    f"{self.path} holds the rows of a run over {held}, and this run is over {given}; pass another "
+                    "--out."
+                )
+            assert row.settings is not None, "settings is a required field of a stored row"
+            own = expected.get(row.adapter)
+            other_adapter = own is None
+            if own is None:
+                own = next(iter(expected.values()))
+            wanted = {**own["settings"], **own["fingerprint"]}
+            found = {**row.settings, **row.fingerprint}
+            if other_adapter:  # its adapter is its own; all else must be this run's
+                found["adapter"] = wanted["adapter"] = row.fingerprint.get("adapter")
+            if found == wanted:
+                continue
+            if found.get("command") != wanted["command"]:
+                raise InputError(
+                    f"{self.path} holds rows of tuco-peft {found.get('command')}, not of {wanted['command']}; "
                     "pass another --out."
                 )
-            changed = sorted(key for key in {*found, *expected} if found.get(key) != expected.get(key))
-            names = [f"{key} files" if key in fingerprint or key in row.fingerprint else key for key in changed]
+            changed = sorted(key for key in {*found, *wanted} if found.get(key) != wanted.get(key))
+            names = [f"{key} files" if key in own["fingerprint"] or key in row.fingerprint else key for key in changed]
             raise InputError(
                 f"{self.path} has rows computed with other settings ({', '.join(names)} differ); rerun with the "
                 "settings and files they were computed with, or pass a new --out to start a new file."
@@ -316,9 +349,10 @@ class ResultsFile:
                 os.fsync(handle.fileno())
         self._rewrite, self._settled_size, self._end_last_line, self._taken_in = False, None, False, []
 
-    def done(self, set_name: str | None, prompt: Prompt) -> bool:
-        """Whether ``prompt`` already has its row (``check_prompts`` has checked that it is its prompt's)."""
-        return result_key(set_name, prompt.id) in self._by_key
+    def done(self, set_name: str | None, prompt: Prompt, adapter: str | None = None) -> bool:
+        """Whether ``prompt`` (of ``adapter``) already has its row (``check_prompts`` has checked that it is its
+        prompt's)."""
+        return result_key(set_name, prompt.id, adapter) in self._by_key
 
     def has_row(self, row: ResultRow) -> bool:
         """Whether a row for the same prompt set and id is already stored."""
@@ -348,17 +382,27 @@ class ResultsFile:
             _write_atomically(self.path, self.rows)
 
 
-def prompt_keys(prompts: Sequence[Prompt], set_name: str | None = None) -> list[str]:
-    """The row key of each prompt (in prompt set ``set_name``), in the prompts' order."""
-    return [result_key(set_name, prompt.id) for prompt in prompts]
+def prompt_keys(
+    prompts: Sequence[Prompt], set_name: str | None = None, adapters: Sequence[str | None] = (None,)
+) -> list[str]:
+    """The row key of each prompt (in prompt set ``set_name``) for each of ``adapters``, adapter by adapter in
+    the prompts' order."""
+    return [result_key(set_name, prompt.id, adapter) for adapter in adapters for prompt in prompts]
 
 
-def prompts_by_key(prompts: Sequence[Prompt], set_name: str | None = None) -> dict[str, PromptJson]:
-    """Each prompt as its row stores it, by row key (in prompt set ``set_name``)."""
-    return {result_key(set_name, prompt.id): prompt.as_json() for prompt in prompts}
+def prompts_by_key(
+    prompts: Sequence[Prompt], set_name: str | None = None, adapters: Sequence[str | None] = (None,)
+) -> dict[str, PromptJson]:
+    """Each prompt as its row stores it, by row key (in prompt set ``set_name``, for each of ``adapters``)."""
+    return {result_key(set_name, prompt.id, adapter): prompt.as_json() for adapter in adapters for prompt in prompts}
 
 
-def rows_for(rows: Iterable[ResultRow], prompts: Sequence[Prompt], set_name: str | None = None) -> list[ResultRow]:
-    """The row of each of ``prompts`` (in prompt set ``set_name``) that has one, in the prompts' order."""
+def rows_for(
+    rows: Iterable[ResultRow],
+    prompts: Sequence[Prompt],
+    set_name: str | None = None,
+    adapters: Sequence[str | None] = (None,),
+) -> list[ResultRow]:
+    """The row of each of ``prompts`` (in prompt set ``set_name``) that has one, in ``prompt_keys``' order."""
     by_key = {row.key: row for row in rows}
-    return [by_key[key] for key in prompt_keys(prompts, set_name) if key in by_key]
+    return [by_key[key] for key in prompt_keys(prompts, set_name, adapters) if key in by_key]
