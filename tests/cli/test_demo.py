@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from tuco_peft.cli import main
-from tuco_peft.demo import DemoRecipe, corpus, demo_prompts, ensure_demo_checkpoints
+from tuco_peft.demo import DemoRecipe, corpus, demo_prompts, ensure_demo_checkpoints, ensure_demo_run
 from tuco_peft.demo.build import CACHE_ENV, SCALE_ENV, default_cache_dir
 from tuco_peft.demo.run import run_demo
 
@@ -28,6 +29,11 @@ def test_build_is_deterministic_and_cached(tmp_path):
     assert (other_base / "model.safetensors").read_bytes() == (base / "model.safetensors").read_bytes()
     assert (other_adapter / "adapter_model.safetensors").read_bytes() == weights.read_bytes()
     assert [p.name for p in (tmp_path / "a").iterdir()] == [base.parent.name]  # no staging folder left behind
+    run = ensure_demo_run(tmp_path / "a", TINY)
+    assert sorted(folder.name for folder in run.iterdir()) == ["checkpoint-1", "checkpoint-2"]  # two steps
+    assert (run / "checkpoint-2" / "adapter_model.safetensors").read_bytes() == weights.read_bytes()  # the last
+    state = json.loads((run / "checkpoint-1" / "trainer_state.json").read_text())
+    assert state["global_step"] == 1 and [entry["step"] for entry in state["log_history"]] == [1]
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     rendered = tokenizer.apply_chat_template(
@@ -68,6 +74,7 @@ def test_demo_command_runs_offline(tmp_path, monkeypatch, capsys):
     assert main(["demo", "--cache-dir", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "ROC-AUC (chat vs web)" in printed and "padded" in printed and "α = 1.5" in printed
+    assert "4. TuCo over training" in printed and "step    3:" in printed  # 1% of 300 fine-tuning steps
 
 
 @pytest.mark.slow
@@ -80,6 +87,11 @@ def test_full_demo_separates_chat_from_web_and_steering_moves_refusals(tmp_path,
     assert figures.padding["padded"] < figures.padding["plain"]
     refusal = figures.refusal_probability
     assert refusal[0.0] < refusal[0.5] < refusal[1.0]
+    steps = list(figures.over_training)
+    assert steps == sorted(steps) and steps[-1] == DemoRecipe().finetune_steps
+    first, last = figures.over_training[steps[0]], figures.over_training[steps[-1]]
+    assert first["chat"] < last["chat"] and first["web"] < last["web"]  # the fine-tune's contribution grows
+    assert last["chat"] == pytest.approx(figures.mean_tuco["chat"], abs=1e-6)  # the last checkpoint is the adapter
 
     base, adapter = ensure_demo_checkpoints(tmp_path)
     files = [str(EXAMPLES / "demo_chat.txt"), str(EXAMPLES / "demo_web.txt")]

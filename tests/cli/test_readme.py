@@ -23,7 +23,7 @@ import pytest
 from helpers.markdown import FencedBlock, fenced_blocks
 
 from tuco_peft.cli import main
-from tuco_peft.demo import DemoRecipe, ensure_demo_checkpoints
+from tuco_peft.demo import DemoRecipe, ensure_demo_checkpoints, ensure_demo_run
 from tuco_peft.demo.build import CACHE_ENV, SCALE_ENV
 
 pytestmark = pytest.mark.slow  # a dozen commands, lm-eval's task index and a two-process run
@@ -42,6 +42,7 @@ NOT_RUN = {
 STAND_INS = {
     "BASE": "base",
     "ADAPTER": "adapter",
+    "RUN": "run",  # the demo fine-tune's checkpoints
     "meta-llama/Llama-2-7b-hf": "base",
     "./my-lora": "adapter",
     "lmsys/vicuna-7b-v1.5": "merged",  # a full fine-tune: the demo pair with its adapter merged
@@ -89,6 +90,7 @@ class DemoPair:
     base: Path
     adapter: Path
     merged: Path
+    run: Path  # the fine-tune's checkpoints
 
     def stand_in(self, text: str) -> str:
         return str(getattr(self, STAND_INS[text])) if text in STAND_INS else text
@@ -96,18 +98,20 @@ class DemoPair:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> DemoPair:
-    """The demo pair as `tuco-peft demo` builds it (at 1% of its training steps), and its merged fine-tune."""
+    """The demo pair as `tuco-peft demo` builds it (at 1% of its training steps), its merged fine-tune and its
+    run folder."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cache = tmp_path_factory.mktemp("demo")
-    base, adapter = ensure_demo_checkpoints(cache, DemoRecipe().scaled(DEMO_SCALE))
+    recipe = DemoRecipe().scaled(DEMO_SCALE)
+    base, adapter = ensure_demo_checkpoints(cache, recipe)
     merged = cache / "merged"
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).merge_and_unload().save_pretrained(
         merged
     )
     AutoTokenizer.from_pretrained(base).save_pretrained(merged)
-    return DemoPair(base, adapter, merged)
+    return DemoPair(base, adapter, merged, ensure_demo_run(cache, recipe))
 
 
 @pytest.fixture
@@ -135,6 +139,17 @@ def _outputs(argv: list[str]) -> list[Path]:
     return [Path(argv[i + 1]) for i, flag in enumerate(argv[:-1]) if flag in OUTPUT_FLAGS]
 
 
+def _inputs_written_by_readme(argv: list[str]) -> list[str]:
+    """The README commands that write what ``argv`` reads (a results file that another line's --out writes),
+    to run first: each command runs in a scratch folder of its own."""
+    writers = {}
+    for command in _commands():
+        for path in _outputs(shlex.split(command)):
+            writers.setdefault(str(path), command)
+    read = [arg for previous, arg in zip(["", *argv], argv) if previous not in OUTPUT_FLAGS]
+    return [writers[arg] for arg in read if arg in writers]
+
+
 def _torchrun(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
     argv = [TORCHRUN_ON_TWO_CORES.get(previous, arg) for previous, arg in zip(["", *argv], argv)]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--master_addr", "127.0.0.1"]
@@ -148,6 +163,8 @@ def test_readme_command_runs_as_written(command, demo, scratch, capsys):
     reason = next((why for prefix, why in NOT_RUN.items() if command.startswith(prefix)), None)
     if reason is not None:
         pytest.skip(f"not run: {reason}")
+    for writer in _inputs_written_by_readme(shlex.split(command)):
+        assert main([demo.stand_in(arg) for arg in shlex.split(writer)][1:]) == 0, writer
     argv = [demo.stand_in(arg) for arg in shlex.split(command)]
     argv += next((flags for prefix, flags in ADDED_FLAGS.items() if command.startswith(prefix)), [])
     if argv[0] == "torchrun":

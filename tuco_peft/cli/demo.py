@@ -19,8 +19,9 @@ def add_parser(commands: argparse._SubParsersAction, common: argparse.ArgumentPa
         description="Build a small Llama-style LM and a LoRA chat fine-tune of it, offline (once: about a minute "
         "on two CPU cores), then show what TuCo measures on them. The pair is cached in a folder named by a hash "
         f"of its recipe, under --cache-dir, else ${CACHE_ENV}, else {DEFAULT_CACHE}: <hash>/base holds the model "
-        "and its tokenizer, <hash>/adapter the LoRA adapter. The demo prints both paths, for --base and --adapter "
-        "of the other commands.",
+        "and its tokenizer, <hash>/adapter the LoRA adapter, <hash>/run the fine-tune's checkpoints (checkpoint-N "
+        "folders, as a Trainer saves them). The demo prints the paths, for --base and --adapter of the other "
+        "commands.",
     )
     demo.add_argument(
         "--cache-dir",

@@ -14,18 +14,25 @@ import os
 import random
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from . import corpus
 
+if TYPE_CHECKING:
+    from peft import PeftModel
+
 CACHE_ENV = "TUCO_PEFT_DEMO_DIR"
 SCALE_ENV = "TUCO_PEFT_DEMO_SCALE"
-_RECIPE_VERSION = 5  # bump when corpus or training code changes: it is part of the cache key
+_RECIPE_VERSION = 6  # bump when corpus or training code changes: it is part of the cache key
+# Where along the fine-tune its adapter is saved, as a Trainer's checkpoint-N folders: dense early, where
+# most of what the fine-tune teaches is learnt.
+CHECKPOINT_FRACTIONS = (1 / 100, 1 / 32, 1 / 8, 1 / 2, 1)
 
 
 @dataclass(frozen=True)
@@ -104,22 +111,51 @@ def _token_stream(tokenizer, documents: list[str], separators: list[str]) -> tor
     return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
 
-def _train(model: torch.nn.Module, stream: torch.Tensor, recipe: DemoRecipe, steps: int, lr: float, seed: int) -> None:
-    """Next-token training on random windows of ``stream``, with a seeded sampler."""
+def _train(
+    model: torch.nn.Module,
+    stream: torch.Tensor,
+    recipe: DemoRecipe,
+    steps: int,
+    lr: float,
+    seed: int,
+    after_step: Callable[[int, float], None] | None = None,
+) -> None:
+    """Next-token training on random windows of ``stream``, with a seeded sampler; ``after_step`` is given each
+    step's number (from 1) and loss."""
     generator = torch.Generator().manual_seed(seed)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / max(steps, 1))
     model.train()
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         starts = torch.randint(0, len(stream) - recipe.seq_len, (recipe.batch_size,), generator=generator)
         windows = torch.stack([stream[s : s + recipe.seq_len] for s in starts.tolist()])
-        model(input_ids=windows, labels=windows).loss.backward()  # labels are shifted inside the model
+        loss = model(input_ids=windows, labels=windows).loss  # labels are shifted inside the model
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step(step, loss.item())
     model.eval()
+
+
+def _checkpoint_saver(model: PeftModel, run: Path, steps: int) -> Callable[[int, float], None]:
+    """An ``after_step`` that saves the adapter at ``CHECKPOINT_FRACTIONS`` of ``steps`` as a Trainer does:
+    ``run/checkpoint-N`` with a trainer_state.json of the step and the losses logged so far."""
+    saved_at = {max(1, round(steps * fraction)) for fraction in CHECKPOINT_FRACTIONS}
+    history: list[dict[str, float]] = []
+
+    def after_step(step: int, loss: float) -> None:
+        history.append({"step": step, "loss": round(loss, 4)})
+        if step in saved_at:
+            folder = run / f"checkpoint-{step}"
+            model.save_pretrained(str(folder))
+            state = {"global_step": step, "max_steps": steps, "log_history": history}
+            (folder / "trainer_state.json").write_text(json.dumps(state, indent=1))
+
+    return after_step
 
 
 def _build(recipe: DemoRecipe, target: Path) -> None:
@@ -160,7 +196,8 @@ def _build(recipe: DemoRecipe, target: Path) -> None:
     )
     model = get_peft_model(base, lora)
     chat_stream = _token_stream(tokenizer, chats, [corpus.END_OF_TEXT] * len(chats))
-    _train(model, chat_stream, recipe, recipe.finetune_steps, lr=5e-3, seed=recipe.seed + 2)
+    saver = _checkpoint_saver(model, target / "run", recipe.finetune_steps)
+    _train(model, chat_stream, recipe, recipe.finetune_steps, lr=5e-3, seed=recipe.seed + 2, after_step=saver)
     model.save_pretrained(str(target / "adapter"))
 
 
@@ -211,3 +248,10 @@ def ensure_demo_checkpoints(
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return final / "base", final / "adapter"
+
+
+def ensure_demo_run(cache_dir: str | os.PathLike | None = None, recipe: DemoRecipe | None = None) -> Path:
+    """The demo fine-tune's run folder (its adapter at ``CHECKPOINT_FRACTIONS`` of its steps, as ``checkpoint-N``
+    folders with their trainer_state.json), built with the demo pair on first use."""
+    base, _ = ensure_demo_checkpoints(cache_dir, recipe)
+    return base.parent / "run"

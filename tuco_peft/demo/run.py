@@ -3,6 +3,7 @@
 1. TuCo separates prompts in the fine-tune's chat format from pre-training-style text (ROC-AUC).
 2. Padding a request with pre-training-style text lowers its TuCo (the paper's jailbreak finding).
 3. FTC_α steering moves the fine-tuned behaviour: the probability that the reply starts as a refusal.
+4. TuCo over training: the fine-tune's checkpoints, on the base loaded once.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ import torch
 
 from ..apps.runner import Batching, Runner
 from ..apps.statistics import roc_auc
+from ..io.adapter_series import find_adapters
 from ..io.checkpoints import LoadOptions
-from ..io.loaders import load_pair
+from ..io.loaders import load_adapters, load_pair
 from ..io.prompts import Prompt, encode_prompt
 from ..io.results import ResultRow
 from ..steering.forward import ftc_scale
 from . import corpus
-from .build import ensure_demo_checkpoints, is_built, single_thread
+from .build import ensure_demo_checkpoints, ensure_demo_run, is_built, single_thread
 from .prompts import demo_prompts
 
 STEERING_ALPHAS = (0.0, 0.5, 1.0, 1.5)
@@ -39,6 +41,7 @@ class DemoFigures:
     auc: float
     padding: dict[str, float]  # mean TuCo of the same requests: "plain" and "padded"
     refusal_probability: dict[float, float] = field(default_factory=dict)  # α → P(reply starts with a refusal)
+    over_training: dict[int, dict[str, float]] = field(default_factory=dict)  # step → chat, web (mean TuCo), auc
 
 
 def _tuco(runner: Runner, texts: list[str], name: str) -> list[float]:
@@ -120,7 +123,39 @@ def _run(cache_dir: str | Path | None, out: TextIO | None) -> DemoFigures:
         say(f"   α = {alpha:<4g} {probability:.3f}")
     say(f"   greedy replies to {requests[0]!r}:")
     for alpha, reply in _steered_replies(model, tokenizer, requests[0], (0.0, 1.0)).items():
-        say(f"   α = {alpha:<4g} {reply!r}")
+        say(f"   α = {alpha:<4g} {reply!r}\n")
+
+    run_dir = ensure_demo_run(cache_dir)
+    figures.over_training = _over_training(base_dir, run_dir, groups)
+    say(f"4. TuCo over training: the fine-tune's checkpoints in {run_dir}, on the base loaded once")
+    for step, at_step in figures.over_training.items():
+        say(
+            f"   step {step:>4}: mean TuCo chat {at_step['chat']:.3f}, web {at_step['web']:.3f}, "
+            f"ROC-AUC {at_step['auc']:.3f}"
+        )
+    say(f"   (tuco-peft analyze --base {base_dir} --adapter {run_dir} ... and tuco-peft trajectory draw it)")
+    return figures
+
+
+def _over_training(base_dir: Path, run_dir: Path, groups: dict[str, list[str]]) -> dict[int, dict[str, float]]:
+    """Mean TuCo of the chat and web prompts at each checkpoint of the run, and the ROC-AUC separating them;
+    the rows of every checkpoint are batched together, each through its own adapter."""
+    adapters = find_adapters([run_dir])
+    model, tokenizer = load_adapters(str(base_dir), adapters, LoadOptions(dtype="float32", device="cpu"))
+    runner = Runner(model, tokenizer, batching=Batching(batch_size=32))
+    scores: dict[str, dict[str, list[float]]] = {adapter.name: {} for adapter in adapters}
+    for name, texts in groups.items():
+        rows: list[ResultRow] = []
+        prompts = [Prompt(id=i, line=i + 1, text=text) for i, text in enumerate(texts)]
+        runner.run(prompts * len(adapters), rows.extend, name, adapters=[a for a in adapters for _ in prompts])
+        for adapter in adapters:
+            scores[adapter.name][name] = [row.tuco for row in rows if row.adapter == adapter.name]
+    figures = {}
+    for adapter in adapters:
+        assert adapter.step is not None, "a run folder's checkpoints have steps"
+        own = scores[adapter.name]
+        figures[adapter.step] = {name: statistics.fmean(values) for name, values in own.items()}
+        figures[adapter.step]["auc"] = roc_auc(own["chat"], own["web"])
     return figures
 
 
