@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import shutil
@@ -10,7 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers.cli_fixtures import fails
+import torch
+from helpers.cli_fixtures import fails, save_run
 from helpers.lm_eval_tasks import write_tasks
 
 from tuco_peft.cli import main
@@ -80,6 +82,46 @@ def test_eval_writes_lm_evals_results_for_each_alpha_and_the_cv_gain(checkpoints
     assert cv["tiny_mc"]["baseline_score"] == report["alphas"]["1.0"]["results"]["tiny_mc"]["acc,none"]
     assert f"CV gain {cv['tiny_mc']['cv_gain']:+.4f}" in printed
     assert f"results: {out}" in printed
+
+
+@pytest.mark.slow
+def test_eval_over_a_run_folder_gives_each_checkpoint_the_results_it_has_alone(
+    checkpoints, task_dir, tmp_path, monkeypatch
+):
+    """Each adapter evaluated as the only one active, on one load of the base, equals its own eval run; the
+    model lm-eval is given computes what that adapter alone computes (its logits, recorded on the way in)."""
+    run = save_run(checkpoints.base, tmp_path / "run", {10: 2.0, 20: 1.5})
+    evaluation = importlib.import_module("tuco_peft.integrations.evaluation")
+    evaluate_alphas, logits = evaluation.evaluate_alphas, []
+
+    def recording(model, *args, **kwargs):
+        with torch.no_grad():
+            logits.append(model(input_ids=torch.tensor([[1, 5, 9, 14]])).logits[0, -1])
+        return evaluate_alphas(model, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "evaluate_alphas", recording)
+
+    def argv(adapter, out):
+        model = ["--base", str(checkpoints.base), "--adapter", str(adapter)]
+        tasks = ["--tasks", "tiny_mc,tiny_gen", "--include-path", str(task_dir), "--alphas", "0,1.5"]
+        return ["eval", *model, *tasks, "--batch-size", "4", "--out", str(out)]
+
+    out = tmp_path / "results.json"
+    assert main(argv(run, out)) == 0
+    report = json.loads(out.read_text())
+    assert list(report["adapters"]) == ["run/checkpoint-10", "run/checkpoint-20"]
+    for step in (10, 20):
+        own = report["adapters"][f"run/checkpoint-{step}"]
+        assert own["step"] == step and own["train_loss"] == {10: 2.0, 20: 1.5}[step]
+        alone = tmp_path / f"alone-{step}.json"
+        assert main(argv(run / f"checkpoint-{step}", alone)) == 0
+        expected = json.loads(alone.read_text())["alphas"]
+        for alpha, output in own["alphas"].items():
+            assert output["results"] == expected[alpha]["results"], (step, alpha)
+    in_series, alone_10, alone_20 = logits[:2], logits[2], logits[3]
+    torch.testing.assert_close(in_series[0], alone_10)
+    torch.testing.assert_close(in_series[1], alone_20)
+    assert not torch.allclose(alone_10, alone_20, atol=1e-3)
 
 
 @pytest.mark.parametrize(

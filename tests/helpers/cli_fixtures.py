@@ -62,6 +62,20 @@ def save_checkpoints(root: Path) -> Checkpoints:
     return paths
 
 
+def save_run(base: Path, run: Path, losses: dict[int, float], **lora_kwargs) -> Path:
+    """A Trainer-like run folder of adapters of the model saved at ``base``: a ``checkpoint-N`` for each step
+    of ``losses`` (different random LoRA weights), with a trainer_state.json logging the losses so far."""
+    from transformers import AutoModelForCausalLM
+
+    for index, step in enumerate(sorted(losses)):
+        folder = run / f"checkpoint-{step}"
+        model = AutoModelForCausalLM.from_pretrained(base)
+        lora_model(model, seed=10 + index, **lora_kwargs).save_pretrained(folder)
+        log = [{"loss": loss, "step": logged} for logged, loss in sorted(losses.items()) if logged <= step]
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": log}))
+    return run
+
+
 def write_lines(path: Path, lines: list[str]) -> Path:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

@@ -10,12 +10,14 @@ from typing import Any
 
 from ..apps.runner import Runner
 from ..errors import InputError
+from ..io.adapter_series import adapter_series
 from .checks import check_alpha
 from .options import (
     CommandOptions,
     add_model_arguments,
     add_prompt_arguments,
     check_common,
+    checked_adapters,
 )
 from .outputs import add_force_argument, check_outputs, json_report, write_json
 
@@ -53,7 +55,12 @@ def add_parser(commands: argparse._SubParsersAction, common: argparse.ArgumentPa
     evaluate.add_argument(
         "--alphas", required=True, help="α values, comma-separated, each finite and ≥ 0 (e.g. 0.75,1,1.25)"
     )
-    evaluate.add_argument("--out", required=True, help="JSON file of the results, keyed by α")
+    evaluate.add_argument(
+        "--out",
+        required=True,
+        help="JSON file of the results, keyed by α (over several adapters: by adapter, then α, each adapter's "
+        "written as it finishes)",
+    )
     add_force_argument(evaluate)
     evaluate.add_argument("--include-path", metavar="DIR", help="a folder of your own lm-eval task YAML files")
     evaluate.add_argument(
@@ -107,7 +114,7 @@ def _limit(value: float | None) -> int | float | None:
 
 
 def evaluate_tasks(options: EvalOptions) -> int:
-    check_common(options.model, options.prompts)
+    check_common(options.model, options.prompts, several_adapters=True)
     tasks = _comma_list(options.tasks, "--tasks")
     alphas = _alphas(options.alphas)
     limit = _limit(options.limit)
@@ -119,38 +126,60 @@ def evaluate_tasks(options: EvalOptions) -> int:
         raise InputError(f"--num-fewshot must be at least 0, got {options.num_fewshot}.")
     if options.include_path is not None and not Path(options.include_path).is_dir():
         raise InputError(f"--include-path {options.include_path} is not a folder of lm-eval task YAML files.")
+    series = adapter_series(options.model.adapters, options.model.base) if options.model.adapters else None
     check_outputs(json_report("--out", options.out), force=options.force)
-    options.model.check()
+    if series is None:
+        options.model.check()
+    else:
+        checked_adapters(options.model, series)
     from ..integrations.evaluation import check_task_data, check_tasks, checked_alphas, evaluate_alphas, write_report
 
     alphas = list(checked_alphas(alphas, options.cv))  # repeats, and 1.0 among them for --cv
     task_manager = check_tasks(tasks, options.include_path)
     check_task_data(tasks, task_manager)
-    runner = Runner.load(options.model)
+    runner = Runner.load(options.model, series or ())
     lm_eval_options: dict[str, Any] = {"num_fewshot": options.num_fewshot}
     if options.prompts.chat_template:
         lm_eval_options.update(apply_chat_template=True, system_instruction=options.prompts.system)
-    report = evaluate_alphas(
-        runner.model,
-        runner.tokenizer,
-        tasks,
-        alphas,
-        include_path=options.include_path,
-        limit=limit,
-        cv_folds=options.cv,
-        batch_size=options.prompts.batch_size,
-        cv_metric=options.cv_metric,
-        base_model=runner.base_model,
-        task_manager=task_manager,
-        **lm_eval_options,
-    )
-    write_json(report, options.out, write_report)
-    _print_evaluation(report)
+
+    def evaluate() -> dict[str, Any]:
+        return evaluate_alphas(
+            runner.model,
+            runner.tokenizer,
+            tasks,
+            alphas,
+            include_path=options.include_path,
+            limit=limit,
+            cv_folds=options.cv,
+            batch_size=options.prompts.batch_size,
+            cv_metric=options.cv_metric,
+            base_model=runner.base_model,
+            task_manager=task_manager,
+            **lm_eval_options,
+        )
+
+    if series is None:
+        report = evaluate()
+        write_json(report, options.out, write_report)
+        _print_evaluation(report)
+    else:
+        from ..lora.adapters import adapter_active
+        from ..model.parts import model_parts
+
+        modules = model_parts(runner.model).modules
+        report = {"adapters": {}}
+        for adapter in series:
+            with adapter_active(modules, adapter.adapter_name):
+                own = evaluate()
+            report["adapters"][adapter.name] = {"step": adapter.step, "train_loss": adapter.train_loss, **own}
+            write_json(report, options.out, write_report)  # each adapter's results as soon as they exist
+            print(f"adapter {adapter.name}" + ("" if adapter.step is None else f" (step {adapter.step})") + ":")
+            _print_evaluation(own, indent="  ")
     print(f"results: {options.out}")
     return 0
 
 
-def _print_evaluation(report: dict[str, Any]) -> None:
+def _print_evaluation(report: dict[str, Any], indent: str = "") -> None:
     """Each α's task metrics (lm-eval's "metric,filter" keys, without their stderr) and, with --cv, the gain."""
     for alpha, output in report["alphas"].items():
         scores = [
@@ -159,10 +188,10 @@ def _print_evaluation(report: dict[str, Any]) -> None:
             for metric, value in metrics.items()
             if "," in metric and "_stderr" not in metric and isinstance(value, (int, float))
         ]
-        print(f"α = {float(alpha):g}: {'; '.join(scores)}")
+        print(f"{indent}α = {float(alpha):g}: {'; '.join(scores)}")
     for task, cv in report.get("cross_validation", {}).items():
         print(
-            f"{task}: α by {len(cv['fold_alphas'])}-fold CV on {cv['metric']} scores {cv['cv_score']:.4f} on held-out "
+            f"{indent}{task}: α by {len(cv['fold_alphas'])}-fold CV on {cv['metric']} scores {cv['cv_score']:.4f} on held-out "
             f"items, against {cv['baseline_score']:.4f} at α = 1: CV gain {cv['cv_gain']:+.4f} (best α on all "
             f"{cv['n_items']} items: {cv['alpha']:g})"
         )

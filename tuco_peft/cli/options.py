@@ -16,7 +16,7 @@ from ..apps.distributed import Ranks
 from ..apps.runner import Batching, ModelChoice, PromptFormat
 from ..errors import InputError
 from ..io.adapter_series import AdapterCheckpoint
-from ..io.checkpoints import LoadOptions, check_pair
+from ..io.checkpoints import Checkpoints, LoadOptions, check_pair
 from ..io.fingerprint import checkpoint_fingerprint, tokenizer_fingerprint
 from ..io.results import Provenance
 from .outputs import add_force_argument
@@ -268,6 +268,21 @@ def provenance(choice: ModelChoice, prompt_format: PromptFormat, positions: str,
     return {"settings": settings, "fingerprint": fingerprint}
 
 
+def checked_adapters(choice: ModelChoice, adapters: Sequence[AdapterCheckpoint]) -> list[Checkpoints]:
+    """``--base`` with each of ``adapters``, checked as far as they can be without loading them: all must ship
+    the same tokenizer (the rows of one file are compared token by token)."""
+    assert choice.base is not None, "check_model_choice gives --adapter its --base"
+    checked = [check_pair(choice.base, str(adapter.path), choice.load) for adapter in adapters]
+    first = tokenizer_fingerprint(checked[0].tokenizer)
+    for adapter, checkpoints in zip(adapters[1:], checked[1:]):
+        if tokenizer_fingerprint(checkpoints.tokenizer) != first:
+            raise InputError(
+                f"--adapter {adapter.path} ships another tokenizer than --adapter {adapters[0].path}; analyse "
+                "adapters with different tokenizers in separate runs."
+            )
+    return checked
+
+
 def adapter_provenances(
     choice: ModelChoice,
     adapters: Sequence[AdapterCheckpoint],
@@ -275,20 +290,13 @@ def adapter_provenances(
     positions: str,
     command: str,
 ) -> dict[str | None, Provenance]:
-    """``provenance`` of each adapter of a run over several, by adapter name: all share the base and the
-    settings, and must share the tokenizer (the rows of one file are compared token by token)."""
-    assert choice.base is not None, "check_model_choice gives --adapter its --base"
-    first = provenance(replace(choice, adapters=(str(adapters[0].path),)), prompt_format, positions, command)
-    made_with: dict[str | None, Provenance] = {}
-    for adapter in adapters:
-        checkpoints = check_pair(choice.base, str(adapter.path), choice.load)
-        if tokenizer_fingerprint(checkpoints.tokenizer) != first["fingerprint"]["tokenizer"]:
-            raise InputError(
-                f"--adapter {adapter.path} ships another tokenizer than --adapter {adapters[0].path}; analyse "
-                "adapters with different tokenizers in separate runs."
-            )
-        made_with[adapter.name] = {
-            "settings": {**first["settings"], "adapter": str(adapter.path.resolve())},
-            "fingerprint": {**first["fingerprint"], "adapter": checkpoint_fingerprint(checkpoints.by_flag["adapter"])},
+    """``provenance`` of each adapter of a run over several, by adapter name: they share all but the adapter."""
+    checked = checked_adapters(choice, adapters)
+    shared = provenance(replace(choice, adapters=(str(adapters[0].path),)), prompt_format, positions, command)
+    return {
+        adapter.name: {
+            "settings": {**shared["settings"], "adapter": str(adapter.path.resolve())},
+            "fingerprint": {**shared["fingerprint"], "adapter": checkpoint_fingerprint(checkpoints.by_flag["adapter"])},
         }
-    return made_with
+        for adapter, checkpoints in zip(adapters, checked)
+    }
