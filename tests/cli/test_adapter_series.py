@@ -92,10 +92,28 @@ def test_a_run_folder_that_is_an_adapter_itself_comes_after_its_checkpoints(tmp_
     ]
 
 
+def test_the_final_adapter_of_a_run_takes_its_step_or_is_left_out_when_it_is_the_last_checkpoint(tmp_path):
+    """Trainer.save_model puts the final adapter into the run folder, and save_state its trainer_state.json."""
+    run = _adapter(tmp_path / "run")
+    (run / "trainer_state.json").write_text(json.dumps({"global_step": 25, "log_history": _losses((20, 1.5))}))
+    for step in (10, 20):
+        (_checkpoint(run, step) / "adapter_model.safetensors").write_bytes(bytes([step]) * 64)
+    (run / "adapter_model.safetensors").write_bytes(bytes([25]) * 64)
+    assert find_adapters([run])[-1] == AdapterCheckpoint("run", run, 25, 1.5)
+    (run / "adapter_model.safetensors").write_bytes(bytes([20]) * 64)  # the last checkpoint's weights again
+    assert [adapter.name for adapter in find_adapters([run])] == ["run/checkpoint-10", "run/checkpoint-20"]
+
+
+def test_adapters_of_two_kinds_are_refused(tmp_path):
+    lora, ia3 = _adapter(tmp_path / "lora"), _adapter(tmp_path / "ia3", peft_type="IA3")
+    with pytest.raises(InputError, match=r"ia3 is a IA3 adapter and --adapter .*lora a LORA one"):
+        find_adapters([lora, ia3])
+
+
 def test_names_with_a_dot_become_peft_adapter_names_without(tmp_path):
     adapter = _adapter(tmp_path / "qwen2.5-sft")
     (found,) = find_adapters([adapter])
-    assert found.name == "qwen2.5-sft" and found.adapter_name == "qwen2_5-sft"
+    assert found.name == "qwen2.5-sft" and found.adapter_name == "tuco:qwen2_5-sft"
     _adapter(tmp_path / "more" / "qwen2_5-sft")
     with pytest.raises(InputError, match="would both be named 'qwen2_5-sft'"):
         find_adapters([adapter, tmp_path / "more" / "qwen2_5-sft"])

@@ -11,9 +11,7 @@ import json
 import shutil
 
 import pytest
-from helpers.cli_fixtures import fails, read_rows, write_lines
-from helpers.models import lora_model
-from transformers import AutoModelForCausalLM
+from helpers.cli_fixtures import fails, read_rows, save_run, write_lines
 
 from tuco_peft.cli import main
 
@@ -24,26 +22,14 @@ PROMPTS = [
     "tell me about the old mill by the water near the river bank",
     "the lazy dog",
 ]
-STEPS = (10, 20, 30)
 LOSSES = {10: 2.5, 20: 2.0, 30: 1.75}
+STEPS = tuple(LOSSES)
 COMPARED = ("tuco", "ptc_l1", "ftc_l1", "cumulative_tuco")
-
-
-def _save_run(checkpoints, run, **lora_kwargs):
-    """A Trainer-like run folder: checkpoint-N adapters (different random LoRA weights), each with its
-    trainer_state.json."""
-    for index, step in enumerate(STEPS):
-        base = AutoModelForCausalLM.from_pretrained(checkpoints.base)
-        folder = run / f"checkpoint-{step}"
-        lora_model(base, seed=10 + index, **lora_kwargs).save_pretrained(folder)
-        log = [{"loss": LOSSES[s], "step": s} for s in STEPS if s <= step]
-        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": log}))
-    return run
 
 
 @pytest.fixture(scope="module")
 def run(checkpoints, tmp_path_factory):
-    return _save_run(checkpoints, tmp_path_factory.mktemp("lora") / "run")
+    return save_run(checkpoints.base, tmp_path_factory.mktemp("lora") / "run", LOSSES)
 
 
 def _analyze_argv(checkpoints, adapters, prompts, out):
@@ -100,12 +86,12 @@ def test_mixed_batches_share_one_forward_across_adapters(checkpoints, run, tmp_p
     monkeypatch.setattr(importlib.import_module("tuco_peft.core.decompose"), "decompose", recording)
     prompts = write_lines(tmp_path / "p.txt", ["the lazy dog"])
     assert main([*_analyze_argv(checkpoints, [run], prompts, tmp_path / "rows.jsonl")]) == 0
-    assert seen == [[f"run/checkpoint-{step}" for step in STEPS]]
+    assert seen == [[f"tuco:run/checkpoint-{step}" for step in STEPS]]
 
 
 def test_dora_adapters_run_one_after_another_with_the_same_rows(checkpoints, tmp_path):
     """PEFT cannot mix DoRA adapters in a batch: each runs alone on the base, with rows equal to its own run."""
-    run = _save_run(checkpoints, tmp_path / "dora" / "run", use_dora=True)
+    run = save_run(checkpoints.base, tmp_path / "dora" / "run", LOSSES, use_dora=True)
     prompts = write_lines(tmp_path / "p.txt", PROMPTS[:2])
     out = tmp_path / "rows.jsonl"
     assert main(_analyze_argv(checkpoints, [run], prompts, out)) == 0
@@ -227,3 +213,26 @@ def test_compare_over_a_run_gives_each_checkpoint_its_own_rows_and_roc_auc(check
         own = [row for row in rows if row["step"] == step]
         _assert_rows_equal(own, read_rows(alone))
         assert f"run/checkpoint-{step}" in printed and auc in printed
+
+
+def test_rows_of_another_prompt_file_are_refused_whatever_their_adapter(checkpoints, run, tmp_path, capsys):
+    out = tmp_path / "rows.jsonl"
+    first = [run / f"checkpoint-{step}" for step in STEPS[:2]]
+    assert main(_analyze_argv(checkpoints, first, write_lines(tmp_path / "p.txt", PROMPTS), out)) == 0
+    other = write_lines(tmp_path / "other.txt", ["a different first prompt", *PROMPTS[1:]])
+    argv = _analyze_argv(checkpoints, [run / f"checkpoint-{STEPS[2]}"], other, out)
+    fails([*argv[:3], "--adapter", str(run / "checkpoint-10"), *argv[3:]], capsys, "already has a row for id 1")
+
+
+def test_folders_named_like_module_attributes_or_peft_words_are_adapters_like_any(checkpoints, run, tmp_path):
+    """PEFT keeps adapters in module dicts and calls a row without one "__base__": neither name may leak."""
+    shelf = tmp_path / "shelf"
+    for folder, step in (("train", 10), ("__base__", 20)):
+        shutil.copytree(run / f"checkpoint-{step}", shelf / folder)
+    prompts = write_lines(tmp_path / "p.txt", PROMPTS[:2])
+    out = tmp_path / "rows.jsonl"
+    assert main(_analyze_argv(checkpoints, [shelf], prompts, out)) == 0
+    rows = read_rows(out)
+    for folder, step in (("train", 10), ("__base__", 20)):
+        alone = _alone(checkpoints, run / f"checkpoint-{step}", prompts, tmp_path / f"alone-{step}.jsonl")
+        _assert_rows_equal([row for row in rows if row["adapter"] == folder], alone)

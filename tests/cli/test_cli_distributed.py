@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers.cli_fixtures import read_rows
+from helpers.cli_fixtures import read_rows, save_run
 
 from tuco_peft.apps.distributed import Ranks, part_file, parts_directory
 from tuco_peft.cli import main
@@ -174,3 +174,83 @@ def test_process_group_waits_long_for_slow_ranks(monkeypatch):
         pass
     assert calls[0]["rank"] == 1 and calls[0]["world_size"] == 2
     assert calls[0]["timeout"].total_seconds() >= 24 * 3600
+
+
+# A data-parallel run over several adapters: a training run's checkpoint-N adapters on one base load per rank.
+LOSSES = {10: 2.5, 20: 2.0, 30: 1.75}
+STEPS = tuple(LOSSES)
+ANALYSED = [1, 2, 4, 5, 6, 7]  # the ids of PROMPTS with tokens
+
+
+@pytest.fixture(scope="module")
+def training_run(checkpoints, tmp_path_factory):
+    return save_run(checkpoints.base, tmp_path_factory.mktemp("lora") / "run", LOSSES)
+
+
+def _series_argv(checkpoints, run, prompts, out):
+    return [
+        "analyze",
+        *("--base", str(checkpoints.base), "--adapter", str(run)),
+        *("--prompts", str(prompts), "--out", str(out), "--batch-size", "2"),
+    ]
+
+
+@pytest.fixture(scope="module")
+def one_process_series_rows(checkpoints, training_run, prompts, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single-series") / "rows.jsonl"
+    assert main(_series_argv(checkpoints, training_run, prompts, out)) == 0
+    return read_rows(out)
+
+
+def _assert_same_series_rows(got: list[dict], expected: list[dict], keep_tuco: set[tuple[str, int]] = frozenset()):
+    """The rows of ``expected`` in its order (adapter by adapter, each in prompt order), value for value; the rows
+    of ``keep_tuco`` (adapter, id) keep the sentinel TuCo of a row that was not computed again."""
+    assert [(row["adapter"], row["id"]) for row in got] == [(row["adapter"], row["id"]) for row in expected]
+    for row, reference in zip(got, expected):
+        assert row.keys() == reference.keys()
+        for field in ("prompt", "n_tokens", "step", "train_loss", "settings", "fingerprint"):
+            assert row[field] == reference[field], (row["adapter"], row["id"], field)
+        fields = ("ptc_l1", "ftc_l1", "cumulative_tuco")
+        if (row["adapter"], row["id"]) in keep_tuco:
+            assert row["tuco"] == SENTINEL, (row["adapter"], row["id"])
+        else:
+            fields = ("tuco", *fields)
+        for field in fields:
+            assert row[field] == pytest.approx(reference[field], rel=1e-6, abs=1e-6), (row["adapter"], row["id"], field)
+
+
+@pytest.mark.slow  # processes of their own
+def test_two_ranks_over_a_run_folder_write_the_rows_of_one_process_and_resume(
+    checkpoints, training_run, prompts, one_process_series_rows, tmp_path
+):
+    names = [f"run/checkpoint-{step}" for step in STEPS]
+    order = [(name, prompt_id) for name in names for prompt_id in ANALYSED]
+    assert [(row["adapter"], row["id"]) for row in one_process_series_rows] == order
+    assert [(row["step"], row["train_loss"]) for row in one_process_series_rows] == [
+        (step, LOSSES[step]) for step in STEPS for _ in ANALYSED
+    ]
+    out = tmp_path / "rows.jsonl"
+    run = _launch_two_ranks(_series_argv(checkpoints, training_run, prompts, out))
+    assert run.returncode == 0, run.stderr
+    assert "rank 0/2" in run.stderr and "rank 1/2" in run.stderr  # both ranks did their share
+    assert run.stderr.count("prompt 3 (line 3) is empty; skipped") == 1
+    _assert_same_series_rows(read_rows(out), one_process_series_rows)
+    assert not parts_directory(out).exists() and not lock_path(out).exists()
+
+    # Cut: the first adapter whole, one row of the second, then half a row; rank 1 of an interrupted run left
+    # one row of the third in its part. The rows that stay carry the sentinel: a rerun must not compute them.
+    lines = out.read_text().splitlines(keepends=True)
+    kept = [{**json.loads(line), "tuco": SENTINEL} for line in lines[: len(ANALYSED) + 1]]
+    out.write_text("".join(json.dumps(row) + "\n" for row in kept) + lines[len(ANALYSED) + 1][:25])
+    in_part = {**json.loads(lines[2 * len(ANALYSED) + 3]), "tuco": SENTINEL}  # (run/checkpoint-30, id 5)
+    parts_directory(out).mkdir()
+    part_file(out, Ranks(1, 2)).write_text(json.dumps(in_part) + "\n")
+    rerun = _launch_two_ranks(_series_argv(checkpoints, training_run, prompts, out))
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"resuming: 6 of 6 prompts of adapter '{names[0]}'" in rerun.stderr
+    assert f"resuming: 1 of 6 prompts of adapter '{names[1]}'" in rerun.stderr
+    assert f"resuming: 1 of 6 prompts of adapter '{names[2]}'" in rerun.stderr
+    stay = {(row["adapter"], row["id"]) for row in [*kept, in_part]}
+    assert len(stay) == len(ANALYSED) + 2
+    _assert_same_series_rows(read_rows(out), one_process_series_rows, keep_tuco=stay)
+    assert not parts_directory(out).exists() and not lock_path(out).exists()

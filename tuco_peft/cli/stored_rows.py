@@ -41,7 +41,8 @@ class RowsOfRun:
         return prompt_keys(self.prompts, self.set_name, self.names)
 
     def by_key(self) -> dict[str, PromptJson]:
-        return prompts_by_key(self.prompts, self.set_name, self.names)
+        """Each prompt by the key of its prompt (``ResultRow.prompt_key``), to check stored rows against."""
+        return prompts_by_key(self.prompts, self.set_name)
 
     def rows(self, stored: Iterable[ResultRow]) -> list[ResultRow]:
         """This run's rows among ``stored``, in ``keys``' order."""

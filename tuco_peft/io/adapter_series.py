@@ -18,10 +18,12 @@ from pathlib import Path
 
 from ..errors import InputError
 from .checkpoints import is_hub_id, read_json_object
+from .fingerprint import file_digest
 
 ADAPTER_CONFIG = "adapter_config.json"
 TRAINER_STATE = "trainer_state.json"  # the Hugging Face Trainer writes it into every checkpoint folder
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 
 @dataclass(frozen=True)
@@ -36,8 +38,9 @@ class AdapterCheckpoint:
 
     @property
     def adapter_name(self) -> str:
-        """``name`` as PEFT's ``adapter_name`` takes it: module names hold no ".", so it becomes "_"."""
-        return self.name.replace(".", "_")
+        """``name`` as PEFT's ``adapter_name`` takes it: module names hold no "." (it becomes "_"), and the
+        prefix keeps a folder named like a module attribute ("train") or PEFT's "__base__" from meaning one."""
+        return "tuco:" + self.name.replace(".", "_")
 
 
 def find_adapters(locations: Sequence[str | Path], base: str | None = None) -> list[AdapterCheckpoint]:
@@ -49,6 +52,7 @@ def find_adapters(locations: Sequence[str | Path], base: str | None = None) -> l
     """
     adapters: list[AdapterCheckpoint] = []
     paths_by_name: dict[str, Path] = {}
+    kinds: dict[object, Path] = {}
     for location in locations:
         for adapter in _expand(location):
             config = read_json_object(adapter.path / ADAPTER_CONFIG, f"--adapter {location}", "fix it, or save the adapter again")
@@ -57,9 +61,16 @@ def find_adapters(locations: Sequence[str | Path], base: str | None = None) -> l
             if adapter.adapter_name in paths_by_name:
                 raise InputError(
                     f"--adapter {paths_by_name[adapter.adapter_name]} and --adapter {adapter.path} would both be "
-                    f"named {adapter.adapter_name!r}; pass only one of them, or rename one folder."
+                    f"named {adapter.adapter_name.removeprefix('tuco:')!r}; pass only one of them, or rename one folder."
                 )
             paths_by_name[adapter.adapter_name] = adapter.path
+            kinds.setdefault(config.get("peft_type"), adapter.path)
+            if len(kinds) > 1:
+                (first_kind, first), (kind, _) = kinds.items()
+                raise InputError(
+                    f"--adapter {adapter.path} is a {kind} adapter and --adapter {first} a {first_kind} one; one run "
+                    "takes adapters of one kind (PEFT holds them in one model), so analyse each kind in its own run."
+                )
             adapters.append(adapter)
     return adapters
 
@@ -108,8 +119,12 @@ def _expand(location: str | Path) -> list[AdapterCheckpoint]:
                     "adapter checkpoints one by one, or remove it from the run folder."
                 )
         checkpoints.sort(key=lambda folder: (_step_in_name(folder), folder.name))
-        # The adapter a Trainer saved into the run folder at the end (save_model) comes after its checkpoints.
-        return [_adapter(location, folder) for folder in checkpoints] + final
+        series = [_adapter(location, folder) for folder in checkpoints]
+        # The adapter a Trainer saved into the run folder at the end (save_model) comes after its checkpoints,
+        # unless it is the last checkpoint again.
+        if final and not _same_weights(path, checkpoints[-1]):
+            series.append(_final_adapter(location, path))
+        return series
     if final:
         return final
     adapters = [folder for folder in folders if (folder / ADAPTER_CONFIG).is_file()]
@@ -120,6 +135,28 @@ def _expand(location: str | Path) -> list[AdapterCheckpoint]:
             "adapter folders."
         )
     return [_adapter(location, folder) for folder in adapters]
+
+
+def _same_weights(adapter: Path, other: Path) -> bool:
+    """Whether two adapter folders hold the same weights files, byte for byte (as far as ``file_digest`` tells)."""
+    names = [name for name in _WEIGHT_FILES if (adapter / name).is_file()]
+    return bool(names) and all(
+        (other / name).is_file() and file_digest(adapter / name) == file_digest(other / name) for name in names
+    )
+
+
+def _final_adapter(location: str | Path, run: Path) -> AdapterCheckpoint:
+    """The adapter saved into a run folder itself, at the step its trainer_state.json says the run ended at
+    (``Trainer.save_state`` writes it there), if it says so."""
+    named = _adapter(location, run)
+    state_path = run / TRAINER_STATE
+    if not state_path.is_file():
+        return named
+    state = read_json_object(state_path, f"--adapter {location}", "fix it, or remove it")
+    step = state.get("global_step")
+    if not isinstance(step, int) or isinstance(step, bool):
+        return named
+    return AdapterCheckpoint(named.name, run, step, _train_loss(state, step))
 
 
 def _step_in_name(checkpoint: Path) -> int:

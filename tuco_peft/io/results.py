@@ -79,6 +79,11 @@ class ResultRow:
     def key(self) -> str:
         return result_key(self.set, self.id, self.adapter)
 
+    @property
+    def prompt_key(self) -> str:
+        """The key of its prompt: its set and id, whichever adapter the row is of."""
+        return result_key(self.set, self.id)
+
     def to_json(self) -> dict[str, Any]:
         """The row as written: the keys in the order earlier files have them, ``None`` fields left out."""
         values = {name: value for name, value in asdict(self).items() if name != "extra" and value is not None}
@@ -313,15 +318,15 @@ class ResultsFile:
             )
 
     def check_prompts(self, prompts: Mapping[str, PromptJson]) -> None:
-        """Refuse rows that are not of ``prompts[key]`` (``ResultRow.is_row_of``: an edited row, or another prompt
-        file's); with ``repair``, drop them instead (their prompts are computed again). Rows of other keys are
-        kept."""
-        stale = [row for row in self.rows if row.key in prompts and not row.is_row_of(prompts[row.key])]
+        """Refuse rows that are not of ``prompts[key]``, keyed by ``prompt_key`` (``ResultRow.is_row_of``: an
+        edited row, or another prompt file's), whatever adapter they are of; with ``repair``, drop them instead
+        (their prompts are computed again). Rows of other prompts are kept."""
+        stale = [row for row in self.rows if row.prompt_key in prompts and not row.is_row_of(prompts[row.prompt_key])]
         if not stale:
             return
         if not self.repair:
             row = stale[0]
-            if len(stale) == sum(row.key in prompts for row in self.rows):
+            if len(stale) == sum(row.prompt_key in prompts for row in self.rows):
                 way_out = "so it belongs to another prompt file; pass another --out"
             else:
                 way_out = f"(line {self._line_of[row.key]}); rerun with --repair to compute it again"
@@ -390,11 +395,9 @@ def prompt_keys(
     return [result_key(set_name, prompt.id, adapter) for adapter in adapters for prompt in prompts]
 
 
-def prompts_by_key(
-    prompts: Sequence[Prompt], set_name: str | None = None, adapters: Sequence[str | None] = (None,)
-) -> dict[str, PromptJson]:
-    """Each prompt as its row stores it, by row key (in prompt set ``set_name``, for each of ``adapters``)."""
-    return {result_key(set_name, prompt.id, adapter): prompt.as_json() for adapter in adapters for prompt in prompts}
+def prompts_by_key(prompts: Sequence[Prompt], set_name: str | None = None) -> dict[str, PromptJson]:
+    """Each prompt as its rows store it, by ``ResultRow.prompt_key`` (in prompt set ``set_name``)."""
+    return {result_key(set_name, prompt.id): prompt.as_json() for prompt in prompts}
 
 
 def rows_for(
