@@ -74,19 +74,29 @@ def test_each_row_of_a_run_folder_equals_its_checkpoint_analysed_alone(checkpoin
     _check_against_single_runs(checkpoints, run, rows, tmp_path, prompts)
 
 
-def test_mixed_batches_share_one_forward_across_adapters(checkpoints, run, tmp_path, monkeypatch):
-    """Prompts of one length from three adapters go through one forward, each row with its own adapter."""
-    seen = []
-    decompose = importlib.import_module("tuco_peft.core.decompose").decompose
+def test_full_batches_run_one_adapter_and_short_ones_are_mixed(checkpoints, run, tmp_path, monkeypatch):
+    """Each adapter's full batches run with it alone active (the plain forward); the short ones left over are
+    pooled across adapters into mixed batches, each row through its own adapter."""
+    module = importlib.import_module("tuco_peft.core.decompose")
+    decompose, seen = module.decompose, []
 
     def recording(model, ids, *args, adapter_names=None, **kwargs):
-        seen.append(list(adapter_names))
+        seen.append((len(ids), adapter_names))
         return decompose(model, ids, *args, adapter_names=adapter_names, **kwargs)
 
-    monkeypatch.setattr(importlib.import_module("tuco_peft.core.decompose"), "decompose", recording)
-    prompts = write_lines(tmp_path / "p.txt", ["the lazy dog"])
-    assert main([*_analyze_argv(checkpoints, [run], prompts, tmp_path / "rows.jsonl")]) == 0
-    assert seen == [[f"tuco:run/checkpoint-{step}" for step in STEPS]]
+    monkeypatch.setattr(module, "decompose", recording)
+    one = write_lines(tmp_path / "one.txt", ["the lazy dog"])
+    assert main(_analyze_argv(checkpoints, [run], one, tmp_path / "one.jsonl")) == 0
+    assert seen == [(3, [f"tuco:run/checkpoint-{step}" for step in STEPS])]  # one forward for all three
+    seen.clear()
+    three = write_lines(tmp_path / "three.txt", ["the quick brown fox", "the lazy dog runs", "a small model"])
+    assert main([*_analyze_argv(checkpoints, [run], three, tmp_path / "three.jsonl"), "--batch-size", "2"]) == 0
+    alone = [rows for rows, names in seen if names is None]
+    mixed = [names for _, names in seen if names is not None]
+    # A full batch of each adapter; of the three prompts left, one per adapter, two share a mixed batch and
+    # the third is the only row of its batch, with its adapter active.
+    assert alone == [2, 2, 2, 1]
+    assert len(mixed) == 1 and len(set(mixed[0])) == 2
 
 
 def test_dora_adapters_run_one_after_another_with_the_same_rows(checkpoints, tmp_path):

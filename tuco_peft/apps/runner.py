@@ -10,7 +10,7 @@ caller puts the rows back in the prompt file's order.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -280,11 +280,9 @@ class Runner:
         """Decompose ``prompts`` batch by batch, handing each batch's rows to ``write`` as soon as they exist.
 
         In a run over several adapters, ``adapters[i]`` is the adapter ``prompts[i]`` is decomposed with (a
-        prompt may come once per adapter). Where PEFT can mix the adapters in one batch, the rows of all of
-        them are batched together, each through its own adapter, so that the base weights are read once for
-        all; otherwise one adapter after another. Batches follow ``plan_batches``, so rows come by batches of
-        similar length, not in the order of ``prompts``. ``label`` names the progress bar (default: the set
-        name, else "analyze").
+        prompt may come once per adapter); see ``_planned`` for how their rows are batched. Batches follow
+        ``plan_batches``, so rows come by batches of similar length, not in the order of ``prompts``. ``label``
+        names the progress bar (default: the set name, else "analyze").
         """
         from tqdm import tqdm
 
@@ -300,19 +298,16 @@ class Runner:
         with tqdm(
             total=len(encoded), unit="prompt", desc=label or set_name or "analyze", file=sys.stderr, dynamic_ncols=True
         ) as bar:
-            for active, indices, mixed in self._adapter_groups(owners):
+            for active, batch, adapter_names in self._planned(owners, lengths):
                 with active:
-                    for batch in plan_batches([lengths[index] for index in indices], self.batching):
-                        members = [indices[position] for position in batch]
-                        names = [_peft_name(owners[index]) for index in members] if mixed else None
-                        rows = self._batch_rows([encoded[index] for index in members], names)
-                        write(
-                            [
-                                row.made_with(self._provenance_of(owners[index]), set_name, owners[index])
-                                for row, index in zip(rows, members)
-                            ]
-                        )
-                        bar.update(len(batch))
+                    rows = self._batch_rows([encoded[index] for index in batch], adapter_names)
+                write(
+                    [
+                        row.made_with(self._provenance_of(owners[index]), set_name, owners[index])
+                        for row, index in zip(rows, batch)
+                    ]
+                )
+                bar.update(len(batch))
 
     def _encoded(
         self, prompts: Sequence[Prompt], adapters: Sequence[AdapterCheckpoint] | None
@@ -326,25 +321,45 @@ class Runner:
         kept = [(by_id[prompt.id], owner) for prompt, owner in zip(prompts, owners) if prompt.id in by_id]
         return [tokens for tokens, _ in kept], [owner for _, owner in kept]
 
-    def _adapter_groups(
-        self, owners: Sequence[AdapterCheckpoint | None]
-    ) -> list[tuple[AbstractContextManager[None], list[int], bool]]:
-        """The prompts to batch together, each group with what makes its adapter active and whether its
-        batches mix adapters (``decompose``'s ``adapter_names``)."""
-        everything = list(range(len(owners)))
+    def _planned(
+        self, owners: Sequence[AdapterCheckpoint | None], lengths: Sequence[int]
+    ) -> Iterator[tuple[AbstractContextManager[None], list[int], list[str] | None]]:
+        """The batches (indices into ``owners``), each with what makes its adapter active and, for a batch
+        that mixes adapters, the adapter of each row (``decompose``'s ``adapter_names``).
+
+        Each adapter's rows are batched on their own, with that adapter active: the plain forward, fastest per
+        row. The batches left short of ``batch_size`` (a few prompts, or the last of many) are pooled across
+        adapters into mixed batches where PEFT can mix them, so that a handful of prompts over many adapters
+        takes a handful of forwards, each reading the base's weights once for all of them.
+        """
+
+        def plan(indices: Sequence[int]) -> list[list[int]]:
+            batches = plan_batches([lengths[index] for index in indices], self.batching)
+            return [[indices[position] for position in batch] for batch in batches]
+
         if all(owner is None for owner in owners):
-            return [(nullcontext(), everything, False)]
+            for batch in plan(range(len(owners))):
+                yield nullcontext(), batch, None
+            return
         from ..lora.adapters import adapter_active, why_not_mixable
         from ..model.parts import model_parts
 
         names = [_peft_name(owner) for owner in owners]
         modules = model_parts(self.model).modules
-        if why_not_mixable(modules, set(names)) is None:
-            return [(nullcontext(), everything, True)]
-        return [
-            (adapter_active(modules, name), [index for index in everything if names[index] == name], False)
-            for name in dict.fromkeys(names)
-        ]
+        mixable = why_not_mixable(modules, set(names)) is None
+        pooled: list[int] = []
+        for name in dict.fromkeys(names):
+            for batch in plan([index for index, own in enumerate(names) if own == name]):
+                if mixable and len(batch) < self.batching.batch_size:
+                    pooled += batch
+                else:
+                    yield adapter_active(modules, name), batch, None
+        for batch in plan(pooled):
+            held = list(dict.fromkeys(names[index] for index in batch))
+            if len(held) == 1:
+                yield adapter_active(modules, held[0]), batch, None
+            else:
+                yield nullcontext(), batch, [names[index] for index in batch]
 
     def _provenance_of(self, adapter: AdapterCheckpoint | None) -> Provenance:
         return self.provenance.get(None if adapter is None else adapter.name, {})
