@@ -6,6 +6,7 @@ The model is loaded once for all of them. Every method sees the same prompts, ba
 holds each batch's prompts once per adapter. Times are medians of ``--repeats`` runs of the whole series.
 
     python benchmarks/bench_adapters.py --models demo 135m --adapters 8 --prompts 64 --batch-size 8
+    python benchmarks/bench_adapters.py --models 135m --device cuda --dtype bfloat16 --batch-size 1   # a GPU
 """
 
 from __future__ import annotations
@@ -48,12 +49,16 @@ def series(model: torch.nn.Module, batches: list[torch.Tensor], mixed: bool | No
     return run
 
 
-def median_seconds(run: Callable[[], object], repeats: int) -> float:
+def median_seconds(run: Callable[[], object], repeats: int, device: torch.device) -> float:
     run()  # warm-up
     times = []
     for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         start = time.perf_counter()
         run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the kernels queued, done
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -68,22 +73,25 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, …")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--out", default="bench-adapters.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     report: dict = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__, **vars(args)}
     report["results"] = []
     for name in args.models:
-        model = with_adapters(MODELS[name], args.adapters, args.rank)
+        device = torch.device(args.device)
+        model = with_adapters(MODELS[name], args.adapters, args.rank).to(device, getattr(torch, args.dtype))
         generator = torch.Generator().manual_seed(0)
         ids = torch.randint(0, MODELS[name]["vocab_size"], (args.prompts, args.tokens), generator=generator)
-        batches = list(ids.split(args.batch_size))
+        batches = list(ids.to(device).split(args.batch_size))
         with torch.no_grad():
-            one = median_seconds(series(model, batches, None), args.repeats)
+            one = median_seconds(series(model, batches, None), args.repeats, device)
             timings = {
                 "one adapter × n": one * args.adapters,
-                "mixed batches": median_seconds(series(model, batches, True), args.repeats),
-                "one adapter at a time": median_seconds(series(model, batches, False), args.repeats),
+                "mixed batches": median_seconds(series(model, batches, True), args.repeats, device),
+                "one adapter at a time": median_seconds(series(model, batches, False), args.repeats, device),
             }
         row = {
             "model": name,

@@ -2,7 +2,8 @@
 # The GPU check in one run, for a GPU machine without network where torch, transformers, peft and triton
 # are installed and bitsandbytes may exist only as a wheel file: install tuco-peft offline, print the
 # versions and the GPU, run the device tier on CUDA (pytest -m device --device cuda, at most 4 minutes),
-# then the GPU benchmark (benchmarks/bench_kernels.py, capped at 270 s), writing logs and JSON into OUTDIR
+# then the GPU benchmarks (benchmarks/bench_kernels.py, capped at 270 s; bench_adapters.py, 8 adapters on one
+# base in mixed batches, capped at 120 s), writing logs and JSON into OUTDIR
 # as they go. A part that fails is reported and the others still run; the exit status is 1 if any failed.
 #
 #   bash benchmarks/gpu_check.sh OUTDIR [--wheels DIR]    # DIR: wheels to install first (bitsandbytes, …)
@@ -66,6 +67,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
 part device_tier 240 "$python" -m pytest -m device --device cuda -q -p no:cacheprovider \
     --junitxml "$out/device_tier.xml" --durations 15
 part bench_kernels 330 "$python" benchmarks/bench_kernels.py --max-seconds 270 --out "$out/bench_kernels.json"
+# Issue 20: 8 adapters' prompts in one mixed batch against one adapter at a time, batches of one prompt.
+part bench_adapters 120 "$python" benchmarks/bench_adapters.py --models 135m --device cuda --dtype bfloat16 \
+    --prompts 16 --batch-size 1 --repeats 3 --out "$out/bench_adapters.json"
 
 if (( ${#failed[@]} )); then
     printf 'gpu_check: FAILED: %s\n' "${failed[@]}"

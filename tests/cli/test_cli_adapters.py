@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import shutil
+import subprocess
+import sys
+import time
 
 import pytest
 from helpers.cli_fixtures import fails, read_rows, save_run, write_lines
@@ -246,3 +250,25 @@ def test_folders_named_like_module_attributes_or_peft_words_are_adapters_like_an
     for folder, step in (("train", 10), ("__base__", 20)):
         alone = _alone(checkpoints, run / f"checkpoint-{step}", prompts, tmp_path / f"alone-{step}.jsonl")
         _assert_rows_equal([row for row in rows if row["adapter"] == folder], alone)
+
+
+@pytest.mark.slow  # a process of its own
+def test_a_run_killed_in_its_third_adapter_resumes_to_the_rows_of_an_uninterrupted_run(checkpoints, run, tmp_path):
+    prompts = write_lines(tmp_path / "p.txt", [f"the quick brown fox {i} jumps" for i in range(60)])
+    argv = [*_analyze_argv(checkpoints, [run], prompts, tmp_path / "rows.jsonl"), "--batch-size", "1"]
+    out = tmp_path / "rows.jsonl"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    process = subprocess.Popen([sys.executable, "-m", "tuco_peft.cli", *argv], env=env, stderr=subprocess.DEVNULL)
+    third = f'"adapter": "run/checkpoint-{STEPS[2]}"'
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not out.exists() or third not in out.read_text()):
+        time.sleep(0.05)
+    process.kill()  # SIGKILL: no handler runs
+    process.wait(timeout=60)
+    kept = [json.loads(line) for line in out.read_text().split("\n")[:-1]]  # the last line may be cut
+    assert {row["adapter"] for row in kept} == {f"run/checkpoint-{step}" for step in STEPS}
+    assert len(kept) < len(STEPS) * 60
+    assert main(argv) == 0
+    full = tmp_path / "full.jsonl"
+    assert main([*_analyze_argv(checkpoints, [run], prompts, full), "--batch-size", "1"]) == 0
+    _assert_rows_equal(read_rows(out), read_rows(full))
