@@ -65,6 +65,7 @@ def test_the_site_builds_strictly_with_every_page(site):
         "concepts",
         "tutorials/analyse-and-compare",
         "tutorials/steer",
+        "tutorials/train-with-callback",
         "how-to/analyse-a-checkpoint",
         "reference/api",
         "reference/cli",
