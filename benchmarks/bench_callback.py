@@ -36,7 +36,6 @@ import argparse
 import json
 import os
 import platform
-import random
 import statistics
 import sys
 import tempfile
@@ -46,6 +45,7 @@ from pathlib import Path
 import peft
 import torch
 import transformers
+from bench_checkpoints import demo_tokenizer, prompt_texts
 from bench_overhead import MODELS, lora_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -56,30 +56,6 @@ DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "cpu-callback.json"
 TRAIN_BATCH, TRAIN_TOKENS = 4, 64
 PROMPT_TOKENS = (16, 64)
 MEASURED = ("probe", "measure_call", "plain_forward", "train_step")
-
-
-def demo_tokenizer():
-    """The byte-level BPE tokenizer ``bench_checkpoints`` trains offline on the demo's corpus."""
-    from tuco_peft.demo import corpus
-    from tuco_peft.demo.build import build_tokenizer
-
-    rng = random.Random(0)
-    return build_tokenizer([corpus.web_text(rng, 4) for _ in range(300)], MODELS["demo"]["vocab_size"])
-
-
-def probe_prompts(tokenizer, count: int, seed: int) -> list[str]:
-    """``count`` one-line prompts of 16 to 64 tokens each, cut from the demo corpus' web text."""
-    from tuco_peft.demo import corpus
-
-    rng = random.Random(seed)
-    texts = []
-    for _ in range(count):
-        wanted = rng.randint(*PROMPT_TOKENS)
-        ids: list[int] = []
-        while len(ids) < wanted:
-            ids += tokenizer(corpus.web_text(rng, 4) + " ", add_special_tokens=False)["input_ids"]
-        texts.append(" ".join(tokenizer.decode(ids[:wanted]).split()))
-    return texts
 
 
 def plain_forward(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -215,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         model = lora_model(MODELS[name], args.rank, dora=False)
         parameters = sum(parameter.numel() for parameter in model.parameters())
         for count in args.prompts:
-            prompts = probe_prompts(tokenizer, count, seed=1)
+            prompts = prompt_texts(tokenizer, count, seed=1, tokens=PROMPT_TOKENS)
             tokens = [len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in prompts]
             with tempfile.TemporaryDirectory(prefix="bench-callback-") as folder:
                 measured = measure(model, tokenizer, prompts, args, folder)

@@ -94,14 +94,25 @@ class Workload:
     adapter_bytes: list[int]
 
 
-def prompt_texts(tokenizer, count: int, seed: int) -> list[str]:
-    """``count`` one-line prompts of 16 to 128 tokens each, cut from the demo corpus' web text."""
+def demo_tokenizer():
+    """A byte-level BPE tokenizer trained offline on the demo's corpus, whose ids fit every model's vocabulary."""
+    from tuco_peft.demo import corpus
+    from tuco_peft.demo.build import build_tokenizer
+
+    rng = random.Random(0)
+    tokenizer = build_tokenizer([corpus.web_text(rng, 4) for _ in range(300)], MODELS["demo"]["vocab_size"])
+    assert all(len(tokenizer) <= shapes["vocab_size"] for shapes in MODELS.values()), "ids must fit every model"
+    return tokenizer
+
+
+def prompt_texts(tokenizer, count: int, seed: int, tokens: tuple[int, int] = (16, 128)) -> list[str]:
+    """``count`` one-line prompts of ``tokens`` (least, most) tokens each, cut from the demo corpus' web text."""
     from tuco_peft.demo import corpus
 
     rng = random.Random(seed)
     texts = []
     for _ in range(count):
-        wanted = rng.randint(16, 128)
+        wanted = rng.randint(*tokens)
         ids: list[int] = []
         while len(ids) < wanted:
             ids += tokenizer(corpus.web_text(rng, 4) + " ", add_special_tokens=False)["input_ids"]
@@ -117,12 +128,7 @@ def trainer_state(step: int, index: int) -> dict:
 
 def build(model_name: str, n_checkpoints: int, n_prompts: int, root: Path) -> Workload:
     """The base (with its tokenizer), the run folder of ``n_checkpoints`` adapters and the prompt files."""
-    from tuco_peft.demo import corpus
-    from tuco_peft.demo.build import build_tokenizer
-
-    rng = random.Random(0)
-    tokenizer = build_tokenizer([corpus.web_text(rng, 4) for _ in range(300)], MODELS["demo"]["vocab_size"])
-    assert len(tokenizer) <= MODELS[model_name]["vocab_size"], "the tokenizer's ids must fit every model"
+    tokenizer = demo_tokenizer()
     base_dir, run_dir, staging = root / "base", root / "run", root / "staging"
     model = with_adapters(MODELS[model_name], n_checkpoints, RANK)  # "default", then "a1", "a2", …
     assert isinstance(model, peft.PeftModel), "bench_adapters builds a PeftModel"
