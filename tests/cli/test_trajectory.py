@@ -124,6 +124,17 @@ def test_the_table_holds_each_checkpoints_median_band_set_medians_and_auc(tmp_pa
     assert aucs[0] < 0.75 and aucs[-1] == 1.0
 
 
+def test_adapters_with_rows_of_different_prompts_are_warned_about(tmp_path, capsys):
+    """An interrupted run leaves its last adapter with fewer rows: its median is of other prompts."""
+    rows = _rows()
+    cut = [row for row in rows if not (row.step == STEPS[-1] and row.set == "web")]
+    assert main(["trajectory", str(_write(tmp_path / "cut.jsonl", cut))]) == 0
+    err = capsys.readouterr().err
+    assert f"different numbers of prompts ({_name(STEPS[-1])}: {SETS['chat']}, up to {sum(SETS.values())})" in err
+    assert main(["trajectory", str(_write(tmp_path / "whole.jsonl", rows))]) == 0
+    assert "different numbers of prompts" not in capsys.readouterr().err
+
+
 def test_checkpoints_are_put_in_step_order_else_kept_in_file_order(tmp_path):
     rows = _rows()
     shuffled = [row for step in (300, 100, 400, 200) for row in rows if row.step == step]

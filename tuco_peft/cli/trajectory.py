@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..apps.runner import warn
 from ..apps.trajectory import (
     RUN_MORE,
     Move,
@@ -97,6 +98,14 @@ def show_trajectory(options: TrajectoryOptions) -> int:
     run = trajectory(rows, options.results)
     if len(run.checkpoints) < 2:
         raise InputError(f"{options.results} holds the rows of one adapter only ({run.names[0]}); {RUN_MORE}.")
+    counts = {checkpoint.adapter: checkpoint.overall.prompts for checkpoint in run.checkpoints}
+    if len(set(counts.values())) > 1:
+        fewest = min(counts, key=counts.__getitem__)
+        warn(
+            f"the adapters hold rows of different numbers of prompts ({fewest}: {counts[fewest]}, up to "
+            f"{max(counts.values())}), so their medians are of different prompts; rerun the analyze that wrote "
+            f"{options.results} to complete it."
+        )
     between = options.between or default_between(run)
     moves = moved_most(rows, *between, top=options.top)
     print(text_table(*trajectory_columns(run)))
