@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import TuCoError
 from ..io import checkpoints, loaders
-from ..io.adapter_series import AdapterCheckpoint
+from ..io.adapter_series import AdapterCheckpoint, adapter_series
 from ..io.checkpoints import Checkpoints, LoadOptions
 from ..io.prompts import EncodedPrompt, Prompt, PromptId, encode_prompt
 from ..io.results import Provenance, ResultRow, stored_prompt
@@ -166,6 +166,11 @@ class ModelChoice:
     def adapter(self) -> str | None:
         """The first ``--adapter`` (the only one, for every command but analyze), or None."""
         return self.adapters[0] if self.adapters else None
+
+    def series(self) -> list[AdapterCheckpoint] | None:
+        """The adapters of a run over several (``adapter_series``: checked, before anything loads), or None for
+        one fine-tune."""
+        return adapter_series(self.adapters, self.base) if self.adapters else None
 
     def full_finetune(self) -> tuple[str, str] | None:
         """(``model``, ``base_model``) of a full fine-tune, or None when the choice is a LoRA fine-tune."""

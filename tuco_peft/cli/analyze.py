@@ -16,7 +16,6 @@ from ..apps.statistics import summary_table
 from ..apps.trajectory import trajectory_table
 from ..errors import InputError
 from ..io import loaders
-from ..io.adapter_series import adapter_series
 from ..io.prompts import Prompt, encode_prompt
 from ..io.results import Provenance, ResultRow, ResultsFile
 from .checks import analysable_prompts
@@ -96,7 +95,7 @@ def analyze_prompts(options: AnalyzeOptions) -> int:
     check_common(options.model, options.prompts, options.results, options.plot, several_adapters=True)
     if options.html and options.positions != "all":
         raise InputError("--html colours every prompt token by its TuCo; add --positions all.")
-    series = adapter_series(options.model.adapters, options.model.base) if options.model.adapters else None
+    series = options.model.series()
     if series is not None and options.html:
         raise InputError(
             "--html shows the tokens of one fine-tune; pass one --adapter, or see a run over several with "

@@ -12,7 +12,6 @@ from ..apps.runner import Runner
 from ..apps.statistics import roc_auc
 from ..apps.trajectory import trajectory_table
 from ..errors import InputError
-from ..io.adapter_series import adapter_series
 from ..io.results import Provenance, ResultRow
 from .checks import analysable_prompts
 from .options import (
@@ -55,7 +54,7 @@ def add_parser(commands: argparse._SubParsersAction, common: argparse.ArgumentPa
 
 def compare_sets(options: CompareOptions) -> int:
     check_common(options.model, options.prompts, options.results, options.plot, several_adapters=True)
-    series = adapter_series(options.model.adapters, options.model.base) if options.model.adapters else None
+    series = options.model.series()
     if series is not None and options.plot:
         raise InputError(
             "--plot draws one fine-tune's TuCo; for a run over several adapters, pass --out and plot the ROC-AUC "

@@ -10,7 +10,6 @@ from typing import Any
 
 from ..apps.runner import Runner
 from ..errors import InputError
-from ..io.adapter_series import adapter_series
 from .checks import check_alpha
 from .options import (
     CommandOptions,
@@ -126,7 +125,7 @@ def evaluate_tasks(options: EvalOptions) -> int:
         raise InputError(f"--num-fewshot must be at least 0, got {options.num_fewshot}.")
     if options.include_path is not None and not Path(options.include_path).is_dir():
         raise InputError(f"--include-path {options.include_path} is not a folder of lm-eval task YAML files.")
-    series = adapter_series(options.model.adapters, options.model.base) if options.model.adapters else None
+    series = options.model.series()
     check_outputs(json_report("--out", options.out), force=options.force)
     if series is None:
         options.model.check()

@@ -41,8 +41,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--adapter",
         action="append",
-        help="the LoRA adapter; analyze takes several (repeat it), a training run's folder (its checkpoint-N "
-        "adapters in step order) or a folder of adapters, all on --base loaded once",
+        help="the LoRA adapter; analyze, compare and eval take several (repeat it), a training run's folder (its "
+        "checkpoint-N adapters in step order) or a folder of adapters, all on --base loaded once",
     )
     group.add_argument("--model", metavar="FINETUNED", help="a fully fine-tuned model (instead of --base/--adapter)")
     group.add_argument(
@@ -208,8 +208,8 @@ def check_model_choice(choice: ModelChoice, required: bool = True, several_adapt
     model and its pre-trained checkpoint."""
     if len(choice.adapters) > 1 and not several_adapters:
         raise InputError(
-            f"--adapter is given {len(choice.adapters)} times; this command takes one adapter (analyze takes "
-            "several)."
+            f"--adapter is given {len(choice.adapters)} times; this command takes one adapter (analyze, compare "
+            "and eval take several)."
         )
     given = [flag for flag in _PARTNERS if getattr(choice, flag[2:].replace("-", "_")) is not None]
     if {"--base", "--adapter"} & set(given) and {"--model", "--base-model"} & set(given):
