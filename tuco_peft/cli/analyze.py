@@ -22,12 +22,11 @@ from .checks import analysable_prompts
 from .options import (
     CommandOptions,
     ResultsOptions,
-    adapter_provenances,
     add_model_arguments,
     add_prompt_arguments,
     add_results_arguments,
     check_common,
-    provenance,
+    provenances,
 )
 from .outputs import check_outputs, figure, page, results_outputs
 from .stored_rows import RowsOfRun, locked_out
@@ -108,11 +107,7 @@ def analyze_prompts(options: AnalyzeOptions) -> int:
     )
     ranks = Ranks.from_environment()
     prompts = analysable_prompts(options.prompt_file, options.prompts.chat_template, announce=ranks.is_main)
-    expected: dict[str | None, Provenance]
-    if series is None:
-        expected = {None: provenance(options.model, options.prompts.format, options.positions, "analyze")}
-    else:
-        expected = adapter_provenances(options.model, series, options.prompts.format, options.positions, "analyze")
+    expected = provenances(options.model, series, options.prompts.format, options.positions, "analyze")
     work = RowsOfRun(prompts, series)
     runner = None
     if ranks.world_size > 1:
@@ -121,7 +116,7 @@ def analyze_prompts(options: AnalyzeOptions) -> int:
         if results is None:  # not rank 0
             return 0
     else:
-        with locked_out(options.out, options.results, expected, work.by_key()) as results:
+        with locked_out(options.out, options.results, expected, work.prompts_by_key()) as results:
             todo, owners = work.missing(results, announce=True)
             if todo:
                 runner = Runner.load(options.model, series or (), **options.runner_settings(expected))
@@ -154,7 +149,7 @@ def _analyze_shard(
 
         def lock_and_merge() -> None:
             if ranks.is_main:
-                opened = locked_out(options.out, options.results, expected, work.by_key())
+                opened = locked_out(options.out, options.results, expected, work.prompts_by_key())
                 held.enter_context(opened).sort_by(work.row_keys())
 
         def analyze_own_share() -> None:

@@ -12,17 +12,16 @@ from ..apps.runner import Runner
 from ..apps.statistics import roc_auc
 from ..apps.trajectory import trajectory_table
 from ..errors import InputError
-from ..io.results import Provenance, ResultRow
+from ..io.results import ResultRow
 from .checks import analysable_prompts
 from .options import (
     CommandOptions,
     ResultsOptions,
-    adapter_provenances,
     add_model_arguments,
     add_prompt_arguments,
     add_results_arguments,
     check_common,
-    provenance,
+    provenances,
 )
 from .outputs import check_outputs, figure, results_outputs
 from .stored_rows import RowsOfRun, locked_results
@@ -70,12 +69,8 @@ def compare_sets(options: CompareOptions) -> int:
         name: RowsOfRun(analysable_prompts(path, options.prompts.chat_template), series, name)
         for name, path in zip(names, (options.set_a, options.set_b))
     }
-    expected: dict[str | None, Provenance]
-    if series is None:
-        expected = {None: provenance(options.model, options.prompts.format, "last", "compare")}
-    else:
-        expected = adapter_provenances(options.model, series, options.prompts.format, "last", "compare")
-    by_key = {key: prompt for rows in sets.values() for key, prompt in rows.by_key().items()}
+    expected = provenances(options.model, series, options.prompts.format, "last", "compare")
+    by_key = {key: prompt for rows in sets.values() for key, prompt in rows.prompts_by_key().items()}
     with locked_results(options.results, expected, by_key) as results:
         memory: list[ResultRow] = []
         todo = {name: rows.missing(results, announce=True) for name, rows in sets.items()}

@@ -283,20 +283,24 @@ def checked_adapters(choice: ModelChoice, adapters: Sequence[AdapterCheckpoint])
     return checked
 
 
-def adapter_provenances(
+def provenances(
     choice: ModelChoice,
-    adapters: Sequence[AdapterCheckpoint],
+    series: Sequence[AdapterCheckpoint] | None,
     prompt_format: PromptFormat,
     positions: str,
     command: str,
 ) -> dict[str | None, Provenance]:
-    """``provenance`` of each adapter of a run over several, by adapter name: they share all but the adapter."""
-    checked = checked_adapters(choice, adapters)
-    shared = provenance(replace(choice, adapters=(str(adapters[0].path),)), prompt_format, positions, command)
+    """What this run's rows record, as ``ResultsFile.check_made_like`` expects it: ``{None: provenance}`` for
+    one fine-tune, and in a run over several adapters (``series``) each adapter's by name, which share all but
+    the adapter."""
+    if series is None:
+        return {None: provenance(choice, prompt_format, positions, command)}
+    checked = checked_adapters(choice, series)
+    shared = provenance(replace(choice, adapters=(str(series[0].path),)), prompt_format, positions, command)
     return {
         adapter.name: {
             "settings": {**shared["settings"], "adapter": str(adapter.path.resolve())},
             "fingerprint": {**shared["fingerprint"], "adapter": checkpoint_fingerprint(checkpoints.by_flag["adapter"])},
         }
-        for adapter, checkpoints in zip(adapters, checked)
+        for adapter, checkpoints in zip(series, checked)
     }

@@ -40,12 +40,12 @@ class RowsOfRun:
         """The rows' keys in the order of the results file: adapter by adapter, in the prompt file's order."""
         return prompt_keys(self.prompts, self.set_name, self.names)
 
-    def by_key(self) -> dict[str, PromptJson]:
+    def prompts_by_key(self) -> dict[str, PromptJson]:
         """Each prompt by the key of its prompt (``ResultRow.prompt_key``), to check stored rows against."""
         return prompts_by_key(self.prompts, self.set_name)
 
     def rows(self, stored: Iterable[ResultRow]) -> list[ResultRow]:
-        """This run's rows among ``stored``, in ``keys``' order."""
+        """This run's rows among ``stored``, in ``row_keys``' order."""
         return rows_for(stored, self.prompts, self.set_name, self.names)
 
     def missing(
