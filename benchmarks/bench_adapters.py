@@ -15,7 +15,6 @@ import argparse
 import json
 import platform
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
@@ -23,6 +22,7 @@ from bench_overhead import MODELS, lora_model
 from peft import LoraConfig
 
 import tuco_peft
+from tuco_peft.apps.benchmark import timed
 
 
 def with_adapters(shapes: dict, n_adapters: int, rank: int) -> torch.nn.Module:
@@ -51,16 +51,7 @@ def series(model: torch.nn.Module, batches: list[torch.Tensor], mixed: bool | No
 
 def median_seconds(run: Callable[[], object], repeats: int, device: torch.device) -> float:
     run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        run()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # the kernels queued, done
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timed(run, device) for _ in range(repeats))
 
 
 def main() -> None:

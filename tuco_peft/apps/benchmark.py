@@ -85,7 +85,7 @@ _MIN_SAMPLE_S = 0.02
 OVERHEAD_BOUND, COMPUTE_BOUND = "per-call-overhead-bound", "compute-bound"
 
 
-def _timed(fn: Callable[[], Any], device: torch.device, calls: int = 1) -> float:
+def timed(fn: Callable[[], Any], device: torch.device, calls: int = 1) -> float:
     """Seconds per call over ``calls`` calls, each waited for (a caller needs one result before the next)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # work left queued by an untimed call is not billed to this one
@@ -144,12 +144,12 @@ def _measure(
         for _ in range(warmup - 1):
             for fn in methods.values():
                 fn()
-        last_call = {name: _timed(fn, device) for name, fn in methods.items()}
+        last_call = {name: timed(fn, device) for name, fn in methods.items()}
         calls = {name: max(1, math.ceil(_MIN_SAMPLE_S / seconds)) for name, seconds in last_call.items()}
         for index in range(repeats):
             order = names[index % len(names) :] + names[: index % len(names)]
             with _garbage_collector_paused():
-                rounds.append({name: _timed(methods[name], device, calls[name]) for name in order})
+                rounds.append({name: timed(methods[name], device, calls[name]) for name in order})
         memory = {name: peak_extra_memory(fn, device) for name, fn in methods.items()}
     plain_total = resident_weights["plain_forward"] + memory["plain_forward"]
     report: dict[str, Any] = {}

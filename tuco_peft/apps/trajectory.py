@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InputError
-from ..io.locking import WRITTEN_BY, replaced_atomically
+from ..io.locking import WRITTEN_BY
 from ..io.prompts import Prompt, PromptId, PromptJson, encode_prompt
 from ..io.results import ResultRow
 from .plotting import pyplot, save_figure, write_figure
@@ -446,11 +446,3 @@ def trajectory_page(
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><meta name="generator" content="{WRITTEN_BY}">'
         f"<title>{html.escape(title)}</title><style>{_PAGE_STYLE}</style></head><body>{''.join(parts)}</body></html>\n"
     )
-
-
-def write_page(page: str, out: str | Path) -> Path:
-    """Write ``page`` (UTF-8) in one rename, so that a failure leaves the old file as it was."""
-    out = Path(out)
-    with replaced_atomically(out) as staging:
-        staging.write_text(page, encoding="utf-8")
-    return out

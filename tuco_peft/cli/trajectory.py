@@ -8,7 +8,6 @@ It reads rows only: no model loads, and torch is imported only to read a tokeniz
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +28,10 @@ from ..apps.trajectory import (
     trajectory,
     trajectory_columns,
     trajectory_page,
-    write_page,
 )
 from ..errors import InputError, TuCoError, first_line
-from ..io.results import ResultRow
+from ..io.locking import write_text_atomically
+from ..io.results import ResultRow, parse_lines
 from .outputs import add_force_argument, check_outputs, figure, page
 
 
@@ -124,7 +123,7 @@ def show_trajectory(options: TrajectoryOptions) -> int:
             views=views,
             notes=notes,
         )
-        print(f"html: {write_page(document, options.html)}")
+        print(f"html: {write_text_atomically(options.html, document)}")
     return 0
 
 
@@ -140,33 +139,16 @@ def read_rows(path: str) -> list[ResultRow]:
         data = file.read_bytes()
     except OSError as error:
         raise InputError(f"{path} could not be read ({error.strerror}); pass a readable results file.") from None
-    lines = data.split(b"\n")
-    rows: list[ResultRow] = []
-    line_of: dict[str, int] = {}
-    for number, line in enumerate(lines, start=1):
-        row = _row(line)
-        last = number == len(lines)
-        if row is None:
-            if last:  # empty after the final newline, or a row whose write was interrupted
-                continue
-            raise InputError(
-                f"{path}:{number} is not a tuco-peft result row; pass the JSONL that analyze wrote (analyze --repair "
-                "drops such lines)."
-            )
-        if row.key in line_of:
-            raise InputError(f"{path}:{number} repeats the row of line {line_of[row.key]} (id {row.id!r}).")
-        line_of[row.key] = number
-        rows.append(row)
+    lines = parse_lines(data)
+    if lines.problems:
+        number, problem = lines.problems[0]
+        raise InputError(
+            f"{path}:{number} {problem}; pass the JSONL that analyze wrote (analyze --repair drops such lines)."
+        )
+    rows = [row for _, row in lines.rows]  # a last line cut short by an interrupted run is left out
     if not rows:
         raise InputError(f"{path} holds no result rows; pass the JSONL that tuco-peft analyze --out wrote.")
     return rows
-
-
-def _row(line: bytes) -> ResultRow | None:
-    try:
-        return ResultRow.from_json(json.loads(line))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
 
 
 def _token_views(moves: Sequence[Move]) -> tuple[list[Any], list[str]]:

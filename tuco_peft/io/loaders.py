@@ -4,7 +4,8 @@ model and its LoRA adapter, or a fully fine-tuned model and its pre-trained chec
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -108,18 +109,33 @@ def check_adapter_fits(base: nn.Module, adapter_dir: Path) -> None:
             )
 
 
-def load_adapter(base: nn.Module, source: Source, options: LoadOptions) -> nn.Module:
-    """Wrap ``base`` with the LoRA adapter at ``source``, in eval mode."""
-    from peft import PeftModel
-    from safetensors import SafetensorError
-
+def _checked_adapter(base: nn.Module, source: Source, options: LoadOptions) -> str:
+    """Where PEFT loads the adapter at ``source`` from, once it is checked against ``base`` (the plain model,
+    before PEFT renames its modules)."""
     check_checkpoint(source, options, "adapter")
     if source.local is not None and (source.local / "adapter_model.safetensors").is_file():
         check_adapter_fits(base, source.local)
+    return source.location if source.local is None else str(source.local)
+
+
+@contextmanager
+def _adapter_load_failures(source: Source) -> Iterator[None]:
+    """A failed adapter load as one line naming ``source``."""
+    from safetensors import SafetensorError
+
     try:
-        model = PeftModel.from_pretrained(base, source.location if source.local is None else str(source.local))
+        yield
     except (OSError, ValueError, SafetensorError) as error:
         raise _load_failure(source, error) from error
+
+
+def load_adapter(base: nn.Module, source: Source, options: LoadOptions) -> nn.Module:
+    """Wrap ``base`` with the LoRA adapter at ``source``, in eval mode."""
+    from peft import PeftModel
+
+    location = _checked_adapter(base, source, options)
+    with _adapter_load_failures(source):
+        model = PeftModel.from_pretrained(base, location)
     return model.eval()
 
 
@@ -151,25 +167,18 @@ def load_adapters(
     """(PeftModel in eval mode holding every adapter of ``adapters`` under its ``adapter_name``, the first
     active; tokenizer): a run over several adapters, on one load of ``base``."""
     from peft import PeftModel
-    from safetensors import SafetensorError
 
     base_source = resolve(base, "--base")
     sources = [resolve(str(adapter.path), "--adapter") for adapter in adapters]
     tokenizer = load_tokenizer(base_source, sources[0], options)  # analyze checks that they all ship the same
     model: nn.Module = load_base(base_source, options)
-    for source in sources:  # each against the plain base, before PEFT renames its modules
-        check_checkpoint(source, options, "adapter")
-        assert source.local is not None, "adapter_series takes local folders only"
-        if (source.local / "adapter_model.safetensors").is_file():
-            check_adapter_fits(model, source.local)
-    for index, (adapter, source) in enumerate(zip(adapters, sources)):
-        try:
+    locations = [_checked_adapter(model, source, options) for source in sources]
+    for index, (adapter, source, location) in enumerate(zip(adapters, sources, locations)):
+        with _adapter_load_failures(source):
             if index == 0:
-                model = PeftModel.from_pretrained(model, str(source.local), adapter_name=adapter.adapter_name)
+                model = PeftModel.from_pretrained(model, location, adapter_name=adapter.adapter_name)
             else:
-                model.load_adapter(str(source.local), adapter_name=adapter.adapter_name)  # type: ignore[operator]
-        except (OSError, ValueError, SafetensorError) as error:
-            raise _load_failure(source, error) from error
+                model.load_adapter(location, adapter_name=adapter.adapter_name)  # type: ignore[operator]
     return model.eval(), tokenizer
 
 

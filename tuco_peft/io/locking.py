@@ -100,6 +100,13 @@ def replaced_atomically(path: str | Path) -> Iterator[Path]:
             staging.unlink()
 
 
+def write_text_atomically(path: str | Path, text: str) -> Path:
+    """``text`` (UTF-8) as the whole of ``path``, replaced in one rename (``replaced_atomically``)."""
+    with replaced_atomically(path) as staging:
+        staging.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
 def _not_writable(out: Path, error: OSError) -> InputError:
     return InputError(f"--out {out} is not writable ({error.strerror or error}); pass another --out.")
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..errors import InputError
 from .adapter_series import AdapterCheckpoint
-from .locking import replaced_atomically
+from .locking import write_text_atomically
 from .prompts import EncodedPrompt, Prompt, PromptId, PromptJson
 
 Settings = dict[str, Any]
@@ -178,10 +178,43 @@ def _parse_row(line: bytes) -> ResultRow | None:
     return ResultRow.from_json(record)
 
 
+@dataclass(frozen=True)
+class ParsedLines:
+    """A results file's lines: its rows (line number, row), the lines that are not rows or repeat one (line
+    number, why), and a last line cut short by an interrupted write (``cut``, empty when there is none;
+    ``unended_row`` when the last line is a whole row whose newline is missing)."""
+
+    rows: list[tuple[int, ResultRow]]
+    problems: list[tuple[int, str]]
+    cut: bytes
+    unended_row: bool
+
+
+def parse_lines(data: bytes) -> ParsedLines:
+    """The rows and problems of a results file's bytes (``ParsedLines``)."""
+    lines = data.split(b"\n")
+    complete, tail = lines[:-1], lines[-1]
+    unended_row = bool(tail) and _parse_row(tail) is not None
+    if unended_row:
+        complete, tail = lines, b""
+    rows: list[tuple[int, ResultRow]] = []
+    problems: list[tuple[int, str]] = []
+    line_of: dict[str, int] = {}
+    for number, line in enumerate(complete, start=1):
+        row = _parse_row(line)
+        if row is None:
+            problems.append((number, "is not a tuco-peft result row"))
+        elif row.key in line_of:
+            problems.append((number, f"repeats the row of line {line_of[row.key]} (id {row.id!r})"))
+        else:
+            line_of[row.key] = number
+            rows.append((number, row))
+    return ParsedLines(rows, problems, tail, unended_row)
+
+
 def _write_atomically(path: Path, rows: Iterable[ResultRow]) -> None:
     """Replace ``path`` by ``rows`` in one rename, so that an interruption leaves one file or the other whole."""
-    with replaced_atomically(path) as staging:
-        staging.write_text("".join(_json_line(row) for row in rows), encoding="utf-8")
+    write_text_atomically(path, "".join(_json_line(row) for row in rows))
 
 
 def stored_prompt(tokens: EncodedPrompt, decode: Callable[[list[int]], str]) -> dict[str, Any]:
@@ -227,20 +260,11 @@ class ResultsFile:
         if not self.path.is_file():
             raise InputError(f"--out {self.path} is not a file; pass a file for the rows.")
         data = self.path.read_bytes()
-        lines = data.split(b"\n")
-        complete, tail = lines[:-1], lines[-1]
-        if tail and _parse_row(tail) is not None:  # a whole row whose newline is missing
-            complete, tail = lines, b""
-            self._end_last_line = True
-        problems: list[tuple[int, str]] = []
-        for number, line in enumerate(complete, start=1):
-            row = _parse_row(line)
-            if row is None:
-                problems.append((number, "is not a tuco-peft result row"))
-            elif row.key in self._line_of:
-                problems.append((number, f"repeats the row of line {self._line_of[row.key]} (id {row.id!r})"))
-            else:
-                self._keep(row, number)
+        lines = parse_lines(data)
+        self._end_last_line = lines.unended_row
+        for number, row in lines.rows:
+            self._keep(row, number)
+        problems, tail = lines.problems, lines.cut
         if not self.rows and (problems or tail):
             if not force:
                 raise InputError(

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import InputError
-from ..io.locking import WRITER, WRITTEN_BY, replaced_atomically
+from ..io.locking import WRITER, WRITTEN_BY, write_text_atomically
 from .colours import css, gradient_stops, text_rgb, tuco_rgb
 from .tokens import ScoredText, ScoredToken
 
@@ -244,10 +244,7 @@ def check_html_path(path: str | Path) -> Path:
 
 def write_html(texts: Sequence[ScoredText], path: str | Path, title: str = "TuCo per token") -> Path:
     """Write the page to ``path`` (UTF-8, replacing any file there in one rename) and return the path."""
-    path = check_html_path(path)
-    with replaced_atomically(path) as staging:
-        staging.write_text(render_html(texts, title), encoding="utf-8")
-    return path
+    return write_text_atomically(check_html_path(path), render_html(texts, title))
 
 
 class TokenReport:
