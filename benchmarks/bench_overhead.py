@@ -4,8 +4,9 @@ computing the pre-trained rows.
 
 Issue 24 targets (CPU, alone on the machine): ≤ 1.25× a plain forward on the demo model, ≤ 1.10× on a
 135M-shaped model. A small call pays what larger batches amortise: the model survey (kept between calls, see
-``model.parts``), the hooks, and, per block, the pre-trained rows' weight reads, which ``SharedReadBlock``
-shares with the fine-tuned forward. Each timing is the median of ``--repeats`` calls, the methods
+``model.parts``), the hooks, and, per block, the pre-trained rows: on a narrow model their count of tensor
+operations, which a paired block shares with the fine-tuned forward; on a wide one their weight reads, which
+``SharedReadBlock`` shares. Each timing is the median of ``--repeats`` calls, the methods
 interleaved so that drift on a shared machine favours none of them.
 
     python benchmarks/bench_overhead.py                       # both models, 1 × 16 tokens
@@ -59,13 +60,23 @@ def lora_model(shapes: dict, rank: int, dora: bool) -> torch.nn.Module:
     return get_peft_model(base, lora).eval()
 
 
-def with_reads(shared: bool, call: Callable[[], object]) -> Callable[[], object]:
-    """``call`` with the pre-trained rows' weight reads shared (or not) whatever the batch and the width."""
-    forced = {"SHARED_READS_MAX_TOKENS": 10**9 if shared else 0, "SHARED_READS_MIN_WIDTH": 0}
+# What each way of computing the pre-trained rows sets in ``tuco_peft.core.decompose``, whatever the batch and
+# the width: a paired block (``PairedBlock``), or the rows after the fine-tuned block (``SharedReadBlock`` with
+# the fine-tuned forward's calls shared, ``SharedProjectionBlock`` without).
+STRATEGIES = {
+    "paired": {"PAIRED_MAX_TOKENS": 10**9, "SHARED_READS_MIN_WIDTH": 10**9},
+    "shared reads": {"PAIRED_MAX_TOKENS": 0, "SHARED_READS_MAX_TOKENS": 10**9, "SHARED_READS_MIN_WIDTH": 0},
+    "separate reads": {"PAIRED_MAX_TOKENS": 0, "SHARED_READS_MAX_TOKENS": 0, "SHARED_READS_MIN_WIDTH": 0},
+}
+
+
+def forced(strategy: str, call: Callable[[], object]) -> Callable[[], object]:
+    """``call`` with the pre-trained rows computed by ``strategy`` (a key of ``STRATEGIES``)."""
+    settings = STRATEGIES[strategy]
 
     def run() -> object:
-        saved = {name: getattr(decompose_module, name) for name in forced}
-        for name, value in forced.items():
+        saved = {name: getattr(decompose_module, name) for name in settings}
+        for name, value in settings.items():
             setattr(decompose_module, name, value)
         try:
             return call()
@@ -77,17 +88,13 @@ def with_reads(shared: bool, call: Callable[[], object]) -> Callable[[], object]
 
 
 def methods(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, Callable[[], object]]:
-    """The plain forward and ``tuco`` by each path, on the same ids."""
+    """The plain forward and ``tuco`` by default and by each strategy, on the same ids."""
 
     def call_tuco() -> object:
         return tuco_peft.tuco(model, ids)
 
-    return {
-        "forward": lambda: model(input_ids=ids),
-        "tuco": call_tuco,
-        "tuco, shared reads": with_reads(True, call_tuco),
-        "tuco, separate reads": with_reads(False, call_tuco),
-    }
+    by_strategy = {f"tuco, {strategy}": forced(strategy, call_tuco) for strategy in STRATEGIES}
+    return {"forward": lambda: model(input_ids=ids), "tuco": call_tuco, **by_strategy}
 
 
 def interleaved_medians(methods: dict[str, Callable[[], object]], repeats: int) -> dict[str, dict[str, float]]:
@@ -125,6 +132,7 @@ def main() -> None:
         "torch": torch.__version__,
         "shared_reads_max_tokens": decompose_module.SHARED_READS_MAX_TOKENS,
         "shared_reads_min_width": decompose_module.SHARED_READS_MIN_WIDTH,
+        "paired_max_tokens": decompose_module.PAIRED_MAX_TOKENS,
         "results": [],
     }
     for model_name in args.models:

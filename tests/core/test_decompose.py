@@ -1,6 +1,7 @@
 """decompose/tuco against the paper's two-pass Algorithm 1 (tests/helpers/oracle.py), family by family."""
 
 import copy
+import importlib
 from collections import Counter
 
 import pytest
@@ -263,9 +264,12 @@ def test_a_sliding_window_in_a_llama_config_is_ignored_as_transformers_does():
         assert (tuco_peft.tuco(model, ids, mask) - tuco_at_last(ptc, ftc, mask)).abs().max() < 1e-5
 
 
-def test_the_pretrained_rows_reach_base_layers_without_peft_forward(monkeypatch):
-    """PEFT's forward of a LoRA linear runs once per call of ``decompose``, in the fine-tuned forward: the
-    pre-trained rows call the base layers directly (what it would do with its adapters off, without its cost)."""
+@pytest.mark.parametrize(("paired_max_tokens", "peft_forwards"), [(0, 1), (10**9, 0)], ids=["rowwise", "paired"])
+def test_the_pretrained_rows_reach_base_layers_without_peft_forward(monkeypatch, paired_max_tokens, peft_forwards):
+    """PEFT's forward of a LoRA linear runs at most once per call of ``decompose``, in the fine-tuned forward:
+    the pre-trained rows call the base layers directly (what it would do with its adapters off, without its
+    cost). A paired block computes its plain LoRA linears without PEFT's forward at all."""
+    monkeypatch.setattr(importlib.import_module("tuco_peft.core.decompose"), "PAIRED_MAX_TOKENS", paired_max_tokens)
     model = lora_model(base_model("llama")).eval()
     ids, mask = padded_batch()
     calls: Counter = Counter()
@@ -279,4 +283,4 @@ def test_the_pretrained_rows_reach_base_layers_without_peft_forward(monkeypatch)
     with torch.no_grad():
         tuco_peft.decompose(model, ids, mask)
     lora_layers = [id(m) for m in model.modules() if isinstance(m, LoraLinear)]
-    assert calls == Counter(lora_layers)
+    assert calls == Counter({layer: peft_forwards for layer in lora_layers if peft_forwards})

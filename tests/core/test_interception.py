@@ -11,7 +11,6 @@ from tuco_peft.model.interception import (
     any_forward_replaced,
     forward_replaced,
     hooked,
-    inner_modules_hooked,
     replaced_forward,
 )
 
@@ -45,15 +44,6 @@ def test_a_replaced_forward_is_restored_and_never_stacked():
         raise _Boom
     assert not any_forward_replaced(block)
     assert "forward" not in block[0].__dict__
-
-
-def test_inner_hooks_are_seen_but_not_the_modules_own():
-    block = nn.Sequential(nn.Linear(3, 3))
-    with hooked(block, after=lambda module, args, output: None):
-        assert not inner_modules_hooked(block)
-    with hooked(block[0], before=lambda module, args: None):
-        assert inner_modules_hooked(block)
-    assert not inner_modules_hooked(block)
 
 
 def test_a_cache_view_redirects_updates_and_passes_the_rest_through():

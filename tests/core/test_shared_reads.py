@@ -1,6 +1,7 @@
-"""Small batches compute the pre-trained rows inside the fine-tuned forward's own calls (``SharedReadBlock``),
-large ones after it (``SharedProjectionBlock``): both against the two-model oracle, family by family, with
-gradients and LoRA dropout, and with hooks that see what they would see without tuco-peft."""
+"""Small batches compute the pre-trained rows inside the fine-tuned forward's own calls (``SharedReadBlock``) or,
+on narrow models, run each block paired (``core.paired.PairedBlock``); large ones compute the rows after the
+block (``SharedProjectionBlock``): each against the two-model oracle, family by family, with gradients and LoRA
+dropout, and with hooks that see what they would see without tuco-peft."""
 
 import importlib
 
@@ -14,32 +15,39 @@ import tuco_peft
 from tuco_peft.core.pretrained_path import SharedProjectionBlock, SharedReadBlock
 
 decompose_module = importlib.import_module("tuco_peft.core.decompose")
-STRATEGIES = {"shared reads": SharedReadBlock, "separate reads": SharedProjectionBlock}
+PAIRED = "paired"
+STRATEGIES = {"shared reads": SharedReadBlock, "separate reads": SharedProjectionBlock, PAIRED: PAIRED}
 
 
 def force(monkeypatch, strategy: str) -> None:
     """Whatever the batch and the model's width."""
-    shared = strategy == "shared reads"
-    monkeypatch.setattr(decompose_module, "SHARED_READS_MAX_TOKENS", 10**9 if shared else 0)
-    monkeypatch.setattr(decompose_module, "SHARED_READS_MIN_WIDTH", 0)
+    paired = strategy == PAIRED
+    monkeypatch.setattr(decompose_module, "PAIRED_MAX_TOKENS", 10**9 if paired else 0)
+    monkeypatch.setattr(decompose_module, "SHARED_READS_MAX_TOKENS", 10**9 if strategy == "shared reads" else 0)
+    monkeypatch.setattr(decompose_module, "SHARED_READS_MIN_WIDTH", 10**9 if paired else 0)
+
+
+def record_strategies(monkeypatch) -> list:
+    """The strategy each block of each later call takes: its pre-trained path's class, or ``PAIRED``."""
+    chosen = []
+    probe = decompose_module._probe
+
+    def spy(*args, **kwargs):
+        made = probe(*args, **kwargs)
+        chosen.append(PAIRED if isinstance(made, decompose_module._PairedProbe) else type(made.path))
+        return made
+
+    monkeypatch.setattr(decompose_module, "_probe", spy)
+    return chosen
 
 
 @pytest.fixture(params=list(STRATEGIES))
 def strategy(request, monkeypatch):
     """Forces one strategy whatever the batch size, and checks that every block took it."""
-    expected = STRATEGIES[request.param]
     force(monkeypatch, request.param)
-    chosen = []
-    pretrained_path = decompose_module.pretrained_path
-
-    def spy(*args, **kwargs):
-        path = pretrained_path(*args, **kwargs)
-        chosen.append(type(path))
-        return path
-
-    monkeypatch.setattr(decompose_module, "pretrained_path", spy)
+    chosen = record_strategies(monkeypatch)
     yield request.param
-    assert chosen and set(chosen) == {expected}
+    assert chosen and set(chosen) == {STRATEGIES[request.param]}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -83,17 +91,22 @@ def _gradients_and_components(model, ids, mask, strategy, monkeypatch):
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "gpt_neox"])
-def test_gradients_with_lora_dropout_are_the_same_for_both_strategies(family, monkeypatch):
-    _, model = model_pair(family, lora_dropout=0.2)
+@pytest.mark.parametrize("lora_dropout", [0.0, 0.2])
+def test_gradients_are_the_same_for_every_strategy(family, lora_dropout, monkeypatch):
+    """With LoRA dropout in training mode (PEFT's forward draws the masks, in the same order on every path)
+    and without it (a paired block's plain LoRA linears then skip PEFT's forward)."""
+    _, model = model_pair(family, lora_dropout=lora_dropout)
     model.train()
     ids, mask = padded_batch()
-    shared = _gradients_and_components(model, ids, mask, "shared reads", monkeypatch)
     separate = _gradients_and_components(model, ids, mask, "separate reads", monkeypatch)
-    assert shared[0].keys() == separate[0].keys() and any("lora_A" in name for name in shared[0])
-    for name, grad in shared[0].items():
-        assert_close(grad, separate[0][name], relative=1e-5)
-    assert_components_close(shared[1], separate[1])
-    assert_components_close(shared[2], separate[2])
+    assert any("lora_A" in name for name in separate[0])
+    for strategy in ("shared reads", PAIRED):
+        grads, ptc, ftc = _gradients_and_components(model, ids, mask, strategy, monkeypatch)
+        assert grads.keys() == separate[0].keys()
+        for name, grad in grads.items():
+            assert_close(grad, separate[0][name], relative=1e-5)
+        assert_components_close(ptc, separate[1])
+        assert_components_close(ftc, separate[2])
 
 
 def test_hooks_on_the_mlp_and_output_projection_see_the_fine_tuned_stream_alone(monkeypatch):
@@ -126,18 +139,13 @@ def test_hooks_on_the_mlp_and_output_projection_see_the_fine_tuned_stream_alone(
         (1, 16, 256, SharedReadBlock),
         (4, 64, 256, SharedReadBlock),  # 256 tokens, padding included
         (4, 65, 256, SharedProjectionBlock),
-        (1, 16, 128, SharedProjectionBlock),
+        (1, 16, 128, PAIRED),
+        (2, 64, 128, PAIRED),
+        (1, 129, 128, SharedProjectionBlock),
     ],
 )
-def test_small_batches_of_wide_models_share_reads(batch, length, width, expected, monkeypatch):
-    chosen = []
-    pretrained_path = decompose_module.pretrained_path
-
-    def spy(*args, **kwargs):
-        chosen.append(type(pretrained_path(*args, **kwargs)))
-        return pretrained_path(*args, **kwargs)
-
-    monkeypatch.setattr(decompose_module, "pretrained_path", spy)
+def test_small_batches_share_reads_or_pair_by_width(batch, length, width, expected, monkeypatch):
+    chosen = record_strategies(monkeypatch)
     model = lora_model(base_model("llama", hidden_size=width, intermediate_size=2 * width))
     ids = torch.randint(1, 90, (batch, length), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

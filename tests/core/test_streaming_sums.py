@@ -1,5 +1,7 @@
 """decompose(keep="sums"): the same TuCo, norms and cumulative TuCo as keep="all", from running sums."""
 
+import dataclasses
+
 import pytest
 import torch
 from helpers.models import FAMILIES, model_pair, padded_batch
@@ -79,6 +81,22 @@ def test_one_position_per_prompt_is_the_same_from_either_result():
     for name in ("ptc", "ftc", "x0", "xL"):  # one query row against all of them: matmuls of other shapes
         torch.testing.assert_close(getattr(at_every, name), getattr(last, name), rtol=1e-5, atol=1e-6)
     _assert_same_answers(at_every, at_sums)
+
+
+@pytest.mark.parametrize("keep", ["all", "sums"])
+@pytest.mark.parametrize("positions", ["last", "all"])
+def test_blocks_held_to_the_end_give_the_same_bits(keep, positions, monkeypatch):
+    """A small paired call holds every block's states and computes all components after the forward
+    (``Components.hold_blocks``); block by block, as the forward reaches them, gives the very same tensors."""
+    _, model = model_pair("llama")
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        held = tuco_peft.decompose(model, ids, mask, positions=positions, keep=keep)
+        with monkeypatch.context() as patch:
+            patch.setattr(accumulators.Components, "hold_blocks", lambda self: None)
+            block_by_block = tuco_peft.decompose(model, ids, mask, positions=positions, keep=keep)
+    for field in dataclasses.fields(held):
+        assert torch.equal(getattr(held, field.name), getattr(block_by_block, field.name)), field.name
 
 
 def test_tuco_at_every_position_is_the_sums_tuco():

@@ -104,8 +104,11 @@ def test_generate_runs_paired_and_follows_the_reference(monkeypatch, family):
 
 @pytest.mark.parametrize("model_factory", [lambda: lora_model(base_model("llama")), nf4_llama], ids=["fp32", "nf4"])
 def test_decompose_all_positions_stays_unpaired_and_equals_the_replay_path(monkeypatch, model_factory):
-    # A batch beyond the small ones whose pre-trained rows share the fine-tuned calls (test_shared_reads.py).
-    monkeypatch.setattr(importlib.import_module("tuco_peft.core.decompose"), "SHARED_READS_MAX_TOKENS", 0)
+    # A batch beyond the small ones whose pre-trained rows share the fine-tuned calls or run paired
+    # (test_shared_reads.py).
+    decompose_module = importlib.import_module("tuco_peft.core.decompose")
+    monkeypatch.setattr(decompose_module, "SHARED_READS_MAX_TOKENS", 0)
+    monkeypatch.setattr(decompose_module, "PAIRED_MAX_TOKENS", 0)
     model = model_factory()
     ids, mask = padded_batch(lengths=(6, 4))
     with torch.no_grad():

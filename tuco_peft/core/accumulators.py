@@ -25,19 +25,62 @@ class Components:
         self.n_layers = n_layers
         self.batch = batch
         # Padding rows are zeroed block by block, so the reductions see the same values as ``keep="all"``.
-        real = batch.row_is_real
-        self.real: torch.Tensor | None = None if bool(real.all()) else real[..., None]
+        real = None if batch.unpadded else batch.row_is_real
+        self.real: torch.Tensor | None = None if real is None or bool(real.all()) else real[..., None]
         all_positions = torch.arange(batch.input_ids.shape[1], device=batch.rows.device)
         self.every_position = batch.rows.shape[1] == len(all_positions) and bool((batch.rows == all_positions).all())
         self.x0: torch.Tensor | None = None
         self.xL: torch.Tensor | None = None
         self.blocks_seen = 0
+        # Set by ``hold_blocks``: each block's (input, pre-trained output, fine-tuned output), in block order.
+        self._held: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
 
     def rows_of(self, states: torch.Tensor, batch: Batch) -> torch.Tensor:
         """``states`` [b, seq, ...] at the decomposed rows (of ``batch``: this one, or its copy on the device
         where a block ran), in float32; with every position in order, the states themselves (no copy of a
         float32 model's activations)."""
         return states.float() if self.every_position else batch.gather(states).float()
+
+    def hold_blocks(self) -> None:
+        """From now on ``add_outputs`` only holds on to each block's states, and the components of all blocks are
+        computed together when the result is asked for: a few operations in all instead of a dozen per block,
+        where a small call pays for each operation, not for its size. For small batches only: every block's
+        states stay alive until then."""
+        self._held = []
+
+    def add_outputs(self, index: int, x: torch.Tensor, pretrained: torch.Tensor, finetuned: torch.Tensor) -> None:
+        """Block ``index``'s input and both outputs, [b, seq, d] each (a paired block's)."""
+        if self._held is not None:
+            if index != len(self._held):
+                self._discontinuity(index)
+            self._held.append((x, pretrained, finetuned))
+            return
+        x_rows = self.rows_of(x, self.batch)
+        self.add(index, x_rows, self.rows_of(finetuned, self.batch), self.rows_of(pretrained, self.batch) - x_rows)
+
+    def _add_held(self) -> None:
+        """The held blocks' components, all at once: one gather of every state's rows, then ``_keep_all``."""
+        held, self._held = self._held, None
+        if not held:
+            return
+        if any(state.shape != held[0][0].shape for states in held for state in states):
+            self._discontinuity(next(i for i, states in enumerate(held) if states[0].shape != held[0][0].shape))
+        stacked = torch.stack([state for states in held for state in states], dim=2)  # [b, seq, 3·blocks, ...]
+        rows = (stacked.float() if self.every_position else self.batch.gather(stacked).float()).movedim(1, 2)
+        x_rows, pretrained, out_rows = rows.unflatten(1, (len(held), 3)).unbind(2)  # [b, blocks, rows, ...]
+        ptc = pretrained - x_rows
+        ftc = (out_rows - x_rows) - ptc
+        if self.real is not None:
+            real = self.real[:, None]
+            ptc, ftc = ptc * real, ftc * real
+        previous = torch.cat([x_rows[:, :1], out_rows[:, :-1]], dim=1)
+        self.x0, self.xL = x_rows[:, 0], out_rows[:, -1]
+        self._keep_all(ptc, ftc, previous, x_rows)
+        self.blocks_seen = len(held)
+
+    def _keep_all(self, ptc: torch.Tensor, ftc: torch.Tensor, previous_out: torch.Tensor, x_rows: torch.Tensor) -> None:
+        """``_keep`` of every block at once: each argument [b, n_layers, rows, ...]."""
+        raise NotImplementedError
 
     def add(self, index: int, x_rows: torch.Tensor, out_rows: torch.Tensor, ptc: torch.Tensor) -> None:
         previous = self.xL
@@ -73,21 +116,23 @@ class Components:
         at padding rows, zeroed by a product that keeps a NaN)."""
         if self.blocks_seen != self.n_layers:
             self._discontinuity(self.blocks_seen)
-        if not bool(finite.all()):
-            block = int((~finite).nonzero()[0])
-            raise TuCoError(
-                f"the hidden states or the pre-trained path hold NaN or infinity from block {block} on (NaN or "
-                "infinite weights, or an "
-                "overflow in float16), so TuCo is undefined; check the checkpoint's weights, or load it in "
-                "float32 or bfloat16."
-            )
-        if not bool(continues.all()):  # on finite states, a difference is a real discontinuity
-            self._discontinuity(int((~continues).nonzero()[0]))
+        if not bool((finite & continues).all()):  # one wait for the device where all is well
+            self._refuse(finite, continues)
         x0, xL = self.x0, self.xL
         assert x0 is not None and xL is not None, "every block ran, so the first set x0 and the last xL"
         if self.real is not None:
             x0, xL = x0 * self.real, xL * self.real
         return self._squeezed(x0, 1), self._squeezed(xL, 1), self._squeezed(self.batch.rows, 1)
+
+    def _refuse(self, finite: torch.Tensor, continues: torch.Tensor) -> NoReturn:
+        if not bool(finite.all()):
+            block = int((~finite).nonzero()[0])
+            raise TuCoError(
+                f"the hidden states or the pre-trained path hold NaN or infinity from block {block} on (NaN or "
+                "infinite weights, or an overflow in float16), so TuCo is undefined; check the checkpoint's "
+                "weights, or load it in float32 or bfloat16."
+            )
+        self._discontinuity(int((~continues).nonzero()[0]))  # on finite states, a difference is a real one
 
     def _squeezed(self, tensor: torch.Tensor, positions_axis: int) -> torch.Tensor:
         """Without the positions axis where ``positions="last"`` asked for one row per prompt."""
@@ -117,7 +162,12 @@ class AllComponents(Components):
         self.ftc[:, index] = ftc
         self._gaps[index] = (x_rows != previous_out).any()
 
+    def _keep_all(self, ptc: torch.Tensor, ftc: torch.Tensor, previous_out: torch.Tensor, x_rows: torch.Tensor) -> None:
+        self.ptc, self.ftc = ptc.contiguous(), ftc.contiguous()
+        self._gaps.copy_((x_rows != previous_out).flatten(2).any(2).any(0))
+
     def result(self) -> Decomposition:
+        self._add_held()
         assert self.ptc is not None and self.ftc is not None, "a decoder has at least one block"
         finite = self.ftc.isfinite().flatten(2).all(2).all(0)
         x0, xL, positions = self._ends(finite, ~self._gaps)
@@ -158,7 +208,14 @@ class RunningSums(Components):
         else:  # bound by memory: no temporary of five times the rows (the same sums, row by row)
             self._norms[index] = torch.stack([values.abs().sum(-1) for values in reduced])
 
+    def _keep_all(self, ptc: torch.Tensor, ftc: torch.Tensor, previous_out: torch.Tensor, x_rows: torch.Tensor) -> None:
+        ptc_sums, ftc_sums = _running_sums(ptc), _running_sums(ftc)
+        reduced = torch.stack((ptc, ftc, ptc_sums, ftc_sums, x_rows - previous_out))  # [5, b, n_layers, rows, d]
+        self._norms.copy_(reduced.abs().sum(-1).permute(2, 0, 1, 3))
+        self.ptc_sum, self.ftc_sum = ptc_sums[:, -1], ftc_sums[:, -1]
+
     def result(self) -> DecompositionSums:
+        self._add_held()
         norms = self._norms.permute(1, 2, 0, 3)  # [5, batch, n_layers, rows]
         finite = norms[_FTC].isfinite().all(2).all(0)
         x0, xL, positions = self._ends(finite, (norms[_GAP] == 0).all(2).all(0))
@@ -176,3 +233,12 @@ class RunningSums(Components):
             xL=xL,
             positions=positions,
         )
+
+
+def _running_sums(values: torch.Tensor) -> torch.Tensor:
+    """Sums of ``values`` [b, n_layers, ...] over blocks 0..l, for each l, added in block order in float32, as
+    ``RunningSums.add`` adds them block by block (``cumsum`` accumulates in double on a CPU: other bits)."""
+    sums = [values[:, 0]]
+    for layer in range(1, values.shape[1]):
+        sums.append(sums[-1] + values[:, layer])
+    return torch.stack(sums, dim=1)

@@ -188,3 +188,9 @@ class DecompositionSums(_TokenContributions):
     def cumulative_tuco(self) -> torch.Tensor:
         """TuCo of the components of blocks 0..l, for each l: [batch, n_layers] (or [batch, n_layers, k])."""
         return self.cumulative
+
+    @property
+    def tuco(self) -> torch.Tensor:
+        """Tuning Contribution, in [0, 1]: [batch] (or [batch, k]); the cumulative TuCo at the last block, which
+        is TuCo of the very sums ``ptc_sum`` and ``ftc_sum`` (their L1 norms were taken as they were summed)."""
+        return self.cumulative.select(1, -1)

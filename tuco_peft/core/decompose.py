@@ -80,22 +80,30 @@ class _BlockProbe:
 
 class _PairedProbe:
     """One decoder block run paired (``core.paired.PairedBlock``): its pre-trained and fine-tuned outputs at every
-    position from one forward, so each weight is read once for both. Used for all-position decompositions
-    on a backend that ``pairs_prefill``, where the pre-trained path is needed at every row anyway."""
+    position from one forward, so each weight is read once for both, and the block's every operation serves
+    both. Used for all-position decompositions on a backend that ``pairs_prefill``, where the pre-trained path
+    is needed at every row anyway, and for small batches of narrow models, where a call costs its count of
+    operations rather than their arithmetic."""
 
-    def __init__(self, index: int, paired: PairedBlock, components: Components):
+    def __init__(
+        self,
+        index: int,
+        paired: PairedBlock,
+        components: Components,
+        backend: LoraLinearBackend,
+        arguments: StackedArguments,
+    ):
         self.index = index
         self.paired = paired
         self.components = components
+        self.backend = backend
+        self.arguments = arguments
 
     def attached(self) -> AbstractContextManager[None]:
-        return self.paired.attached(self._split)
+        return self.paired.attached(self.backend, self.arguments, self._split)
 
     def _split(self, x: torch.Tensor, pretrained: torch.Tensor, finetuned: torch.Tensor) -> torch.Tensor:
-        batch = self.components.batch
-        x_rows = self.components.rows_of(x, batch)
-        ptc = self.components.rows_of(pretrained, batch) - x_rows
-        self.components.add(self.index, x_rows, self.components.rows_of(finetuned, batch), ptc)
+        self.components.add_outputs(self.index, x, pretrained, finetuned)
         return finetuned
 
 
@@ -112,6 +120,12 @@ Probe = _BlockProbe | _PairedProbe
 # bound by weight reads further on, so these are conservative there.
 SHARED_READS_MAX_TOKENS = 256
 SHARED_READS_MIN_WIDTH = 256
+# Narrower models' batches of up to PAIRED_MAX_TOKENS tokens run their blocks paired (``_PairedProbe``) at any
+# positions: every operation of the block serves both paths at once, where the pre-trained rows alone would
+# cost about 50 more operations a block, each a few microseconds whatever its size. Larger batches pay for
+# the doubled arithmetic. Measured on a CPU, one thread, the demo's shapes (width 64): one prompt of 16 tokens
+# ... (benchmarks/README.md).
+PAIRED_MAX_TOKENS = 128
 
 
 def _probe(
@@ -131,16 +145,15 @@ def _probe(
     batch = components.batch
     mixed_adapters = batch.adapter_names is not None
     every_row = batch.rows.shape[1] == batch.input_ids.shape[1]
+    tokens = batch.input_ids.numel()
+    narrow = parts.d_model < SHARED_READS_MIN_WIDTH
     paired = None
-    if every_row and not replay and not mixed_adapters:
-        paired = paired_block(layer, parts.config, lora_backend, source.separate_model, arguments, prefill=True)
+    if (every_row or (narrow and tokens <= PAIRED_MAX_TOKENS)) and not replay and not mixed_adapters:
+        prefill = not (narrow and tokens <= PAIRED_MAX_TOKENS)
+        paired = paired_block(parts, index, lora_backend, source.separate_model, prefill=prefill)
     if paired is not None:
-        return _PairedProbe(index, paired, components)
-    shared_reads = (
-        not mixed_adapters
-        and batch.input_ids.numel() <= SHARED_READS_MAX_TOKENS
-        and parts.d_model >= SHARED_READS_MIN_WIDTH
-    )
+        return _PairedProbe(index, paired, components, lora_backend, arguments)
+    shared_reads = not mixed_adapters and tokens <= SHARED_READS_MAX_TOKENS and not narrow
     options = {"separate_model": source.separate_model, "replay_only": replay, "shared_reads": shared_reads}
     path = parts.derived(
         ("pretrained path", index, *options.values()), lambda: pretrained_path(layer, parts.config, **options)
@@ -246,6 +259,8 @@ def decompose(
         _probe(i, layer, parts, source, components, lora_backend, replay, arguments)
         for i, layer in enumerate(parts.layers)
     ]
+    if all(isinstance(probe, _PairedProbe) for probe in probes) and batch.input_ids.numel() <= PAIRED_MAX_TOKENS:
+        components.hold_blocks()
     with ExitStack() as stack:
         stack.enter_context(analysis_states(parts, source))
         if batch.adapter_names is not None:

@@ -16,7 +16,7 @@ block's own slot, the pre-trained half's to the slot the caller keeps for the pr
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -27,8 +27,9 @@ from ..families import attention_implementation, spec_for
 from ..lora.adapters import adapters_disabled, is_additive_lora
 from ..lora.backend import LoraLinearBackend, TorchBackend
 from ..model.block_args import find_cache, hidden_states, replace_output, with_cache
-from ..model.interception import CacheView, any_forward_replaced, inner_modules_hooked, replaced_forward
+from ..model.interception import CacheView, any_forward_replaced, module_hooked, replaced_forwards, submodules
 from ..model.inventory import outermost_switchable
+from ..model.parts import ModelParts
 from .pretrained_path import SharedProjectionBlock, block_output, has_parts
 
 # (block input x [b, ...], pre-trained output, fine-tuned output) → the output the model continues with.
@@ -83,21 +84,21 @@ def paired_slots(cache: Any, pretrained_slot: int) -> CacheView:
 
 
 class PairedBlock:
-    """One adapter fine-tuned decoder block run as its pre-trained and fine-tuned self at once."""
+    """One adapter fine-tuned decoder block run as its pre-trained and fine-tuned self at once.
 
-    def __init__(
-        self, layer: nn.Module, config: PretrainedConfig, backend: LoraLinearBackend, arguments: StackedArguments
-    ):
+    What the block's structure decides is found once (``paired_block`` keeps it with the model's survey);
+    each call attaches it with that call's backend and stacked arguments."""
+
+    def __init__(self, layer: nn.Module, config: PretrainedConfig):
         self.layer = layer
-        self.backend = backend
-        self.arguments = arguments
         self._torch_backend = TorchBackend()
         spec = spec_for(layer, config)
         assert spec is not None, "a block is paired only where PairedBlock.supports it"
         attention = getattr(layer, spec.attention)
         shared = SharedProjectionBlock.supports(layer, spec)
         self.shared_input = [getattr(attention, name) for name in spec.projections] if shared else []
-        self.switchable = outermost_switchable(layer)
+        # Each switchable module with the modules inside it, whose hooks are looked at on every call.
+        self.switchable = [(module, submodules(module)) for module in outermost_switchable(layer)]
 
     @staticmethod
     def supports(layer: nn.Module, config: PretrainedConfig) -> bool:
@@ -113,30 +114,39 @@ class PairedBlock:
         )
 
     @contextmanager
-    def attached(self, on_outputs: PairedOutputs, pretrained_slot: int | None = None) -> Iterator[None]:
+    def attached(
+        self,
+        backend: LoraLinearBackend,
+        arguments: StackedArguments,
+        on_outputs: PairedOutputs,
+        pretrained_slot: int | None = None,
+    ) -> Iterator[None]:
         """While active, every forward of the block computes both outputs and continues with ``on_outputs``.
 
-        ``pretrained_slot``: the cache slot for the pre-trained block's keys/values (when called with a cache).
-        The stacking happens inside the block's forward, so hooks on the block itself (transformers' output
-        recorders, users') see one stream, as without pairing; hooks inside the block see both halves.
+        ``arguments``: shared by the paired blocks of one forward. ``pretrained_slot``: the cache slot for the
+        pre-trained block's keys/values (when called with a cache). The stacking happens inside the block's
+        forward, so hooks on the block itself (transformers' output recorders, users') see one stream, as
+        without pairing; hooks inside the block see both halves.
         """
-        with ExitStack() as stack:
-            stack.enter_context(replaced_forward(self.layer, self._stacked_forward(on_outputs, pretrained_slot)))
-            for module in self.switchable:
-                # A fused kernel never calls the inner layers, so one that something observes (the lean KV
-                # cache records lora_A's output) keeps the torch path.
-                forward = self._paired_forward(module, fusable=not inner_modules_hooked(module))
-                stack.enter_context(replaced_forward(module, forward))
+        replacements = [(self.layer, self._stacked_forward(arguments, on_outputs, pretrained_slot))]
+        for module, inner in self.switchable:
+            # A fused kernel never calls the inner layers, so one that something observes (the lean KV
+            # cache records lora_A's output) keeps the torch path (which checks the layers it skips itself).
+            observed = backend.fuses(module) and any(module_hooked(m) for m in inner)
+            replacements.append((module, self._paired_forward(module, self._torch_backend if observed else backend)))
+        with replaced_forwards(replacements):
             yield
 
-    def _stacked_forward(self, on_outputs: PairedOutputs, pretrained_slot: int | None) -> Callable[..., Any]:
+    def _stacked_forward(
+        self, arguments: StackedArguments, on_outputs: PairedOutputs, pretrained_slot: int | None
+    ) -> Callable[..., Any]:
         layer = self.layer
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             x = hidden_states(args, kwargs)
             found = find_cache(args, kwargs)
             batch = x.shape[0]
-            args, kwargs = _stacked(args, batch), {k: self.arguments.stacked(k, v, batch) for k, v in kwargs.items()}
+            args, kwargs = _stacked(args, batch), {k: arguments.stacked(k, v, batch) for k, v in kwargs.items()}
             if found is not None:
                 if pretrained_slot is None:
                     raise RuntimeError("a paired block got a cache but has no slot for its pre-trained half.")
@@ -148,10 +158,9 @@ class PairedBlock:
 
         return forward
 
-    def _paired_forward(self, module: nn.Module, fusable: bool) -> Callable[..., torch.Tensor]:
-        """``module``'s forward on the stacked batch; ``fusable``: its LoRA may run inside a fused kernel."""
+    def _paired_forward(self, module: nn.Module, backend: LoraLinearBackend) -> Callable[..., torch.Tensor]:
+        """``module``'s forward on the stacked batch, its LoRA linears computed by ``backend``."""
         shared_input = any(module is m for m in self.shared_input)
-        backend = self.backend if fusable else self._torch_backend
         additive = is_additive_lora(module)
 
         def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -166,26 +175,22 @@ class PairedBlock:
 
 
 def paired_block(
-    layer: nn.Module,
-    config: PretrainedConfig,
-    backend: LoraLinearBackend,
-    separate_model: bool,
-    arguments: StackedArguments,
-    *,
-    prefill: bool = False,
+    parts: ModelParts, index: int, backend: LoraLinearBackend, separate_model: bool, *, prefill: bool = False
 ) -> PairedBlock | None:
-    """``layer`` run paired where that saves weight reads, else None (the caller runs both blocks).
+    """Block ``index`` run paired where that saves weight reads, else None (the caller runs both blocks).
 
     Every backend reads each base weight once for both halves of a paired block (where nothing hooks the base
     layer, whose observers must see each half on its own). Pairing applies only to an
     adapter fine-tune (a ``separate_model`` has pre-trained blocks of its own) whose block
     ``PairedBlock.supports`` (known family, batch-wise attention, no accelerate-offloaded forwards). A
     ``prefill`` (decompose at every position) pairs only on a backend that ``pairs_prefill``: stacking
-    doubles the block's activations, which a compute-bound matmul does not repay. ``arguments`` is shared by
-    the paired blocks of one call.
+    doubles the block's activations, which a compute-bound matmul does not repay. What the block supports is
+    kept with the model's survey (``ModelParts.derived``), so a call costs no walk of the block.
     """
-    if separate_model or not PairedBlock.supports(layer, config):
+    if separate_model or (prefill and not backend.pairs_prefill):
         return None
-    if prefill and not backend.pairs_prefill:
-        return None
-    return PairedBlock(layer, config, backend, arguments)
+    layer = parts.layers[index]
+    return parts.derived(
+        ("paired block", index),
+        lambda: PairedBlock(layer, parts.config) if PairedBlock.supports(layer, parts.config) else None,
+    )

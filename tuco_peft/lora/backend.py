@@ -18,9 +18,10 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
 from functools import partial
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeGuard, cast
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple, TypeGuard, cast
 
 import torch
+from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 
 from ..errors import InputError, UnsupportedModelError
@@ -167,18 +168,92 @@ def _base_layer_callable_once(layer: LoraModule) -> bool:
     """Whether ``layer``'s base layer may compute its output outside PEFT's forward: nothing observes or
     replaced it (a hook must see each call as it would unpaired) and it is not itself a tuner layer."""
     base_layer = layer.base_layer
-    return (
-        base_layer is layer.get_base_layer()
-        and not forward_replaced(base_layer)
-        and not module_hooked(base_layer)
-    )
+    return base_layer is layer.get_base_layer() and not forward_replaced(base_layer) and not module_hooked(base_layer)
 
 
 def _peft_forward_given_base_output(layer: LoraModule, x: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
     """``layer(x)`` by PEFT's own forward, its base layer's output already computed: the LoRA arithmetic
-    (casts, scalings, dropout, lora_A hooks such as the lean cache's) stays PEFT's."""
+    (casts, scalings, dropout, variants, lora_A hooks such as the lean cache's) stays PEFT's."""
     with replaced_forward(layer.base_layer, lambda *args, **kwargs: base_output):
         return type(layer).forward(layer, x)
+
+
+class _PlainLora(NamedTuple):
+    """A LoRA linear whose forward is ``base(x)`` plus ``B(A(x))·scaling`` per active adapter, read for one call.
+
+    ``base``, ``finetuned`` and ``stacked`` run the operations PEFT's forward runs, in its order (bit for bit),
+    each linear by its class's forward, without PEFT's per-call Python or the module calls' machinery: in a
+    small call those cost more than the arithmetic of a small projection.
+    """
+
+    base_layer: nn.Linear
+    terms: list[tuple[nn.Linear, nn.Linear, float]]  # (A, B, scaling) of each active adapter, in PEFT's order
+
+    @classmethod
+    def of(cls, layer: nn.Module, x: torch.Tensor) -> _PlainLora | None:
+        """``layer`` so read where that is exactly its forward on ``x``: a ``lora.Linear`` (not a subclass) over
+        an ``nn.Linear``, its adapters on and unmerged, none a variant (DoRA), dropout that passes ``x``
+        through, every dtype ``x``'s (PEFT would cast), and no hook or instance forward on the layers whose
+        calls it skips (the lean KV cache hooks ``lora_A``). None otherwise.
+
+        Read from the module dictionaries: ``nn.Module.__getattr__`` would cost more than the checks.
+        """
+        if type(layer) is not LoraLinear or layer.disable_adapters or layer.merged_adapters:
+            return None
+        base = layer._modules["base_layer"]
+        if type(base) is not nn.Linear or not _plain_call(base, x):
+            return None
+        lora_a, lora_b, dropouts = layer.lora_A._modules, layer.lora_B._modules, layer.lora_dropout._modules
+        terms = []
+        for name in layer.active_adapters:
+            a = lora_a.get(name)
+            if a is None:  # PEFT's forward skips an active name this layer holds no adapter of
+                continue
+            b, dropout = lora_b[name], dropouts[name]
+            passes_through = type(dropout) is nn.Identity or (
+                type(dropout) is nn.Dropout and not (dropout.training and dropout.p > 0)
+            )
+            if (
+                name in layer.lora_variant
+                or not (passes_through and _unobserved(dropout))
+                or type(a) is not nn.Linear
+                or type(b) is not nn.Linear
+                or not (_plain_call(a, x) and _plain_call(b, x))
+            ):
+                return None
+            terms.append((a, b, layer.scaling[name]))
+        return cls(base, terms)
+
+    def base(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.Linear.forward(self.base_layer, x)
+
+    def finetuned(self, x: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
+        result = base_output
+        for a, b, scaling in self.terms:
+            result = result + nn.Linear.forward(b, nn.Linear.forward(a, x)) * scaling
+        return result
+
+    def stacked(self, x: torch.Tensor) -> torch.Tensor:
+        """``[base(x_pt); layer(x_ft)]`` of a paired block's input ``[x_pt; x_ft]``, the terms added in place into
+        the base output's second half: no copy of the halves into a new tensor (each a few microseconds in a
+        small call). Differentiable: the base matmul does not keep its output for backward."""
+        both = self.base(x)
+        half = x.shape[0] // 2
+        finetuned, x_ft = both[half:], x[half:]
+        for a, b, scaling in self.terms:
+            finetuned += nn.Linear.forward(b, nn.Linear.forward(a, x_ft)) * scaling
+        return both
+
+
+def _unobserved(module: nn.Module) -> bool:
+    """No forward hook, pre-hook or instance forward: calling the class's forward is calling the module."""
+    return not (module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__)
+
+
+def _plain_call(linear: nn.Linear, x: torch.Tensor) -> bool:
+    """``linear`` may be called by its class's forward on ``x`` as PEFT's forward would call it: unobserved, and
+    its weight of ``x``'s dtype (where PEFT would cast ``x`` first)."""
+    return _unobserved(linear) and linear.weight.dtype == x.dtype
 
 
 class TorchBackend(LoraLinearBackend):
@@ -189,6 +264,11 @@ class TorchBackend(LoraLinearBackend):
     pairs_prefill = False
 
     def dual(self, x: torch.Tensor, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        plain = _PlainLora.of(layer, x)
+
+        if plain is not None:
+            base_output = plain.base(x)
+            return base_output, plain.finetuned(x, base_output)
         layer = cast("LoraModule", layer)  # a PEFT LoRA linear, as every layer a backend computes
         if not _base_layer_callable_once(layer):
             return _capture_base_output(layer, lambda: type(layer).forward(layer, x))
@@ -200,13 +280,22 @@ class TorchBackend(LoraLinearBackend):
         layer = cast("LoraModule", layer)  # a PEFT LoRA linear, as every layer a backend computes
         if not _base_layer_callable_once(layer):
             return layer.base_layer(x_pt), type(layer).forward(layer, x_ft)
+        plain = _PlainLora.of(layer, x_ft)
         rows_pt, rows_ft = _rows(x_pt), _rows(x_ft)
-        base_pt, base_ft = layer.base_layer(torch.cat([rows_pt, rows_ft])).split([len(rows_pt), len(rows_ft)])
+        both = torch.cat([rows_pt, rows_ft])
+        base_pt, base_ft = (layer.base_layer(both) if plain is None else plain.base(both)).split(
+            [len(rows_pt), len(rows_ft)]
+        )
         base_pt, base_ft = base_pt.reshape(*x_pt.shape[:-1], -1), base_ft.reshape(*x_ft.shape[:-1], -1)
+        if plain is not None:
+            return base_pt, plain.finetuned(x_ft, base_ft)
         return base_pt, _peft_forward_given_base_output(layer, x_ft, base_ft)
 
     def stacked(self, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
         """One call of the base layer on the stacked input as it comes (no copy of its two halves)."""
+        plain = _PlainLora.of(layer, x)
+        if plain is not None:
+            return plain.stacked(x)
         layer = cast("LoraModule", layer)  # a PEFT LoRA linear, as every layer a backend computes
         if not _base_layer_callable_once(layer):
             return super().stacked(x, layer)
@@ -265,4 +354,3 @@ BACKEND_CLASSES: dict[ResolvedBackend, type[LoraLinearBackend]] = {
 def make_backend(name: ResolvedBackend) -> LoraLinearBackend:
     """The backend called ``name``, as ``resolve_backend`` returns it."""
     return BACKEND_CLASSES[name]()
-

@@ -25,6 +25,8 @@ class Batch:
     squeeze_positions: bool
     # Each row's adapter where the rows go through different ones (PEFT's ``adapter_names``).
     adapter_names: tuple[str, ...] | None = None
+    # True where no attention mask was given: no row is padding.
+    unpadded: bool = False
     # What every block of a forward derives alike from the batch, made by the first block that asks (one
     # call's worth: a small call costs what its per-block tensor operations cost).
     _per_forward: dict[str, tuple[Any, Any]] = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -63,7 +65,9 @@ class Batch:
         input_ids, attention_mask, position_ids, rows = (
             t.to(device) for t in (self.input_ids, self.attention_mask, self.position_ids, self.rows)
         )
-        return Batch(input_ids, attention_mask, position_ids, rows, self.squeeze_positions, self.adapter_names)
+        return Batch(
+            input_ids, attention_mask, position_ids, rows, self.squeeze_positions, self.adapter_names, self.unpadded
+        )
 
     @property
     def row_is_real(self) -> torch.Tensor:
@@ -160,6 +164,13 @@ def prepare_batch(
     input_ids = input_ids.to(device=device, dtype=torch.long)
     if isinstance(attention_mask, torch.Tensor):
         attention_mask = attention_mask.to(device)
+    if attention_mask is None:  # no padding: what the mask would give, without reading one
+        batch, n = input_ids.shape
+        mask = torch.ones_like(input_ids)
+        position_ids = torch.arange(n, device=input_ids.device).expand(batch, n)
+        if isinstance(positions, str) and positions == "last":
+            return Batch(input_ids, mask, position_ids, position_ids[:, -1:], True, unpadded=True)
+        return Batch(input_ids, mask, position_ids, *_rows(positions, mask), unpadded=True)
     mask = _as_mask(input_ids, attention_mask)
     rows, squeeze = _rows(positions, mask)
     return Batch(input_ids, mask, position_ids_from_mask(mask), rows, squeeze)

@@ -77,11 +77,6 @@ def module_hooked(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
-def inner_modules_hooked(module: nn.Module) -> bool:
-    """Whether a forward hook or pre-hook observes a module inside ``module`` (not ``module`` itself)."""
-    return any(module_hooked(m) for m in submodules(module))
-
-
 def replaced_forward(module: nn.Module, forward: Callable[..., Any]) -> AbstractContextManager[None]:
     """``module.forward`` is ``forward`` for the block. Refused where another instance forward is already in
     place: replacing it would silently drop what it does."""

@@ -45,7 +45,7 @@ from ..core.paired import PairedBlock, StackedArguments, paired_block
 from ..core.pretrained_path import block_output
 from ..errors import InputError, UnsupportedModelError
 from ..io.block_sources import PretrainedBlocks, analysis_states, checked_pretrained_blocks
-from ..lora.backend import Backend, make_backend, resolve_backend
+from ..lora.backend import Backend, LoraLinearBackend, make_backend, resolve_backend
 from ..model.block_args import find_cache, hidden_states, replace_output, with_cache
 from ..model.interception import CacheView, hooked
 from ..model.parts import ModelParts, model_parts
@@ -171,6 +171,8 @@ class _SteeredBlock:
         n_layers: int,
         observer: BlockObserver | None,
         paired: PairedBlock | None,
+        backend: LoraLinearBackend,
+        arguments: StackedArguments,
     ):
         self.index = index
         self.layer = layer
@@ -178,12 +180,14 @@ class _SteeredBlock:
         self.alpha = alpha
         self.observer = observer
         self.paired = paired
+        self.backend = backend
+        self.arguments = arguments
         self.pretrained_slot = n_layers + index
 
     @contextmanager
     def attached(self) -> Iterator[None]:
         if self.paired is not None:
-            with self.paired.attached(self.mix, self.pretrained_slot):
+            with self.paired.attached(self.backend, self.arguments, self.mix, self.pretrained_slot):
                 yield
             return
         # First among the block's forward hooks, so that the others (output capture, users') see the steered output.
@@ -268,8 +272,10 @@ def steered_forward(
         arguments = StackedArguments()
         for index in steered:
             layer = parts.layers[index]
-            paired = paired_block(layer, parts.config, lora_backend, source.separate_model, arguments)
-            block = _SteeredBlock(index, layer, source, alphas[index], parts.n_layers, observer, paired)
+            paired = paired_block(parts, index, lora_backend, source.separate_model)
+            block = _SteeredBlock(
+                index, layer, source, alphas[index], parts.n_layers, observer, paired, lora_backend, arguments
+            )
             stack.enter_context(block.attached())
         yield parts
 
