@@ -98,10 +98,12 @@ def methods(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, Callable[[],
 
 
 def interleaved_medians(methods: dict[str, Callable[[], object]], repeats: int) -> dict[str, dict[str, float]]:
-    """Median and quartiles in ms of each method, one call of each in turn per round, after a warm-up round."""
+    """Median and quartiles in ms of each method, one call of each per round in an order that rotates from round
+    to round (so that no method always follows the same one), after a warm-up round."""
     times: dict[str, list[float]] = {name: [] for name in methods}
+    order = list(methods.items())
     for round_ in range(repeats + 1):
-        for name, method in methods.items():
+        for name, method in order[round_ % len(order) :] + order[: round_ % len(order)]:
             start = time.perf_counter()
             method()
             if round_:  # the first round warms up caches and allocators

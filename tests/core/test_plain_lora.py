@@ -13,27 +13,12 @@ import pytest
 import torch
 from helpers.lora_layers import dense_linear, lora_layer
 from peft import LoraConfig, get_peft_model
-from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from tuco_peft.lora.backend import make_backend
 
 BACKEND = make_backend("torch")
-
-
-@pytest.fixture
-def peft_forwards(monkeypatch) -> Counter:
-    """How often PEFT's forward of a LoRA linear ran, by layer."""
-    calls: Counter = Counter()
-    forward = LoraLinear.forward
-
-    def counted(self, *args, **kwargs):
-        calls[id(self)] += 1
-        return forward(self, *args, **kwargs)
-
-    monkeypatch.setattr(LoraLinear, "forward", counted)
-    return calls
 
 
 def _outputs(layer: nn.Module, x: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -54,17 +39,17 @@ def _expected(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("ranks", [(8,), (4, 2)], ids=["one adapter", "two adapters"])
 @pytest.mark.parametrize("lora_bias", [False, True])
-def test_a_plain_lora_linear_skips_peft_and_equals_it(dtype, ranks, lora_bias, peft_forwards):
+def test_a_plain_lora_linear_skips_peft_and_equals_it(dtype, ranks, lora_bias, peft_forward_calls):
     layer = lora_layer(dense_linear(dtype), ranks=ranks)
     if lora_bias:
         for b in layer.lora_B.values():
             b.bias = nn.Parameter(torch.randn(b.out_features, dtype=dtype))
     x = torch.randn(2, 5, layer.in_features, dtype=dtype)
     expected = _expected(layer, x)
-    peft_forwards.clear()
+    peft_forward_calls.clear()
     with torch.no_grad():
         outputs = _outputs(layer, x)
-    assert not peft_forwards
+    assert not peft_forward_calls
     assert all(torch.equal(output, expected_output) for output, expected_output in zip(outputs["dual"], expected))
     for way in ("two_stream", "stacked"):  # one matmul over both streams' rows: equal up to its blocking
         for output, expected_output in zip(outputs[way], expected):
@@ -122,17 +107,17 @@ def _subclassed_base(layer: nn.Module) -> None:
     [_hook_lora_a, _dropout_in_training, _disabled, _fp32_factors_over_bf16, _subclassed_base],
     ids=["hooked lora_A", "dropout in training", "adapters disabled", "fp32 factors over bf16", "subclassed base"],
 )
-def test_layers_it_cannot_read_exactly_keep_peft_forward(change, peft_forwards):
+def test_layers_it_cannot_read_exactly_keep_peft_forward(change, peft_forward_calls):
     layer = lora_layer(dense_linear(), ranks=(4,))
     change(layer)
     x = torch.randn(4, layer.in_features, dtype=layer.base_layer.weight.dtype)
     torch.manual_seed(0)
     expected = _expected(layer, x)
-    peft_forwards.clear()
+    peft_forward_calls.clear()
     torch.manual_seed(0)  # the same dropout mask
     with torch.no_grad():
         pretrained, finetuned = BACKEND.dual(x, layer)
-    assert peft_forwards == Counter({id(layer): 1})
+    assert peft_forward_calls == Counter({id(layer): 1})
     assert torch.equal(pretrained, expected[0]) and torch.equal(finetuned, expected[1])
 
 
@@ -145,12 +130,12 @@ def _dora_layer() -> nn.Module:
 @pytest.mark.parametrize(
     "make", [_dora_layer, lambda: lora_layer(Conv1D(40, 72), ranks=(4,))], ids=["DoRA", "Conv1D base"]
 )
-def test_variants_and_other_base_layers_keep_peft_forward(make, peft_forwards):
+def test_variants_and_other_base_layers_keep_peft_forward(make, peft_forward_calls):
     layer = make()
     x = torch.randn(4, 72)
     expected = _expected(layer, x)
-    peft_forwards.clear()
+    peft_forward_calls.clear()
     with torch.no_grad():
         pretrained, finetuned = BACKEND.dual(x, layer)
-    assert peft_forwards == Counter({id(layer): 1})
+    assert peft_forward_calls == Counter({id(layer): 1})
     assert torch.equal(pretrained, expected[0]) and torch.equal(finetuned, expected[1])

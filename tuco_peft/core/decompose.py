@@ -121,10 +121,12 @@ Probe = _BlockProbe | _PairedProbe
 SHARED_READS_MAX_TOKENS = 256
 SHARED_READS_MIN_WIDTH = 256
 # Narrower models' batches of up to PAIRED_MAX_TOKENS tokens run their blocks paired (``_PairedProbe``) at any
-# positions: every operation of the block serves both paths at once, where the pre-trained rows alone would
-# cost about 50 more operations a block, each a few microseconds whatever its size. Larger batches pay for
-# the doubled arithmetic. Measured on a CPU, one thread, the demo's shapes (width 64): one prompt of 16 tokens
-# ... (benchmarks/README.md).
+# positions: every operation of the block serves both paths at once, where the pre-trained rows alone cost
+# about 50 more operations a block, each a few microseconds whatever its size, and every block's components
+# are computed together after the forward (``Components.hold_blocks``). Larger batches pay for the doubled
+# arithmetic. Measured on a CPU, one thread, the demo's shapes (width 64; benchmarks/bench_overhead.py): one
+# prompt of 16 tokens costs about 1.25× a plain forward paired against 1.6× with the rows after the block;
+# the two are level at 128 tokens, and at 256 the rows after the block cost 1.37× against 1.5× paired.
 PAIRED_MAX_TOKENS = 128
 
 
