@@ -4,8 +4,8 @@ A line ``<!-- generated: NAME -->`` alone in a page is replaced by the markdown 
 
 - ``cli``: every ``tuco-peft`` command, its usage and its flags by group, read from the argparse parser that
   ``tuco_peft.cli.build_parser`` builds (what ``tuco-peft COMMAND --help`` prints);
-- ``families``: the decoder families of ``tuco_peft.families`` (each family module's ``register`` call, and
-  the ``FamilySpec`` that ``registry.spec_for`` gives for transformers' default config of that type);
+- ``families``: the decoder families of ``tuco_peft.families`` (``registered_families()``: each family as its
+  module registered it, and the ``FamilySpec`` it gives for transformers' default config of that type);
 - ``error-messages``: every message tuco-peft builds a ``TuCoError``, ``InputError`` or
   ``UnsupportedModelError`` with, read from the source (placeholders shown as …).
 
@@ -19,6 +19,7 @@ import ast
 import html
 import importlib.util
 import re
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -131,23 +132,6 @@ def cli_reference() -> str:
 # ------------------------------------------------------------------------------------------ model families
 
 
-def _registrations() -> list[tuple[str, str, str, bool, str]]:
-    """(model_type, block class, module, spec chosen per config, module docstring) of each ``register`` call
-    in the family modules, read statically (the registry keeps no record of where a family came from)."""
-    found = []
-    for path in sorted((_package_dir("tuco_peft") / "families").glob("*.py")):
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-        functions = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
-        for node in ast.walk(tree):
-            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "register"):
-                continue
-            model_type, layer_class, spec = node.args
-            per_config = isinstance(spec, ast.Name) and spec.id in functions
-            docstring = ast.get_docstring(tree) or ""
-            found.append((model_type.value, layer_class.value, path.stem, per_config, docstring))
-    return found
-
-
 _CAPABILITIES = {  # FamilySpec's capability flags, as families.md explains them
     "shared_projections": "shared projections",
     "lean_cache": "lean KV cache",
@@ -158,21 +142,10 @@ _CAPABILITIES = {  # FamilySpec's capability flags, as families.md explains them
 def families() -> str:
     from transformers import AutoConfig
 
-    from tuco_peft.families import registered_model_types, spec_for
+    from tuco_peft.families import registered_families
 
-    registered = registered_model_types()
-    by_type = {entry[0]: entry for entry in _registrations()}
-    missing = set(registered) - set(by_type)
-    if missing:
-        raise PluginError(f"families registered outside tuco_peft/families/*.py: {sorted(missing)}")
-    specs = {}
-    for model_type in registered:
-        layer_class = by_type[model_type][1]
-        # the registry matches a block by its class name: a stand-in of that name asks for the family's spec
-        spec = spec_for(type(layer_class, (), {})(), AutoConfig.for_model(model_type))
-        if spec is None:
-            raise PluginError(f"{model_type}: the registry gives no spec for a {layer_class}")
-        specs[model_type] = spec
+    families = registered_families()
+    specs = {family.model_type: family.spec_of(AutoConfig.for_model(family.model_type)) for family in families}
     # a capability every family has is said once; one that some lack gets a column
     shared = [name for name in _CAPABILITIES if all(getattr(spec, name) for spec in specs.values())]
     varying = [name for name in _CAPABILITIES if name not in shared]
@@ -185,9 +158,9 @@ def families() -> str:
         lines += [f"Every family below has {listed}.", ""]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     notes = []
-    for model_type, spec in specs.items():
-        _, layer_class, module, per_config, docstring = by_type[model_type]
-        wiring = spec.wiring.value.replace("_", "-") + (" (per config)" if per_config else "")
+    for family in families:
+        model_type, spec = family.model_type, specs[family.model_type]
+        wiring = spec.wiring.value.replace("_", "-") + (" (per config)" if family.per_config else "")
         cells = [
             f"[`{model_type}`](#{model_type})",
             wiring,
@@ -197,8 +170,9 @@ def families() -> str:
         ]
         cells += ["yes" if getattr(spec, name) else "no" for name in varying]
         lines.append("| " + " | ".join(cells) + " |")
+        docstring = sys.modules[family.module].__doc__ or ""
         note = _rst_literals(" ".join(docstring.split("\n\n")[0].split()))
-        if per_config:
+        if family.per_config:
             config_class = type(AutoConfig.for_model(model_type)).__name__
             note += f" The spec is chosen per config; the table shows it for transformers' default `{config_class}`."
         notes += [
@@ -206,7 +180,7 @@ def families() -> str:
             "",
             f"{note}",
             "",
-            f"Decoder block `{layer_class}`; spec in `tuco_peft.families.{module}`.",
+            f"Decoder block `{family.layer_class}`; spec in `{family.module}`.",
             "",
         ]
     return "\n".join([*lines, "", *notes])

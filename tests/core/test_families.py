@@ -1,5 +1,7 @@
 """The family registry (tuco_peft.families): every registered family gets the capabilities its spec claims."""
 
+import sys
+
 import pytest
 import torch
 from helpers.models import FAMILIES, base_model, family_config, lora_model, model_pair, padded_batch
@@ -9,7 +11,15 @@ from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from tuco_peft.core.paired import PairedBlock
 from tuco_peft.core.pretrained_path import OwnProjectionBlock, ReplayBlock, SharedProjectionBlock, pretrained_path
-from tuco_peft.families import FamilySpec, QKNorm, QKVLayout, Wiring, attention_heads, spec_for
+from tuco_peft.families import (
+    FamilySpec,
+    QKNorm,
+    QKVLayout,
+    Wiring,
+    attention_heads,
+    registered_families,
+    spec_for,
+)
 from tuco_peft.model.parts import model_parts
 from tuco_peft.steering.forward import ftc_scale
 from tuco_peft.steering.lean_cache import LowRankDelta, LowRankSlot, PastRotary, PreNormKeySlot
@@ -79,6 +89,21 @@ def test_a_config_flag_can_switch_the_wiring():
     assert spec_for(layer, config).wiring is Wiring.PARALLEL
     config.use_parallel_residual = False
     assert spec_for(layer, config).wiring is Wiring.SEQUENTIAL
+
+
+def test_the_registry_records_each_family_as_registered():
+    """``registered_families`` is what the reference pages are generated from: each family's block class, its
+    module, and its spec per config, the spec ``spec_for`` gives a block of that class."""
+    families = registered_families()
+    assert [family.model_type for family in families] == list(FAMILIES)
+    for family in families:
+        config = family_config(family.model_type)
+        block = decoder_blocks(base_model(family.model_type))[0]
+        assert type(block).__name__ == family.layer_class
+        assert family.module.startswith("tuco_peft.families.") and family.module in sys.modules
+        assert family.spec_of(config) == spec_for(block, config)
+    per_config = {family.model_type for family in families if family.per_config}
+    assert "gpt_neox" in per_config and "llama" not in per_config  # gpt_neox's wiring follows a config flag
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 """Decoder families with a one-pass pre-trained path: one module per family registers its spec."""
 
 from . import gemma, gemma2, gemma3, gpt2, gpt_neox, llama, mistral, olmo2, phi3, qwen2, qwen3  # noqa: F401 (they register)
-from .registry import register, registered_model_types, spec_for
+from .registry import RegisteredFamily, register, registered_families, registered_model_types, spec_for
 from .spec import (
     FamilySpec,
     OutputRows,
@@ -18,11 +18,13 @@ __all__ = [
     "OutputRows",
     "QKNorm",
     "QKVLayout",
+    "RegisteredFamily",
     "WindowSource",
     "Wiring",
     "attention_heads",
     "attention_implementation",
     "register",
+    "registered_families",
     "registered_model_types",
     "spec_for",
 ]
