@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -96,9 +96,11 @@ class PairedBlock:
         assert spec is not None, "a block is paired only where PairedBlock.supports it"
         attention = getattr(layer, spec.attention)
         shared = SharedProjectionBlock.supports(layer, spec)
-        self.shared_input = [getattr(attention, name) for name in spec.projections] if shared else []
-        # Each switchable module with the modules inside it, whose hooks are looked at on every call.
-        self.switchable = [(module, submodules(module)) for module in outermost_switchable(layer)]
+        shared_input = [getattr(attention, name) for name in spec.projections] if shared else []
+        self.switchable = [
+            _Switchable(module, submodules(module), any(module is m for m in shared_input), is_additive_lora(module))
+            for module in outermost_switchable(layer)
+        ]
 
     @staticmethod
     def supports(layer: nn.Module, config: PretrainedConfig) -> bool:
@@ -129,11 +131,12 @@ class PairedBlock:
         without pairing; hooks inside the block see both halves.
         """
         replacements = [(self.layer, self._stacked_forward(arguments, on_outputs, pretrained_slot))]
-        for module, inner in self.switchable:
+        for switchable in self.switchable:
             # A fused kernel never calls the inner layers, so one that something observes (the lean KV
             # cache records lora_A's output) keeps the torch path (which checks the layers it skips itself).
-            observed = backend.fuses(module) and any(module_hooked(m) for m in inner)
-            replacements.append((module, self._paired_forward(module, self._torch_backend if observed else backend)))
+            observed = backend.fuses(switchable.module) and any(module_hooked(m) for m in switchable.inner)
+            forward = _paired_forward(switchable, self._torch_backend if observed else backend)
+            replacements.append((switchable.module, forward))
         with replaced_forwards(replacements):
             yield
 
@@ -158,20 +161,31 @@ class PairedBlock:
 
         return forward
 
-    def _paired_forward(self, module: nn.Module, backend: LoraLinearBackend) -> Callable[..., torch.Tensor]:
-        """``module``'s forward on the stacked batch, its LoRA linears computed by ``backend``."""
-        shared_input = any(module is m for m in self.shared_input)
-        additive = is_additive_lora(module)
 
-        def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            half = x.shape[0] // 2
-            if additive and not args and not kwargs:
-                return torch.cat(backend.dual(x[half:], module)) if shared_input else backend.stacked(x, module)
-            with adapters_disabled(module.modules()):  # with the tuner layers nested in it (mixed models)
-                pretrained = type(module).forward(module, x[:half], *args, **kwargs)
-            return torch.cat([pretrained, type(module).forward(module, x[half:], *args, **kwargs)])
+class _Switchable(NamedTuple):
+    """A module of a paired block whose adapters switch, with what its structure decides."""
 
-        return forward
+    module: nn.Module
+    inner: list[nn.Module]  # the modules inside it, whose hooks are looked at on every call
+    shared_input: bool  # a q/k/v projection: both halves of its input are the same normed x
+    additive: bool  # a LoRA linear whose adapters add a plain low-rank term (``is_additive_lora``)
+
+
+def _paired_forward(switchable: _Switchable, backend: LoraLinearBackend) -> Callable[..., torch.Tensor]:
+    """The module's forward on the stacked batch, its LoRA linears computed by ``backend``."""
+    module = switchable.module
+
+    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        half = x.shape[0] // 2
+        if switchable.additive and not args and not kwargs:
+            if switchable.shared_input:
+                return torch.cat(backend.dual(x[half:], module))
+            return backend.stacked(x, module)
+        with adapters_disabled(module.modules()):  # with the tuner layers nested in it (mixed models)
+            pretrained = type(module).forward(module, x[:half], *args, **kwargs)
+        return torch.cat([pretrained, type(module).forward(module, x[half:], *args, **kwargs)])
+
+    return forward
 
 
 def paired_block(

@@ -15,6 +15,7 @@ import weakref
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from functools import cache
+from operator import attrgetter
 from typing import Any, TypeVar, cast
 
 import torch
@@ -145,6 +146,8 @@ class _Survey:
     config: PretrainedConfig
     inventory: ModuleInventory
     structure: list[nn.Module]
+    root_children: dict[str, nn.Module | None]  # the LM's own submodules by name
+    children: list[dict[str, nn.Module | None]]  # those of each module of ``structure``, as surveyed
     active_adapters: list[tuple[str, ...]]
     attention: str | None
     replaced_forwards: list[nn.Module]
@@ -174,6 +177,8 @@ class _Survey:
             config=config,
             inventory=inventory,
             structure=structure,
+            root_children=dict(causal_lm._modules),
+            children=[dict(children) for children in map(_children, structure)],
             active_adapters=_active_adapters(inventory),
             attention=getattr(config, "_attn_implementation", None),
             replaced_forwards=_replaced_forwards(structure),
@@ -181,17 +186,23 @@ class _Survey:
         )
 
     def holds_for(self, causal_lm: PreTrainedModel) -> bool:
-        """Whether ``causal_lm`` still has the structure this survey was taken in. The list comparison is
-        by identity first, in C; the survey holds every module it lists, so no id can be reused meanwhile."""
+        """Whether ``causal_lm`` still has the structure this survey was taken in: the LM and every module it
+        had hold the very same children under the same names (so, from the root down, the tree is the one
+        surveyed), read and compared in C, by identity first; the survey holds every module it lists, so no
+        id can be reused meanwhile."""
         config = causal_lm.config
         return (
             config is self.config
             and getattr(config, "_attn_implementation", None) == self.attention
-            and submodules(causal_lm) == self.structure
+            and causal_lm._modules == self.root_children
+            and list(map(_children, self.structure)) == self.children
             and _active_adapters(self.inventory) == self.active_adapters
             and _replaced_forwards(self.structure) == self.replaced_forwards
             and vars(config) == self.settings
         )
+
+
+_children = attrgetter("_modules")  # a module's submodules by name (nn.Module keeps them in ``_modules``)
 
 
 def _replaced_forwards(modules: list[nn.Module]) -> list[nn.Module]:
