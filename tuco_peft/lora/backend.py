@@ -181,9 +181,9 @@ def _peft_forward_given_base_output(layer: LoraModule, x: torch.Tensor, base_out
 class _PlainLora(NamedTuple):
     """A LoRA linear whose forward is ``base(x)`` plus ``B(A(x))·scaling`` per active adapter, read for one call.
 
-    ``base``, ``finetuned`` and ``stacked`` run the operations PEFT's forward runs, in its order (bit for bit),
-    each linear by its class's forward, without PEFT's per-call Python or the module calls' machinery: in a
-    small call those cost more than the arithmetic of a small projection.
+    ``base``, ``finetuned`` and ``stacked`` run the operations PEFT's forward runs, in its order (the same bits
+    on the same rows), each linear by its class's forward, without PEFT's per-call Python or the module calls'
+    machinery: in a small call those cost more than the arithmetic of a small projection.
     """
 
     base_layer: nn.Linear
@@ -265,7 +265,6 @@ class TorchBackend(LoraLinearBackend):
 
     def dual(self, x: torch.Tensor, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         plain = _PlainLora.of(layer, x)
-
         if plain is not None:
             base_output = plain.base(x)
             return base_output, plain.finetuned(x, base_output)
