@@ -3,12 +3,14 @@
 from collections import Counter
 
 import pytest
-from peft.tuners.lora import Linear as LoraLinear
 
 
 @pytest.fixture
 def peft_forward_calls(monkeypatch) -> Counter:
     """How often PEFT's forward of a LoRA linear ran during the test, by ``id`` of the layer."""
+    # Imported here: peft imports Triton, which must not load before the root conftest sets its interpreter.
+    from peft.tuners.lora import Linear as LoraLinear
+
     calls: Counter = Counter()
     forward = LoraLinear.forward
 

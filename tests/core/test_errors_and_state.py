@@ -229,3 +229,34 @@ def test_malformed_inputs_are_refused(ids, mask, positions, message):
     model = lora_model(base_model("llama"))
     with pytest.raises(tuco_peft.InputError, match=message):
         tuco_peft.decompose(model, ids, mask, positions=positions)
+
+
+@pytest.mark.parametrize("keep", ["all", "sums"])
+def test_a_block_the_forward_skips_is_refused(keep):
+    """A decoder that runs fewer blocks than it holds (here a config cut after loading): the residual stream
+    does not run through every block, which is said, whatever the path (a small paired call holds every block's
+    states to the end, a larger one takes each as it comes)."""
+    for length in (12, 200):  # paired and held; rows after each block
+        _, model = model_pair("llama")
+        model.get_base_model().config.num_hidden_layers = 2
+        ids, mask = padded_batch(lengths=(length,))
+        with torch.no_grad(), pytest.raises(tuco_peft.UnsupportedModelError, match="a block was skipped"):
+            tuco_peft.decompose(model, ids, mask, keep=keep)
+
+
+@pytest.mark.parametrize("length", [12, 200], ids=["small batch", "large batch"])
+def test_a_hook_that_returns_another_block_output_counts_in_that_blocks_ftc(length):
+    """A forward hook on a block that returns a new output changes the residual stream inside that block: its
+    change is part of the block's update, so x0 + ΣPTC + ΣFTC is still xL, on a small batch as on a large one."""
+    _, model = model_pair("llama")
+    ids, mask = padded_batch(lengths=(length,))
+    block = decoder_blocks(model)[1]
+    handle = block.register_forward_hook(lambda module, args, output: output + 0.5)
+    try:
+        with torch.no_grad():
+            result = tuco_peft.decompose(model, ids, mask)
+            plain = tuco_peft.decompose(model, ids, mask, replay=True)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(result.x0 + result.ptc.sum(1) + result.ftc.sum(1), result.xL, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(result.ftc, plain.ftc, atol=1e-5, rtol=1e-5)

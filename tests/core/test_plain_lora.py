@@ -81,6 +81,10 @@ def _hook_lora_a(layer: nn.Module) -> None:
     layer.lora_A["default"].register_forward_hook(lambda module, args, output: None)
 
 
+def _backward_hook_on_lora_b(layer: nn.Module) -> None:
+    layer.lora_B["default"].register_full_backward_hook(lambda module, grad_input, grad_output: None)
+
+
 def _dropout_in_training(layer: nn.Module) -> None:
     layer.lora_dropout["default"] = nn.Dropout(0.5).train()
 
@@ -104,8 +108,15 @@ def _subclassed_base(layer: nn.Module) -> None:
 
 @pytest.mark.parametrize(
     "change",
-    [_hook_lora_a, _dropout_in_training, _disabled, _fp32_factors_over_bf16, _subclassed_base],
-    ids=["hooked lora_A", "dropout in training", "adapters disabled", "fp32 factors over bf16", "subclassed base"],
+    [_hook_lora_a, _backward_hook_on_lora_b, _dropout_in_training, _disabled, _fp32_factors_over_bf16, _subclassed_base],
+    ids=[
+        "hooked lora_A",
+        "backward hook on lora_B",
+        "dropout in training",
+        "adapters disabled",
+        "fp32 factors over bf16",
+        "subclassed base",
+    ],
 )
 def test_layers_it_cannot_read_exactly_keep_peft_forward(change, peft_forward_calls):
     layer = lora_layer(dense_linear(), ranks=(4,))
@@ -139,3 +150,18 @@ def test_variants_and_other_base_layers_keep_peft_forward(make, peft_forward_cal
         pretrained, finetuned = BACKEND.dual(x, layer)
     assert peft_forward_calls == Counter({id(layer): 1})
     assert torch.equal(pretrained, expected[0]) and torch.equal(finetuned, expected[1])
+
+
+def test_a_global_module_hook_sees_every_call(peft_forward_calls):
+    """Hooks registered for every module (module trackers, FLOP counters) see each linear PEFT's forward calls."""
+    layer = lora_layer(dense_linear(), ranks=(4,))
+    x = torch.randn(4, layer.in_features)
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, output: seen.append(module))
+    try:
+        with torch.no_grad():
+            BACKEND.dual(x, layer)
+    finally:
+        handle.remove()
+    assert peft_forward_calls == Counter({id(layer): 1})
+    assert layer.base_layer in seen and layer.lora_A["default"] in seen and layer.lora_B["default"] in seen

@@ -61,8 +61,10 @@ class Components:
     def _add_held(self) -> None:
         """The held blocks' components, all at once: one gather of every state's rows, then ``_keep_all``."""
         held, self._held = self._held, None
-        if not held:
+        if held is None:
             return
+        if len(held) != self.n_layers:  # a block skipped (or none ran)
+            self._discontinuity(len(held))
         if any(state.shape != held[0][0].shape for states in held for state in states):
             self._discontinuity(next(i for i, states in enumerate(held) if states[0].shape != held[0][0].shape))
         stacked = torch.stack([state for states in held for state in states], dim=2)  # [b, seq, 3·blocks, ...]

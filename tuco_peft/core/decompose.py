@@ -147,20 +147,28 @@ def _probe(
     batch = components.batch
     mixed_adapters = batch.adapter_names is not None
     every_row = batch.rows.shape[1] == batch.input_ids.shape[1]
-    tokens = batch.input_ids.numel()
-    narrow = parts.d_model < SHARED_READS_MIN_WIDTH
+    # A paired block reports its outputs inside its forward, before the block's forward hooks run: a hook that
+    # returns another output would then read as a gap between blocks, so a hooked block pairs only where it
+    # must to save weight reads (a prefill on a backend that ``pairs_prefill``).
+    small = _op_bound(batch, parts) and not layer._forward_hooks
     paired = None
-    if (every_row or (narrow and tokens <= PAIRED_MAX_TOKENS)) and not replay and not mixed_adapters:
-        prefill = not (narrow and tokens <= PAIRED_MAX_TOKENS)
-        paired = paired_block(parts, index, lora_backend, source.separate_model, prefill=prefill)
+    if (every_row or small) and not replay and not mixed_adapters:
+        paired = paired_block(parts, index, lora_backend, source.separate_model, prefill=not small)
     if paired is not None:
         return _PairedProbe(index, paired, components, lora_backend, arguments)
-    shared_reads = not mixed_adapters and tokens <= SHARED_READS_MAX_TOKENS and not narrow
+    narrow = parts.d_model < SHARED_READS_MIN_WIDTH
+    shared_reads = not mixed_adapters and batch.input_ids.numel() <= SHARED_READS_MAX_TOKENS and not narrow
     options = {"separate_model": source.separate_model, "replay_only": replay, "shared_reads": shared_reads}
     path = parts.derived(
         ("pretrained path", index, *options.values()), lambda: pretrained_path(layer, parts.config, **options)
     )
     return _BlockProbe(index, layer, path, source, components, lora_backend)
+
+
+def _op_bound(batch: Batch, parts: ModelParts) -> bool:
+    """A batch of at most PAIRED_MAX_TOKENS tokens of a model narrower than SHARED_READS_MIN_WIDTH: a call
+    that costs its count of tensor operations, not their arithmetic or weight reads."""
+    return parts.d_model < SHARED_READS_MIN_WIDTH and batch.input_ids.numel() <= PAIRED_MAX_TOKENS
 
 
 def _check_vocabulary(batch: Batch, parts: ModelParts) -> None:
@@ -261,8 +269,8 @@ def decompose(
         _probe(i, layer, parts, source, components, lora_backend, replay, arguments)
         for i, layer in enumerate(parts.layers)
     ]
-    if all(isinstance(probe, _PairedProbe) for probe in probes) and batch.input_ids.numel() <= PAIRED_MAX_TOKENS:
-        components.hold_blocks()
+    if _op_bound(batch, parts) and all(isinstance(probe, _PairedProbe) for probe in probes):
+        components.hold_blocks()  # their states are small; wide models' would not be
     with ExitStack() as stack:
         stack.enter_context(analysis_states(parts, source))
         if batch.adapter_names is not None:

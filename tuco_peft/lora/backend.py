@@ -21,6 +21,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple, TypeGuard, cast
 
 import torch
+import torch.nn.modules.module as torch_module
 from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 
@@ -194,11 +195,11 @@ class _PlainLora(NamedTuple):
         """``layer`` so read where that is exactly its forward on ``x``: a ``lora.Linear`` (not a subclass) over
         an ``nn.Linear``, its adapters on and unmerged, none a variant (DoRA), dropout that passes ``x``
         through, every dtype ``x``'s (PEFT would cast), and no hook or instance forward on the layers whose
-        calls it skips (the lean KV cache hooks ``lora_A``). None otherwise.
+        calls it skips (the lean KV cache hooks ``lora_A``), nor any global module hook. None otherwise.
 
         Read from the module dictionaries: ``nn.Module.__getattr__`` would cost more than the checks.
         """
-        if type(layer) is not LoraLinear or layer.disable_adapters or layer.merged_adapters:
+        if type(layer) is not LoraLinear or layer.disable_adapters or layer.merged_adapters or _global_hooks():
             return None
         base = layer._modules["base_layer"]
         if type(base) is not nn.Linear or not _plain_call(base, x):
@@ -246,8 +247,26 @@ class _PlainLora(NamedTuple):
 
 
 def _unobserved(module: nn.Module) -> bool:
-    """No forward hook, pre-hook or instance forward: calling the class's forward is calling the module."""
-    return not (module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__)
+    """No hook of its own (forward or backward) and no instance forward: calling the class's forward is calling
+    the module, where no global hook is set either (``_global_hooks``)."""
+    return not (
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or "forward" in module.__dict__
+    )
+
+
+def _global_hooks() -> bool:
+    """Whether hooks registered for every module are set (``torch.nn.modules.module.register_module_*_hook``:
+    module trackers, FLOP counters)."""
+    return bool(
+        torch_module._global_forward_hooks
+        or torch_module._global_forward_pre_hooks
+        or torch_module._global_backward_hooks
+        or torch_module._global_backward_pre_hooks
+    )
 
 
 def _plain_call(linear: nn.Linear, x: torch.Tensor) -> bool:
