@@ -65,16 +65,13 @@ class Components:
             return
         if len(held) != self.n_layers:  # a block skipped (or none ran)
             self._discontinuity(len(held))
-        if any(state.shape != held[0][0].shape for states in held for state in states):
-            self._discontinuity(next(i for i, states in enumerate(held) if states[0].shape != held[0][0].shape))
+        for index, states in enumerate(held):
+            if any(state.shape != held[0][0].shape for state in states):
+                self._discontinuity(index)
         stacked = torch.stack([state for states in held for state in states], dim=2)  # [b, seq, 3·blocks, ...]
         rows = (stacked.float() if self.every_position else self.batch.gather(stacked).float()).movedim(1, 2)
         x_rows, pretrained, out_rows = rows.unflatten(1, (len(held), 3)).unbind(2)  # [b, blocks, rows, ...]
-        ptc = pretrained - x_rows
-        ftc = (out_rows - x_rows) - ptc
-        if self.real is not None:
-            real = self.real[:, None]
-            ptc, ftc = ptc * real, ftc * real
+        ptc, ftc = self._components(x_rows, out_rows, pretrained - x_rows, blocks_axis=True)
         previous = torch.cat([x_rows[:, :1], out_rows[:, :-1]], dim=1)
         self.x0, self.xL = x_rows[:, 0], out_rows[:, -1]
         self._keep_all(ptc, ftc, previous, x_rows)
@@ -88,14 +85,22 @@ class Components:
         previous = self.xL
         if index != self.blocks_seen or (previous is not None and previous.shape != x_rows.shape):
             self._discontinuity(index)
-        ftc = (out_rows - x_rows) - ptc
-        if self.real is not None:
-            ptc, ftc = ptc * self.real, ftc * self.real
+        ptc, ftc = self._components(x_rows, out_rows, ptc)
         if previous is None:
             self.x0 = x_rows
         self.xL = out_rows
         self._keep(index, ptc, ftc, x_rows if previous is None else previous, x_rows)
         self.blocks_seen += 1
+
+    def _components(
+        self, x_rows: torch.Tensor, out_rows: torch.Tensor, ptc: torch.Tensor, blocks_axis: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """PTC and FTC of an update, zero at padding rows (``blocks_axis``: every block's, [b, n_layers, ...])."""
+        ftc = (out_rows - x_rows) - ptc
+        if self.real is None:
+            return ptc, ftc
+        real = self.real[:, None] if blocks_axis else self.real
+        return ptc * real, ftc * real
 
     def _keep(
         self, index: int, ptc: torch.Tensor, ftc: torch.Tensor, previous_out: torch.Tensor, x_rows: torch.Tensor

@@ -230,8 +230,8 @@ class _PlainLora(NamedTuple):
 
     def finetuned(self, x: torch.Tensor, base_output: torch.Tensor) -> torch.Tensor:
         result = base_output
-        for a, b, scaling in self.terms:
-            result = result + nn.Linear.forward(b, nn.Linear.forward(a, x)) * scaling
+        for term in self._terms(x):
+            result = result + term
         return result
 
     def stacked(self, x: torch.Tensor) -> torch.Tensor:
@@ -240,10 +240,15 @@ class _PlainLora(NamedTuple):
         small call). Differentiable: the base matmul does not keep its output for backward."""
         both = self.base(x)
         half = x.shape[0] // 2
-        finetuned, x_ft = both[half:], x[half:]
-        for a, b, scaling in self.terms:
-            finetuned += nn.Linear.forward(b, nn.Linear.forward(a, x_ft)) * scaling
+        finetuned = both[half:]
+        for term in self._terms(x[half:]):
+            finetuned += term
         return both
+
+    def _terms(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
+        """``B(A(x))·scaling`` of each active adapter, in PEFT's order."""
+        for a, b, scaling in self.terms:
+            yield nn.Linear.forward(b, nn.Linear.forward(a, x)) * scaling
 
 
 def _unobserved(module: nn.Module) -> bool:
