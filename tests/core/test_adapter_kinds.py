@@ -1,6 +1,7 @@
 """Every PEFT tuner that can be switched off has an exact TuCo: its pre-trained block is the block with the
-adapters off. Each kind against the two-model oracle (tests/helpers/oracle.py), for decompose and for cached
-steered generation against the two-model steering reference."""
+adapters off. Each kind against the two-model oracle (tests/helpers/oracle.py), for decompose by every one-pass
+strategy (the kinds of ``tuco_peft.lora.kinds``) and by the generic path (a kind it does not know), and for
+cached steered generation against the two-model steering reference."""
 
 import copy
 import importlib
@@ -13,8 +14,11 @@ from helpers.models import base_model, padded_batch
 from helpers.oracle import decoder_blocks, tuco_at_last, two_pass
 from helpers.steering import greedy_generate
 from helpers.steering_reference import steered_logits
+from helpers.strategies import STRATEGIES, force, record_strategies
 from peft import (
+    AdaLoraConfig,
     BOFTConfig,
+    FourierFTConfig,
     HRAConfig,
     IA3Config,
     LoHaConfig,
@@ -22,13 +26,14 @@ from peft import (
     LoraConfig,
     OFTConfig,
     RandLoraConfig,
+    VBLoRAConfig,
     VeraConfig,
     get_peft_model,
 )
 
 import tuco_peft
-from tuco_peft.core.pretrained_path import SharedProjectionBlock, SharedReadBlock
-from tuco_peft.lora.adapters import computes_base_output, is_additive_lora
+from tuco_peft.core.pretrained_path import ReplayBlock, SharedProjectionBlock, SharedReadBlock
+from tuco_peft.lora.adapters import has_pretrained_projection, is_additive_lora
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -46,6 +51,13 @@ KINDS = {
     "boft": lambda: BOFTConfig(boft_block_size=8, target_modules=["q_proj", "v_proj"], init_weights=False),
     "hra": lambda: HRAConfig(r=4, target_modules=ATTENTION + MLP, init_weights=False),
     "randlora": lambda: RandLoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"], init_weights=False),
+    "adalora": lambda: AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=ATTENTION + MLP,
+                                     init_lora_weights=False),
+}
+# Kinds tuco_peft.lora.kinds does not know: the generic path, with a warning naming them.
+UNREGISTERED = {
+    "fourierft": lambda: FourierFTConfig(n_frequency=32, target_modules=ATTENTION, init_weights=False),
+    "vblora": lambda: VBLoRAConfig(r=4, num_vectors=8, vector_length=8, target_modules=["q_proj", "up_proj"]),
 }
 
 
@@ -54,7 +66,7 @@ def tuner_pair(kind: str, attention: str | None = "eager"):
     base = base_model("llama", attention=attention, intermediate_size=128)
     pretrained = copy.deepcopy(base)
     torch.manual_seed(1)
-    model = get_peft_model(base, KINDS[kind]()).eval()
+    model = get_peft_model(base, {**KINDS, **UNREGISTERED}[kind]()).eval()
     with torch.no_grad():  # tuners whose random init is still the identity get trained-looking weights
         for name, parameter in model.named_parameters():
             if parameter.requires_grad:
@@ -62,8 +74,8 @@ def tuner_pair(kind: str, attention: str | None = "eager"):
     return pretrained, model
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_every_tuner_matches_the_oracle(kind):
+def decompose_against_the_oracle(kind: str) -> list:
+    """decompose and tuco of a tuner ``kind`` against the oracle; the warnings they gave."""
     pretrained, model = tuner_pair(kind)
     ids, mask = padded_batch()
     with torch.no_grad():
@@ -78,11 +90,30 @@ def test_every_tuner_matches_the_oracle(kind):
     assert (decomposition.ftc - ftc * real).abs().max() <= 1e-4 * scale
     assert (tuco - tuco_at_last(ptc, ftc, mask)).abs().max() < 1e-5
     assert ftc.abs().max() > 1e-3 * scale  # the adapter matters, so the checks above can fail
-    generic = any("decomposed exactly by switching them off" in str(w.message) for w in caught)
-    assert generic != kind.startswith("dora")  # DoRA is a LoRA variant: one pass, no warning
+    return [str(w.message) for w in caught]
 
 
-@pytest.mark.parametrize("kind", ["dora", "loha", "ia3", "oft"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_registered_tuner_runs_one_pass_and_matches_the_oracle(kind, strategy, monkeypatch):
+    force(monkeypatch, strategy)
+    chosen = record_strategies(monkeypatch)
+    messages = decompose_against_the_oracle(kind)
+    assert chosen and set(chosen) == {STRATEGIES[strategy]}
+    assert not [m for m in messages if "no one-pass rule" in m]
+
+
+@pytest.mark.parametrize("kind", UNREGISTERED)
+def test_a_tuner_of_no_registered_kind_takes_the_generic_path_with_a_warning(kind, monkeypatch):
+    force(monkeypatch, "separate reads")
+    chosen = record_strategies(monkeypatch)
+    messages = decompose_against_the_oracle(kind)
+    assert set(chosen) == {ReplayBlock}
+    layer_class = {"fourierft": "FourierFTLinear", "vblora": "vblora.layer.Linear"}[kind]
+    assert [m for m in messages if "no one-pass rule" in m and layer_class in m]
+
+
+@pytest.mark.parametrize("kind", ["dora", "loha", "ia3", "oft", "adalora"])
 def test_every_tuner_is_differentiable(kind):
     """With grad mode on, TuCo's gradient flows to the adapter's own weights."""
     _, model = tuner_pair(kind)
@@ -92,7 +123,7 @@ def test_every_tuner_is_differentiable(kind):
     assert grads and all(g is not None for g in grads) and any(g.abs().max() > 0 for g in grads)
 
 
-@pytest.mark.parametrize("kind", ["dora", "dora-on-mlp", "loha", "ia3", "oft", "vera"])
+@pytest.mark.parametrize("kind", ["dora", "dora-on-mlp", "loha", "ia3", "oft", "vera", "adalora", "fourierft"])
 def test_cached_steered_generation_with_every_tuner(kind):
     """With the default attention (sdpa) and one unpadded prompt, as users generate."""
     pretrained, model = tuner_pair(kind, attention=None)
@@ -140,7 +171,7 @@ def test_dora_is_not_taken_for_a_plain_lora_linear():
     projection (captured), but no lean cache slot and no fused kernel."""
     _, model = tuner_pair("dora")
     q_proj = model.get_base_model().model.layers[0].self_attn.q_proj
-    assert not is_additive_lora(q_proj) and computes_base_output(q_proj)
+    assert not is_additive_lora(q_proj) and has_pretrained_projection(q_proj)
     model.base_model.model.model.layers[0].self_attn.q_proj.use_dora["default"] = False
     q_proj.lora_variant.pop("default")
     assert is_additive_lora(q_proj)

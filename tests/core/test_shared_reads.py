@@ -3,42 +3,15 @@ on narrow models, run each block paired (``core.paired.PairedBlock``); large one
 block (``SharedProjectionBlock``): each against the two-model oracle, family by family, with gradients and LoRA
 dropout, and with hooks that see what they would see without tuco-peft."""
 
-import importlib
-
 import pytest
 import torch
 from helpers.assertions import assert_close, assert_components_close
 from helpers.models import FAMILIES, base_model, lora_model, model_pair, padded_batch
 from helpers.oracle import decoder_blocks, two_pass
+from helpers.strategies import PAIRED, STRATEGIES, force, record_strategies
 
 import tuco_peft
 from tuco_peft.core.pretrained_path import SharedProjectionBlock, SharedReadBlock
-
-decompose_module = importlib.import_module("tuco_peft.core.decompose")
-PAIRED = "paired"
-STRATEGIES = {"shared reads": SharedReadBlock, "separate reads": SharedProjectionBlock, PAIRED: PAIRED}
-
-
-def force(monkeypatch, strategy: str) -> None:
-    """Whatever the batch and the model's width."""
-    paired = strategy == PAIRED
-    monkeypatch.setattr(decompose_module, "PAIRED_MAX_TOKENS", 10**9 if paired else 0)
-    monkeypatch.setattr(decompose_module, "SHARED_READS_MAX_TOKENS", 10**9 if strategy == "shared reads" else 0)
-    monkeypatch.setattr(decompose_module, "SHARED_READS_MIN_WIDTH", 10**9 if paired else 0)
-
-
-def record_strategies(monkeypatch) -> list:
-    """The strategy each block of each later call takes: its pre-trained path's class, or ``PAIRED``."""
-    chosen = []
-    probe = decompose_module._probe
-
-    def spy(*args, **kwargs):
-        made = probe(*args, **kwargs)
-        chosen.append(PAIRED if isinstance(made, decompose_module._PairedProbe) else type(made.path))
-        return made
-
-    monkeypatch.setattr(decompose_module, "_probe", spy)
-    return chosen
 
 
 @pytest.fixture(params=list(STRATEGIES))

@@ -24,8 +24,9 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from ..families import attention_implementation, spec_for
-from ..lora.adapters import adapters_disabled, is_additive_lora
+from ..lora.adapters import adapters_disabled
 from ..lora.backend import LoraLinearBackend, TorchBackend
+from ..lora.kinds import AdapterKind, adapter_kind
 from ..model.block_args import find_cache, hidden_states, replace_output, with_cache
 from ..model.interception import CacheView, any_forward_replaced, module_hooked, replaced_forwards, submodules
 from ..model.inventory import outermost_switchable
@@ -98,7 +99,7 @@ class PairedBlock:
         shared = SharedProjectionBlock.supports(layer, spec)
         shared_input = [getattr(attention, name) for name in spec.projections] if shared else []
         self.switchable = [
-            _Switchable(module, submodules(module), any(module is m for m in shared_input), is_additive_lora(module))
+            _Switchable(module, submodules(module), any(module is m for m in shared_input), adapter_kind(module))
             for module in outermost_switchable(layer)
         ]
 
@@ -135,7 +136,7 @@ class PairedBlock:
             # A fused kernel never calls the inner layers, so one that something observes (the lean KV
             # cache records lora_A's output) keeps the torch path (which checks the layers it skips itself).
             observed = backend.fuses(switchable.module) and any(module_hooked(m) for m in switchable.inner)
-            forward = _paired_forward(switchable, self._torch_backend if observed else backend)
+            forward = _paired_forward(switchable, self._torch_backend if observed else backend, self._torch_backend)
             replacements.append((switchable.module, forward))
         with replaced_forwards(replacements):
             yield
@@ -168,19 +169,25 @@ class _Switchable(NamedTuple):
     module: nn.Module
     inner: list[nn.Module]  # the modules inside it, whose hooks are looked at on every call
     shared_input: bool  # a q/k/v projection: both halves of its input are the same normed x
-    additive: bool  # a LoRA linear whose adapters add a plain low-rank term (``is_additive_lora``)
+    kind: AdapterKind | None  # its kind, where it is a tuner layer of a registered kind (``lora.kinds``)
 
 
-def _paired_forward(switchable: _Switchable, backend: LoraLinearBackend) -> Callable[..., torch.Tensor]:
-    """The module's forward on the stacked batch, its LoRA linears computed by ``backend``."""
-    module = switchable.module
+def _paired_forward(
+    switchable: _Switchable, backend: LoraLinearBackend, torch_backend: TorchBackend
+) -> Callable[..., torch.Tensor]:
+    """The module's forward on the stacked batch, its LoRA linears computed by ``backend``: a q/k/v projection
+    whose forward computes its base output first gives both halves from one call of that forward."""
+    module, kind = switchable.module, switchable.kind
 
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         half = x.shape[0] // 2
-        if switchable.additive and not args and not kwargs:
-            if switchable.shared_input:
-                return torch.cat(backend.dual(x[half:], module))
-            return backend.stacked(x, module)
+        if kind is not None and not args and not kwargs:
+            if kind.low_rank:
+                if switchable.shared_input:
+                    return torch.cat(backend.dual(x[half:], module))
+                return backend.stacked(x, module)
+            if switchable.shared_input and kind.captured:  # the fused kernels compute plain LoRA only
+                return torch.cat(torch_backend.dual(x[half:], module))
         with adapters_disabled(module.modules()):  # with the tuner layers nested in it (mixed models)
             pretrained = type(module).forward(module, x[:half], *args, **kwargs)
         return torch.cat([pretrained, type(module).forward(module, x[half:], *args, **kwargs)])

@@ -5,8 +5,9 @@ everything after attention is position-wise. Three strategies, chosen per block:
 
 - ``SharedProjectionBlock`` (adapter fine-tunes of a registered family, ``tuco_peft.families``). The
   pre-trained q/k/v are the *base* projections of the same (normed) hidden states, which every LoRA linear
-  computes before adding its low-rank delta: captured during the fine-tuned forward, for free. The rest of
-  the block runs on the requested rows only, wired as the family's spec says.
+  computes before adding its low-rank delta: captured during the fine-tuned forward, for free (a tuner that
+  changes its input or weight first, such as OFT, costs one more call of that projection, ``lora.kinds``).
+  The rest of the block runs on the requested rows only, wired as the family's spec says.
 - ``OwnProjectionBlock`` (a separate pre-trained model of a registered family): the pre-trained block
   computes its own keys/values at every position and everything else on the requested rows only.
 - ``SharedReadBlock`` (the same, on small batches): the pre-trained rows ride along in the fine-tuned
@@ -41,7 +42,7 @@ from ..families import (
     attention_implementation,
     spec_for,
 )
-from ..lora.adapters import adapters_disabled, computes_base_output, is_additive_lora, pretrained_projection
+from ..lora.adapters import adapters_disabled, has_pretrained_projection, is_additive_lora, pretrained_projection
 from ..lora.backend import LoraLinearBackend
 from ..model.attention import RotaryTables, attend_rows
 from ..model.block_args import hidden_states
@@ -191,8 +192,8 @@ class SharedProjectionBlock(_RowwiseBlock):
     @staticmethod
     def supports(layer: nn.Module, spec: FamilySpec) -> bool:
         """The family allows it, the layer has its parts, the parts shared by every position (the attention
-        norm, q/k norms) carry no adapter of their own, and each q/k/v projection computes its base output
-        (a LoRA linear of any variant, DoRA included) or has no adapter."""
+        norm, q/k norms) carry no adapter of their own, and each q/k/v projection has no adapter or one of a
+        registered kind (``lora.kinds``: LoRA of any variant, DoRA included, LoHa, IA3, OFT, ...)."""
         if not spec.shared_projections or not has_parts(layer, spec):
             return False
         attention = getattr(layer, spec.attention)
@@ -202,7 +203,7 @@ class SharedProjectionBlock(_RowwiseBlock):
         if any(is_switchable(m) for part in shared for m in part.modules()):
             return False
         projections = [getattr(attention, name) for name in spec.projections]
-        return all(computes_base_output(p) or not is_switchable(p) for p in projections)
+        return all(has_pretrained_projection(p) or not is_switchable(p) for p in projections)
 
     @contextmanager
     def capturing(self, backend: LoraLinearBackend, batch: Batch) -> Iterator[None]:

@@ -2,11 +2,11 @@
 
 The pre-trained block of an adapter fine-tune is the same block with its adapters off, which PEFT defines
 for every tuner (LoRA and its variants such as DoRA, IA3, LoHa, LoKr, VeRA, OFT, BOFT, ...), so every tuner
-is decomposed exactly. The one-pass shortcuts need more than "off". Capturing the pre-trained q/k/v during
-the fine-tuned forward needs a forward that computes the base output on its input first
-(``computes_base_output``: PEFT's LoRA linears, DoRA and the other LoRA variants included). The lean KV
-cache and the fused kernels need that output plus a plain low-rank term (``is_additive_lora``: no LoRA
-variant). A block with another tuner on its q/k/v projections is replayed with its adapters off instead.
+is decomposed exactly. The one-pass shortcuts need more than "off", which each tuner layer's kind says
+(``tuco_peft.lora.kinds``): where its pre-trained projection is found in the fine-tuned forward
+(``has_pretrained_projection``), and whether its delta is a plain low-rank term (``is_additive_lora``: the
+lean KV cache and the fused kernels). A block with an unregistered tuner on its q/k/v projections is
+replayed with its adapters off instead.
 
 PEFT's ``disable_adapter()`` is avoided on purpose: it flips ``requires_grad`` (peft#3447) and unmerges
 merged weights in place. Here only the per-module ``_disable_adapters`` flag is toggled, and it is put
@@ -18,8 +18,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from functools import cache
-from typing import TYPE_CHECKING, Any, TypeGuard, cast
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -29,52 +28,28 @@ from torch import nn
 from ..errors import InputError, UnsupportedModelError
 from ..model.interception import forward_replaced, hooked, replaced_forwards
 from ..model.inventory import ModuleInventory, is_switchable
+from .kinds import adapter_kind, holds_tuner_layer
 
 if TYPE_CHECKING:
-    from ..model.inventory import LoraModule
-
-# LoRA layers whose forward is ``base_layer(x) + Σ scaling·B(A(dropout(x)))``: the base output of these is
-# exactly the pre-trained projection, so it can be captured during the fine-tuned forward.
-_ADDITIVE_LORA_TYPES = frozenset({"Linear", "Linear4bit", "Linear8bitLt"})
+    from ..model.inventory import LoraModule, TunerModule
 
 
-def computes_base_output(module: nn.Module) -> TypeGuard[LoraModule]:
-    """A PEFT LoRA linear, of any LoRA variant (DoRA, ...): its forward calls its base layer on the very input
-    first and changes only that call's result, so the base layer's output is the pre-trained projection. Not
-    one with another tuner layer beneath it (a mixed model's), whose base output has adapters of its own."""
-    if not _additive_lora_class(type(module)):  # type: ignore[arg-type]  # mypy#11470: classes are Hashable
-        return False
-    lora_layer = cast("LoraModule", module)  # its class is a LoraLayer, as _additive_lora_class checked
-    return "base_layer" not in lora_layer.base_layer._modules
+def has_pretrained_projection(module: nn.Module) -> TypeGuard[TunerModule]:
+    """A tuner layer of a registered kind, whose pre-trained projection the fine-tuned forward computes or
+    one more call of the layer gives (``kinds.BaseOutput``); not one with another tuner layer beneath it."""
+    return adapter_kind(module) is not None
 
 
 def is_additive_lora(module: nn.Module) -> TypeGuard[LoraModule]:
     """A PEFT LoRA linear whose active adapters all add a plain low-rank term to the pre-trained projection: no
-    DoRA or other LoRA variant (they rescale or reshape it), no other tuner layer beneath it (a mixed model's).
-
-    Asked per module on every call (and per linear call by the fused backend): the class part is decided once
-    per class, the instance part reads plain attributes."""
-    if not computes_base_output(module):
-        return False
-    variants, dora = module.lora_variant, module.use_dora
-    if not variants and not any(dora.values()):
-        return True
-    return not any(a in variants or dora.get(a, False) for a in module.active_adapters)
-
-
-@cache
-def _additive_lora_class(cls: type) -> bool:
-    """PEFT's LoRA linears (``isinstance`` against PEFT's abstract classes is slow, hence once per class)."""
-    return (
-        issubclass(cls, LoraLayer)
-        and cls.__module__.startswith("peft.tuners.lora")
-        and cls.__name__ in _ADDITIVE_LORA_TYPES
-    )
+    DoRA or other LoRA variant (they rescale or reshape it), no other tuner layer beneath it (a mixed model's)."""
+    kind = adapter_kind(module)
+    return kind is not None and kind.low_rank
 
 
 def pretrained_projection(module: nn.Module) -> nn.Module:
-    """The module whose output is the pre-trained projection: a LoRA layer's base layer, or the layer itself."""
-    return module.get_base_layer() if computes_base_output(module) else module
+    """The module that computes the pre-trained projection: a tuner layer's base layer, or the layer itself."""
+    return module.get_base_layer() if has_pretrained_projection(module) else module
 
 
 def check_adapters(modules: ModuleInventory) -> None:
@@ -102,18 +77,18 @@ def check_adapters(modules: ModuleInventory) -> None:
 
 
 def _warn_of_generic_layers(modules: ModuleInventory) -> None:
-    """One warning per kind of adapter layer that is not a plain LoRA linear."""
+    """One warning per class of tuner layer in a block that has no registered kind (``kinds``)."""
+    in_blocks = {id(module) for block in modules.switchable for module in block}
     kinds: dict[str, str] = {}
-    for name, module in modules.other_adapters:
-        kinds.setdefault(f"{type(module).__module__}.{type(module).__name__}", name)
-    for name, module in modules.lora_layers:
-        if _additive_lora_class(type(module)) and not computes_base_output(module):
-            kinds.setdefault("LoRA with a tuner layer beneath it", name)
+    for name, module in modules.lora_layers + modules.other_adapters:
+        if id(module) in in_blocks and adapter_kind(module) is None:
+            over = " layers over another tuner layer" if holds_tuner_layer(module) else " layers"
+            kinds.setdefault(f"{type(module).__module__}.{type(module).__name__}{over}", name)
     for kind, name in kinds.items():
         warnings.warn(
-            f"{kind} adapter layers (e.g. {name}) are decomposed exactly by switching them off; a block with one "
-            "on a q/k/v projection runs its pre-trained path as a second pass through the block (the generic "
-            "path), and its KV cache slots under ftc_scale stay full.",
+            f"{kind} (e.g. {name}) have no one-pass rule (tuco_peft.lora.kinds): they are decomposed exactly by "
+            "switching them off; a block with one on a q/k/v projection runs its pre-trained path as a second "
+            "pass through the block (the generic path), and its KV cache slots under ftc_scale stay full.",
             stacklevel=3,
         )
 
@@ -122,14 +97,20 @@ def _warn_of_generic_layers(modules: ModuleInventory) -> None:
 def adapters_disabled(modules: Iterable[nn.Module]) -> Iterator[None]:
     """Run the pre-trained path of ``modules``: their adapters off, restored exactly afterwards.
 
-    A LoRA linear with its adapters off computes ``base_layer(x)``, and meanwhile calls exactly that: its
-    instance forward is its base layer's call (hooks on either still run), without PEFT's per-call Python,
-    which costs several times a small projection. Not where something else replaced its forward already.
+    A tuner layer whose forward, adapters off, is exactly its base layer's call (``AdapterKind.off_is_base_call``)
+    meanwhile calls exactly that: its instance forward is its base layer's call (hooks on either still run),
+    without PEFT's per-call Python, which costs several times a small projection. Not where something else
+    replaced its forward already.
     """
     switched = [m for m in modules if is_switchable(m)]
-    base_calls = [(m, m.base_layer.__call__) for m in switched if computes_base_output(m) and not forward_replaced(m)]
+    base_calls = [(m, m.get_base_layer().__call__) for m in switched if _off_is_base_call(m) and not forward_replaced(m)]
     with _instance_values(switched, "_disable_adapters", True), replaced_forwards(base_calls):  # flags undone last
         yield
+
+
+def _off_is_base_call(module: nn.Module) -> TypeGuard[TunerModule]:
+    kind = adapter_kind(module)
+    return kind is not None and kind.off_is_base_call
 
 
 @contextmanager

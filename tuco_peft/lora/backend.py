@@ -27,7 +27,8 @@ from torch import nn
 
 from ..errors import InputError, UnsupportedModelError
 from ..model.interception import forward_replaced, hooked, module_hooked, replaced_forward
-from .adapters import is_additive_lora, pretrained_projection
+from .adapters import adapters_disabled, is_additive_lora, pretrained_projection
+from .kinds import adapter_kind
 
 if TYPE_CHECKING:
     from ..model.inventory import LoraModule
@@ -108,7 +109,8 @@ class LoraLinearBackend(ABC):
 
     @abstractmethod
     def dual(self, x: torch.Tensor, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(layer.base_layer(x), layer(x))``."""
+        """``(layer.base_layer(x), layer(x))``: ``layer`` a plain LoRA linear, or on the torch backend any tuner
+        layer whose forward computes its base output first (``kinds.BaseOutput.CAPTURED``)."""
 
     @abstractmethod
     def two_stream(self, x_pt: torch.Tensor, x_ft: torch.Tensor, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,18 +134,22 @@ class LoraLinearBackend(ABC):
 
         A layer this backend ``fuses`` computes its base and fine-tuned outputs with ``dual`` and returns the
         fine-tuned one. Every other layer (plain layers, and all of them on the torch backend) reports through
-        a forward hook on its pre-trained projection. ``copied``: report copies, for forwards that add their
-        adapters into the base output in place (PEFT's, on a batch that mixes adapters).
+        a forward hook on the module that computes its pre-trained projection, or, for a tuner layer whose
+        forward does not call its base layer on its own input (``kinds.BaseOutput.RECOMPUTED``), by one more
+        call of that layer with its adapters off. ``copied``: report copies, for forwards that add their
+        adapters into the base output in place (PEFT's, on a batch that mixes adapters; AdaLoRA's always).
         """
-        layers = list(layers)
-        fused = [m for m in layers if self.fuses(m)]
-        observed = [pretrained_projection(m) for m in layers if not any(m is f for f in fused)]
         with ExitStack() as stack:
-            for projection in observed:
-                report = (lambda m, args, y: on_base_output(m, args, y.clone())) if copied else on_base_output
-                stack.enter_context(hooked(projection, after=report))
-            for layer in fused:
-                stack.enter_context(replaced_forward(layer, self._fused_forward(layer, on_base_output, copied)))
+            for layer in layers:
+                kind = adapter_kind(layer)
+                if self.fuses(layer):
+                    stack.enter_context(replaced_forward(layer, self._fused_forward(layer, on_base_output, copied)))
+                elif kind is not None and not kind.captured:
+                    stack.enter_context(hooked(layer, after=_reporting_off_forward(layer, on_base_output)))
+                else:
+                    copy = copied or (kind is not None and kind.adds_in_place)
+                    report = (lambda m, args, y: on_base_output(m, args, y.clone())) if copy else on_base_output
+                    stack.enter_context(hooked(pretrained_projection(layer), after=report))
             yield
 
     def _fused_forward(
@@ -159,6 +165,17 @@ class LoraLinearBackend(ABC):
             return y_ft
 
         return forward
+
+
+def _reporting_off_forward(layer: nn.Module, on_base_output: BaseOutputSink) -> Callable[..., None]:
+    """A forward hook of ``layer`` that reports its output with its adapters off, on the same inputs."""
+    base_layer = pretrained_projection(layer)
+
+    def report(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        with adapters_disabled((layer,)):
+            on_base_output(base_layer, args, type(layer).forward(layer, *args))
+
+    return report
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -292,11 +309,14 @@ class TorchBackend(LoraLinearBackend):
         if plain is not None:
             base_output = plain.base(x)
             return base_output, plain.finetuned(x, base_output)
-        layer = cast("LoraModule", layer)  # a PEFT LoRA linear, as every layer a backend computes
+        layer = cast("LoraModule", layer)  # a tuner layer whose forward computes its base output first
+        kind = adapter_kind(layer)
+        in_place = kind is not None and kind.adds_in_place  # its forward would change the returned base output
         if not _base_layer_callable_once(layer):
-            return _capture_base_output(layer, lambda: type(layer).forward(layer, x))
+            return _capture_base_output(layer, lambda: type(layer).forward(layer, x), copied=in_place)
         base_output = layer.base_layer(x)
-        return base_output, _peft_forward_given_base_output(layer, x, base_output)
+        given = base_output.clone() if in_place else base_output
+        return base_output, _peft_forward_given_base_output(layer, x, given)
 
     def two_stream(self, x_pt: torch.Tensor, x_ft: torch.Tensor, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """One call of the base layer on the rows of both streams stacked."""
