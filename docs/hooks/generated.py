@@ -6,6 +6,7 @@ A line ``<!-- generated: NAME -->`` alone in a page is replaced by the markdown 
   ``tuco_peft.cli.build_parser`` builds (what ``tuco-peft COMMAND --help`` prints);
 - ``families``: the decoder families of ``tuco_peft.families`` (``registered_families()``: each family as its
   module registered it, and the ``FamilySpec`` it gives for transformers' default config of that type);
+- ``support``: the README's table of families by adapter kinds (``tuco_peft.apps.support``);
 - ``error-messages``: every message tuco-peft builds a ``TuCoError``, ``InputError`` or
   ``UnsupportedModelError`` with, read from the source (placeholders shown as …).
 
@@ -244,4 +245,10 @@ def error_messages() -> str:
     return "\n".join(lines)
 
 
-GENERATORS = {"cli": cli_reference, "families": families, "error-messages": error_messages}
+def support() -> str:
+    from tuco_peft.apps.support import support_table
+
+    return support_table()
+
+
+GENERATORS = {"cli": cli_reference, "families": families, "support": support, "error-messages": error_messages}
