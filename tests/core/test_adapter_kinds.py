@@ -30,9 +30,11 @@ from peft import (
     VeraConfig,
     get_peft_model,
 )
+from peft.tuners.lora.config import BdLoraConfig
 
 import tuco_peft
 from tuco_peft.core.pretrained_path import ReplayBlock, SharedProjectionBlock, SharedReadBlock
+from tuco_peft.errors import UnsupportedModelError
 from tuco_peft.lora.adapters import has_pretrained_projection, is_additive_lora
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -51,6 +53,9 @@ KINDS = {
     "boft": lambda: BOFTConfig(boft_block_size=8, target_modules=["q_proj", "v_proj"], init_weights=False),
     "hra": lambda: HRAConfig(r=4, target_modules=ATTENTION + MLP, init_weights=False),
     "randlora": lambda: RandLoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"], init_weights=False),
+    # a LoRA variant that adds into its base output in place
+    "bdlora": lambda: LoraConfig(r=4, target_modules=ATTENTION, init_lora_weights=False, use_bdlora=BdLoraConfig(
+        target_modules_bd_a=["q_proj", "k_proj", "v_proj"], target_modules_bd_b=["o_proj"], nblocks=2)),
     "adalora": lambda: AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=ATTENTION + MLP,
                                      init_lora_weights=False),
 }
@@ -198,3 +203,11 @@ def test_a_mixed_model_of_lora_and_loha():
     reference = steered_logits(model.base_model.model, pretrained, steered.sequences, full_mask, [1.5] * 3)
     torch.testing.assert_close(torch.stack(steered.logits, dim=1), reference[:, ids.shape[1] - 1 : -1], atol=1e-4,
                                rtol=1e-4)
+
+
+def test_a_batch_that_mixes_adalora_adapters_is_refused():
+    """PEFT's mixed batches pass ``adapter_names`` on, which AdaLoRA's forward hands to its base layer."""
+    _, model = tuner_pair("adalora")
+    ids, mask = padded_batch()
+    with pytest.raises(UnsupportedModelError, match="PEFT does not mix AdaLoRA adapters"):
+        tuco_peft.decompose(model, ids, mask, adapter_names=["default"] * len(ids))

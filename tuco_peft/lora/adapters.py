@@ -28,7 +28,7 @@ from torch import nn
 from ..errors import InputError, UnsupportedModelError
 from ..model.interception import forward_replaced, hooked, replaced_forwards
 from ..model.inventory import ModuleInventory, is_switchable
-from .kinds import adapter_kind, holds_tuner_layer
+from .kinds import ADALORA, adapter_kind, holds_tuner_layer
 
 if TYPE_CHECKING:
     from ..model.inventory import LoraModule, TunerModule
@@ -48,7 +48,9 @@ def is_additive_lora(module: nn.Module) -> TypeGuard[LoraModule]:
 
 
 def pretrained_projection(module: nn.Module) -> nn.Module:
-    """The module that computes the pre-trained projection: a tuner layer's base layer, or the layer itself."""
+    """A tuner layer's base layer, or the layer itself where it is none of a registered kind. The base layer's
+    output is the pre-trained projection where the kind's is captured; a recomputed one is reported under the
+    base layer too (``LoraLinearBackend.report_base_outputs``), though the forward calls it on another input."""
     return module.get_base_layer() if has_pretrained_projection(module) else module
 
 
@@ -172,6 +174,8 @@ def why_not_mixable(modules: ModuleInventory, names: Iterable[str]) -> str | Non
     for name, module in modules.lora_layers:
         if type(module).__name__ == "ParamWrapper":
             return f"PEFT does not mix adapters on target_parameters, as on {name}"
+        if adapter_kind(module) is ADALORA:
+            return f"PEFT does not mix AdaLoRA adapters, as on {name}"
         dora = sorted(adapter for adapter in wanted if module.use_dora.get(adapter, False))
         if dora:
             return f"PEFT does not mix DoRA adapters, and {dora[0]!r} is DoRA on {name}"

@@ -145,7 +145,8 @@ class LoraLinearBackend(ABC):
                 if self.fuses(layer):
                     stack.enter_context(replaced_forward(layer, self._fused_forward(layer, on_base_output, copied)))
                 elif kind is not None and not kind.captured:
-                    stack.enter_context(hooked(layer, after=_reporting_off_forward(layer, on_base_output)))
+                    reporting = _reporting_off_forward(layer, on_base_output)
+                    stack.enter_context(hooked(layer, after=reporting, with_kwargs=True))
                 else:
                     copy = copied or (kind is not None and kind.adds_in_place)
                     report = (lambda m, args, y: on_base_output(m, args, y.clone())) if copy else on_base_output
@@ -171,9 +172,9 @@ def _reporting_off_forward(layer: nn.Module, on_base_output: BaseOutputSink) -> 
     """A forward hook of ``layer`` that reports its output with its adapters off, on the same inputs."""
     base_layer = pretrained_projection(layer)
 
-    def report(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+    def report(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: torch.Tensor) -> None:
         with adapters_disabled((layer,)):
-            on_base_output(base_layer, args, type(layer).forward(layer, *args))
+            on_base_output(base_layer, args, type(layer).forward(layer, *args, **kwargs))
 
     return report
 

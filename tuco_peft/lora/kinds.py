@@ -9,7 +9,8 @@ layer alone: that is the pre-trained projection. The one-pass paths need to know
   read as it passes. *Recomputed*: the forward changes the input or the weight before the base layer sees it
   (IA3 on feed-forward layers, OFT, BOFT, HRA); the pre-trained projection is one more call of that one layer
   with its adapters off, not a second pass through the block;
-- whether the forward adds into the base output in place (AdaLoRA), so that what is captured must be a copy;
+- whether the forward adds into the base output in place (AdaLoRA, some LoRA variants), so that what is
+  captured must be a copy;
 - whether its adapters add a plain low-rank term ``Σ scaling·B(A(x))`` (LoRA without a variant): the lean
   KV cache, the fused kernels and the two-stream linear need that form;
 - whether, adapters off, its forward is exactly its base layer's call (no cast after it), so that the call
@@ -57,10 +58,13 @@ class AdapterKind:
 
 
 LORA = AdapterKind("LoRA", BaseOutput.CAPTURED, low_rank=True, off_is_base_call=True)
-LORA_VARIANT = AdapterKind("LoRA variant (DoRA, aLoRA, ...)", BaseOutput.CAPTURED, off_is_base_call=True)
+# Some variants add into the base output in place (BD-LoRA; aLoRA at its invocation tokens).
+LORA_VARIANT = AdapterKind(
+    "LoRA variant (DoRA, aLoRA, ...)", BaseOutput.CAPTURED, adds_in_place=True, off_is_base_call=True
+)
 ADALORA = AdapterKind("AdaLoRA", BaseOutput.CAPTURED, adds_in_place=True, off_is_base_call=True)
 IA3 = AdapterKind("IA3", BaseOutput.CAPTURED, off_is_base_call=True)
-IA3_FEEDFORWARD = AdapterKind("IA3 on a feed-forward layer", BaseOutput.RECOMPUTED)
+IA3_FEEDFORWARD = AdapterKind("IA3 on a feed-forward layer", BaseOutput.RECOMPUTED, off_is_base_call=True)
 LOHA = AdapterKind("LoHa", BaseOutput.CAPTURED)
 LOKR = AdapterKind("LoKr", BaseOutput.CAPTURED)
 VERA = AdapterKind("VeRA", BaseOutput.CAPTURED)
