@@ -1,7 +1,9 @@
 """Mixture-of-experts decoders (Mixtral, Qwen3-MoE, OLMoE): exact against the two-model references.
 
-No MoE family is registered, so each block's pre-trained path is the generic replay (the block run again
-with its adapters off, router included). Adapters on the attention projections, and through PEFT's
+No MoE family is registered: their blocks have Llama's parts with a mixture of experts for an MLP, which acts
+on each position alone, so each block's one-pass path is read from its parts and proved against the generic
+replay on the first batch (``families.derive_spec``), then trusted: at the analysed rows, the pre-trained MoE
+layer is the router and experts with their adapters off. Adapters on the attention projections, and through PEFT's
 ``target_parameters`` on the router's weight and the experts' fused 3-D weights (transformers 5 stores the
 experts of a block as one parameter each; PEFT 0.18 cannot wrap the router module itself).
 """
@@ -20,7 +22,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import tuco_peft
-from tuco_peft.core.pretrained_path import ReplayBlock, pretrained_path
+from tuco_peft.core.pretrained_path import ProvedBlock, pretrained_path
 from tuco_peft.model.parts import model_parts
 from tuco_peft.steering.forward import ftc_scale
 
@@ -55,11 +57,14 @@ def _moe_pair(model_type: str, adapters: str):
 @pytest.mark.parametrize("model_type", _FAMILIES)
 def test_every_block_matches_the_two_model_oracle(model_type, adapters):
     pretrained, model = _moe_pair(model_type, adapters)
-    assert type(pretrained_path(model_parts(model).layers[0], model.config)) is ReplayBlock
+    assert type(pretrained_path(model_parts(model).layers[0], model.config)) is ProvedBlock
     ids, mask = padded_batch()
     with torch.no_grad():
+        tuco_peft.decompose(model, ids, mask, positions="all")  # proves each block's one-pass path
         ours = tuco_peft.decompose(model, ids, mask, positions="all")
         ptc, ftc, x0, xL = two_pass(model, decoder_blocks(pretrained), ids, mask)
+    proved = [p for key, p in model_parts(model)._derived.items() if key[0] == "pretrained path"]
+    assert proved and all(isinstance(p, ProvedBlock) and not p.refuted for p in proved)
     real = mask.bool()[:, None, :, None]
     assert ftc[real.expand_as(ftc)].abs().max() > 1e-2  # the adapters change every batch's blocks
     torch.testing.assert_close(ours.ptc * real, ptc * real, atol=1e-5, rtol=1e-5)
@@ -74,7 +79,8 @@ def test_tuco_of_one_unpadded_prompt_is_the_oracles(model_type):
     ids, mask = padded_batch(lengths=(11,))
     with torch.no_grad():
         ptc, ftc, _, _ = two_pass(model, decoder_blocks(pretrained), ids, mask)
-        torch.testing.assert_close(tuco_peft.tuco(model, ids), tuco_at_last(ptc, ftc, mask), atol=1e-6, rtol=1e-5)
+        for _ in range(2):  # the proof, then the one-pass path
+            torch.testing.assert_close(tuco_peft.tuco(model, ids), tuco_at_last(ptc, ftc, mask), atol=1e-6, rtol=1e-5)
 
 
 def test_steered_generation_with_cache_equals_the_reference_without():

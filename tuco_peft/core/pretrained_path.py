@@ -24,8 +24,10 @@ from disk.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from functools import partial
 from typing import Any, ClassVar
 
 import torch
@@ -40,6 +42,7 @@ from ..families import (
     Wiring,
     attention_heads,
     attention_implementation,
+    derive_spec,
     spec_for,
 )
 from ..lora.adapters import adapters_disabled, has_pretrained_projection, is_additive_lora, pretrained_projection
@@ -375,7 +378,85 @@ class OwnProjectionBlock(_RowwiseBlock):
         return query, projections[1](normed), projections[2](normed)
 
 
-PretrainedPath = ReplayBlock | SharedProjectionBlock | SharedReadBlock | OwnProjectionBlock
+_REFUTED_MODEL_TYPES: set[str] = set()  # those warned of
+
+
+class ProvedBlock:
+    """The one-pass path of a spec read from the block's parts (``families.derive_spec``), trusted once it gave
+    the generic path's update on a batch; until then, and for good where it did not, the block is replayed.
+
+    Proved again on a later batch longer than the block's sliding window, where the first did not reach it.
+    A failed proof warns once per model type and process, naming what differed.
+    """
+
+    def __init__(self, candidate: SharedProjectionBlock | OwnProjectionBlock, model_type: str):
+        self.candidate = candidate
+        self.model_type = model_type
+        self.replay = ReplayBlock()
+        self.proved_length = 0  # the longest batch the candidate matched the replay on
+        self.refuted = False
+
+    needs_pretrained_block = True  # the candidate and the replay both run the pre-trained block
+
+    def _on_trial(self, length: int) -> bool:
+        if self.refuted:
+            return False
+        window = self.candidate.sliding_window
+        return self.proved_length == 0 or (window is not None and length > max(window, self.proved_length))
+
+    def capturing(self, backend: LoraLinearBackend, batch: Batch) -> AbstractContextManager[None]:
+        return nullcontext() if self.refuted else self.candidate.capturing(backend, batch)
+
+    def pretrained_update(
+        self, pretrained: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict[str, Any], batch: Batch
+    ) -> torch.Tensor:
+        if self.refuted:
+            return self.replay.pretrained_update(pretrained, x, args, kwargs, batch)
+        if not self._on_trial(x.shape[1]):
+            return self.candidate.pretrained_update(pretrained, x, args, kwargs, batch)
+        exact = self.replay.pretrained_update(pretrained, x, args, kwargs, batch)
+        real = None if batch.unpadded else batch.row_is_real
+        candidate = partial(self.candidate.pretrained_update, pretrained, x, args, kwargs, batch)
+        reason = self._difference(exact, candidate, real)
+        if reason is None:
+            self.proved_length = x.shape[1]
+            return exact
+        self.refuted = True
+        if self.model_type not in _REFUTED_MODEL_TYPES:
+            _REFUTED_MODEL_TYPES.add(self.model_type)
+            warnings.warn(
+                f"tuco-peft read the layout of the {self.model_type!r} blocks from their parts, but a block's "
+                f"one-pass path did not give the generic path's update ({reason}): such blocks run the generic "
+                "path (exact; a second pass through the block). Registering the family's spec "
+                "(tuco_peft.families.register) gives them the one-pass path.",
+                stacklevel=2,
+            )
+        return exact
+
+    @staticmethod
+    def _difference(
+        exact: torch.Tensor, candidate: Callable[[], torch.Tensor], real: torch.Tensor | None
+    ) -> str | None:
+        """Why the candidate's update is not the exact one at the ``real`` rows (all where None; a padding row's
+        update is no one's), to 1e-5 of its largest entry in fp32, 8 units of rounding in half precision; or
+        None where it is."""
+        try:
+            update = candidate()
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as error:
+            return f"it raised {type(error).__name__}: {error}"
+        if update.shape != exact.shape:
+            return f"its shape {tuple(update.shape)} is not {tuple(exact.shape)}"
+        if real is not None:
+            update, exact = update[real], exact[real]
+        half = update.dtype in (torch.float16, torch.bfloat16)
+        tolerance = 8 * torch.finfo(update.dtype).eps if half else 1e-5
+        with torch.no_grad():
+            scale = exact.abs().max().clamp_min(torch.finfo(torch.float32).tiny)
+            relative = ((update - exact).abs().max() / scale).item()
+        return None if relative <= tolerance else f"largest difference {relative:.2g} of its largest entry"
+
+
+PretrainedPath = ReplayBlock | SharedProjectionBlock | SharedReadBlock | OwnProjectionBlock | ProvedBlock
 
 
 def pretrained_path(
@@ -388,13 +469,28 @@ def pretrained_path(
 ) -> PretrainedPath:
     """The cheapest exact strategy for this block (``separate_model``: the pre-trained block is another model's;
     ``shared_reads``: the batch is small enough that weight reads, not arithmetic, bound the block)."""
-    spec = spec_for(layer, config)
-    if replay_only or spec is None:
+    if replay_only:
         return ReplayBlock()
+    spec = spec_for(layer, config)
+    if spec is None:
+        return _derived_path(layer, config, separate_model)
     if separate_model:
         return OwnProjectionBlock(layer, spec, config) if has_parts(layer, spec) else ReplayBlock()
     if shared_reads and SharedReadBlock.supports(layer, spec):
         return SharedReadBlock(layer, spec, config)
     if SharedProjectionBlock.supports(layer, spec):
         return SharedProjectionBlock(layer, spec, config)
+    return ReplayBlock()
+
+
+def _derived_path(layer: nn.Module, config: PretrainedConfig, separate_model: bool) -> ProvedBlock | ReplayBlock:
+    """A block of no registered family: the one-pass path of the spec its parts suggest, on probation."""
+    spec = derive_spec(layer, config)
+    if spec is None:
+        return ReplayBlock()
+    model_type = getattr(config, "model_type", "") or type(layer).__name__
+    if separate_model:
+        return ProvedBlock(OwnProjectionBlock(layer, spec, config), model_type)
+    if SharedProjectionBlock.supports(layer, spec):
+        return ProvedBlock(SharedProjectionBlock(layer, spec, config), model_type)
     return ReplayBlock()

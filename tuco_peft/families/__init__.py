@@ -1,6 +1,7 @@
 """Decoder families with a one-pass pre-trained path: one module per family registers its spec."""
 
 from . import gemma, gemma2, gemma3, gpt2, gpt_neox, llama, mistral, olmo2, phi3, qwen2, qwen3  # noqa: F401 (they register)
+from .derived import derive_spec
 from .registry import RegisteredFamily, register, registered_families, registered_model_types, spec_for
 from .spec import (
     FamilySpec,
@@ -23,6 +24,7 @@ __all__ = [
     "Wiring",
     "attention_heads",
     "attention_implementation",
+    "derive_spec",
     "register",
     "registered_families",
     "registered_model_types",

@@ -1,0 +1,120 @@
+"""decompose(positions="last") against the decoder-only forward, by decoder family and adapter kind (issue 19).
+
+SmolLM-135M's shapes (30 blocks of width 576, attention 9/3) as Llama, as Gemma 3 (local and global layers)
+and as Qwen3-MoE (8 experts, 2 active, each half the dense MLP's width), random weights, fp32, the default
+attention (sdpa); LoRA, DoRA and LoHa of rank 16 on every linear (PEFT's "all-linear", which on Qwen3-MoE
+includes the fused experts for LoRA and LoHa; DoRA there takes the attention projections only). The yardstick is the decoder-only forward
+(the blocks and the final norm, no LM head: decompose does not run the head), timed in the same rounds,
+alternating, on the same batch. Qwen3-MoE has no registered family: its blocks take the generic replay.
+
+    python benchmarks/bench_adapter_kinds.py --repeats 5 --out benchmarks/results/cpu-adapter-kinds.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+
+import torch
+from peft import LoHaConfig, LoraConfig, get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import tuco_peft
+from tuco_peft.apps.benchmark import timed
+
+SHAPES = {
+    "vocab_size": 49152,
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "head_dim": 64,
+}
+FAMILIES = {
+    "llama": {},
+    "gemma3_text": {"sliding_window": 512},
+    "qwen3_moe": {"num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 768},
+}
+ADAPTERS = {
+    "lora": lambda targets: LoraConfig(r=16, lora_alpha=32, target_modules=targets, init_lora_weights=False),
+    "dora": lambda targets: LoraConfig(
+        r=16, lora_alpha=32, target_modules=targets, use_dora=True, init_lora_weights=False
+    ),
+    "loha": lambda targets: LoHaConfig(r=16, alpha=32, target_modules=targets, init_weights=False),
+}
+# PEFT's "all-linear" takes a MoE block's fused 3-D experts too, through target_parameters, which DoRA cannot.
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def adapted_model(family: str, adapter: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(family, **SHAPES, **FAMILIES[family])
+    base = AutoModelForCausalLM.from_config(config).eval()
+    targets = ATTENTION if (family, adapter) == ("qwen3_moe", "dora") else "all-linear"
+    return get_peft_model(base, ADAPTERS[adapter](targets)).eval()
+
+
+def measure(model: torch.nn.Module, ids: torch.Tensor, repeats: int) -> dict:
+    """Median seconds of the decoder-only forward and of decompose, alternating round by round."""
+    decoder = model.get_base_model().model
+    device = ids.device
+    calls = {
+        "decoder_forward": lambda: decoder(input_ids=ids),
+        "decompose_last": lambda: tuco_peft.decompose(model, ids, positions="last"),
+    }
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    with torch.no_grad():
+        for call in calls.values():  # warm-up
+            call()
+        for _ in range(repeats):
+            for name, call in calls.items():
+                times[name].append(timed(call, device))
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    return {**medians, "ratio": medians["decompose_last"] / medians["decoder_forward"], "times": times}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    parser.add_argument("--adapters", nargs="+", default=list(ADAPTERS), choices=list(ADAPTERS))
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ids = torch.randint(1, SHAPES["vocab_size"], (args.batch, args.tokens), generator=torch.Generator().manual_seed(0))
+    results = []
+    print(f"{'family':<12} {'adapter':<6} {'decoder ms':>11} {'decompose ms':>13} {'ratio':>6}")
+    for family in args.families:
+        for adapter in args.adapters:
+            model = adapted_model(family, adapter)
+            measured = measure(model, ids, args.repeats)
+            results.append({"family": family, "adapter": adapter, **measured})
+            print(
+                f"{family:<12} {adapter:<6} {measured['decoder_forward'] * 1e3:>11.1f} "
+                f"{measured['decompose_last'] * 1e3:>13.1f} {measured['ratio']:>5.2f}×",
+                flush=True,
+            )
+            del model
+            gc.collect()
+    if args.out:
+        environment = {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "machine": platform.machine(),
+            "batch": [args.batch, args.tokens],
+            "repeats": args.repeats,
+        }
+        with open(args.out, "w") as file:
+            json.dump({"environment": environment, "results": results}, file, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Decoders nobody registered, whose blocks reuse a known layout (``tuco_peft.families.derive_spec``): the one-pass
+path proved on the first batch against the generic replay, then trusted; refused, with one warning, where the
+block's forward does something its parts do not say. Every case against the two-model oracle."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from helpers.models import FAMILIES, VOCAB, base_model, padded_batch
+from helpers.oracle import decoder_blocks, tuco_at_last, two_pass
+from peft import LoraConfig, get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import tuco_peft
+from tuco_peft.core import pretrained_path as pretrained_path_module
+from tuco_peft.core.pretrained_path import ProvedBlock, ReplayBlock
+from tuco_peft.families import QKNorm, Wiring, derive_spec, spec_for
+from tuco_peft.model.parts import model_parts
+
+_SHAPE = dict(
+    hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+    vocab_size=VOCAB, max_position_embeddings=64, eos_token_id=None, pad_token_id=0, bos_token_id=1,
+)
+_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+# Shipped with transformers, registered by nobody, and built on a block of a known layout.
+PROVED = {
+    "smollm3": ({}, Wiring.SEQUENTIAL, QKNorm.NONE),
+    "seed_oss": ({}, Wiring.SEQUENTIAL, QKNorm.NONE),
+    "arcee": ({}, Wiring.SEQUENTIAL, QKNorm.NONE),
+    "olmo": ({}, Wiring.SEQUENTIAL, QKNorm.NONE),
+    "nemotron": ({}, Wiring.SEQUENTIAL, QKNorm.NONE),
+    "olmo3": ({"sliding_window": 6}, Wiring.POST_NORM, QKNorm.FULL_WIDTH),
+    "exaone4": ({"sliding_window": 6}, Wiring.POST_NORM, QKNorm.PER_HEAD),
+    "qwen3_moe": (_MOE, Wiring.SEQUENTIAL, QKNorm.PER_HEAD),
+    "olmoe": (_MOE, Wiring.SEQUENTIAL, QKNorm.FULL_WIDTH),
+    "mixtral": ({"num_local_experts": 4, "num_experts_per_tok": 2}, Wiring.SEQUENTIAL, QKNorm.NONE),
+}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_warnings(monkeypatch):
+    """Each test sees the warning a process gives once per model type."""
+    monkeypatch.setattr(pretrained_path_module, "_REFUTED_MODEL_TYPES", set())
+
+
+def adapted_pair(model_type: str, **overrides):
+    """(pre-trained model, PeftModel with random LoRA on attention and MLP linears), the default attention."""
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, **{**_SHAPE, **overrides})
+    base = AutoModelForCausalLM.from_config(config).eval()
+    pretrained = copy.deepcopy(base)
+    torch.manual_seed(1)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    return pretrained, get_peft_model(base, lora).eval()
+
+
+def paths(model) -> list:
+    """The pre-trained path of each block, as the last calls left them."""
+    parts = model_parts(model)
+    return [path for key, path in parts._derived.items() if isinstance(key, tuple) and key[0] == "pretrained path"]
+
+
+def tuco_against_the_oracle(pretrained, model, ids, mask) -> list[str]:
+    """TuCo of a first and a second call against the oracle's; the warnings they gave."""
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ptc, ftc, _, _ = two_pass(model, decoder_blocks(pretrained), ids, mask)
+        expected = tuco_at_last(ptc, ftc, mask)
+        for _ in range(2):  # the proof, then the trusted path
+            torch.testing.assert_close(tuco_peft.tuco(model, ids, mask), expected, atol=1e-5, rtol=1e-5)
+    return [str(w.message) for w in caught if "read the layout" in str(w.message)]
+
+
+@pytest.mark.parametrize("model_type", PROVED)
+def test_a_known_layout_is_proved_then_trusted(model_type):
+    overrides, wiring, qk_norm = PROVED[model_type]
+    pretrained, model = adapted_pair(model_type, **overrides)
+    layer = decoder_blocks(model)[0]
+    assert spec_for(layer, model.config) is None  # no registered family
+    spec = derive_spec(layer, model.config)
+    assert spec is not None and (spec.wiring, spec.qk_norm) == (wiring, qk_norm)
+    ids, mask = padded_batch()
+    assert tuco_against_the_oracle(pretrained, model, ids, mask) == []
+    proved = paths(model)
+    assert proved and all(isinstance(p, ProvedBlock) and not p.refuted and p.proved_length > 0 for p in proved)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "overrides", "why"),
+    [
+        ("granite", {"residual_multiplier": 0.5}, "largest difference"),  # a residual scaled in the forward
+        ("gpt_oss", {"num_local_experts": 4, "num_experts_per_tok": 2}, ""),  # attention sinks
+        ("glm", {}, "largest difference"),  # rotary embedding interleaved, not rotate-half
+    ],
+)
+def test_a_forward_its_parts_do_not_describe_takes_the_generic_path_with_one_warning(model_type, overrides, why):
+    pretrained, model = adapted_pair(model_type, **overrides)
+    assert derive_spec(decoder_blocks(model)[0], model.config) is not None  # the parts fit a layout
+    ids, mask = padded_batch()
+    messages = tuco_against_the_oracle(pretrained, model, ids, mask)
+    assert len(messages) == 1 and repr(model_type) in messages[0] and why in messages[0]
+    assert all(isinstance(p, ProvedBlock) and p.refuted for p in paths(model))
+
+
+def test_a_batch_longer_than_the_window_is_proved_again():
+    """The first batch fits in the sliding window, where a wrong window would not show; a longer one proves it."""
+    pretrained, model = adapted_pair("olmo3", sliding_window=6)
+    short_ids, short_mask = padded_batch(lengths=(4, 5, 3))
+    tuco_against_the_oracle(pretrained, model, short_ids, short_mask)
+    sliding = [p for p in paths(model) if p.candidate.sliding_window is not None]
+    assert sliding and {p.proved_length for p in sliding} == {5}
+    ids, mask = padded_batch()
+    assert tuco_against_the_oracle(pretrained, model, ids, mask) == []
+    assert {p.proved_length for p in sliding} == {ids.shape[1]}
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ("gpt2", "gpt_neox", "phi3", "mistral")])
+def test_the_spec_read_from_a_registered_familys_parts_is_its_registered_spec(family):
+    """The registered specs are an oracle for the reading: the same wiring, norms and q/k norm (not read: fused
+    q/k/v projections, and Mistral's window, which only its config holds)."""
+    model = base_model(family)
+    layer, config = decoder_blocks(model)[0], model.config
+    registered, derived = spec_for(layer, config), derive_spec(layer, config)
+    assert derived is not None
+    fields = ("wiring", "attention_norm", "mlp_norm", "post_attention_norm", "post_mlp_norm", "qk_norm", "projections")
+    assert [getattr(derived, f) for f in fields] == [getattr(registered, f) for f in fields]
+
+
+def test_a_registered_family_is_not_put_on_probation():
+    _, model = adapted_pair("llama")
+    tuco_peft.tuco(model, *padded_batch())
+    assert not [p for p in paths(model) if isinstance(p, (ProvedBlock, ReplayBlock))]

@@ -1,0 +1,121 @@
+"""A spec for a decoder family nobody registered, read from its block's module tree.
+
+Most new decoders reuse a known block (SmolLM3, OLMo-3, Seed-OSS, Qwen3-MoE, ...): Llama's pre-norm parts,
+Gemma 2's sandwich norms or OLMo-2's post-norms, q/k norms per head or over the whole width, an MLP or a
+mixture of experts that acts on each position alone. ``derive_spec`` recognises such a block by the names and
+shapes of its parts, and nothing else: a name says where a part sits, not what the forward does with it
+(a residual multiplier, attention sinks, a norm applied twice). So a derived spec is a candidate only, which
+``core.pretrained_path`` proves against the generic path on the first batch before it is trusted.
+
+It claims the one-pass path alone (``claimed``): no lean KV cache, no pairing, whose assumptions the proof does
+not test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from torch import nn
+from transformers import PretrainedConfig
+
+from .spec import FamilySpec, QKNorm, WindowSource, Wiring, attention_heads
+
+_ATTENTION = "self_attn"
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj")
+_OUTPUT = "o_proj"
+_MLP = "mlp"
+
+# The norms a block holds, by name, and the wiring and places they say.
+_NORM_LAYOUTS: dict[frozenset[str], tuple[Wiring, dict[str, str]]] = {
+    frozenset({"input_layernorm", "post_attention_layernorm"}): (
+        Wiring.SEQUENTIAL,
+        {"attention_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"},
+    ),
+    frozenset(
+        {"input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"}
+    ): (
+        Wiring.SANDWICH,
+        {
+            "attention_norm": "input_layernorm",
+            "post_attention_norm": "post_attention_layernorm",
+            "mlp_norm": "pre_feedforward_layernorm",
+            "post_mlp_norm": "post_feedforward_layernorm",
+        },
+    ),
+    frozenset({"post_attention_layernorm", "post_feedforward_layernorm"}): (
+        Wiring.POST_NORM,
+        {"post_attention_norm": "post_attention_layernorm", "post_mlp_norm": "post_feedforward_layernorm"},
+    ),
+}
+
+
+def derive_spec(layer: nn.Module, config: PretrainedConfig) -> FamilySpec | None:
+    """A candidate spec for the decoder block ``layer``, or None where its parts fit no known layout. Rotary
+    embeddings are assumed where the block is given them (``position_embeddings``)."""
+    children = dict(layer.named_children())
+    attention = children.get(_ATTENTION)
+    if attention is None or _MLP not in children:
+        return None
+    layout = _NORM_LAYOUTS.get(frozenset(name for name, child in children.items() if _is_norm(child)))
+    if layout is None or set(children) - {_ATTENTION, _MLP, *layout[1].values()}:
+        return None
+    qk_norm = _qk_norm(attention, config)
+    if qk_norm is None or not all(isinstance(getattr(attention, n, None), nn.Module) for n in (*_PROJECTIONS, _OUTPUT)):
+        return None
+    if not isinstance(getattr(attention, "head_dim", None), int) or not hasattr(attention, "scaling"):
+        return None
+    window = _window(attention, config)
+    if window is None:
+        return None
+    wiring, norms = layout
+    spec = FamilySpec(
+        attention=_ATTENTION,
+        projections=_PROJECTIONS,
+        output=_OUTPUT,
+        wiring=wiring,
+        mlp=_MLP,
+        window=window,
+        qk_norm=qk_norm,
+        attention_norm=norms.get("attention_norm"),
+        mlp_norm=norms.get("mlp_norm"),
+        post_attention_norm=norms.get("post_attention_norm"),
+        post_mlp_norm=norms.get("post_mlp_norm"),
+    )
+    return claimed(spec)
+
+
+def claimed(spec: FamilySpec) -> FamilySpec:
+    """``spec`` with the capabilities a derived spec claims: the one-pass path alone."""
+    return replace(spec, lean_cache=False, pairable=False)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return "Norm" in type(module).__name__
+
+
+def _qk_norm(attention: nn.Module, config: PretrainedConfig) -> QKNorm | None:
+    """Where the attention's q/k norms apply, told by their widths; None where that is not clear, or the
+    attention holds another norm."""
+    norms = {name for name, child in attention.named_children() if _is_norm(child)}
+    if not norms:
+        return QKNorm.NONE
+    if norms != {"q_norm", "k_norm"}:
+        return None
+    n_heads, _ = attention_heads(config)
+    width = getattr(attention.q_norm, "weight", None)
+    head_dim = getattr(attention, "head_dim", None)
+    if width is None or width.ndim != 1:
+        return None
+    if width.shape[0] == head_dim:
+        return QKNorm.PER_HEAD
+    if isinstance(head_dim, int) and width.shape[0] == n_heads * head_dim:
+        return QKNorm.FULL_WIDTH
+    return None
+
+
+def _window(attention: nn.Module, config: PretrainedConfig) -> WindowSource | None:
+    """The attention's own sliding window (None on its full-attention layers); a window the config alone
+    holds is not derived (which layers use it is the family's business)."""
+    if "sliding_window" in attention.__dict__:
+        return WindowSource.ATTENTION
+    return WindowSource.NONE if getattr(config, "sliding_window", None) is None else None
