@@ -39,7 +39,8 @@ from typing import Any
 import torch
 import transformers
 from torch import nn
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers import cache_utils
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
 from ..core.paired import PairedBlock, StackedArguments, paired_block
 from ..core.pretrained_path import block_output
@@ -55,6 +56,9 @@ Alpha = float | Sequence[float] | torch.Tensor
 
 # Called after every steered block with (layer index, block input, pre-trained output, fine-tuned output).
 BlockObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+# Cache layers of recurrent and convolution states (hybrid decoders), where this transformers has them.
+_LINEAR_ATTENTION_LAYERS = getattr(cache_utils, "LinearAttentionCacheLayerMixin", ())
 
 _steered_models: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
@@ -103,7 +107,16 @@ def _prepare_cache(cache: Any, n_layers: int, first_steered: int, deltas: dict[i
     if not hasattr(cache, "layers") or not hasattr(cache, "layer_class_to_replicate"):
         raise UnsupportedModelError(
             f"FTC_α steering keeps the pre-trained blocks' keys/values in extra layers of a transformers Cache; "
-            f"{type(cache).__name__} is not one. Use the default DynamicCache (or StaticCache)."
+            f"{type(cache).__name__} is not one. Use the default DynamicCache (or StaticCache), or generate with "
+            "use_cache=False."
+        )
+    recurrent = next((layer for layer in cache.layers if not _holds_keys_values(layer)), None)
+    if recurrent is not None:
+        raise UnsupportedModelError(
+            "FTC_α steering keeps the pre-trained blocks' keys/values in extra layers of the cache, but this "
+            f"model's cache also holds recurrent or convolution states ({type(recurrent).__name__}, a hybrid "
+            "decoder's), which it does not duplicate: generate with use_cache=False (exact; each step recomputes "
+            "the prefix)."
         )
     fixed_layout = cache.layer_class_to_replicate is None
     if cache.get_seq_length() == 0:
@@ -125,6 +138,12 @@ def _prepare_cache(cache: Any, n_layers: int, first_steered: int, deltas: dict[i
         )
     for delta in deltas.values():
         delta.past_rotary.clear()  # this forward caches other positions than the last one
+
+
+def _holds_keys_values(layer: Any) -> bool:
+    """A cache layer of attention keys/values alone, which the pre-trained blocks' slots copy: not a hybrid
+    decoder's recurrent, convolution or placeholder layer."""
+    return isinstance(layer, CacheLayerMixin) and not isinstance(layer, _LINEAR_ATTENTION_LAYERS)
 
 
 def _output_cache(output: Any) -> Cache | None:
