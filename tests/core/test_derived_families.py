@@ -11,21 +11,23 @@ import pytest
 import torch
 from helpers.models import FAMILIES, VOCAB, base_model, padded_batch
 from helpers.oracle import decoder_blocks, tuco_at_last, two_pass
+from helpers.strategies import force
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import tuco_peft
 from tuco_peft.core import pretrained_path as pretrained_path_module
-from tuco_peft.core.pretrained_path import ProvedBlock, ReplayBlock
+from tuco_peft.core.pretrained_path import ProvedBlock, SharedProjectionBlock
 from tuco_peft.families import QKNorm, Wiring, derive_spec, spec_for
 from tuco_peft.model.parts import model_parts
 
 _SHAPE = dict(
-    hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+    hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
     vocab_size=VOCAB, max_position_embeddings=64, eos_token_id=None, pad_token_id=0, bos_token_id=1,
 )
 _MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
-# Shipped with transformers, registered by nobody, and built on a block of a known layout.
+# Shipped with transformers, registered by nobody, and built on a block of a known layout; four blocks, so that
+# every pattern's odd layer is among them (SmolLM3's NoPE layer, OLMo-3's global one).
 PROVED = {
     "smollm3": ({}, Wiring.SEQUENTIAL, QKNorm.NONE),
     "seed_oss": ({}, Wiring.SEQUENTIAL, QKNorm.NONE),
@@ -33,7 +35,6 @@ PROVED = {
     "olmo": ({}, Wiring.SEQUENTIAL, QKNorm.NONE),
     "nemotron": ({}, Wiring.SEQUENTIAL, QKNorm.NONE),
     "olmo3": ({"sliding_window": 6}, Wiring.POST_NORM, QKNorm.FULL_WIDTH),
-    "exaone4": ({"sliding_window": 6}, Wiring.POST_NORM, QKNorm.PER_HEAD),
     "qwen3_moe": (_MOE, Wiring.SEQUENTIAL, QKNorm.PER_HEAD),
     "olmoe": (_MOE, Wiring.SEQUENTIAL, QKNorm.FULL_WIDTH),
     "mixtral": ({"num_local_experts": 4, "num_experts_per_tok": 2}, Wiring.SEQUENTIAL, QKNorm.NONE),
@@ -86,7 +87,7 @@ def test_a_known_layout_is_proved_then_trusted(model_type):
     ids, mask = padded_batch()
     assert tuco_against_the_oracle(pretrained, model, ids, mask) == []
     proved = paths(model)
-    assert proved and all(isinstance(p, ProvedBlock) and not p.refuted and p.proved_length > 0 for p in proved)
+    assert proved and all(isinstance(p, ProvedBlock) and not p.refuted and p.proved_reach > 1 for p in proved)
 
 
 @pytest.mark.parametrize(
@@ -106,16 +107,43 @@ def test_a_forward_its_parts_do_not_describe_takes_the_generic_path_with_one_war
     assert all(isinstance(p, ProvedBlock) and p.refuted for p in paths(model))
 
 
-def test_a_batch_longer_than_the_window_is_proved_again():
-    """The first batch fits in the sliding window, where a wrong window would not show; a longer one proves it."""
+def test_a_batch_whose_rows_see_more_keys_than_the_window_is_proved_again():
+    """The first batch's rows see no more keys than the sliding window, where a wrong window would not show; rows
+    that see more prove it again. What counts is the keys a row sees, not the batch's padded length."""
     pretrained, model = adapted_pair("olmo3", sliding_window=6)
-    short_ids, short_mask = padded_batch(lengths=(4, 5, 3))
-    tuco_against_the_oracle(pretrained, model, short_ids, short_mask)
+    ids, mask = padded_batch(lengths=(4, 5, 3), side="right")
+    ids, mask = torch.cat([ids, torch.zeros_like(ids)], 1), torch.cat([mask, torch.zeros_like(mask)], 1)
+    tuco_against_the_oracle(pretrained, model, ids, mask)
     sliding = [p for p in paths(model) if p.candidate.sliding_window is not None]
-    assert sliding and {p.proved_length for p in sliding} == {5}
+    assert sliding and {p.proved_reach for p in sliding} == {5}  # 10 columns, 5 keys at most
     ids, mask = padded_batch()
     assert tuco_against_the_oracle(pretrained, model, ids, mask) == []
-    assert {p.proved_length for p in sliding} == {ids.shape[1]}
+    assert {p.proved_reach for p in sliding} == {12}
+
+
+def test_rows_that_see_one_key_prove_nothing():
+    """With one key, attention returns its value whatever the scores: GLM's interleaved rotary embedding goes
+    unnoticed there, and is refused at the first batch with longer rows."""
+    pretrained, model = adapted_pair("glm")
+    ids = torch.tensor([[5], [7]])
+    assert tuco_against_the_oracle(pretrained, model, ids, torch.ones_like(ids)) == []
+    assert all(p.proved_reach < 2 and not p.refuted for p in paths(model))
+    messages = tuco_against_the_oracle(pretrained, model, *padded_batch())
+    assert len(messages) == 1 and all(p.refuted for p in paths(model))
+
+
+def test_half_precision_batches_replay_until_an_fp32_one_proves_the_block():
+    pretrained, model = adapted_pair("smollm3")
+    ids, mask = padded_batch()
+    model.half()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tuco_peft.tuco(model, ids, mask)
+    assert not [w for w in caught if "read the layout" in str(w.message)]
+    assert all(p.proved_reach < 2 and not p.refuted for p in paths(model))
+    model.float()
+    assert tuco_against_the_oracle(pretrained, model, ids, mask) == []
+    assert all(p.proved_reach == 12 for p in paths(model))
 
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ("gpt2", "gpt_neox", "phi3", "mistral")])
@@ -130,7 +158,9 @@ def test_the_spec_read_from_a_registered_familys_parts_is_its_registered_spec(fa
     assert [getattr(derived, f) for f in fields] == [getattr(registered, f) for f in fields]
 
 
-def test_a_registered_family_is_not_put_on_probation():
+def test_a_registered_family_is_not_put_on_probation(monkeypatch):
+    force(monkeypatch, "separate reads")
     _, model = adapted_pair("llama")
     tuco_peft.tuco(model, *padded_batch())
-    assert not [p for p in paths(model) if isinstance(p, (ProvedBlock, ReplayBlock))]
+    taken = paths(model)
+    assert taken and all(type(p) is SharedProjectionBlock for p in taken)

@@ -51,7 +51,8 @@ _NORM_LAYOUTS: dict[frozenset[str], tuple[Wiring, dict[str, str]]] = {
 
 def derive_spec(layer: nn.Module, config: PretrainedConfig) -> FamilySpec | None:
     """A candidate spec for the decoder block ``layer``, or None where its parts fit no known layout. Rotary
-    embeddings are assumed where the block is given them (``position_embeddings``)."""
+    embeddings are assumed, from the block's ``position_embeddings``, unless its attention says ``use_rope``
+    false (SmolLM3's NoPE layers)."""
     children = dict(layer.named_children())
     attention = children.get(_ATTENTION)
     if attention is None or _MLP not in children:
@@ -74,6 +75,7 @@ def derive_spec(layer: nn.Module, config: PretrainedConfig) -> FamilySpec | None
         output=_OUTPUT,
         wiring=wiring,
         mlp=_MLP,
+        rotary_module=None if getattr(attention, "use_rope", True) in (False, 0) else "rotary_emb",
         window=window,
         qk_norm=qk_norm,
         attention_norm=norms.get("attention_norm"),
