@@ -19,21 +19,14 @@ import platform
 import statistics
 
 import torch
+from bench_overhead import MODELS
 from peft import LoHaConfig, LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import tuco_peft
 from tuco_peft.apps.benchmark import timed
 
-SHAPES = {
-    "vocab_size": 49152,
-    "hidden_size": 576,
-    "intermediate_size": 1536,
-    "num_hidden_layers": 30,
-    "num_attention_heads": 9,
-    "num_key_value_heads": 3,
-    "head_dim": 64,
-}
+SHAPES = {**MODELS["135m"], "head_dim": 64}  # Gemma 3 and Qwen3-MoE would take other head widths by default
 FAMILIES = {
     "llama": {},
     "gemma3_text": {"sliding_window": 512},
@@ -50,9 +43,9 @@ ADAPTERS = {
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-def adapted_model(family: str, adapter: str) -> torch.nn.Module:
+def adapted_model(family: str, adapter: str, layers: int) -> torch.nn.Module:
     torch.manual_seed(0)
-    config = AutoConfig.for_model(family, **SHAPES, **FAMILIES[family])
+    config = AutoConfig.for_model(family, **{**SHAPES, "num_hidden_layers": layers}, **FAMILIES[family])
     base = AutoModelForCausalLM.from_config(config).eval()
     targets = ATTENTION if (family, adapter) == ("qwen3_moe", "dora") else "all-linear"
     return get_peft_model(base, ADAPTERS[adapter](targets)).eval()
@@ -77,16 +70,17 @@ def measure(model: torch.nn.Module, ids: torch.Tensor, repeats: int) -> dict:
     return {**medians, "ratio": medians["decompose_last"] / medians["decoder_forward"], "times": times}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     parser.add_argument("--adapters", nargs="+", default=list(ADAPTERS), choices=list(ADAPTERS))
+    parser.add_argument("--layers", type=int, default=SHAPES["num_hidden_layers"])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     ids = torch.randint(1, SHAPES["vocab_size"], (args.batch, args.tokens), generator=torch.Generator().manual_seed(0))
@@ -94,7 +88,7 @@ def main() -> None:
     print(f"{'family':<12} {'adapter':<6} {'decoder ms':>11} {'decompose ms':>13} {'ratio':>6}")
     for family in args.families:
         for adapter in args.adapters:
-            model = adapted_model(family, adapter)
+            model = adapted_model(family, adapter, args.layers)
             measured = measure(model, ids, args.repeats)
             results.append({"family": family, "adapter": adapter, **measured})
             print(
@@ -109,12 +103,14 @@ def main() -> None:
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "machine": platform.machine(),
+            "layers": args.layers,
             "batch": [args.batch, args.tokens],
             "repeats": args.repeats,
         }
         with open(args.out, "w") as file:
             json.dump({"environment": environment, "results": results}, file, indent=1)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,0 +1,35 @@
+"""benchmarks/bench_adapter_kinds.py on two blocks: every family and adapter kind it times builds, decomposes and
+is written, so that the script a quiet machine is needed for does not break unnoticed in between."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from helpers import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def test_the_adapter_kinds_benchmark_times_every_family_and_kind(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO_ROOT / "benchmarks"))
+    from bench_adapter_kinds import ADAPTERS, FAMILIES, main
+
+    out = tmp_path / "kinds.json"
+    threads = torch.get_num_threads()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            code = main(["--layers", "2", "--batch", "2", "--tokens", "16", "--repeats", "1", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    results = json.loads(out.read_text())["results"]
+    assert [(r["family"], r["adapter"]) for r in results] == [(f, a) for f in FAMILIES for a in ADAPTERS]
+    assert all(r["decoder_forward"] > 0 and r["decompose_last"] > 0 and len(r["times"]["decompose_last"]) == 1
+               for r in results)
+    # every block of every family takes a one-pass path: none replayed with a warning
+    assert not [w for w in caught if "no one-pass rule" in str(w.message) and "ParamWrapper" not in str(w.message)]
+    assert not [w for w in caught if "read the layout" in str(w.message)]
