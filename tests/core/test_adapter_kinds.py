@@ -30,7 +30,7 @@ from peft import (
     VeraConfig,
     get_peft_model,
 )
-from peft.tuners.lora.config import BdLoraConfig
+from peft.tuners.lora import config as lora_config
 
 import tuco_peft
 from tuco_peft.core.pretrained_path import ReplayBlock, SharedProjectionBlock, SharedReadBlock
@@ -53,9 +53,7 @@ KINDS = {
     "boft": lambda: BOFTConfig(boft_block_size=8, target_modules=["q_proj", "v_proj"], init_weights=False),
     "hra": lambda: HRAConfig(r=4, target_modules=ATTENTION + MLP, init_weights=False),
     "randlora": lambda: RandLoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"], init_weights=False),
-    # a LoRA variant that adds into its base output in place
-    "bdlora": lambda: LoraConfig(r=4, target_modules=ATTENTION, init_lora_weights=False, use_bdlora=BdLoraConfig(
-        target_modules_bd_a=["q_proj", "k_proj", "v_proj"], target_modules_bd_b=["o_proj"], nblocks=2)),
+    "bdlora": lambda: _bd_lora(),  # a LoRA variant that adds into its base output in place
     "adalora": lambda: AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=ATTENTION + MLP,
                                      init_lora_weights=False),
 }
@@ -64,6 +62,15 @@ UNREGISTERED = {
     "fourierft": lambda: FourierFTConfig(n_frequency=32, target_modules=ATTENTION, init_weights=False),
     "vblora": lambda: VBLoRAConfig(r=4, num_vectors=8, vector_length=8, target_modules=["q_proj", "up_proj"]),
 }
+
+
+def _bd_lora() -> LoraConfig:
+    if not hasattr(lora_config, "BdLoraConfig"):
+        pytest.skip("BD-LoRA came with a later PEFT than this one")
+    block_diagonal = lora_config.BdLoraConfig(
+        target_modules_bd_a=["q_proj", "k_proj", "v_proj"], target_modules_bd_b=["o_proj"], nblocks=2
+    )
+    return LoraConfig(r=4, target_modules=ATTENTION, init_lora_weights=False, use_bdlora=block_diagonal)
 
 
 def tuner_pair(kind: str, attention: str | None = "eager"):

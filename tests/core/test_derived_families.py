@@ -33,7 +33,6 @@ PROVED = {
     "seed_oss": ({}, Wiring.SEQUENTIAL, QKNorm.NONE),
     "arcee": ({}, Wiring.SEQUENTIAL, QKNorm.NONE),
     "olmo": ({}, Wiring.SEQUENTIAL, QKNorm.NONE),
-    "nemotron": ({}, Wiring.SEQUENTIAL, QKNorm.NONE),
     "olmo3": ({"sliding_window": 6}, Wiring.POST_NORM, QKNorm.FULL_WIDTH),
     "qwen3_moe": (_MOE, Wiring.SEQUENTIAL, QKNorm.PER_HEAD),
     "olmoe": (_MOE, Wiring.SEQUENTIAL, QKNorm.FULL_WIDTH),

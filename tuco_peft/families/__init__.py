@@ -1,4 +1,5 @@
-"""Decoder families with a one-pass pre-trained path: one module per family registers its spec."""
+"""Decoder families with a one-pass pre-trained path: one module per family registers its spec; ``derived`` reads
+a candidate spec from the parts of a block nobody registered."""
 
 from . import gemma, gemma2, gemma3, gpt2, gpt_neox, llama, mistral, olmo2, phi3, qwen2, qwen3  # noqa: F401 (they register)
 from .derived import derive_spec
