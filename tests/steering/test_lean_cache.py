@@ -119,7 +119,10 @@ def test_rotary_of_the_past_computed_once_per_forward_changes_no_bit(family, mon
     memoized = _steered_generation(model, ids, mask)
     # The decoder's own call at every forward, then one for the three lean blocks at every step with a past.
     assert len(rotary_calls) == N_NEW + (N_NEW - 1)
-    monkeypatch.setattr(PastRotary, "__call__", lambda self, rotary_emb, like, positions: rotary_emb(like, positions))
+    def direct_call(self, rotary_emb, like, positions, layer_type=None):
+        return rotary_emb(like, positions) if layer_type is None else rotary_emb(like, positions, layer_type)
+
+    monkeypatch.setattr(PastRotary, "__call__", direct_call)
     direct = _steered_generation(model, ids, mask)
     assert len(rotary_calls) == 2 * N_NEW + 4 * (N_NEW - 1)
     assert torch.equal(memoized.sequences, direct.sequences)

@@ -2,9 +2,8 @@
 query and key head, and local (sliding-window) and global layers with rotary bases of their own.
 
 The decoder hands each layer the position embeddings of its type, which the one-pass path reads from the
-layer's arguments, and each attention module knows its own window. The lean KV cache would recompute past
-rotary tables from the decoder's one rotary module, which needs the layer's type to know its base: Gemma 3's
-cache slots under ``ftc_scale`` stay full (exact, at the memory of two caches).
+layer's arguments, and each attention module knows its own window and its type of layer, with which the lean
+KV cache asks the decoder's rotary module for the past's tables of that type's base.
 """
 
 from dataclasses import replace
@@ -13,4 +12,4 @@ from .gemma2 import SPEC as GEMMA2
 from .registry import register
 from .spec import QKNorm
 
-register("gemma3_text", "Gemma3DecoderLayer", replace(GEMMA2, qk_norm=QKNorm.PER_HEAD, lean_cache=False))
+register("gemma3_text", "Gemma3DecoderLayer", replace(GEMMA2, qk_norm=QKNorm.PER_HEAD))

@@ -30,6 +30,7 @@ every step, over the whole preallocated length.
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any, cast
@@ -68,11 +69,15 @@ class PastRotary:
     def clear(self) -> None:
         self._tables.clear()
 
-    def __call__(self, rotary_emb: nn.Module, like: torch.Tensor, positions: torch.Tensor) -> RotaryTable:
-        """``rotary_emb(like, positions)``, from the memo when a slot of this forward already asked for it."""
-        key = (id(rotary_emb), tuple(positions.shape), like.dtype, like.device)
+    def __call__(
+        self, rotary_emb: nn.Module, like: torch.Tensor, positions: torch.Tensor, layer_type: str | None = None
+    ) -> RotaryTable:
+        """``rotary_emb(like, positions)``, from the memo when a slot of this forward already asked for it;
+        ``layer_type``: the rotary table of that type of layer, where bases differ by type (Gemma 3)."""
+        key = (id(rotary_emb), layer_type, tuple(positions.shape), like.dtype, like.device)
         if key not in self._tables:
-            self._tables[key] = rotary_emb(like, positions)
+            arguments = () if layer_type is None else (layer_type,)
+            self._tables[key] = rotary_emb(like, positions, *arguments)
         return self._tables[key]
 
 
@@ -129,10 +134,12 @@ class LowRankDelta:
         shape: tuple[int, int],
         past_rotary: PastRotary,
         normed_keys: NormedKeys | None = None,
+        layer_type: str | None = None,
     ):
         self.projections = projections
         self.parts = parts
         self.rotary_emb = rotary_emb
+        self.layer_type = layer_type
         self.past_rotary = past_rotary
         self.n_kv_heads, self.head_dim = shape
         self._recorded: list[list[str]] = [[] for _ in projections]  # per projection, the adapters whose u is recorded
@@ -168,7 +175,11 @@ class LowRankDelta:
         if spec.qk_norm is not QKNorm.NONE:
             base_keys = pretrained_projection(getattr(attention, names[0]))
             normed_keys = NormedKeys(base_keys, attention.k_norm, spec.qk_norm is QKNorm.FULL_WIDTH, head_dim)
-        return LowRankDelta(projections, parts, rotary_emb, (n_kv_heads, head_dim), past_rotary, normed_keys)
+        layer_type = getattr(attention, "layer_type", None) if _tables_per_layer_type(rotary_emb) else None
+        if _tables_per_layer_type(rotary_emb) and not isinstance(layer_type, str):
+            return None  # the past's rotary tables would be of another type's base
+        shape = (n_kv_heads, head_dim)
+        return LowRankDelta(projections, parts, rotary_emb, shape, past_rotary, normed_keys, layer_type)
 
     @staticmethod
     def _adapters(projection: nn.Module) -> list[str]:
@@ -271,8 +282,14 @@ class LowRankDelta:
         (OLMo-2's cos/sin are fp32); the identity without a rotary embedding."""
         if self.rotary_emb is None:
             return keys
-        cos, sin = self.past_rotary(self.rotary_emb, keys, positions)
+        cos, sin = self.past_rotary(self.rotary_emb, keys, positions, self.layer_type)
         return apply_rope(keys, cos, sin).to(keys.dtype)
+
+
+def _tables_per_layer_type(rotary_emb: nn.Module | None) -> bool:
+    """Whether the rotary embedding makes its tables per type of layer (Gemma 3's local and global layers have
+    rotary bases of their own)."""
+    return rotary_emb is not None and "layer_type" in inspect.signature(rotary_emb.forward).parameters
 
 
 def _joined(past: torch.Tensor, delta: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
