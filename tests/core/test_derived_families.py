@@ -163,3 +163,24 @@ def test_a_registered_family_is_not_put_on_probation(monkeypatch):
     tuco_peft.tuco(model, *padded_batch())
     taken = paths(model)
     assert taken and all(type(p) is SharedProjectionBlock for p in taken)
+
+
+@pytest.mark.parametrize("model_type", ["smollm3", "olmo3"])
+def test_a_full_fine_tune_of_a_known_layout_is_proved_then_trusted(model_type):
+    """The pre-trained blocks are another model's (``base_model=``): the candidate projects its own q/k/v."""
+    pretrained, _ = adapted_pair(model_type, **PROVED[model_type][0])
+    finetuned = copy.deepcopy(pretrained)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for param in finetuned.parameters():
+            param.add_(0.05 * param.std() * torch.randn(param.shape, generator=generator))
+    ids, mask = padded_batch()
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ptc, ftc, _, _ = two_pass(finetuned, decoder_blocks(pretrained), ids, mask)
+        for _ in range(2):  # the proof, then the trusted path
+            tuco = tuco_peft.tuco(finetuned, ids, mask, base_model=pretrained)
+            torch.testing.assert_close(tuco, tuco_at_last(ptc, ftc, mask), atol=1e-5, rtol=1e-5)
+    assert not [w for w in caught if "read the layout" in str(w.message)]
+    proved = paths(finetuned)
+    assert proved and all(isinstance(p, ProvedBlock) and p.proved_reach > 1 and not p.refuted for p in proved)
