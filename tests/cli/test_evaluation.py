@@ -134,3 +134,22 @@ def test_missing_lm_eval_names_the_extra(monkeypatch):
     monkeypatch.delitem(sys.modules, "tuco_peft.integrations.evaluation", raising=False)
     with pytest.raises(TuCoError, match=r"pip install 'tuco-peft\[eval\]'"):
         importlib.import_module("tuco_peft.evaluation")
+
+
+def test_a_hybrid_decoders_log_likelihoods_are_steered_without_a_cache(task_dir):
+    """Qwen3-Next (linear-attention blocks beside attention ones): its cache cannot be steered, and a scoring
+    forward needs none; at α = 1 the steered scores are lm-eval's own."""
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoConfig
+
+    tokenizer = build_tokenizer([f"is the fox {w}? answer: yes no" for w in WORDS] * 4, vocab_size=200)
+    shape = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=len(tokenizer), pad_token_id=0)
+    torch.manual_seed(0)
+    model = lora_model(AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen3_next", **shape)).eval(),
+                       target_modules=["q_proj", "v_proj", "in_proj_qkvz"])
+    own = _own_run(HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4), task_dir, ["tiny_mc"])
+    steered = _own_run(FTCScaledLM(model, tokenizer, 1.0, batch_size=4), task_dir, ["tiny_mc"])
+    assert _responses(steered, "tiny_mc") == _responses(own, "tiny_mc")
+    moved = _own_run(FTCScaledLM(model, tokenizer, 1.5, batch_size=4), task_dir, ["tiny_mc"])
+    assert _responses(moved, "tiny_mc") != _responses(own, "tiny_mc")

@@ -22,8 +22,11 @@ from tuco_peft.steering.lean_cache import LowRankDelta, LowRankSlot, PastRotary,
 K_NORM_FAMILIES = ["qwen3", "olmo2"]
 # The registered families whose spec allows a lean cache (test_families checks the spec is followed):
 # separate projections, fused [q | k | v] (phi3, gpt2) and fused by head (gpt_neox); no rotary (gpt2);
-# sliding windows on every layer (mistral), on some layers (qwen2) and alternating (gemma2); k-norms.
-LEAN_FAMILIES = ["llama", "mistral", "qwen2", "gemma", "gemma2", "phi3", "gpt2", "gpt_neox", *K_NORM_FAMILIES]
+# sliding windows on every layer (mistral), on some layers (qwen2) and alternating (gemma2); k-norms; a k-norm
+# with sliding windows and rotary bases per type of layer (gemma3_text).
+LEAN_FAMILIES = [
+    "llama", "mistral", "qwen2", "gemma", "gemma2", "phi3", "gpt2", "gpt_neox", *K_NORM_FAMILIES, "gemma3_text"
+]
 ALPHAS = [1.5, 0.6, 2.0]
 N_NEW = 8  # past every test config's window (4 or 5) with prompts of up to 9 tokens
 

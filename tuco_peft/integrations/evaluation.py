@@ -38,6 +38,7 @@ from torch import nn
 from ..errors import InputError, TuCoError, first_line
 from ..io.checkpoints import hub_connection_failure
 from ..lora.backend import Backend
+from ..model.interception import hooked
 from ..steering.forward import Alpha, ftc_scale, layer_alphas
 from .alpha_sweep import _best_alpha, cross_validate
 
@@ -53,6 +54,10 @@ except ImportError:
     raise TuCoError("steered evaluation needs lm-evaluation-harness: pip install 'tuco-peft[eval]'.") from None
 
 _OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+def _without_cache(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    return args, {**kwargs, "use_cache": False}
 
 
 class FTCScaledLM(HFLM):
@@ -88,7 +93,9 @@ class FTCScaledLM(HFLM):
     def _model_call(
         self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None
     ) -> torch.Tensor:
-        with self._steered():
+        """lm-eval's scoring forward, steered and without a cache (one forward reuses none, and a hybrid
+        decoder's cache cannot be steered)."""
+        with self._steered(), hooked(self.model, before=_without_cache, with_kwargs=True):
             return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
 
     def _model_generate(

@@ -114,9 +114,9 @@ def _prepare_cache(cache: Any, n_layers: int, first_steered: int, deltas: dict[i
     if recurrent is not None:
         raise UnsupportedModelError(
             "FTC_α steering keeps the pre-trained blocks' keys/values in extra layers of the cache, but this "
-            f"model's cache also holds recurrent or convolution states ({type(recurrent).__name__}, a hybrid "
-            "decoder's), which it does not duplicate: generate with use_cache=False (exact; each step recomputes "
-            "the prefix)."
+            f"model's cache also holds layers of another kind ({type(recurrent).__name__}: a hybrid decoder's "
+            "recurrent or convolution states, or a layer that shares another's keys/values), which it does not "
+            "duplicate: generate with use_cache=False (exact; each step recomputes the prefix)."
         )
     fixed_layout = cache.layer_class_to_replicate is None
     if cache.get_seq_length() == 0:
