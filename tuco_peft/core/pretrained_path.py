@@ -405,10 +405,13 @@ class ProvedBlock:
 
     needs_pretrained_block = True  # the candidate and the replay both run the pre-trained block
 
-    def _trusted(self, reach: int) -> bool:
+    def _on_trial(self, batch: Batch) -> bool:
+        """Whether this batch is to prove the candidate: none has yet, or its rows see past a window no proof
+        reached. Once one did (or without a window), the batch's reach is not even computed."""
         window = self.candidate.sliding_window
-        beyond_window = window is not None and reach > window >= self.proved_reach
-        return self.proved_reach >= 2 and not beyond_window
+        if self.proved_reach < 2:
+            return True
+        return window is not None and self.proved_reach <= window and _reach(batch) > window
 
     def capturing(self, backend: LoraLinearBackend, batch: Batch) -> AbstractContextManager[None]:
         return nullcontext() if self.refuted else self.candidate.capturing(backend, batch)
@@ -418,18 +421,15 @@ class ProvedBlock:
     ) -> torch.Tensor:
         if self.refuted:
             return self.replay.pretrained_update(pretrained, x, args, kwargs, batch)
-        real = batch.row_is_real
-        reach = int((batch.attention_mask.cumsum(1).gather(1, batch.rows) * real).max())  # keys a row sees
-        if self._trusted(reach):
+        if not self._on_trial(batch):
             return self.candidate.pretrained_update(pretrained, x, args, kwargs, batch)
         exact = self.replay.pretrained_update(pretrained, x, args, kwargs, batch)
         if x.dtype not in (torch.float32, torch.float64):
             return exact
-        reason = self._difference(
-            exact, partial(self.candidate.pretrained_update, pretrained, x, args, kwargs, batch), real
-        )
+        candidate = partial(self.candidate.pretrained_update, pretrained, x, args, kwargs, batch)
+        reason = self._difference(exact, candidate, batch.row_is_real)
         if reason is None:
-            self.proved_reach = max(self.proved_reach, reach)
+            self.proved_reach = max(self.proved_reach, _reach(batch))
             return exact
         self.refuted = True
         if self.model_type not in _REFUTED_MODEL_TYPES:
@@ -460,6 +460,15 @@ class ProvedBlock:
             scale = exact.abs().amax(-1).clamp_min(torch.finfo(torch.float32).tiny)
             relative = ((update - exact).abs().amax(-1) / scale).max().item()
         return None if relative <= PROOF_TOLERANCE else f"largest difference {relative:.2g} of its row's largest entry"
+
+
+def _reach(batch: Batch) -> int:
+    """The most keys a decomposed row of ``batch`` attends to (its real tokens up to it), made once per forward."""
+
+    def reach(rows: torch.Tensor) -> int:
+        return int((batch.attention_mask.cumsum(1).gather(1, rows) * batch.row_is_real).max())
+
+    return batch.shared("reach", batch.rows, reach)
 
 
 PretrainedPath = ReplayBlock | SharedProjectionBlock | SharedReadBlock | OwnProjectionBlock | ProvedBlock

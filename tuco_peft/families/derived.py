@@ -60,13 +60,13 @@ def derive_spec(layer: nn.Module, config: PretrainedConfig) -> FamilySpec | None
     layout = _NORM_LAYOUTS.get(frozenset(name for name, child in children.items() if _is_norm(child)))
     if layout is None or set(children) - {_ATTENTION, _MLP, *layout[1].values()}:
         return None
-    qk_norm = _qk_norm(attention, config)
-    if qk_norm is None or not all(isinstance(getattr(attention, n, None), nn.Module) for n in (*_PROJECTIONS, _OUTPUT)):
+    if not all(isinstance(getattr(attention, n, None), nn.Module) for n in (*_PROJECTIONS, _OUTPUT)):
         return None
-    if not isinstance(getattr(attention, "head_dim", None), int) or not hasattr(attention, "scaling"):
+    head_dim = getattr(attention, "head_dim", None)
+    if not isinstance(head_dim, int) or not hasattr(attention, "scaling"):
         return None
-    window = _window(attention, config)
-    if window is None:
+    qk_norm, window = _qk_norm(attention, head_dim, config), _window(attention, config)
+    if qk_norm is None or window is None:
         return None
     wiring, norms = layout
     spec = FamilySpec(
@@ -95,24 +95,18 @@ def _is_norm(module: nn.Module) -> bool:
     return "Norm" in type(module).__name__
 
 
-def _qk_norm(attention: nn.Module, config: PretrainedConfig) -> QKNorm | None:
+def _qk_norm(attention: nn.Module, head_dim: int, config: PretrainedConfig) -> QKNorm | None:
     """Where the attention's q/k norms apply, told by their widths; None where that is not clear, or the
     attention holds another norm."""
     norms = {name for name, child in attention.named_children() if _is_norm(child)}
     if not norms:
         return QKNorm.NONE
-    if norms != {"q_norm", "k_norm"}:
-        return None
-    n_heads, _ = attention_heads(config)
-    width = getattr(attention.q_norm, "weight", None)
-    head_dim = getattr(attention, "head_dim", None)
+    width = getattr(attention.q_norm, "weight", None) if norms == {"q_norm", "k_norm"} else None
     if width is None or width.ndim != 1:
         return None
-    if width.shape[0] == head_dim:
-        return QKNorm.PER_HEAD
-    if isinstance(head_dim, int) and width.shape[0] == n_heads * head_dim:
-        return QKNorm.FULL_WIDTH
-    return None
+    n_heads, _ = attention_heads(config)
+    # with one head the widths agree, and it is read per head
+    return {n_heads * head_dim: QKNorm.FULL_WIDTH, head_dim: QKNorm.PER_HEAD}.get(width.shape[0])
 
 
 def _window(attention: nn.Module, config: PretrainedConfig) -> WindowSource | None:

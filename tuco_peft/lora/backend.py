@@ -141,10 +141,11 @@ class LoraLinearBackend(ABC):
         """
         with ExitStack() as stack:
             for layer in layers:
-                kind = adapter_kind(layer)
                 if self.fuses(layer):
                     stack.enter_context(replaced_forward(layer, self._fused_forward(layer, on_base_output, copied)))
-                elif kind is not None and not kind.captured:
+                    continue
+                kind = adapter_kind(layer)
+                if kind is not None and not kind.captured:
                     reporting = _reporting_off_forward(layer, on_base_output)
                     stack.enter_context(hooked(layer, after=reporting, with_kwargs=True))
                 else:

@@ -175,9 +175,11 @@ class LowRankDelta:
         if spec.qk_norm is not QKNorm.NONE:
             base_keys = pretrained_projection(getattr(attention, names[0]))
             normed_keys = NormedKeys(base_keys, attention.k_norm, spec.qk_norm is QKNorm.FULL_WIDTH, head_dim)
-        layer_type = getattr(attention, "layer_type", None) if _tables_per_layer_type(rotary_emb) else None
-        if _tables_per_layer_type(rotary_emb) and not isinstance(layer_type, str):
-            return None  # the past's rotary tables would be of another type's base
+        layer_type = None
+        if _tables_per_layer_type(rotary_emb):
+            layer_type = getattr(attention, "layer_type", None)
+            if not isinstance(layer_type, str):
+                return None  # the past's rotary tables would be of another type's base
         shape = (n_kv_heads, head_dim)
         return LowRankDelta(projections, parts, rotary_emb, shape, past_rotary, normed_keys, layer_type)
 
