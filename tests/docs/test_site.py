@@ -155,6 +155,16 @@ def test_the_tutorials_hold_their_outputs(site):
     assert "held-out accuracy" in steer
 
 
+def test_the_site_needs_no_network(site):
+    """Math, diagrams and fonts come with the pages (docs/hooks/offline.py): nothing is fetched to show them."""
+    for page in site.rglob("*.html"):
+        fetched = re.findall(r'<(?:script|link)\b[^>]*\b(?:src|href)="((?:https?:)?//[^"]+)"', page.read_text("utf-8"))
+        assert not fetched, f"{page.relative_to(site)} fetches {fetched}"
+    concepts = _page(site, "concepts")
+    assert concepts.count("<math") >= 20 and 'class="arithmatex"' not in concepts
+    assert '<figure class="diagram">' in concepts and "<svg" in concepts and "PTC_l at t" in concepts
+
+
 def _distinct_colours(png: Path) -> int:
     from matplotlib.image import imread
 
@@ -166,6 +176,7 @@ def _distinct_colours(png: Path) -> int:
     "page, rendered",
     [
         (".", "Getting started"),
+        ("concepts", "</math>"),  # MathML, drawn by the browser itself
         ("tutorials/analyse-and-compare", "tuco-picked"),  # the token view's script ran inside the page
         ("reference/api", 'id="tuco_peft.decompose"'),
     ],
