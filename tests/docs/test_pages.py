@@ -3,8 +3,8 @@ parser takes (flags, values, arguments), every script or file they name exists, 
 compiles, every benchmark figure comes from benchmarks/README.md, and the generated references cover every
 command, flag and model family.
 
-The pages' commands are the README's and run the same way on the demo pair (tests/cli/test_readme.py runs
-those); the tutorials run at every docs build (test_site.py).
+The pages' commands and snippets also run, on the demo pair (test_documented_examples.py); the tutorials run
+at every docs build (test_site.py).
 """
 
 from __future__ import annotations

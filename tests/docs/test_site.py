@@ -8,16 +8,20 @@ their paths printed (``pytest -s``). The docs tooling is the ``docs`` extra: ``p
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import http.server
 import importlib.util
 import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 from helpers import REPO_ROOT
-from helpers.browser import needed, render
+from helpers.browser import evaluate, needed, render
 
 import tuco_peft
 
@@ -187,3 +191,33 @@ def test_pages_render_in_a_headless_browser(site, tmp_path, page, rendered):
     assert rendered in dom
     assert screenshot.read_bytes()[:8] == _PNG
     assert _distinct_colours(screenshot) > 50  # text, code and figures, not a blank or an error page
+
+
+@contextlib.contextmanager
+def _served(site: Path):
+    """The site over HTTP on a free local port, as `mkdocs serve` gives it: its search loads its index with a
+    fetch, which a page opened from disk may not make."""
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, format, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(site)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        thread.join()
+        server.server_close()
+
+
+def test_the_search_box_finds_decompose(site, tmp_path):
+    """Typing `decompose` in the search box (the `?q=` of a search link) lists the API reference among the
+    hits, in a real browser whose search worker loaded the site's index."""
+    hits = "Array.from(document.querySelectorAll('.md-search-result__item > a'), hit => hit.href)"
+    with _served(site) as url:
+        found = evaluate(f"{url}/?q=decompose", hits, tmp_path / "profile", tmp_path / "search.png")
+    assert any("/reference/api/" in hit for hit in found), found
+    assert (tmp_path / "search.png").read_bytes()[:8] == _PNG

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import itertools
+import json
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -32,7 +36,84 @@ def render(page: Path, screenshot: Path, profile: Path, window: str) -> str:
     common = [headless_browser(), "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}"]
     url = page.resolve().as_uri()
     dom = subprocess.run([*common, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=True).stdout
-    subprocess.run([*common, f"--screenshot={screenshot}", f"--window-size={window}", url],
-                   capture_output=True, timeout=120, check=True)
+    subprocess.run(
+        [*common, f"--screenshot={screenshot}", f"--window-size={window}", url],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
     print(f"screenshot of {page}: {screenshot}")
     return dom
+
+
+def evaluate(url: str, expression: str, profile: Path, screenshot: Path, timeout: float = 60.0) -> object:
+    """The value of the JavaScript ``expression`` in the page at ``url``, polled until it is truthy (or
+    ``timeout`` seconds passed), with a screenshot of the page then. Unlike ``render``'s ``--dump-dom``, this
+    waits for what a page does in real time after loading: web workers, fetches (the site's search).
+
+    It speaks Chromium's DevTools protocol over ``--remote-debugging-pipe``: JSON commands on the browser's fd 3,
+    replies on its fd 4, each message ended by a NUL byte."""
+    commands_read, commands_write = os.pipe()
+    replies_read, replies_write = os.pipe()
+
+    # bash puts the pipe's ends on the browser's fds 3 and 4 (a preexec_fn would do it in Python, which is
+    # unsafe in a process with threads, such as a test serving the site)
+    on_3_and_4 = 'exec "$0" "${@:3}" 3<&"$1" 4>&"$2"'
+    options = ["--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}", "--window-size=1280,1600"]
+    browser = subprocess.Popen(
+        ["bash", "-c", on_3_and_4, headless_browser(), str(commands_read), str(replies_write), *options,
+         "--remote-debugging-pipe", url],
+        pass_fds=(commands_read, replies_write), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    os.close(commands_read)
+    os.close(replies_write)
+    devtools = _DevTools(commands_write, replies_read)
+    try:
+        (page,) = [target for target in devtools.call("Target.getTargets")["targetInfos"] if target["type"] == "page"]
+        session = devtools.call("Target.attachToTarget", targetId=page["targetId"], flatten=True)["sessionId"]
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = devtools.call("Runtime.evaluate", session, expression=expression, returnByValue=True)
+            value = reply["result"].get("value")
+            if value or time.monotonic() > deadline:
+                break
+            time.sleep(0.25)
+        png = devtools.call("Page.captureScreenshot", session)["data"]
+        screenshot.write_bytes(base64.b64decode(png))
+        print(f"screenshot of {url}: {screenshot}")
+        return value
+    finally:
+        browser.kill()
+        browser.wait()
+        os.close(commands_write)
+        os.close(replies_read)
+
+
+class _DevTools:
+    """Commands to a browser and their replies, over the DevTools pipe (events in between are skipped)."""
+
+    def __init__(self, commands: int, replies: int):
+        self._commands, self._replies = commands, replies
+        self._ids = itertools.count(1)
+        self._pending = b""
+
+    def call(self, method: str, session: str | None = None, **params) -> dict:
+        command = {"id": next(self._ids), "method": method, "params": params}
+        if session is not None:
+            command["sessionId"] = session
+        os.write(self._commands, json.dumps(command).encode() + b"\0")
+        while True:
+            message = json.loads(self._next_message())
+            if message.get("id") == command["id"]:
+                if "error" in message:
+                    raise RuntimeError(f"{method}: {message['error']}")
+                return message["result"]
+
+    def _next_message(self) -> bytes:
+        while b"\0" not in self._pending:
+            chunk = os.read(self._replies, 1 << 16)
+            if not chunk:
+                raise RuntimeError("the browser closed its DevTools pipe")
+            self._pending += chunk
+        message, self._pending = self._pending.split(b"\0", 1)
+        return message
