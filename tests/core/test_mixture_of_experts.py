@@ -1,4 +1,4 @@
-"""Mixture-of-experts decoders (Mixtral, Qwen3-MoE, OLMoE): exact against the two-model references.
+"""Mixture-of-experts decoders (Mixtral, Qwen3-MoE, OLMoE, gpt-oss): exact against the two-model references.
 
 No MoE family is registered: their blocks have Llama's parts with a mixture of experts for an MLP, which acts
 on each position alone, so each block's one-pass path is read from its parts and proved against the generic
@@ -34,11 +34,14 @@ _FAMILIES = {
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
     "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16),
     "olmoe": dict(num_experts=4, num_experts_per_tok=2),
+    # attention sinks, alternating sliding and full layers, biased experts, an MoE returning its router's scores
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=6),
 }
+_ROUTER = {"gpt_oss": "router"}  # the others call it "gate"
 _ADAPTERS = {
     "attention": dict(target_modules=["q_proj", "v_proj", "o_proj"]),
     "experts and router": dict(
-        target_modules=["q_proj"], target_parameters=["gate.weight", "experts.gate_up_proj", "experts.down_proj"]
+        target_modules=["q_proj"], target_parameters=["{router}.weight", "experts.gate_up_proj", "experts.down_proj"]
     ),
 }
 
@@ -49,7 +52,10 @@ def _moe_pair(model_type: str, adapters: str):
     base = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **_SHAPE, **_FAMILIES[model_type]))
     pretrained = copy.deepcopy(base).eval()
     torch.manual_seed(1)
-    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **_ADAPTERS[adapters])
+    targets = dict(_ADAPTERS[adapters])
+    router = _ROUTER.get(model_type, "gate")
+    targets["target_parameters"] = [name.format(router=router) for name in targets.get("target_parameters", [])]
+    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **targets)
     return pretrained, get_peft_model(base, config).eval()
 
 
@@ -83,8 +89,9 @@ def test_tuco_of_one_unpadded_prompt_is_the_oracles(model_type):
             torch.testing.assert_close(tuco_peft.tuco(model, ids), tuco_at_last(ptc, ftc, mask), atol=1e-6, rtol=1e-5)
 
 
-def test_steered_generation_with_cache_equals_the_reference_without():
-    pretrained, model = _moe_pair("qwen3_moe", "experts and router")
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss"])
+def test_steered_generation_with_cache_equals_the_reference_without(model_type):
+    pretrained, model = _moe_pair(model_type, "experts and router")
     ids, mask = padded_batch(lengths=(7, 4, 9))
     alphas = [1.5, 0.6, 2.0]
     with ftc_scale(model, alphas):

@@ -55,7 +55,8 @@ from ..model.inventory import is_switchable, outermost_switchable
 
 
 def block_output(output: Any) -> torch.Tensor:
-    """A decoder layer's hidden states (transformers 5 returns a tensor, older versions a tuple)."""
+    """The hidden states a decoder layer or its MLP returns: transformers 5's layers return a tensor, older
+    versions a tuple; some mixtures of experts return their router's scores beside them (gpt-oss)."""
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
@@ -147,11 +148,16 @@ class _RowwiseBlock:
         query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
         if self.spec.rotary_module is not None:
             embeddings = kwargs["position_embeddings"]
-            at_rows = batch.shared("rotary at rows", embeddings, lambda cs: RotaryTables.of(*map(batch.gather, cs)))
-            query = at_rows.apply(query)
-            key = batch.shared("rotary", embeddings, lambda cos_sin: RotaryTables.of(*cos_sin)).apply(key)
+            whole_head = self.head_dim if self.spec.rotary_whole_head else None
+
+            def tables(cos: torch.Tensor, sin: torch.Tensor) -> RotaryTables:
+                return RotaryTables.of(cos, sin, whole_head)
+
+            query = batch.shared("rotary at rows", embeddings, lambda cs: tables(*map(batch.gather, cs))).apply(query)
+            key = batch.shared("rotary", embeddings, lambda cos_sin: tables(*cos_sin)).apply(key)
         visible = batch.key_visibility(self.sliding_window)
-        return attend_rows(query, key, value, visible, self.scaling, self.softcap, eager=self.eager)
+        sinks = None if self.spec.sinks is None else getattr(attention, self.spec.sinks)
+        return attend_rows(query, key, value, visible, self.scaling, self.softcap, eager=self.eager, sinks=sinks)
 
     def pretrained_update(
         self, pretrained: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict[str, Any], batch: Batch
@@ -163,7 +169,7 @@ class _RowwiseBlock:
         attended = self._attend(attention, *self._projections(pretrained, x, batch), kwargs, batch)
         attn_update = _apply(pretrained, spec.post_attention_norm, getattr(attention, spec.output)(attended))
         x_rows = batch.gather(x)
-        mlp_out = getattr(pretrained, spec.mlp)(self._mlp_input(pretrained, x_rows, attn_update))
+        mlp_out = block_output(getattr(pretrained, spec.mlp)(self._mlp_input(pretrained, x_rows, attn_update)))
         return self._output(pretrained, x_rows, attn_update, mlp_out).float() - x_rows.float()
 
     def _mlp_input(self, block: nn.Module, x_rows: torch.Tensor, attn_update: torch.Tensor | None) -> torch.Tensor:

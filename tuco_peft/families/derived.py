@@ -4,7 +4,7 @@ Most new decoders reuse a known block (SmolLM3, OLMo-3, Seed-OSS, Qwen3-MoE, ...
 Gemma 2's sandwich norms or OLMo-2's post-norms, q/k norms per head or over the whole width, an MLP or a
 mixture of experts that acts on each position alone. ``derive_spec`` recognises such a block by the names and
 shapes of its parts, and nothing else: a name says where a part sits, not what the forward does with it
-(a residual multiplier, attention sinks, a norm applied twice). So a derived spec is a candidate only, which
+(a residual multiplier, an interleaved rotary embedding, a norm applied twice). So a derived spec is a candidate only, which
 ``core.pretrained_path`` proves against the generic path on the first batch before it is trusted.
 
 It claims the one-pass path alone (``claimed``): no lean KV cache, no pairing, whose assumptions the proof does
@@ -52,7 +52,8 @@ _NORM_LAYOUTS: dict[frozenset[str], tuple[Wiring, dict[str, str]]] = {
 def derive_spec(layer: nn.Module, config: PretrainedConfig) -> FamilySpec | None:
     """A candidate spec for the decoder block ``layer``, or None where its parts fit no known layout. Rotary
     embeddings are assumed, from the block's ``position_embeddings``, unless its attention says ``use_rope``
-    false (SmolLM3's NoPE layers)."""
+    false (SmolLM3's NoPE layers), over the whole head unless the config gives a partial rotary factor; an
+    attention's ``sinks``, one per head, are read as gpt-oss's."""
     children = dict(layer.named_children())
     attention = children.get(_ATTENTION)
     if attention is None or _MLP not in children:
@@ -78,6 +79,8 @@ def derive_spec(layer: nn.Module, config: PretrainedConfig) -> FamilySpec | None
         rotary_module=None if getattr(attention, "use_rope", True) in (False, 0) else "rotary_emb",
         window=window,
         qk_norm=qk_norm,
+        rotary_whole_head=_rotates_whole_head(config),
+        sinks="sinks" if _has_sinks(attention, config) else None,
         attention_norm=norms.get("attention_norm"),
         mlp_norm=norms.get("mlp_norm"),
         post_attention_norm=norms.get("post_attention_norm"),
@@ -115,3 +118,16 @@ def _window(attention: nn.Module, config: PretrainedConfig) -> WindowSource | No
     if "sliding_window" in attention.__dict__:
         return WindowSource.ATTENTION
     return WindowSource.NONE if getattr(config, "sliding_window", None) is None else None
+
+
+def _rotates_whole_head(config: PretrainedConfig) -> bool:
+    """Whether the rotary embedding turns every dim of each head: the config gives no partial factor below 1."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    factor = getattr(config, "partial_rotary_factor", None) or rope.get("partial_rotary_factor") or 1.0
+    return factor == 1.0
+
+
+def _has_sinks(attention: nn.Module, config: PretrainedConfig) -> bool:
+    """Whether the attention holds a sink logit per head (gpt-oss's ``sinks``)."""
+    sinks = getattr(attention, "sinks", None)
+    return isinstance(sinks, nn.Parameter) and tuple(sinks.shape) == (attention_heads(config)[0],)

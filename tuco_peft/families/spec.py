@@ -98,6 +98,11 @@ class FamilySpec:
     qkv_layout: QKVLayout = QKVLayout.SEPARATE
     head_dim: str = "head_dim"
     rotary_module: str | None = "rotary_emb"  # on the decoder; None: no rotary embedding (GPT-2)
+    # Whether the rotary embedding turns every dim of each head: a table of half the head's width (gpt-oss's)
+    # then holds each frequency once, for dims i and i + hd/2. Otherwise a table narrower than the head turns
+    # its first dims only (partial rotary: Phi-3, GPT-NeoX).
+    rotary_whole_head: bool = False
+    sinks: str | None = None  # the attention's per-head sink logits (gpt-oss): one more score in each softmax
     window: WindowSource = WindowSource.ATTENTION
     qk_norm: QKNorm = QKNorm.NONE
     shared_projections: bool = True
@@ -110,6 +115,8 @@ class FamilySpec:
             raise ValueError(f"the norms {norms} do not fit the {self.wiring.value} wiring")
         if (len(self.projections) == 3) != (self.qkv_layout is QKVLayout.SEPARATE):
             raise ValueError(f"{len(self.projections)} projections do not fit the {self.qkv_layout.value} layout")
+        if self.lean_cache and self.rotary_whole_head:
+            raise ValueError("a lean cache re-rotates past keys with tables as wide as the dims they turn")
         if self.lean_cache and self.qk_norm is not QKNorm.NONE and self.qkv_layout is not QKVLayout.SEPARATE:
             raise ValueError("a lean cache with a k-norm records the pre-norm keys of a separate key projection")
 

@@ -18,8 +18,12 @@ class RotaryTables(NamedTuple):
     signed_sin: torch.Tensor
 
     @classmethod
-    def of(cls, cos: torch.Tensor, sin: torch.Tensor) -> RotaryTables:
-        """From cos/sin [b, seq, rot_dim], as a model's rotary embedding returns them."""
+    def of(cls, cos: torch.Tensor, sin: torch.Tensor, whole_head: int | None = None) -> RotaryTables:
+        """From cos/sin [b, seq, rot_dim], as a model's rotary embedding returns them. ``whole_head``: the head
+        width, where the embedding turns every dim of it; tables of half that width hold each frequency once
+        (gpt-oss: dims i and i + hd/2 turn together) and are doubled into the rotate-half layout."""
+        if whole_head is not None and 2 * cos.shape[-1] == whole_head:
+            cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
         half = cos.shape[-1] // 2
         return cls(cos[:, None], torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)[:, None])
 
@@ -65,23 +69,29 @@ def attend_rows(
     softcap: float | None = None,
     *,
     eager: bool = True,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """query [b, heads, rows, hd]; key/value [b, kv_heads, seq, hd] → [b, rows, heads·hd], in the model dtype.
 
     The numerics follow the model's own attention, so that a pre-trained block equal to the fine-tuned one
     gives the same update: transformers' eager path (scores and weighted sum in the model dtype, softmax in
-    fp32) for eager models and soft-capped logits, scaled_dot_product_attention otherwise.
+    fp32) for eager models, soft-capped logits and sinks, scaled_dot_product_attention otherwise. ``sinks``
+    [heads]: a logit per head that joins every row's softmax and weighs no value (gpt-oss).
     """
     batch, heads, n_rows, head_dim = query.shape
-    if eager or softcap is not None:
+    if eager or softcap is not None or sinks is not None:
         groups = heads // key.shape[1]
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
         scores = query @ key.transpose(-1, -2) * scaling
         if softcap is not None:
             scores = torch.tanh(scores / softcap) * softcap
         # In place: one [b, heads, rows, seq] score tensor fewer at the peak (the fill needs no saved input).
-        weights = scores.masked_fill_(~visible, float("-inf")).softmax(-1, dtype=torch.float32).to(value.dtype)
-        out = weights @ value
+        scores = scores.masked_fill_(~visible, float("-inf"))
+        if sinks is not None:
+            sink = sinks.to(scores.dtype)[:, None, None].expand(batch, heads, n_rows, 1)
+            scores = torch.cat((scores, sink), dim=-1)
+        weights = scores.softmax(-1, dtype=torch.float32).to(value.dtype)
+        out = (weights if sinks is None else weights[..., :-1]) @ value
     else:
         out = F.scaled_dot_product_attention(
             query, key, value, attn_mask=visible, scale=scaling, enable_gqa=key.shape[1] != heads
