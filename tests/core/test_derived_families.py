@@ -37,6 +37,13 @@ PROVED = {
     "qwen3_moe": (_MOE, Wiring.SEQUENTIAL, QKNorm.PER_HEAD),
     "olmoe": (_MOE, Wiring.SEQUENTIAL, QKNorm.FULL_WIDTH),
     "mixtral": ({"num_local_experts": 4, "num_experts_per_tok": 2}, Wiring.SEQUENTIAL, QKNorm.NONE),
+    # both updates scaled before each residual add; Granite-MoE's experts are its "block_sparse_moe"
+    "granite": ({"residual_multiplier": 0.5, "attention_multiplier": 0.2}, Wiring.SEQUENTIAL, QKNorm.NONE),
+    "granitemoe": (
+        {"residual_multiplier": 0.5, "num_local_experts": 4, "num_experts_per_tok": 2},
+        Wiring.SEQUENTIAL,
+        QKNorm.NONE,
+    ),
     # attention sinks, rotary tables of half the head's width, an MoE that returns its router's scores too
     "gpt_oss": (
         {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 6},
@@ -98,7 +105,6 @@ def test_a_known_layout_is_proved_then_trusted(model_type):
 @pytest.mark.parametrize(
     ("model_type", "overrides", "why"),
     [
-        ("granite", {"residual_multiplier": 0.5}, "largest difference"),  # a residual scaled in the forward
         ("glm", {}, "largest difference"),  # rotary embedding interleaved, not rotate-half
     ],
 )
@@ -170,7 +176,7 @@ def test_a_registered_family_is_not_put_on_probation(monkeypatch):
     assert taken and all(type(p) is SharedProjectionBlock for p in taken)
 
 
-@pytest.mark.parametrize("model_type", ["smollm3", "olmo3", "gpt_oss"])
+@pytest.mark.parametrize("model_type", ["smollm3", "olmo3", "gpt_oss", "granite"])
 def test_a_full_fine_tune_of_a_known_layout_is_proved_then_trusted(model_type):
     """The pre-trained blocks are another model's (``base_model=``): the candidate projects its own q/k/v."""
     pretrained, _ = adapted_pair(model_type, **PROVED[model_type][0])

@@ -167,7 +167,7 @@ class _RowwiseBlock:
         spec = self.spec
         attention = getattr(pretrained, spec.attention)
         attended = self._attend(attention, *self._projections(pretrained, x, batch), kwargs, batch)
-        attn_update = _apply(pretrained, spec.post_attention_norm, getattr(attention, spec.output)(attended))
+        attn_update = self._update(pretrained, getattr(attention, spec.output)(attended), spec.post_attention_norm)
         x_rows = batch.gather(x)
         mlp_out = block_output(getattr(pretrained, spec.mlp)(self._mlp_input(pretrained, x_rows, attn_update)))
         return self._output(pretrained, x_rows, attn_update, mlp_out).float() - x_rows.float()
@@ -179,13 +179,21 @@ class _RowwiseBlock:
         assert attn_update is not None, "a sequential block's MLP input follows its attention"
         return _apply(block, self.spec.mlp_norm, x_rows + attn_update)
 
+    def _update(self, block: nn.Module, out: torch.Tensor, post_norm: str | None) -> torch.Tensor:
+        """What the attention's or the MLP's output adds to the residual stream: through its post-norm, if any,
+        and scaled by the block's residual multiplier, if any."""
+        update = _apply(block, post_norm, out)
+        multiplier = self.spec.residual_multiplier
+        return update if multiplier is None else update * getattr(block, multiplier)
+
     def _output(
         self, block: nn.Module, x_rows: torch.Tensor, attn_update: torch.Tensor, mlp_out: torch.Tensor
     ) -> torch.Tensor:
         """The block's output at the rows, its sums in the block's own order."""
+        mlp_update = self._update(block, mlp_out, self.spec.post_mlp_norm)
         if self.spec.wiring is Wiring.PARALLEL:
-            return mlp_out + attn_update + x_rows
-        return (x_rows + attn_update) + _apply(block, self.spec.post_mlp_norm, mlp_out)
+            return mlp_update + attn_update + x_rows
+        return (x_rows + attn_update) + mlp_update
 
 
 class SharedProjectionBlock(_RowwiseBlock):
@@ -310,7 +318,7 @@ class SharedReadBlock(SharedProjectionBlock):
             query, key, value = self._projections(self.layer, x, batch)
             attended_rows = self._attend(self.attention, query, key, value, block_kwargs, batch)
             update_rows, update = _shared_call(self.output, attended_rows, attended, backend)
-            self._attn_update = _apply(self.layer, self.spec.post_attention_norm, update_rows)
+            self._attn_update = self._update(self.layer, update_rows, self.spec.post_attention_norm)
             return update
 
         return forward

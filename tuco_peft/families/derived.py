@@ -4,7 +4,7 @@ Most new decoders reuse a known block (SmolLM3, OLMo-3, Seed-OSS, Qwen3-MoE, ...
 Gemma 2's sandwich norms or OLMo-2's post-norms, q/k norms per head or over the whole width, an MLP or a
 mixture of experts that acts on each position alone. ``derive_spec`` recognises such a block by the names and
 shapes of its parts, and nothing else: a name says where a part sits, not what the forward does with it
-(a residual multiplier, an interleaved rotary embedding, a norm applied twice). So a derived spec is a candidate only, which
+(an interleaved rotary embedding, a norm applied twice). So a derived spec is a candidate only, which
 ``core.pretrained_path`` proves against the generic path on the first batch before it is trusted.
 
 It claims the one-pass path alone (``claimed``): no lean KV cache, no pairing, whose assumptions the proof does
@@ -23,7 +23,7 @@ from .spec import FamilySpec, QKNorm, WindowSource, Wiring, attention_heads
 _ATTENTION = "self_attn"
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj")
 _OUTPUT = "o_proj"
-_MLP = "mlp"
+_MLPS = ("mlp", "block_sparse_moe")  # the second: the mixture of experts of Granite-MoE
 
 # The norms a block holds, by name, and the wiring and places they say.
 _NORM_LAYOUTS: dict[frozenset[str], tuple[Wiring, dict[str, str]]] = {
@@ -53,13 +53,15 @@ def derive_spec(layer: nn.Module, config: PretrainedConfig) -> FamilySpec | None
     """A candidate spec for the decoder block ``layer``, or None where its parts fit no known layout. Rotary
     embeddings are assumed, from the block's ``position_embeddings``, unless its attention says ``use_rope``
     false (SmolLM3's NoPE layers), over the whole head unless the config gives a partial rotary factor; an
-    attention's ``sinks``, one per head, are read as gpt-oss's."""
+    attention's ``sinks``, one per head, are read as gpt-oss's, and a layer's ``residual_multiplier`` as
+    Granite's."""
     children = dict(layer.named_children())
     attention = children.get(_ATTENTION)
-    if attention is None or _MLP not in children:
+    mlp = next((name for name in _MLPS if name in children), None)
+    if attention is None or mlp is None:
         return None
     layout = _NORM_LAYOUTS.get(frozenset(name for name, child in children.items() if _is_norm(child)))
-    if layout is None or set(children) - {_ATTENTION, _MLP, *layout[1].values()}:
+    if layout is None or set(children) - {_ATTENTION, mlp, *layout[1].values()}:
         return None
     if not all(isinstance(getattr(attention, n, None), nn.Module) for n in (*_PROJECTIONS, _OUTPUT)):
         return None
@@ -75,12 +77,13 @@ def derive_spec(layer: nn.Module, config: PretrainedConfig) -> FamilySpec | None
         projections=_PROJECTIONS,
         output=_OUTPUT,
         wiring=wiring,
-        mlp=_MLP,
+        mlp=mlp,
         rotary_module=None if getattr(attention, "use_rope", True) in (False, 0) else "rotary_emb",
         window=window,
         qk_norm=qk_norm,
         rotary_whole_head=_rotates_whole_head(config),
         sinks="sinks" if _has_sinks(attention, config) else None,
+        residual_multiplier="residual_multiplier" if _is_number(layer.__dict__.get("residual_multiplier")) else None,
         attention_norm=norms.get("attention_norm"),
         mlp_norm=norms.get("mlp_norm"),
         post_attention_norm=norms.get("post_attention_norm"),
@@ -131,3 +134,7 @@ def _has_sinks(attention: nn.Module, config: PretrainedConfig) -> bool:
     """Whether the attention holds a sink logit per head (gpt-oss's ``sinks``)."""
     sinks = getattr(attention, "sinks", None)
     return isinstance(sinks, nn.Parameter) and tuple(sinks.shape) == (attention_heads(config)[0],)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

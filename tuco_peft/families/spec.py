@@ -103,6 +103,7 @@ class FamilySpec:
     # its first dims only (partial rotary: Phi-3, GPT-NeoX).
     rotary_whole_head: bool = False
     sinks: str | None = None  # the attention's per-head sink logits (gpt-oss): one more score in each softmax
+    residual_multiplier: str | None = None  # the layer's scale of both updates before each residual add (Granite)
     window: WindowSource = WindowSource.ATTENTION
     qk_norm: QKNorm = QKNorm.NONE
     shared_projections: bool = True
