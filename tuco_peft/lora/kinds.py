@@ -144,14 +144,18 @@ def _ia3(layer: nn.Module) -> AdapterKind:
     return IA3_FEEDFORWARD if layer.is_feedforward else IA3
 
 
-for _class in ("peft.tuners.lora.layer.Linear", "peft.tuners.lora.bnb.Linear4bit", "peft.tuners.lora.bnb.Linear8bitLt"):
-    register_adapter_kind(_class, LORA, LORA_VARIANT, pick=_lora)
-register_adapter_kind("peft.tuners.adalora.layer.SVDLinear", ADALORA)
-register_adapter_kind("peft.tuners.ia3.layer.Linear", IA3, IA3_FEEDFORWARD, pick=_ia3)
+# A tuner's bitsandbytes classes (4-bit and 8-bit bases) call their base layer as its dense class does.
+for _class in ("layer.Linear", "bnb.Linear4bit", "bnb.Linear8bitLt"):
+    register_adapter_kind(f"peft.tuners.lora.{_class}", LORA, LORA_VARIANT, pick=_lora)
+for _class in ("layer.SVDLinear", "bnb.SVDLinear4bit", "bnb.SVDLinear8bitLt"):
+    register_adapter_kind(f"peft.tuners.adalora.{_class}", ADALORA)
+for _class in ("layer.Linear", "bnb.Linear4bit", "bnb.Linear8bitLt"):
+    register_adapter_kind(f"peft.tuners.ia3.{_class}", IA3, IA3_FEEDFORWARD, pick=_ia3)
 register_adapter_kind("peft.tuners.loha.layer.Linear", LOHA)
 register_adapter_kind("peft.tuners.lokr.layer.Linear", LOKR)
 register_adapter_kind("peft.tuners.vera.layer.Linear", VERA)
-register_adapter_kind("peft.tuners.randlora.layer.Linear", RANDLORA)
+for _class in ("layer.Linear", "bnb.Linear4bit", "bnb.Linear8bitLt"):
+    register_adapter_kind(f"peft.tuners.randlora.{_class}", RANDLORA)
 register_adapter_kind("peft.tuners.oft.layer.Linear", OFT)
 register_adapter_kind("peft.tuners.boft.layer.Linear", BOFT)
 register_adapter_kind("peft.tuners.hra.layer.HRALinear", HRA)
