@@ -165,7 +165,7 @@ def test_the_site_needs_no_network(site):
         fetched = re.findall(r'<(?:script|link)\b[^>]*\b(?:src|href)="((?:https?:)?//[^"]+)"', page.read_text("utf-8"))
         assert not fetched, f"{page.relative_to(site)} fetches {fetched}"
     concepts = _page(site, "concepts")
-    assert concepts.count("<math") >= 20 and 'class="arithmatex"' not in concepts
+    assert concepts.count("<math") >= 20 and not re.search(r'class="arithmatex">\s*\\[(\[]', concepts)  # no TeX left
     assert '<figure class="diagram">' in concepts and "<svg" in concepts and "PTC_l at t" in concepts
 
 
@@ -180,7 +180,6 @@ def _distinct_colours(png: Path) -> int:
     "page, rendered",
     [
         (".", "Getting started"),
-        ("concepts", "</math>"),  # MathML, drawn by the browser itself
         ("tutorials/analyse-and-compare", "tuco-picked"),  # the token view's script ran inside the page
         ("reference/api", 'id="tuco_peft.decompose"'),
     ],
@@ -221,3 +220,24 @@ def test_the_search_box_finds_decompose(site, tmp_path):
         found = evaluate(f"{url}/?q=decompose", hits, tmp_path / "profile", tmp_path / "search.png")
     assert any("/reference/api/" in hit for hit in found), found
     assert (tmp_path / "search.png").read_bytes()[:8] == _PNG
+
+
+_FETCHED_ELSEWHERE = (
+    "JSON.stringify(performance.getEntriesByType('resource').map(entry => entry.name)"
+    ".filter(name => !name.startsWith(location.origin)))"
+)
+
+
+@pytest.mark.parametrize("page", ["", "concepts/", "tutorials/analyse-and-compare/", "reference/api/"])
+def test_a_page_fetches_nothing_from_another_origin(site, tmp_path, page):
+    """What the browser actually loaded for the page, scripts, styles, fonts and images included."""
+    with _served(site) as url:
+        fetched = evaluate(f"{url}/{page}", _FETCHED_ELSEWHERE, tmp_path / "profile", tmp_path / "page.png")
+    assert fetched == "[]"
+
+
+def test_the_browser_draws_the_math_as_mathml(site, tmp_path):
+    """The display formulas of the concepts page are laid out by the browser's own MathML engine."""
+    display = "getComputedStyle(document.querySelector('math[display=block]')).display"
+    with _served(site) as url:
+        assert evaluate(f"{url}/concepts/", display, tmp_path / "profile", tmp_path / "concepts.png") == "block math"

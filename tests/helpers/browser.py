@@ -6,6 +6,7 @@ import base64
 import itertools
 import json
 import os
+import select
 import shutil
 import subprocess
 import time
@@ -47,33 +48,39 @@ def render(page: Path, screenshot: Path, profile: Path, window: str) -> str:
 
 
 def evaluate(url: str, expression: str, profile: Path, screenshot: Path, timeout: float = 60.0) -> object:
-    """The value of the JavaScript ``expression`` in the page at ``url``, polled until it is truthy (or
-    ``timeout`` seconds passed), with a screenshot of the page then. Unlike ``render``'s ``--dump-dom``, this
-    waits for what a page does in real time after loading: web workers, fetches (the site's search).
+    """The value of the JavaScript ``expression`` in the page at ``url`` once it loaded, polled until it is
+    truthy, with a screenshot of the page then. Unlike ``render``'s ``--dump-dom``, this waits for what a page
+    does in real time after loading: web workers, fetches (the site's search). The page must load, and the
+    value turn truthy, within ``timeout`` seconds (the screenshot has 30 more), else ``TimeoutError`` or the
+    last value; an expression that throws raises.
 
     It speaks Chromium's DevTools protocol over ``--remote-debugging-pipe``: JSON commands on the browser's fd 3,
     replies on its fd 4, each message ended by a NUL byte."""
+    browser_path, deadline = headless_browser(), time.monotonic() + timeout
     commands_read, commands_write = os.pipe()
     replies_read, replies_write = os.pipe()
-
     # bash puts the pipe's ends on the browser's fds 3 and 4 (a preexec_fn would do it in Python, which is
     # unsafe in a process with threads, such as a test serving the site)
     on_3_and_4 = 'exec "$0" "${@:3}" 3<&"$1" 4>&"$2"'
     options = ["--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}", "--window-size=1280,1600"]
     browser = subprocess.Popen(
-        ["bash", "-c", on_3_and_4, headless_browser(), str(commands_read), str(replies_write), *options,
-         "--remote-debugging-pipe", url],
+        ["bash", "-c", on_3_and_4, browser_path, str(commands_read), str(replies_write), *options,
+         "--remote-debugging-pipe", "about:blank"],
         pass_fds=(commands_read, replies_write), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     os.close(commands_read)
     os.close(replies_write)
-    devtools = _DevTools(commands_write, replies_read)
+    devtools = _DevTools(commands_write, replies_read, deadline + 30)
     try:
         (page,) = [target for target in devtools.call("Target.getTargets")["targetInfos"] if target["type"] == "page"]
         session = devtools.call("Target.attachToTarget", targetId=page["targetId"], flatten=True)["sessionId"]
-        deadline = time.monotonic() + timeout
+        devtools.call("Page.enable", session)
+        devtools.call("Page.navigate", session, url=url)
+        devtools.wait_for("Page.loadEventFired", session, deadline)
         while True:
             reply = devtools.call("Runtime.evaluate", session, expression=expression, returnByValue=True)
+            if "exceptionDetails" in reply:
+                raise RuntimeError(f"{expression!r} threw: {reply['exceptionDetails']}")
             value = reply["result"].get("value")
             if value or time.monotonic() > deadline:
                 break
@@ -90,12 +97,14 @@ def evaluate(url: str, expression: str, profile: Path, screenshot: Path, timeout
 
 
 class _DevTools:
-    """Commands to a browser and their replies, over the DevTools pipe (events in between are skipped)."""
+    """Commands to a browser and their replies over the DevTools pipe; the events in between are kept for
+    ``wait_for``. No read waits past ``deadline``."""
 
-    def __init__(self, commands: int, replies: int):
-        self._commands, self._replies = commands, replies
+    def __init__(self, commands: int, replies: int, deadline: float):
+        self._commands, self._replies, self._deadline = commands, replies, deadline
         self._ids = itertools.count(1)
         self._pending = b""
+        self._events: list[dict] = []
 
     def call(self, method: str, session: str | None = None, **params) -> dict:
         command = {"id": next(self._ids), "method": method, "params": params}
@@ -103,17 +112,29 @@ class _DevTools:
             command["sessionId"] = session
         os.write(self._commands, json.dumps(command).encode() + b"\0")
         while True:
-            message = json.loads(self._next_message())
+            message = self._next_message()
             if message.get("id") == command["id"]:
                 if "error" in message:
                     raise RuntimeError(f"{method}: {message['error']}")
                 return message["result"]
+            if "method" in message:
+                self._events.append(message)
 
-    def _next_message(self) -> bytes:
+    def wait_for(self, event: str, session: str, deadline: float) -> None:
+        """Until the browser sent ``event`` for ``session`` (it may have come already), by ``deadline``."""
+        while not any(e["method"] == event and e.get("sessionId") == session for e in self._events):
+            message = self._next_message(deadline)
+            if "method" in message:
+                self._events.append(message)
+
+    def _next_message(self, deadline: float | None = None) -> dict:
         while b"\0" not in self._pending:
+            left = min(self._deadline, deadline or self._deadline) - time.monotonic()
+            if left <= 0 or not select.select([self._replies], [], [], left)[0]:
+                raise TimeoutError("the browser did not answer in time")
             chunk = os.read(self._replies, 1 << 16)
             if not chunk:
                 raise RuntimeError("the browser closed its DevTools pipe")
             self._pending += chunk
         message, self._pending = self._pending.split(b"\0", 1)
-        return message
+        return json.loads(message)
