@@ -52,7 +52,7 @@ _NORM_LAYOUTS: dict[frozenset[str], tuple[Wiring, dict[str, str]]] = {
 def derive_spec(layer: nn.Module, config: PretrainedConfig) -> FamilySpec | None:
     """A candidate spec for the decoder block ``layer``, or None where its parts fit no known layout. Rotary
     embeddings are assumed, from the block's ``position_embeddings``, unless its attention says ``use_rope``
-    false (SmolLM3's NoPE layers), over the whole head unless the config gives a partial rotary factor; an
+    false (SmolLM3's NoPE layers) or it is a global layer of a sliding model (EXAONE 4), over the whole head unless the config gives a partial rotary factor; an
     attention's ``sinks``, one per head, are read as gpt-oss's, and a layer's ``residual_multiplier`` as
     Granite's."""
     children = dict(layer.named_children())
@@ -71,6 +71,10 @@ def derive_spec(layer: nn.Module, config: PretrainedConfig) -> FamilySpec | None
     qk_norm, window = _qk_norm(attention, head_dim, config), _window(attention, config)
     if qk_norm is None or window is None:
         return None
+    # EXAONE 4's global layers (Cohere 2's too): not sliding where the model slides, and without RoPE
+    global_layer = attention.__dict__.get("is_sliding") is False and getattr(config, "sliding_window", None) is not None
+    if global_layer:
+        window = WindowSource.NONE
     wiring, norms = layout
     spec = FamilySpec(
         attention=_ATTENTION,
@@ -78,7 +82,7 @@ def derive_spec(layer: nn.Module, config: PretrainedConfig) -> FamilySpec | None
         output=_OUTPUT,
         wiring=wiring,
         mlp=mlp,
-        rotary_module=None if getattr(attention, "use_rope", True) in (False, 0) else "rotary_emb",
+        rotary_module=None if global_layer or getattr(attention, "use_rope", True) in (False, 0) else "rotary_emb",
         window=window,
         qk_norm=qk_norm,
         rotary_whole_head=_rotates_whole_head(config),
