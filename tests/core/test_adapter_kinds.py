@@ -25,6 +25,7 @@ from peft import (
     LoKrConfig,
     LoraConfig,
     OFTConfig,
+    PeftMixedModel,
     RandLoraConfig,
     VBLoRAConfig,
     VeraConfig,
@@ -56,6 +57,13 @@ KINDS = {
     "bdlora": lambda: _bd_lora(),  # a LoRA variant that adds into its base output in place
     "adalora": lambda: AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=ATTENTION + MLP,
                                      init_lora_weights=False),
+    # PeftMixedModel: the second tuner's layers nest over the first's where both target a projection
+    "lora-under-loha": lambda: (LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False),
+                                LoHaConfig(r=4, target_modules=["q_proj", "k_proj", "down_proj"], init_weights=False)),
+    "lora-under-oft": lambda: (LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+                               OFTConfig(r=0, oft_block_size=8, target_modules=["q_proj", "k_proj"], init_weights=False)),
+    "oft-under-lora": lambda: (OFTConfig(r=0, oft_block_size=8, target_modules=["q_proj", "k_proj"], init_weights=False),
+                               LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)),
 }
 # Kinds tuco_peft.lora.kinds does not know: the generic path, with a warning naming them.
 UNREGISTERED = {
@@ -78,7 +86,14 @@ def tuner_pair(kind: str, attention: str | None = "eager"):
     base = base_model("llama", attention=attention, intermediate_size=128)
     pretrained = copy.deepcopy(base)
     torch.manual_seed(1)
-    model = get_peft_model(base, {**KINDS, **UNREGISTERED}[kind]()).eval()
+    configs = {**KINDS, **UNREGISTERED}[kind]()
+    if isinstance(configs, tuple):  # a mixed model, every adapter active
+        model = get_peft_model(base, configs[0], adapter_name="first", mixed=True)
+        model.add_adapter("second", configs[1])
+        model.set_adapter(["first", "second"])
+        model.eval()
+    else:
+        model = get_peft_model(base, configs).eval()
     with torch.no_grad():  # tuners whose random init is still the identity get trained-looking weights
         for name, parameter in model.named_parameters():
             if parameter.requires_grad:
@@ -91,7 +106,8 @@ def decompose_against_the_oracle(kind: str) -> list:
     pretrained, model = tuner_pair(kind)
     ids, mask = padded_batch()
     with torch.no_grad():
-        ptc, ftc, _, _ = two_pass(model, decoder_blocks(pretrained), ids, mask)
+        finetuned = model.base_model.model if isinstance(model, PeftMixedModel) else model
+        ptc, ftc, _, _ = two_pass(finetuned, decoder_blocks(pretrained), ids, mask)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             decomposition = tuco_peft.decompose(model, ids, mask, positions="all")
@@ -135,7 +151,9 @@ def test_every_tuner_is_differentiable(kind):
     assert grads and all(g is not None for g in grads) and any(g.abs().max() > 0 for g in grads)
 
 
-@pytest.mark.parametrize("kind", ["dora", "dora-on-mlp", "loha", "ia3", "oft", "vera", "adalora", "fourierft"])
+@pytest.mark.parametrize(
+    "kind", ["dora", "dora-on-mlp", "loha", "ia3", "oft", "vera", "adalora", "fourierft", "lora-under-oft"]
+)
 def test_cached_steered_generation_with_every_tuner(kind):
     """With the default attention (sdpa) and one unpadded prompt, as users generate."""
     pretrained, model = tuner_pair(kind, attention=None)
@@ -145,7 +163,8 @@ def test_cached_steered_generation_with_every_tuner(kind):
     with tuco_peft.ftc_scale(model, alphas):
         out = greedy_generate(model, ids, mask, n_new, output_logits=True, return_dict_in_generate=True)
     full_mask = torch.ones_like(out.sequences)
-    reference = steered_logits(model, pretrained, out.sequences, full_mask, alphas)[:, ids.shape[1] - 1 : -1]
+    finetuned = model.base_model.model if isinstance(model, PeftMixedModel) else model
+    reference = steered_logits(finetuned, pretrained, out.sequences, full_mask, alphas)[:, ids.shape[1] - 1 : -1]
     torch.testing.assert_close(torch.stack(out.logits, dim=1), reference, atol=1e-4, rtol=1e-4)
 
 

@@ -71,21 +71,27 @@ def test_qlora_matches_oracle(tmp_path, quant_type, double_quant, device):
     assert (last - tuco_at_last(ptc, ftc, mask)).abs().max() < 1e-5
 
 
-def test_dora_on_a_4bit_base_matches_oracle_in_one_pass(tmp_path):
-    """QDoRA: DoRA's forward computes the dequantized base output first, so its q/k/v are captured (no block is
-    replayed) and its magnitude vector rescales only the fine-tuned path."""
-    model = qlora_model(tmp_path, double_quant=True, use_dora=True)
+def _assert_one_pass_matches_the_oracle(model) -> None:
+    """Every block takes the one-pass path (its q/k/v captured), and every component at every position is the
+    oracle's; the tuner changed the blocks."""
     parts = model_parts(model)
-    assert type(pretrained_path(parts.layers[0], parts.config)) is SharedProjectionBlock
+    assert all(type(pretrained_path(layer, parts.config)) is SharedProjectionBlock for layer in parts.layers)
     ids, mask = padded_batch()
     with torch.no_grad():
         ptc, ftc, _, _ = _oracle(model, ids, mask)
         d = tuco_peft.decompose(model, ids, mask, positions="all")
     real = mask.bool()[:, None, :, None]
     scale = ptc.abs().max()
-    assert (ftc * real).abs().max() > 1e-2 * scale  # DoRA changed the blocks
+    assert (ftc * real).abs().max() > 1e-2 * scale
     assert (d.ptc - ptc * real).abs().max() <= 1e-4 * scale
     assert (d.ftc - ftc * real).abs().max() <= 1e-4 * scale
+
+
+def test_dora_on_a_4bit_base_matches_oracle_in_one_pass(tmp_path):
+    """QDoRA: DoRA's forward computes the dequantized base output first, so its q/k/v are captured (no block is
+    replayed) and its magnitude vector rescales only the fine-tuned path."""
+    model = qlora_model(tmp_path, double_quant=True, use_dora=True)
+    _assert_one_pass_matches_the_oracle(model)
     assert not _repacked(model)
 
 
@@ -129,17 +135,7 @@ def test_other_tuners_on_a_quantized_base_match_the_oracle_in_one_pass(tmp_path,
     )
     torch.manual_seed(1)
     model = get_peft_model(_quantized_base(tmp_path, quantization), _QUANTIZED_TUNERS[tuner]()).eval()
-    parts = model_parts(model)
-    assert all(type(pretrained_path(layer, parts.config)) is SharedProjectionBlock for layer in parts.layers)
-    ids, mask = padded_batch()
-    with torch.no_grad():
-        ptc, ftc, _, _ = _oracle(model, ids, mask)
-        d = tuco_peft.decompose(model, ids, mask, positions="all")
-    real = mask.bool()[:, None, :, None]
-    scale = ptc.abs().max()
-    assert (ftc * real).abs().max() > 1e-2 * scale  # the tuner changed the blocks
-    assert (d.ptc - ptc * real).abs().max() <= 1e-4 * scale
-    assert (d.ftc - ftc * real).abs().max() <= 1e-4 * scale
+    _assert_one_pass_matches_the_oracle(model)
 
 
 def test_decompose_never_repacks_and_leaves_the_flag(tmp_path):

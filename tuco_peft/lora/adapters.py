@@ -28,7 +28,7 @@ from torch import nn
 from ..errors import InputError, UnsupportedModelError
 from ..model.interception import forward_replaced, hooked, replaced_forwards
 from ..model.inventory import ModuleInventory, is_switchable
-from .kinds import ADALORA, adapter_kind, holds_tuner_layer
+from .kinds import ADALORA, adapter_kind, holds_tuner_layer, stacked_kinds
 
 if TYPE_CHECKING:
     from ..model.inventory import LoraModule, TunerModule
@@ -174,7 +174,7 @@ def why_not_mixable(modules: ModuleInventory, names: Iterable[str]) -> str | Non
     for name, module in modules.lora_layers:
         if type(module).__name__ == "ParamWrapper":
             return f"PEFT does not mix adapters on target_parameters, as on {name}"
-        if adapter_kind(module) is ADALORA:
+        if ADALORA in (stacked_kinds(module) or ()):
             return f"PEFT does not mix AdaLoRA adapters, as on {name}"
         dora = sorted(adapter for adapter in wanted if module.use_dora.get(adapter, False))
         if dora:

@@ -174,7 +174,7 @@ def _reporting_off_forward(layer: nn.Module, on_base_output: BaseOutputSink) -> 
     base_layer = pretrained_projection(layer)
 
     def report(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: torch.Tensor) -> None:
-        with adapters_disabled((layer,)):
+        with adapters_disabled(layer.modules()):  # with the tuner layers nested in it (mixed models)
             on_base_output(base_layer, args, type(layer).forward(layer, *args, **kwargs))
 
     return report

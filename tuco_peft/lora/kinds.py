@@ -17,8 +17,9 @@ layer alone: that is the pre-trained projection. The one-pass paths need to know
   can stand in for the forward.
 
 One entry per layer class, registered by its qualified name (``register_adapter_kind``), with a rule where
-the instance decides (a DoRA adapter, an IA3 layer on a feed-forward module). A tuner layer whose class
-is not registered is decomposed exactly by switching it off (the generic path), with one warning naming it.
+the instance decides (a DoRA adapter, an IA3 layer on a feed-forward module). A mixed model's tuner layers
+nested one over another are of the kind their stack composes. A tuner layer whose class is not registered is
+decomposed exactly by switching it off (the generic path), with one warning naming it.
 """
 
 from __future__ import annotations
@@ -108,21 +109,51 @@ def registered_adapter_kinds() -> tuple[RegisteredKind, ...]:
 
 
 def adapter_kind(module: nn.Module) -> AdapterKind | None:
-    """The kind of a PEFT tuner layer, or None: not a registered tuner layer, or one that holds another tuner
-    layer beneath it (a mixed model's), whose base output has adapters of its own.
+    """The kind of a PEFT tuner layer, or None where it, or a tuner layer nested beneath it, is of no registered
+    kind. A mixed model nests one tuner layer over another: the stack is of the kind ``stacked`` makes.
 
     Asked per module on every call (and per linear call by the fused backend): the class is looked up once,
     the rule reads plain attributes."""
-    registered = _registered(type(module))  # type: ignore[arg-type]  # mypy#11470: classes are Hashable
-    if registered is None or holds_tuner_layer(module):
+    kinds = stacked_kinds(module)
+    if kinds is None:
         return None
-    return registered.pick(module)
+    return kinds[0] if len(kinds) == 1 else _stacked(kinds)
+
+
+def stacked_kinds(module: nn.Module) -> tuple[AdapterKind, ...] | None:
+    """The kinds of ``module`` and of the tuner layers nested beneath it, outermost first; None where one of
+    them is of no registered kind."""
+    kinds: list[AdapterKind] = []
+    layer = module
+    while True:
+        registered = _registered(type(layer))  # type: ignore[arg-type]  # mypy#11470: classes are Hashable
+        if registered is None:
+            return None
+        kinds.append(registered.pick(layer))
+        if not holds_tuner_layer(layer):
+            return tuple(kinds)
+        layer = cast(nn.Module, layer._modules["base_layer"])  # a tuner layer, as holds_tuner_layer found
 
 
 def holds_tuner_layer(layer: nn.Module) -> bool:
     """Whether a tuner layer's base layer is another tuner layer (a mixed model nests them)."""
     base_layer = layer._modules.get("base_layer")
     return base_layer is not None and "base_layer" in base_layer._modules
+
+
+@cache
+def _stacked(kinds: tuple[AdapterKind, ...]) -> AdapterKind:
+    """The kind of tuner layers nested one over another, each the base layer of the one above. Its pre-trained
+    projection is the innermost base layer's output: captured where every layer passes its input on unchanged,
+    else recomputed by the stack's forward with all its adapters off. It adds in place where one layer does (the
+    base output then reaches an in-place add), and it is never plain low-rank."""
+    captured = all(kind.captured for kind in kinds)
+    return AdapterKind(
+        " over ".join(kind.name for kind in kinds),
+        BaseOutput.CAPTURED if captured else BaseOutput.RECOMPUTED,
+        adds_in_place=any(kind.adds_in_place for kind in kinds),
+        off_is_base_call=all(kind.off_is_base_call for kind in kinds),
+    )
 
 
 @cache
