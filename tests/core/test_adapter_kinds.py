@@ -62,6 +62,10 @@ KINDS = {
                                 LoHaConfig(r=4, target_modules=["q_proj", "k_proj", "down_proj"], init_weights=False)),
     "lora-under-oft": lambda: (LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
                                OFTConfig(r=0, oft_block_size=8, target_modules=["q_proj", "k_proj"], init_weights=False)),
+    "adalora-under-loha": lambda: (  # AdaLoRA adds into its base output in place, under LoHa's forward
+        AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+        LoHaConfig(r=4, target_modules=["q_proj", "k_proj"], init_weights=False),
+    ),
     "oft-under-lora": lambda: (OFTConfig(r=0, oft_block_size=8, target_modules=["q_proj", "k_proj"], init_weights=False),
                                LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)),
 }

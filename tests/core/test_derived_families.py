@@ -61,11 +61,15 @@ def _fresh_warnings(monkeypatch):
     monkeypatch.setattr(pretrained_path_module, "_REFUTED_MODEL_TYPES", set())
 
 
+def base_model_of(model_type: str, **overrides):
+    """A random model of ``model_type`` in the shape of these tests."""
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**_SHAPE, **overrides})).eval()
+
+
 def adapted_pair(model_type: str, **overrides):
     """(pre-trained model, PeftModel with random LoRA on attention and MLP linears), the default attention."""
-    torch.manual_seed(0)
-    config = AutoConfig.for_model(model_type, **{**_SHAPE, **overrides})
-    base = AutoModelForCausalLM.from_config(config).eval()
+    base = base_model_of(model_type, **overrides)
     pretrained = copy.deepcopy(base)
     torch.manual_seed(1)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -158,6 +162,19 @@ def test_half_precision_batches_replay_until_an_fp32_one_proves_the_block():
     assert all(p.proved_reach == 12 for p in paths(model))
 
 
+def test_a_block_with_sinks_proved_in_fp32_computes_bfloat16_as_the_model_does():
+    """gpt-oss's attention takes each row's largest logit off and runs its softmax in the logits' dtype: the
+    trusted one-pass path does the same, so in bf16 it gives the oracle's TuCo, not one some rounding away."""
+    pretrained, model = adapted_pair("gpt_oss", **PROVED["gpt_oss"][0])
+    ids, mask = padded_batch()
+    assert tuco_against_the_oracle(pretrained, model, ids, mask) == []  # proved in fp32
+    model.to(torch.bfloat16)
+    pretrained.to(torch.bfloat16)
+    with torch.no_grad():
+        ptc, ftc, _, _ = two_pass(model, decoder_blocks(pretrained), ids, mask)
+        torch.testing.assert_close(tuco_peft.tuco(model, ids, mask), tuco_at_last(ptc, ftc, mask), atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ("gpt2", "gpt_neox", "phi3", "mistral")])
 def test_the_spec_read_from_a_registered_familys_parts_is_its_registered_spec(family):
     """The registered specs are an oracle for the reading: the same wiring, norms and q/k norm (not read: fused
@@ -168,6 +185,17 @@ def test_the_spec_read_from_a_registered_familys_parts_is_its_registered_spec(fa
     assert derived is not None
     fields = ("wiring", "attention_norm", "mlp_norm", "post_attention_norm", "post_mlp_norm", "qk_norm", "projections")
     assert [getattr(derived, f) for f in fields] == [getattr(registered, f) for f in fields]
+
+
+def test_a_global_layer_without_rope_is_exaone_4s_not_gemma_3s():
+    """EXAONE 4's global layer holds the sliding window it does not use and has no RoPE; Gemma 3's holds none
+    and keeps its RoPE: read from the parts, only the first loses its rotary embedding."""
+    exaone = base_model_of("exaone4", **PROVED["exaone4"][0])
+    gemma = base_model("gemma3_text")
+    exaone_specs = [derive_spec(layer, exaone.config) for layer in decoder_blocks(exaone)]
+    gemma_specs = [derive_spec(layer, gemma.config) for layer in decoder_blocks(gemma)]
+    assert [s.rotary_module for s in exaone_specs] == ["rotary_emb"] * 3 + [None]
+    assert all(s.rotary_module == "rotary_emb" for s in gemma_specs)
 
 
 def test_a_registered_family_is_not_put_on_probation(monkeypatch):

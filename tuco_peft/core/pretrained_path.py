@@ -153,8 +153,9 @@ class _RowwiseBlock:
             def tables(cos: torch.Tensor, sin: torch.Tensor) -> RotaryTables:
                 return RotaryTables.of(cos, sin, whole_head)
 
-            query = batch.shared("rotary at rows", embeddings, lambda cs: tables(*map(batch.gather, cs))).apply(query)
-            key = batch.shared("rotary", embeddings, lambda cos_sin: tables(*cos_sin)).apply(key)
+            at_rows, everywhere = f"rotary at rows, {whole_head}", f"rotary, {whole_head}"  # per way of reading them
+            query = batch.shared(at_rows, embeddings, lambda cs: tables(*map(batch.gather, cs))).apply(query)
+            key = batch.shared(everywhere, embeddings, lambda cos_sin: tables(*cos_sin)).apply(key)
         visible = batch.key_visibility(self.sliding_window)
         sinks = None if self.spec.sinks is None else getattr(attention, self.spec.sinks)
         return attend_rows(query, key, value, visible, self.scaling, self.softcap, eager=self.eager, sinks=sinks)

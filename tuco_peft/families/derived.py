@@ -71,8 +71,11 @@ def derive_spec(layer: nn.Module, config: PretrainedConfig) -> FamilySpec | None
     qk_norm, window = _qk_norm(attention, head_dim, config), _window(attention, config)
     if qk_norm is None or window is None:
         return None
-    # EXAONE 4's global layers (Cohere 2's too): not sliding where the model slides, and without RoPE
-    global_layer = attention.__dict__.get("is_sliding") is False and getattr(config, "sliding_window", None) is not None
+    # EXAONE 4's global layers: not sliding, though the attention holds a window, and without RoPE (Gemma 3's
+    # global layers hold no window, and keep their RoPE)
+    global_layer = (
+        attention.__dict__.get("is_sliding") is False and attention.__dict__.get("sliding_window") is not None
+    )
     if global_layer:
         window = WindowSource.NONE
     wiring, norms = layout

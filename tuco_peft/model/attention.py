@@ -87,11 +87,14 @@ def attend_rows(
             scores = torch.tanh(scores / softcap) * softcap
         # In place: one [b, heads, rows, seq] score tensor fewer at the peak (the fill needs no saved input).
         scores = scores.masked_fill_(~visible, float("-inf"))
-        if sinks is not None:
+        if sinks is None:
+            weights = scores.softmax(-1, dtype=torch.float32).to(value.dtype)
+        else:  # as gpt-oss: each row less its largest logit, the softmax in the scores' dtype, the sink dropped
             sink = sinks.to(scores.dtype)[:, None, None].expand(batch, heads, n_rows, 1)
-            scores = torch.cat((scores, sink), dim=-1)
-        weights = scores.softmax(-1, dtype=torch.float32).to(value.dtype)
-        out = (weights if sinks is None else weights[..., :-1]) @ value
+            logits = torch.cat((scores, sink), dim=-1)
+            logits = logits - logits.max(dim=-1, keepdim=True).values
+            weights = logits.softmax(-1, dtype=logits.dtype)[..., :-1].to(value.dtype)
+        out = weights @ value
     else:
         out = F.scaled_dot_product_attention(
             query, key, value, attn_mask=visible, scale=scaling, enable_gqa=key.shape[1] != heads
