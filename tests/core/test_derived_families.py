@@ -37,6 +37,13 @@ PROVED = {
     "qwen3_moe": (_MOE, Wiring.SEQUENTIAL, QKNorm.PER_HEAD),
     "olmoe": (_MOE, Wiring.SEQUENTIAL, QKNorm.FULL_WIDTH),
     "mixtral": ({"num_local_experts": 4, "num_experts_per_tok": 2}, Wiring.SEQUENTIAL, QKNorm.NONE),
+    # a dense first block, then routed and shared experts; partial rotary (GLM-4.5)
+    "glm4_moe": (
+        {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "first_k_dense_replace": 1,
+         "n_group": 1, "topk_group": 1},
+        Wiring.SEQUENTIAL,
+        QKNorm.NONE,
+    ),
     # three sliding layers with RoPE, then a global one without (its attention's window attribute is set too)
     "exaone4": ({"sliding_window": 6, "sliding_window_pattern": 4}, Wiring.POST_NORM, QKNorm.PER_HEAD),
     # both updates scaled before each residual add; Granite-MoE's experts are its "block_sparse_moe"
