@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import copy
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
 from helpers.models import FAMILIES, VOCAB, base_model, padded_batch
 from helpers.oracle import decoder_blocks, tuco_at_last, two_pass
-from helpers.strategies import force
+from helpers.strategies import STRATEGIES, force, record_strategies
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -19,6 +20,7 @@ import tuco_peft
 from tuco_peft.core import pretrained_path as pretrained_path_module
 from tuco_peft.core.pretrained_path import ProvedBlock, SharedProjectionBlock
 from tuco_peft.families import QKNorm, Wiring, derive_spec, spec_for
+from tuco_peft.families.registry import _FAMILIES, RegisteredFamily
 from tuco_peft.model.parts import model_parts
 
 _SHAPE = dict(
@@ -203,6 +205,21 @@ def test_a_global_layer_without_rope_is_exaone_4s_not_gemma_3s():
     gemma_specs = [derive_spec(layer, gemma.config) for layer in decoder_blocks(gemma)]
     assert [s.rotary_module for s in exaone_specs] == ["rotary_emb"] * 3 + [None]
     assert all(s.rotary_module == "rotary_emb" for s in gemma_specs)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_registered_residual_multiplier_holds_in_every_strategy(strategy, monkeypatch):
+    """Registered (not on probation, so any strategy, not only the proof's), Granite's spec scales both updates
+    where shared reads, separate reads and paired blocks compose a block's output."""
+    force(monkeypatch, strategy)
+    chosen = record_strategies(monkeypatch)
+    pretrained, model = adapted_pair("granite", **PROVED["granite"][0])
+    layer = decoder_blocks(model)[0]
+    spec = replace(derive_spec(layer, model.config), pairable=True)
+    registered = RegisteredFamily("granite", type(layer).__name__, __name__, False, lambda config: spec)
+    monkeypatch.setitem(_FAMILIES, "granite", registered)
+    assert tuco_against_the_oracle(pretrained, model, *padded_batch()) == []
+    assert chosen and set(chosen) == {STRATEGIES[strategy]}
 
 
 def test_a_registered_family_is_not_put_on_probation(monkeypatch):

@@ -335,6 +335,8 @@ class SharedReadBlock(SharedProjectionBlock):
             normed_rows = self._mlp_input(self.layer, x_rows, self._attn_update)
             self._n_pretrained_rows = normed_rows.shape[1]
             both = type(self.mlp).forward(self.mlp, torch.cat([normed_rows, normed], dim=1))
+            if not isinstance(both, torch.Tensor):  # gpt-oss's MoE also returns its router's scores, per token
+                raise self._mismatch(f"has {self.spec.mlp} return more than its hidden states, which rows cannot share")
             self._mlp_out, out = both.split([normed_rows.shape[1], normed.shape[1]], dim=1)
             return out
 
