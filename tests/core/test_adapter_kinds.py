@@ -105,10 +105,10 @@ def tuner_pair(kind: str, attention: str | None = "eager"):
     return pretrained, model
 
 
-def decompose_against_the_oracle(kind: str) -> list:
-    """decompose and tuco of a tuner ``kind`` against the oracle; the warnings they gave."""
-    pretrained, model = tuner_pair(kind)
-    ids, mask = padded_batch()
+def decompose_against_the_oracle(kind: str, device: torch.device | str = "cpu") -> list:
+    """decompose and tuco of a tuner ``kind`` against the oracle, on ``device``; the warnings they gave."""
+    pretrained, model = (m.to(device) for m in tuner_pair(kind))
+    ids, mask = (t.to(device) for t in padded_batch())
     with torch.no_grad():
         finetuned = model.base_model.model if isinstance(model, PeftMixedModel) else model
         ptc, ftc, _, _ = two_pass(finetuned, decoder_blocks(pretrained), ids, mask)
@@ -125,12 +125,13 @@ def decompose_against_the_oracle(kind: str) -> list:
     return [str(w.message) for w in caught]
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("kind", KINDS)
-def test_every_registered_tuner_runs_one_pass_and_matches_the_oracle(kind, strategy, monkeypatch):
+def test_every_registered_tuner_runs_one_pass_and_matches_the_oracle(kind, strategy, monkeypatch, device):
     force(monkeypatch, strategy)
     chosen = record_strategies(monkeypatch)
-    messages = decompose_against_the_oracle(kind)
+    messages = decompose_against_the_oracle(kind, device)
     assert chosen and set(chosen) == {STRATEGIES[strategy]}
     assert not [m for m in messages if "no one-pass rule" in m]
 

@@ -103,15 +103,16 @@ def tuco_against_the_oracle(pretrained, model, ids, mask) -> list[str]:
     return [str(w.message) for w in caught if "read the layout" in str(w.message)]
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("model_type", PROVED)
-def test_a_known_layout_is_proved_then_trusted(model_type):
+def test_a_known_layout_is_proved_then_trusted(model_type, device):
     overrides, wiring, qk_norm = PROVED[model_type]
-    pretrained, model = adapted_pair(model_type, **overrides)
+    pretrained, model = (m.to(device) for m in adapted_pair(model_type, **overrides))
     layer = decoder_blocks(model)[0]
     assert spec_for(layer, model.config) is None  # no registered family
     spec = derive_spec(layer, model.config)
     assert spec is not None and (spec.wiring, spec.qk_norm) == (wiring, qk_norm)
-    ids, mask = padded_batch()
+    ids, mask = (t.to(device) for t in padded_batch())
     assert tuco_against_the_oracle(pretrained, model, ids, mask) == []
     proved = paths(model)
     assert proved and all(isinstance(p, ProvedBlock) and not p.refuted and p.proved_reach > 1 for p in proved)

@@ -59,12 +59,13 @@ def _moe_pair(model_type: str, adapters: str):
     return pretrained, get_peft_model(base, config).eval()
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("adapters", _ADAPTERS)
 @pytest.mark.parametrize("model_type", _FAMILIES)
-def test_every_block_matches_the_two_model_oracle(model_type, adapters):
-    pretrained, model = _moe_pair(model_type, adapters)
+def test_every_block_matches_the_two_model_oracle(model_type, adapters, device):
+    pretrained, model = (m.to(device) for m in _moe_pair(model_type, adapters))
     assert type(pretrained_path(model_parts(model).layers[0], model.config)) is ProvedBlock
-    ids, mask = padded_batch()
+    ids, mask = (t.to(device) for t in padded_batch())
     with torch.no_grad():
         tuco_peft.decompose(model, ids, mask, positions="all")  # proves each block's one-pass path
         ours = tuco_peft.decompose(model, ids, mask, positions="all")

@@ -76,7 +76,7 @@ def _assert_one_pass_matches_the_oracle(model) -> None:
     oracle's; the tuner changed the blocks."""
     parts = model_parts(model)
     assert all(type(pretrained_path(layer, parts.config)) is SharedProjectionBlock for layer in parts.layers)
-    ids, mask = padded_batch()
+    ids, mask = (t.to(next(model.parameters()).device) for t in padded_batch())
     with torch.no_grad():
         ptc, ftc, _, _ = _oracle(model, ids, mask)
         d = tuco_peft.decompose(model, ids, mask, positions="all")
@@ -119,9 +119,10 @@ _QUANTIZED_TUNERS = {
 }  # fmt: skip
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("tuner", _QUANTIZED_TUNERS)
-def test_other_tuners_on_a_quantized_base_match_the_oracle_in_one_pass(tmp_path, tuner, bits):
+def test_other_tuners_on_a_quantized_base_match_the_oracle_in_one_pass(tmp_path, tuner, bits, device):
     """Their 4-bit and 8-bit layers compute the base output as their dense ones do: captured, no block replayed.
     LLM.int8 without its outlier columns: with them, which columns run in 16 bits is chosen over the whole batch,
     so a row's output depends on the other rows (the oracle's too), and the pre-trained MLP at fewer rows differs
@@ -134,7 +135,7 @@ def test_other_tuners_on_a_quantized_base_match_the_oracle_in_one_pass(tmp_path,
         )
     )
     torch.manual_seed(1)
-    model = get_peft_model(_quantized_base(tmp_path, quantization), _QUANTIZED_TUNERS[tuner]()).eval()
+    model = get_peft_model(_quantized_base(tmp_path, quantization, device), _QUANTIZED_TUNERS[tuner]()).eval()
     _assert_one_pass_matches_the_oracle(model)
 
 
