@@ -111,6 +111,10 @@ class _RowwiseBlock:
         }[spec.window]
         self.softcap = getattr(attention, "attn_logit_softcapping", None)
         self.eager = attention_implementation(config) == "eager"
+        # The head width where the rotary tables are to be read over the whole head (gpt-oss), and the names under
+        # which a forward shares its tables, per way of reading them
+        self.whole_head = self.head_dim if spec.rotary_whole_head else None
+        self.rotary_names = (f"rotary at rows, {self.whole_head}", f"rotary, {self.whole_head}")
 
     def capturing(self, backend: LoraLinearBackend, batch: Batch) -> AbstractContextManager[None]:
         return nullcontext()
@@ -147,18 +151,15 @@ class _RowwiseBlock:
             query, key = _apply(attention, "q_norm", query), _apply(attention, "k_norm", key)
         query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
         if self.spec.rotary_module is not None:
-            embeddings = kwargs["position_embeddings"]
-            whole_head = self.head_dim if self.spec.rotary_whole_head else None
-
-            def tables(cos: torch.Tensor, sin: torch.Tensor) -> RotaryTables:
-                return RotaryTables.of(cos, sin, whole_head)
-
-            at_rows, everywhere = f"rotary at rows, {whole_head}", f"rotary, {whole_head}"  # per way of reading them
-            query = batch.shared(at_rows, embeddings, lambda cs: tables(*map(batch.gather, cs))).apply(query)
-            key = batch.shared(everywhere, embeddings, lambda cos_sin: tables(*cos_sin)).apply(key)
+            embeddings, (at_rows, everywhere) = kwargs["position_embeddings"], self.rotary_names
+            query = batch.shared(at_rows, embeddings, lambda cs: self._tables(*map(batch.gather, cs))).apply(query)
+            key = batch.shared(everywhere, embeddings, lambda cs: self._tables(*cs)).apply(key)
         visible = batch.key_visibility(self.sliding_window)
         sinks = None if self.spec.sinks is None else getattr(attention, self.spec.sinks)
         return attend_rows(query, key, value, visible, self.scaling, self.softcap, eager=self.eager, sinks=sinks)
+
+    def _tables(self, cos: torch.Tensor, sin: torch.Tensor) -> RotaryTables:
+        return RotaryTables.of(cos, sin, self.whole_head)
 
     def pretrained_update(
         self, pretrained: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict[str, Any], batch: Batch

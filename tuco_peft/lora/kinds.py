@@ -113,11 +113,14 @@ def adapter_kind(module: nn.Module) -> AdapterKind | None:
     kind. A mixed model nests one tuner layer over another: the stack is of the kind ``stacked`` makes.
 
     Asked per module on every call (and per linear call by the fused backend): the class is looked up once,
-    the rule reads plain attributes."""
-    kinds = stacked_kinds(module)
-    if kinds is None:
+    the rule reads plain attributes; only a mixed model's stack is walked."""
+    registered = _registered(type(module))  # type: ignore[arg-type]  # mypy#11470: classes are Hashable
+    if registered is None:
         return None
-    return kinds[0] if len(kinds) == 1 else _stacked(kinds)
+    if not holds_tuner_layer(module):
+        return registered.pick(module)
+    kinds = stacked_kinds(module)
+    return None if kinds is None else _stacked(kinds)
 
 
 def stacked_kinds(module: nn.Module) -> tuple[AdapterKind, ...] | None:
