@@ -52,7 +52,9 @@ def adapted_model(family: str, adapter: str, layers: int) -> torch.nn.Module:
 
 
 def measure(model: torch.nn.Module, ids: torch.Tensor, repeats: int) -> dict:
-    """Median seconds of the decoder-only forward and of decompose, alternating round by round."""
+    """Median seconds of the decoder-only forward and of decompose, alternating round by round, and the median of
+    the rounds' ratios: the two calls of a round run back to back, so a machine that slows down for a while (a
+    shared virtual machine's neighbours) slows both, and their ratio holds where either median alone moves."""
     decoder = model.get_base_model().model
     device = ids.device
     calls = {
@@ -67,7 +69,8 @@ def measure(model: torch.nn.Module, ids: torch.Tensor, repeats: int) -> dict:
             for name, call in calls.items():
                 times[name].append(timed(call, device))
     medians = {name: statistics.median(values) for name, values in times.items()}
-    return {**medians, "ratio": medians["decompose_last"] / medians["decoder_forward"], "times": times}
+    ratios = [ours / forward for ours, forward in zip(times["decompose_last"], times["decoder_forward"], strict=True)]
+    return {**medians, "ratio": statistics.median(ratios), "times": times}
 
 
 def main(argv: list[str] | None = None) -> int:

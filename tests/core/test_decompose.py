@@ -10,7 +10,7 @@ from helpers.assertions import assert_components_close
 from helpers.models import FAMILIES, base_model, family_config, lora_model, model_pair, padded_batch
 from helpers.oracle import decoder_blocks, last_index, tuco_at_last, two_pass
 from peft.tuners.lora import Linear as LoraLinear
-from transformers import AutoModelForCausalLM, FalconConfig, Glm4Config, OPTConfig
+from transformers import AutoModelForCausalLM, FalconConfig, OPTConfig, PhiConfig
 
 import tuco_peft
 from tuco_peft.core.pretrained_path import ReplayBlock, SharedProjectionBlock, pretrained_path
@@ -170,9 +170,9 @@ def test_tuco_is_the_decomposition_tuco():
             word_embed_proj_dim=64,
         ),
         FalconConfig(vocab_size=97, hidden_size=64, num_hidden_layers=3, num_attention_heads=4),
-        Glm4Config(  # sandwich norms of other names, a fused gate/up projection
+        PhiConfig(  # attention and MLP in parallel from one norm, a "dense" output projection, partial rotary
             vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, pad_token_id=0,
+            pad_token_id=0,
         ),
     ],
     ids=lambda config: config.model_type,

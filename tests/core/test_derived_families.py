@@ -1,6 +1,7 @@
 """Decoders nobody registered, whose blocks reuse a known layout (``tuco_peft.families.derive_spec``): the one-pass
-path proved on the first batch against the generic replay, then trusted; refused, with one warning, where the
-block's forward does something its parts do not say. Every case against the two-model oracle."""
+path proved on the first batch against the generic replay, then trusted; where the parts allow two readings (a
+rotary embedding's convention), the proof chooses; refused, with one warning, where the block's forward does
+something no reading of its parts says. Every case against the two-model oracle."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+import transformers.models.smollm3.modeling_smollm3 as smollm3
 from helpers.models import FAMILIES, VOCAB, base_model, padded_batch
 from helpers.oracle import decoder_blocks, tuco_at_last, two_pass
 from helpers.strategies import STRATEGIES, force, record_strategies
@@ -55,6 +57,9 @@ PROVED = {
         Wiring.SEQUENTIAL,
         QKNorm.NONE,
     ),
+    # interleaved rotary embeddings, over half of each head; GLM-4's sandwich norms under other names
+    "glm": ({}, Wiring.SEQUENTIAL, QKNorm.NONE),
+    "glm4": ({}, Wiring.SANDWICH, QKNorm.NONE),
     # attention sinks, rotary tables of half the head's width, an MoE that returns its router's scores too
     "gpt_oss": (
         {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 6},
@@ -93,12 +98,12 @@ def paths(model) -> list:
 
 
 def tuco_against_the_oracle(pretrained, model, ids, mask) -> list[str]:
-    """TuCo of a first and a second call against the oracle's; the warnings they gave."""
+    """TuCo of three calls against the oracle's; the warnings they gave."""
     with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ptc, ftc, _, _ = two_pass(model, decoder_blocks(pretrained), ids, mask)
         expected = tuco_at_last(ptc, ftc, mask)
-        for _ in range(2):  # the proof, then the trusted path
+        for _ in range(3):  # the proof (of a second reading, where the first failed), then the trusted path
             torch.testing.assert_close(tuco_peft.tuco(model, ids, mask), expected, atol=1e-5, rtol=1e-5)
     return [str(w.message) for w in caught if "read the layout" in str(w.message)]
 
@@ -116,21 +121,19 @@ def test_a_known_layout_is_proved_then_trusted(model_type, device):
     assert tuco_against_the_oracle(pretrained, model, ids, mask) == []
     proved = paths(model)
     assert proved and all(isinstance(p, ProvedBlock) and not p.refuted and p.proved_reach > 1 for p in proved)
+    interleaved = model_type in ("glm", "glm4")
+    assert all(p.candidate.spec.rotary_interleaved is interleaved for p in proved)
 
 
-@pytest.mark.parametrize(
-    ("model_type", "overrides", "why"),
-    [
-        ("glm", {}, "largest difference"),  # rotary embedding interleaved, not rotate-half
-    ],
-)
-def test_a_forward_its_parts_do_not_describe_takes_the_generic_path_with_one_warning(model_type, overrides, why):
-    pretrained, model = adapted_pair(model_type, **overrides)
+def test_a_forward_no_reading_of_its_parts_describes_takes_the_generic_path_with_one_warning(monkeypatch):
+    """SmolLM3's rotary embedding turned the other way: neither rotate-half nor interleaved."""
+    apply_rotary = smollm3.apply_rotary_pos_emb
+    monkeypatch.setattr(smollm3, "apply_rotary_pos_emb", lambda q, k, cos, sin, *a: apply_rotary(q, k, cos, -sin, *a))
+    pretrained, model = adapted_pair("smollm3")
     assert derive_spec(decoder_blocks(model)[0], model.config) is not None  # the parts fit a layout
-    ids, mask = padded_batch()
-    messages = tuco_against_the_oracle(pretrained, model, ids, mask)
-    assert len(messages) == 1 and repr(model_type) in messages[0] and why in messages[0]
-    assert all(isinstance(p, ProvedBlock) and p.refuted for p in paths(model))
+    messages = tuco_against_the_oracle(pretrained, model, *padded_batch())
+    assert len(messages) == 1 and "'smollm3'" in messages[0] and "largest difference" in messages[0]
+    assert [p.refuted for p in paths(model)] == [True, True, True, False]  # the last block has no RoPE
 
 
 def test_a_batch_whose_rows_see_more_keys_than_the_window_is_proved_again():
@@ -148,14 +151,14 @@ def test_a_batch_whose_rows_see_more_keys_than_the_window_is_proved_again():
 
 
 def test_rows_that_see_one_key_prove_nothing():
-    """With one key, attention returns its value whatever the scores: GLM's interleaved rotary embedding goes
-    unnoticed there, and is refused at the first batch with longer rows."""
+    """With one key, attention returns its value whatever the scores: read rotate-half, GLM's interleaved rotary
+    embedding goes unnoticed there, and gives way to the interleaved reading at the first batch with longer rows."""
     pretrained, model = adapted_pair("glm")
     ids = torch.tensor([[5], [7]])
     assert tuco_against_the_oracle(pretrained, model, ids, torch.ones_like(ids)) == []
-    assert all(p.proved_reach < 2 and not p.refuted for p in paths(model))
-    messages = tuco_against_the_oracle(pretrained, model, *padded_batch())
-    assert len(messages) == 1 and all(p.refuted for p in paths(model))
+    assert all(p.proved_reach < 2 and not p.candidate.spec.rotary_interleaved for p in paths(model))
+    assert tuco_against_the_oracle(pretrained, model, *padded_batch()) == []
+    assert all(p.proved_reach > 1 and p.candidate.spec.rotary_interleaved and not p.refuted for p in paths(model))
 
 
 def test_half_precision_batches_replay_until_an_fp32_one_proves_the_block():

@@ -1,5 +1,6 @@
 """The family registry (tuco_peft.families): every registered family gets the capabilities its spec claims."""
 
+import importlib
 import sys
 
 import pytest
@@ -20,6 +21,7 @@ from tuco_peft.families import (
     registered_families,
     spec_for,
 )
+from tuco_peft.model.attention import RotaryTables
 from tuco_peft.model.parts import model_parts
 from tuco_peft.steering.forward import ftc_scale
 from tuco_peft.steering.lean_cache import LowRankDelta, LowRankSlot, PastRotary, PreNormKeySlot
@@ -129,3 +131,24 @@ def test_a_lean_cache_with_a_k_norm_on_a_separate_key_projection_is_allowed():
         mlp_norm="ln2", qk_norm=QKNorm.FULL_WIDTH, lean_cache=True,
     )
     assert spec.lean_cache
+
+
+@pytest.mark.parametrize(
+    ("module", "rot_dim", "whole_head", "interleaved"),
+    [
+        ("llama", 16, None, False),
+        ("phi3", 8, None, False),  # partial: the dims past the table pass through
+        ("gpt_oss", 16, 16, False),  # tables of half the head's width, each frequency once
+        ("glm", 8, None, True),  # partial and interleaved
+        ("glm4", 16, None, True),
+    ],
+)
+def test_rotary_tables_turn_states_bit_for_bit_as_the_models_own_embedding(module, rot_dim, whole_head, interleaved):
+    apply_rotary = importlib.import_module(f"transformers.models.{module}.modeling_{module}").apply_rotary_pos_emb
+    generator = torch.Generator().manual_seed(0)
+    frequencies = 7 * torch.rand(2, 5, rot_dim // 2, generator=generator)
+    angles = frequencies if whole_head else torch.cat((frequencies, frequencies), dim=-1)
+    query, key = torch.randn(2, 2, 3, 5, 16, generator=generator)
+    expected, _ = apply_rotary(query, key, angles.cos(), angles.sin())
+    tables = RotaryTables.of(angles.cos(), angles.sin(), whole_head, interleaved)
+    assert torch.equal(tables.apply(query), expected)

@@ -5,12 +5,15 @@ on each position alone, so each block's one-pass path is read from its parts and
 replay on the first batch (``families.derive_spec``), then trusted: at the analysed rows, the pre-trained MoE
 layer is the router and experts with their adapters off. Adapters on the attention projections, and through PEFT's
 ``target_parameters`` on the router's weight and the experts' fused 3-D weights (transformers 5 stores the
-experts of a block as one parameter each; PEFT 0.18 cannot wrap the router module itself).
+experts of a block as one parameter each; PEFT 0.18 cannot wrap the router module itself). A mixture of experts
+without adapters computes the pre-trained rows in the fine-tuned forward's own call (``SharedReadBlock``), whatever
+the batch's size.
 """
 
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -22,7 +25,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import tuco_peft
-from tuco_peft.core.pretrained_path import ProvedBlock, pretrained_path
+from tuco_peft.core.pretrained_path import ProvedBlock, SharedProjectionBlock, SharedReadBlock, pretrained_path
 from tuco_peft.model.parts import model_parts
 from tuco_peft.steering.forward import ftc_scale
 
@@ -99,3 +102,62 @@ def test_steered_generation_with_cache_equals_the_reference_without(model_type):
         generated = greedy_generate(model, ids, mask, 6)
     assert torch.equal(generated, greedy(model, pretrained, ids, mask, alphas, 6))
     assert not torch.equal(generated, greedy_generate(model, ids, mask, 6))  # steering changed the tokens
+
+
+@pytest.mark.parametrize("model_type", _FAMILIES)
+def test_a_mixture_of_experts_without_adapters_shares_its_reads_once_proved(model_type):
+    """At the analysed rows the router and experts serve both paths in one call, checked against the oracle on
+    the batches after the proof. gpt-oss's MoE also returns its router's scores, which rows cannot share: its
+    blocks hand over to the rows computed after the block, proved on the next batch."""
+    pretrained, model = _moe_pair(model_type, "attention")
+    ids, mask = padded_batch(lengths=(9, 5, 12))
+    with torch.no_grad():
+        ptc, ftc, _, _ = two_pass(model, decoder_blocks(pretrained), ids, mask)
+        results = [tuco_peft.decompose(model, ids, mask, positions="all") for _ in range(3)]
+    paths = [p for key, p in model_parts(model)._derived.items() if key[0] == "pretrained path"]
+    taken = SharedProjectionBlock if model_type == "gpt_oss" else SharedReadBlock
+    assert paths and all(isinstance(p, ProvedBlock) and not p.refuted and type(p.candidate) is taken for p in paths)
+    real = mask.bool()[:, None, :, None]
+    for result in results:
+        torch.testing.assert_close(result.ptc * real, ptc * real, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(result.ftc * real, ftc * real, atol=1e-5, rtol=1e-5)
+
+
+def test_hooks_on_a_shared_mixture_of_experts_see_the_fine_tuned_stream_alone():
+    _, model = _moe_pair("qwen3_moe", "attention")
+    ids, mask = padded_batch()
+    mlp = decoder_blocks(model)[1].mlp
+    seen = []
+    handle = mlp.register_forward_hook(lambda module, args, output: seen.append((args[0].clone(), output.clone())))
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+            tuco_peft.tuco(model, ids, mask)  # the proof, whose replay calls the MoE with adapters off
+            (expected, *_), seen[:] = seen, []
+            tuco_peft.tuco(model, ids, mask)
+    finally:
+        handle.remove()
+    ((normed, out),) = seen
+    torch.testing.assert_close(normed, expected[0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out, expected[1], atol=1e-6, rtol=1e-5)
+
+
+def test_rows_a_shared_call_cannot_compute_hand_the_block_to_separate_reads(monkeypatch):
+    """On probation, pre-trained rows that raise inside the fine-tuned forward's calls leave that forward as it
+    runs without tuco-peft; the block then computes its rows after the block, proved on the next batch."""
+
+    def misread(*args, **kwargs):
+        raise KeyError("position_embeddings")
+
+    monkeypatch.setattr(SharedReadBlock, "_attend", misread)
+    pretrained, model = _moe_pair("qwen3_moe", "attention")
+    ids, mask = padded_batch()
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ptc, ftc, _, _ = two_pass(model, decoder_blocks(pretrained), ids, mask)
+        expected = tuco_at_last(ptc, ftc, mask)
+        for _ in range(3):  # the shared call's fault, the proof of separate reads, the trusted path
+            torch.testing.assert_close(tuco_peft.tuco(model, ids, mask), expected, atol=1e-6, rtol=1e-5)
+    paths = [p for key, p in model_parts(model)._derived.items() if key[0] == "pretrained path"]
+    assert paths and all(type(p.candidate) is SharedProjectionBlock and p.proved_reach > 1 for p in paths)
+    assert not [w for w in caught if "read the layout" in str(w.message)]

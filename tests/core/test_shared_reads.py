@@ -11,7 +11,8 @@ from helpers.oracle import decoder_blocks, two_pass
 from helpers.strategies import PAIRED, STRATEGIES, force, record_strategies
 
 import tuco_peft
-from tuco_peft.core.pretrained_path import SharedProjectionBlock, SharedReadBlock
+from tuco_peft.core.pretrained_path import LayoutMismatch, SharedProjectionBlock, SharedReadBlock
+from tuco_peft.model.interception import forward_replaced
 
 
 @pytest.fixture(params=list(STRATEGIES))
@@ -104,6 +105,49 @@ def test_hooks_on_the_mlp_and_output_projection_see_the_fine_tuned_stream_alone(
         for handle in handles:
             handle.remove()
     assert seen == expected
+
+
+def test_a_block_that_calls_its_mlp_again_finishes_its_forward_then_is_named(monkeypatch):
+    """The second call runs the MLP as without tuco-peft (on its own input, not beside the pre-trained rows); the
+    pre-trained update then says what the forward did, and the model is left as found."""
+    force(monkeypatch, "shared reads")
+    _, model = model_pair("llama")
+    ids, mask = padded_batch()
+    block = decoder_blocks(model)[0]
+    forward, calls = type(block).forward, []
+
+    def calls_its_mlp_again(self, hidden_states, *args, **kwargs):
+        out = forward(self, hidden_states, *args, **kwargs)
+        calls.append((hidden_states, self.mlp(hidden_states)))
+        return out
+
+    monkeypatch.setattr(type(block), "forward", calls_its_mlp_again)
+    with torch.no_grad():
+        with pytest.raises(LayoutMismatch, match="called mlp other than once, on the normed states alone"):
+            tuco_peft.tuco(model, ids, mask)
+        (states, out), *_ = calls
+        assert_close(out, block.mlp(states), relative=1e-6)
+    assert not any(forward_replaced(module) for module in model.modules())
+
+
+@pytest.mark.parametrize("norm", ["post_attention_layernorm", "input_layernorm"])
+def test_a_norm_saved_with_the_adapter_is_switched_off_for_the_pre_trained_rows(norm, monkeypatch):
+    """``modules_to_save`` on a block's norm: the pre-trained rows take the original norm, which shared reads
+    (computed with the adapters on) could not give, so such blocks read their weights separately."""
+    force(monkeypatch, "shared reads")
+    chosen = record_strategies(monkeypatch)
+    pretrained, model = model_pair("llama", modules_to_save=[norm])
+    with torch.no_grad():
+        for block in decoder_blocks(model):
+            getattr(block, norm).modules_to_save["default"].weight.mul_(1.5)
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        ptc, ftc, _, _ = two_pass(model, decoder_blocks(pretrained), ids, mask)
+        result = tuco_peft.decompose(model, ids, mask, positions="all")
+    assert chosen and SharedReadBlock not in chosen
+    real = mask[:, None, :, None]
+    assert_components_close(result.ptc * real, ptc * real)
+    assert_components_close(result.ftc * real, ftc * real)
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ from ..model.parts import ModelParts, model_parts
 from .accumulators import AllComponents, Components, RunningSums
 from .contributions import Decomposition, DecompositionSums
 from .paired import PairedBlock, StackedArguments, paired_block
-from .pretrained_path import PretrainedPath, block_output, pretrained_path
+from .pretrained_path import PretrainedPath, SharedReads, block_output, pretrained_path
 
 
 class _BlockProbe:
@@ -117,7 +117,8 @@ Probe = _BlockProbe | _PairedProbe
 # Measured on a CPU, one thread (benchmarks/bench_overhead.py, benchmarks/README.md): on a 135M-shaped
 # model, one prompt of 16 tokens costs 1.16× a plain forward with shared reads against 1.29× without, and
 # from 64 tokens on the two are within 1%; on the demo's width 64 the shared path costs more. A GPU is
-# bound by weight reads further on, so these are conservative there.
+# bound by weight reads further on, so these are conservative there. A mixture of experts without adapters
+# shares its reads at any size and width (``SharedReadBlock.pays``): a few rows route to most of its experts.
 SHARED_READS_MAX_TOKENS = 256
 SHARED_READS_MIN_WIDTH = 256
 # Narrower models' batches of up to PAIRED_MAX_TOKENS tokens run their blocks paired (``_PairedProbe``) at any
@@ -156,11 +157,13 @@ def _probe(
         paired = paired_block(parts, index, lora_backend, source.separate_model, prefill=not small)
     if paired is not None:
         return _PairedProbe(index, paired, components, lora_backend, arguments)
-    narrow = parts.d_model < SHARED_READS_MIN_WIDTH
-    shared_reads = not mixed_adapters and batch.input_ids.numel() <= SHARED_READS_MAX_TOKENS and not narrow
-    options = {"separate_model": source.separate_model, "replay_only": replay, "shared_reads": shared_reads}
+    read_bound = batch.input_ids.numel() <= SHARED_READS_MAX_TOKENS and parts.d_model >= SHARED_READS_MIN_WIDTH
+    shared_reads: SharedReads = "never" if mixed_adapters else "always" if read_bound else "experts"
     path = parts.derived(
-        ("pretrained path", index, *options.values()), lambda: pretrained_path(layer, parts.config, **options)
+        ("pretrained path", index, source.separate_model, replay, shared_reads),
+        lambda: pretrained_path(
+            layer, parts.config, separate_model=source.separate_model, replay_only=replay, shared_reads=shared_reads
+        ),
     )
     return _BlockProbe(index, layer, path, source, components, lora_backend)
 

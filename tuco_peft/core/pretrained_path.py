@@ -10,10 +10,12 @@ everything after attention is position-wise. Three strategies, chosen per block:
   The rest of the block runs on the requested rows only, wired as the family's spec says.
 - ``OwnProjectionBlock`` (a separate pre-trained model of a registered family): the pre-trained block
   computes its own keys/values at every position and everything else on the requested rows only.
-- ``SharedReadBlock`` (the same, on small batches): the pre-trained rows ride along in the fine-tuned
-  forward's own calls of the attention output projection and the MLP, appended to their inputs, so each of
-  those weights is read once for both paths. A small batch is bound by weight reads, not arithmetic: there,
-  reading the block's weights a second time for a few rows would cost nearly a second forward.
+- ``SharedReadBlock`` (the same, on small batches, and on a mixture of experts without adapters at any size):
+  the pre-trained rows ride along in the fine-tuned forward's own calls of the attention output projection and
+  the MLP, appended to their inputs, so each of those weights is read once for both paths. A small batch is
+  bound by weight reads, not arithmetic: there, reading the block's weights a second time for a few rows would
+  cost nearly a second forward. So is a mixture of experts at a few rows, whatever the batch: they route to
+  most of its experts, whose weights the whole batch reads once.
 - ``ReplayBlock`` (any other block): the pre-trained block runs in full on the inputs the fine-tuned
   forward gave its twin. Exact for any architecture, at the cost of a second pass through the block.
 
@@ -28,7 +30,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from functools import partial
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -44,13 +46,14 @@ from ..families import (
     attention_implementation,
     derive_spec,
     spec_for,
+    spec_readings,
 )
 from ..lora.adapters import adapters_disabled, has_pretrained_projection, is_additive_lora, pretrained_projection
 from ..lora.backend import LoraLinearBackend
 from ..model.attention import RotaryTables, attend_rows
 from ..model.block_args import hidden_states
 from ..model.inputs import Batch
-from ..model.interception import any_forward_replaced, hooked, replaced_forward
+from ..model.interception import any_forward_replaced, class_forwards, hooked, replaced_forward
 from ..model.inventory import is_switchable, outermost_switchable
 
 
@@ -58,6 +61,10 @@ def block_output(output: Any) -> torch.Tensor:
     """The hidden states a decoder layer or its MLP returns: transformers 5's layers return a tensor, older
     versions a tuple; some mixtures of experts return their router's scores beside them (gpt-oss)."""
     return output[0] if isinstance(output, (tuple, list)) else output
+
+
+class LayoutMismatch(RuntimeError):
+    """A block's forward did not call its parts as its family's spec says."""
 
 
 class ReplayBlock:
@@ -114,9 +121,14 @@ class _RowwiseBlock:
         # The head width where the rotary tables are to be read over the whole head (gpt-oss), and the names under
         # which a forward shares its tables, per way of reading them
         self.whole_head = self.head_dim if spec.rotary_whole_head else None
-        self.rotary_names = (f"rotary at rows, {self.whole_head}", f"rotary, {self.whole_head}")
+        reading = f"{self.whole_head}, {'interleaved' if spec.rotary_interleaved else 'rotate-half'}"
+        self.rotary_names = (f"rotary at rows, {reading}", f"rotary, {reading}")
 
     def capturing(self, backend: LoraLinearBackend, batch: Batch) -> AbstractContextManager[None]:
+        return nullcontext()
+
+    def standing_by(self) -> AbstractContextManager[None]:
+        """While it lasts, a call of the block's modules (a replay inside the forward) is not this path's."""
         return nullcontext()
 
     def _split(self, projections: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -159,7 +171,7 @@ class _RowwiseBlock:
         return attend_rows(query, key, value, visible, self.scaling, self.softcap, eager=self.eager, sinks=sinks)
 
     def _tables(self, cos: torch.Tensor, sin: torch.Tensor) -> RotaryTables:
-        return RotaryTables.of(cos, sin, self.whole_head)
+        return RotaryTables.of(cos, sin, self.whole_head, self.spec.rotary_interleaved)
 
     def pretrained_update(
         self, pretrained: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict[str, Any], batch: Batch
@@ -245,7 +257,7 @@ class SharedProjectionBlock(_RowwiseBlock):
         captured, self._captured = self._captured, {}
         missing = [i for i, base in enumerate(self._base_layers) if id(base) not in captured]
         if missing:
-            raise RuntimeError(
+            raise LayoutMismatch(
                 f"the block's forward did not run its projections {[self.spec.projections[i] for i in missing]}: "
                 "it does not match its family's spec."
             )
@@ -253,14 +265,31 @@ class SharedProjectionBlock(_RowwiseBlock):
         return batch.gather(query), key, value
 
 
+SharedReads = Literal["always", "experts", "never"]
+# What a path that misreads a block raises (a missing key, a shape that does not fit, ...); never out of memory.
+CANDIDATE_ERRORS = (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError)
+
+
+def holds_experts(mlp: nn.Module) -> bool:
+    """Whether ``mlp`` is a mixture of experts: it holds their weights stacked in a 3-D parameter (transformers 5
+    stores every MoE's experts so)."""
+    return any(parameter.ndim == 3 for parameter in mlp.parameters())
+
+
 class SharedReadBlock(SharedProjectionBlock):
-    """Adapter fine-tunes on small batches: the pre-trained rows computed inside the fine-tuned forward.
+    """Adapter fine-tunes where weight reads bound a block: the pre-trained rows computed inside the fine-tuned
+    forward.
 
     The fine-tuned block calls its attention output projection and its MLP once each; while it runs, those
     calls also take the pre-trained rows (appended along the sequence axis: every module on the way is
     position-wise), and each LoRA linear computes its base output on both and its adapters on the
     fine-tuned part only (``LoraLinearBackend.two_stream``: one base call). Hooks on those modules see the
     fine-tuned stream as usual; hooks inside the MLP see both parts, as in a paired block.
+
+    A forward that calls those modules otherwise (twice, with more arguments, an MLP that returns more than its
+    states), or pre-trained rows that cannot be computed as the spec says, leave the fine-tuned forward as it
+    would run without tuco-peft from there on (the call at fault is made again, plainly); the block's pre-trained
+    update then raises ``LayoutMismatch`` naming the fault.
     """
 
     needs_pretrained_block = False
@@ -277,22 +306,40 @@ class SharedReadBlock(SharedProjectionBlock):
     @staticmethod
     def supports(layer: nn.Module, spec: FamilySpec) -> bool:
         """``SharedProjectionBlock`` applies, the MLP is no tuner layer itself, the output projection holds none
-        inside it, and nothing replaced their forwards (accelerate's device hooks)."""
+        inside it, the norms after attention carry no adapter (their pre-trained rows are computed with the
+        adapters on: ``modules_to_save``), and nothing replaced their forwards (accelerate's device hooks)."""
         if not SharedProjectionBlock.supports(layer, spec):
             return False
         output, mlp = getattr(getattr(layer, spec.attention), spec.output), getattr(layer, spec.mlp)
+        norms = [getattr(layer, name) for name in (spec.mlp_norm, spec.post_attention_norm, spec.post_mlp_norm) if name]
         return (
             not is_switchable(mlp)
+            and not any(is_switchable(m) for norm in norms for m in norm.modules())
             and outermost_switchable(output) in ([], [output])
             and not any_forward_replaced(output)
             and not any_forward_replaced(mlp)
         )
+
+    @staticmethod
+    def pays(layer: nn.Module, spec: FamilySpec, shared_reads: SharedReads, trusted: bool) -> bool:
+        """Whether this block is to share its reads: on ``"always"`` (a small batch), and on ``"experts"`` too where
+        its MLP is a mixture of experts. A tuner layer inside the MLP computes both parts in one call, which needs
+        them in the order it was given: a trusted (registered) spec's dense MLP keeps it, routed experts do not,
+        and a spec on probation (``ProvedBlock``) may not."""
+        if shared_reads == "never" or not SharedReadBlock.supports(layer, spec):
+            return False
+        mlp = getattr(layer, spec.mlp)
+        experts = holds_experts(mlp)
+        if outermost_switchable(mlp) and (experts or not trusted):
+            return False
+        return shared_reads == "always" or experts
 
     def _reset(self) -> None:
         self._block_input: tuple[torch.Tensor, dict[str, Any]] | None = None
         self._attn_update: torch.Tensor | None = None
         self._mlp_out: torch.Tensor | None = None
         self._n_pretrained_rows: int | None = None
+        self._fault: str | None = None
 
     @contextmanager
     def capturing(self, backend: LoraLinearBackend, batch: Batch) -> Iterator[None]:
@@ -309,37 +356,62 @@ class SharedReadBlock(SharedProjectionBlock):
                 stack.enter_context(replaced_forward(module, self._split_forward(module, backend)))
             yield
 
-    def _mismatch(self, what: str) -> RuntimeError:
-        return RuntimeError(f"the block's forward {what}: it does not match its family's spec.")
+    def standing_by(self) -> AbstractContextManager[None]:
+        return class_forwards([self.output, self.mlp, *self.mlp_tuners])
+
+    def _found_fault(self, what: str) -> None:
+        """Note the first way the forward left the spec: the rest of it calls the modules as without tuco-peft."""
+        if self._fault is None:
+            self._fault = what
+        self._n_pretrained_rows = None
 
     def _output_forward(self, backend: LoraLinearBackend, batch: Batch) -> Callable[..., torch.Tensor]:
         def forward(attended: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
             if args or kwargs or self._block_input is None or self._attn_update is not None:
-                raise self._mismatch(f"called {self.spec.output} other than once, on the attended states alone")
-            x, block_kwargs = self._block_input
-            query, key, value = self._projections(self.layer, x, batch)
-            attended_rows = self._attend(self.attention, query, key, value, block_kwargs, batch)
-            update_rows, update = _shared_call(self.output, attended_rows, attended, backend)
-            self._attn_update = self._update(self.layer, update_rows, self.spec.post_attention_norm)
-            return update
+                self._found_fault(f"called {self.spec.output} other than once, on the attended states alone")
+            if self._fault is None:
+                assert self._block_input is not None, "no fault: the block's input was recorded"
+                x, block_kwargs = self._block_input
+                try:
+                    query, key, value = self._projections(self.layer, x, batch)
+                    attended_rows = self._attend(self.attention, query, key, value, block_kwargs, batch)
+                    update_rows, update = _shared_call(self.output, attended_rows, attended, backend)
+                    self._attn_update = self._update(self.layer, update_rows, self.spec.post_attention_norm)
+                    return update
+                except torch.OutOfMemoryError:
+                    raise
+                except CANDIDATE_ERRORS as error:
+                    self._found_fault(f"raised {type(error).__name__} on the pre-trained rows ({error})")
+            return type(self.output).forward(self.output, attended, *args, **kwargs)
 
         return forward
 
-    def _mlp_forward(self, batch: Batch) -> Callable[..., torch.Tensor]:
-        def forward(normed: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            sequential = self.spec.wiring is not Wiring.PARALLEL
+    def _mlp_forward(self, batch: Batch) -> Callable[..., Any]:
+        def forward(normed: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            mlp, output = self.spec.mlp, self.spec.output
             if args or kwargs or self._block_input is None or self._mlp_out is not None:
-                raise self._mismatch(f"called {self.spec.mlp} other than once, on the normed states alone")
-            if sequential and self._attn_update is None:
-                raise self._mismatch(f"called {self.spec.mlp} before {self.spec.output}")
-            x_rows = batch.gather(self._block_input[0])
-            normed_rows = self._mlp_input(self.layer, x_rows, self._attn_update)
-            self._n_pretrained_rows = normed_rows.shape[1]
-            both = type(self.mlp).forward(self.mlp, torch.cat([normed_rows, normed], dim=1))
-            if not isinstance(both, torch.Tensor):  # gpt-oss's MoE also returns its router's scores, per token
-                raise self._mismatch(f"has {self.spec.mlp} return more than its hidden states, which rows cannot share")
-            self._mlp_out, out = both.split([normed_rows.shape[1], normed.shape[1]], dim=1)
-            return out
+                self._found_fault(f"called {mlp} other than once, on the normed states alone")
+            elif self.spec.wiring is not Wiring.PARALLEL and self._attn_update is None:
+                self._found_fault(f"called {mlp} before {output}")
+            if self._fault is None:
+                assert self._block_input is not None, "no fault: the block's input was recorded"
+                try:
+                    x_rows = batch.gather(self._block_input[0])
+                    normed_rows = self._mlp_input(self.layer, x_rows, self._attn_update)
+                    self._n_pretrained_rows = normed_rows.shape[1]
+                    both = type(self.mlp).forward(self.mlp, torch.cat([normed_rows, normed], dim=1))
+                    self._n_pretrained_rows = None
+                except torch.OutOfMemoryError:
+                    raise
+                except CANDIDATE_ERRORS as error:
+                    self._found_fault(f"raised {type(error).__name__} on the pre-trained rows ({error})")
+                else:
+                    if isinstance(both, torch.Tensor):
+                        self._mlp_out, out = both.split([normed_rows.shape[1], normed.shape[1]], dim=1)
+                        return out
+                    # gpt-oss's MoE also returns its router's scores, per token
+                    self._found_fault(f"has {mlp} return more than its hidden states, which rows cannot share")
+            return type(self.mlp).forward(self.mlp, normed, *args, **kwargs)
 
         return forward
 
@@ -348,8 +420,13 @@ class SharedReadBlock(SharedProjectionBlock):
 
         def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
             n_rows = self._n_pretrained_rows
-            if args or kwargs or n_rows is None or x.ndim != 3:
-                raise self._mismatch(f"calls {type(module).__name__} inside {self.spec.mlp} in a way it cannot pair")
+            if n_rows is None:  # the MLP runs as without tuco-peft (``_found_fault``)
+                return type(module).forward(module, x, *args, **kwargs)
+            if args or kwargs or x.ndim != 3:  # the MLP's call is made again, plainly (``_mlp_forward``)
+                raise LayoutMismatch(
+                    f"the block's forward calls {type(module).__name__} inside {self.spec.mlp} in a way it cannot "
+                    "pair: it does not match its family's spec."
+                )
             return torch.cat(_shared_call(module, x[:, :n_rows], x[:, n_rows:], backend), dim=1)
 
         return forward
@@ -357,8 +434,13 @@ class SharedReadBlock(SharedProjectionBlock):
     def pretrained_update(
         self, pretrained: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict[str, Any], batch: Batch
     ) -> torch.Tensor:
-        if self._attn_update is None or self._mlp_out is None:
-            raise self._mismatch(f"did not call both {self.spec.output} and {self.spec.mlp}")
+        fault = self._fault
+        if fault is None and (self._attn_update is None or self._mlp_out is None):
+            fault = f"did not call both {self.spec.output} and {self.spec.mlp}"
+        if fault is not None:
+            self._reset()
+            raise LayoutMismatch(f"the block's forward {fault}: it does not match its family's spec.")
+        assert self._attn_update is not None and self._mlp_out is not None
         x_rows = batch.gather(x)
         out = self._output(self.layer, x_rows, self._attn_update, self._mlp_out)
         self._reset()
@@ -411,17 +493,29 @@ class ProvedBlock:
     batches replay until an fp32 one proves the block), and where some row attends to at least two keys: with
     one key, attention returns the value whatever its scores, so rotary embeddings, scaling, soft-capping and
     q/k norms would pass unchecked. A later batch whose rows see more keys than the block's sliding window, where
-    the proofs so far did not reach it, is a new trial. A failed proof warns once per model type and process.
+    the proofs so far did not reach it, is a new trial.
+
+    ``readings`` are the ways to read the parts (``families.spec_readings``), the most common first, each a list
+    of paths in order of preference (sharing reads first, where that pays). A path that did not find the parts
+    called as it needs (``LayoutMismatch``) leaves every reading; a reading that gave another update, or raised,
+    leaves with its paths; the next candidate is on trial from the next batch on. Where none is left, the block
+    is refuted, with one warning per model type and process. Sharing reads assumes what the proof checks: that
+    the MLP's output at a position depends on that position alone (no expert capacity shared between tokens).
     """
 
-    def __init__(self, candidate: SharedProjectionBlock | OwnProjectionBlock, model_type: str):
-        self.candidate = candidate
+    def __init__(self, readings: list[list[_RowwiseBlock]], model_type: str):
+        self.readings = readings
         self.model_type = model_type
         self.replay = ReplayBlock()
         self.proved_reach = 0  # the most keys a row saw in a batch the candidate matched the replay on
         self.refuted = False
 
-    needs_pretrained_block = True  # the candidate and the replay both run the pre-trained block
+    needs_pretrained_block = True  # the replay runs the pre-trained block, and a candidate may
+
+    @property
+    def candidate(self) -> _RowwiseBlock:
+        """The path on trial or trusted now."""
+        return self.readings[0][0]
 
     def _on_trial(self, batch: Batch) -> bool:
         """Whether this batch is to prove the candidate: none has yet, or its rows see past a window no proof
@@ -437,18 +531,53 @@ class ProvedBlock:
     def pretrained_update(
         self, pretrained: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict[str, Any], batch: Batch
     ) -> torch.Tensor:
+        replay = partial(self.replay.pretrained_update, pretrained, x, args, kwargs, batch)
         if self.refuted:
-            return self.replay.pretrained_update(pretrained, x, args, kwargs, batch)
-        if not self._on_trial(batch):
-            return self.candidate.pretrained_update(pretrained, x, args, kwargs, batch)
-        exact = self.replay.pretrained_update(pretrained, x, args, kwargs, batch)
-        if x.dtype not in (torch.float32, torch.float64):
-            return exact
-        candidate = partial(self.candidate.pretrained_update, pretrained, x, args, kwargs, batch)
-        reason = self._difference(exact, candidate, batch.row_is_real)
-        if reason is None:
-            self.proved_reach = max(self.proved_reach, _reach(batch))
-            return exact
+            return replay()
+        active = self.candidate  # whose capturing ran in this forward
+        on_trial = self._on_trial(batch)
+        update = None
+        if not on_trial or x.dtype in (torch.float32, torch.float64):  # half precision proves nothing
+            try:
+                update = active.pretrained_update(pretrained, x, args, kwargs, batch)
+            except LayoutMismatch as error:
+                self._drop_path(type(active), f"it raised LayoutMismatch: {error}")
+            except torch.OutOfMemoryError:
+                raise
+            except CANDIDATE_ERRORS as error:
+                if not on_trial:
+                    raise
+                self._drop_reading(f"it raised {type(error).__name__}: {error}")
+        if update is not None and not on_trial:
+            return update
+        # After the candidate's own update, which reads what the forward captured: the replay runs the block's
+        # modules again, as the model does
+        with active.standing_by():
+            exact = replay()
+        if update is not None:
+            reason = self._difference(exact, update, batch.row_is_real)
+            if reason is None:
+                self.proved_reach = max(self.proved_reach, _reach(batch))
+            else:
+                self._drop_reading(reason)
+        return exact
+
+    def _drop_path(self, kind: type, reason: str) -> None:
+        """A path of ``kind`` did not find the block's parts called as it needs, whatever the reading: every
+        reading loses it."""
+        self.readings = [kept for paths in self.readings if (kept := [p for p in paths if type(p) is not kind])]
+        self._next(reason)
+
+    def _drop_reading(self, reason: str) -> None:
+        """The candidate's reading gave another update than the block's: its paths all would."""
+        self.readings.pop(0)
+        self._next(reason)
+
+    def _next(self, reason: str) -> None:
+        """The next candidate is on trial from the next batch on; where none is left, the block is refuted."""
+        self.proved_reach = 0
+        if self.readings:
+            return
         self.refuted = True
         if self.model_type not in _REFUTED_MODEL_TYPES:
             _REFUTED_MODEL_TYPES.add(self.model_type)
@@ -457,20 +586,13 @@ class ProvedBlock:
                 f"one-pass path did not give the generic path's update ({reason}): such blocks run the generic "
                 "path (exact; a second pass through the block). Registering the family's spec "
                 "(tuco_peft.families.register) gives them the one-pass path.",
-                stacklevel=2,
+                stacklevel=4,
             )
-        return exact
 
     @staticmethod
-    def _difference(exact: torch.Tensor, candidate: Callable[[], torch.Tensor], real: torch.Tensor) -> str | None:
+    def _difference(exact: torch.Tensor, update: torch.Tensor, real: torch.Tensor) -> str | None:
         """Why the candidate's update is not the exact one at the ``real`` rows (a padding row's update is no
         one's), to ``PROOF_TOLERANCE`` of each row's largest entry; or None where it is."""
-        try:
-            update = candidate()
-        except torch.OutOfMemoryError:
-            raise
-        except (RuntimeError, KeyError, ValueError, TypeError, IndexError, AttributeError) as error:
-            return f"it raised {type(error).__name__}: {error}"
         if update.shape != exact.shape:
             return f"its shape {tuple(update.shape)} is not {tuple(exact.shape)}"
         update, exact = update[real], exact[real]
@@ -498,32 +620,44 @@ def pretrained_path(
     *,
     separate_model: bool = False,
     replay_only: bool = False,
-    shared_reads: bool = False,
+    shared_reads: SharedReads = "experts",
 ) -> PretrainedPath:
     """The cheapest exact strategy for this block (``separate_model``: the pre-trained block is another model's;
-    ``shared_reads``: the batch is small enough that weight reads, not arithmetic, bound the block)."""
+    ``shared_reads``: where the pre-trained rows may ride along in the fine-tuned calls, ``SharedReadBlock.pays``:
+    ``"always"`` where the batch is small enough that weight reads, not arithmetic, bound every block)."""
     if replay_only:
         return ReplayBlock()
     spec = spec_for(layer, config)
     if spec is None:
-        return _derived_path(layer, config, separate_model)
+        return _derived_path(layer, config, separate_model, shared_reads)
     if separate_model:
         return OwnProjectionBlock(layer, spec, config) if has_parts(layer, spec) else ReplayBlock()
-    if shared_reads and SharedReadBlock.supports(layer, spec):
+    if SharedReadBlock.pays(layer, spec, shared_reads, trusted=True):
         return SharedReadBlock(layer, spec, config)
     if SharedProjectionBlock.supports(layer, spec):
         return SharedProjectionBlock(layer, spec, config)
     return ReplayBlock()
 
 
-def _derived_path(layer: nn.Module, config: PretrainedConfig, separate_model: bool) -> ProvedBlock | ReplayBlock:
+def _derived_path(
+    layer: nn.Module, config: PretrainedConfig, separate_model: bool, shared_reads: SharedReads
+) -> ProvedBlock | ReplayBlock:
     """A block of no registered family: the one-pass path of the spec its parts suggest, on probation."""
     spec = derive_spec(layer, config)
     if spec is None:
         return ReplayBlock()
     model_type = getattr(config, "model_type", "") or type(layer).__name__
+    readings: list[list[_RowwiseBlock]]
     if separate_model:
-        return ProvedBlock(OwnProjectionBlock(layer, spec, config), model_type)
-    if SharedProjectionBlock.supports(layer, spec):
-        return ProvedBlock(SharedProjectionBlock(layer, spec, config), model_type)
-    return ReplayBlock()
+        readings = [[OwnProjectionBlock(layer, reading, config)] for reading in spec_readings(spec)]
+    elif SharedProjectionBlock.supports(layer, spec):
+        sharing = SharedReadBlock.pays(layer, spec, shared_reads, trusted=False)
+        readings = [
+            [SharedReadBlock(layer, reading, config), SharedProjectionBlock(layer, reading, config)]
+            if sharing
+            else [SharedProjectionBlock(layer, reading, config)]
+            for reading in spec_readings(spec)
+        ]
+    else:
+        return ReplayBlock()
+    return ProvedBlock(readings, model_type)

@@ -2,7 +2,7 @@
 a candidate spec from the parts of a block nobody registered."""
 
 from . import gemma, gemma2, gemma3, gpt2, gpt_neox, llama, mistral, olmo2, phi3, qwen2, qwen3  # noqa: F401 (they register)
-from .derived import derive_spec
+from .derived import derive_spec, spec_readings
 from .registry import RegisteredFamily, register, registered_families, registered_model_types, spec_for
 from .spec import (
     FamilySpec,
@@ -30,4 +30,5 @@ __all__ = [
     "registered_families",
     "registered_model_types",
     "spec_for",
+    "spec_readings",
 ]

@@ -4,8 +4,9 @@ Most new decoders reuse a known block (SmolLM3, OLMo-3, Seed-OSS, Qwen3-MoE, ...
 Gemma 2's sandwich norms or OLMo-2's post-norms, q/k norms per head or over the whole width, an MLP or a
 mixture of experts that acts on each position alone. ``derive_spec`` recognises such a block by the names and
 shapes of its parts, and nothing else: a name says where a part sits, not what the forward does with it
-(an interleaved rotary embedding, a norm applied twice). So a derived spec is a candidate only, which
-``core.pretrained_path`` proves against the generic path on the first batch before it is trusted.
+(a norm applied twice, a rotary embedding's convention). So a derived spec is a candidate only, which
+``core.pretrained_path`` proves against the generic path on the first batch before it is trusted; where the parts
+allow more than one reading (``spec_readings``), the proof chooses.
 
 It claims the one-pass path alone (``claimed``): no lean KV cache, no pairing, whose assumptions the proof does
 not test.
@@ -40,6 +41,16 @@ _NORM_LAYOUTS: dict[frozenset[str], tuple[Wiring, dict[str, str]]] = {
             "post_attention_norm": "post_attention_layernorm",
             "mlp_norm": "pre_feedforward_layernorm",
             "post_mlp_norm": "post_feedforward_layernorm",
+        },
+    ),
+    # GLM-4's sandwich, under other names
+    frozenset({"input_layernorm", "post_self_attn_layernorm", "post_attention_layernorm", "post_mlp_layernorm"}): (
+        Wiring.SANDWICH,
+        {
+            "attention_norm": "input_layernorm",
+            "post_attention_norm": "post_self_attn_layernorm",
+            "mlp_norm": "post_attention_layernorm",
+            "post_mlp_norm": "post_mlp_layernorm",
         },
     ),
     frozenset({"post_attention_layernorm", "post_feedforward_layernorm"}): (
@@ -97,6 +108,13 @@ def derive_spec(layer: nn.Module, config: PretrainedConfig) -> FamilySpec | None
         post_mlp_norm=norms.get("post_mlp_norm"),
     )
     return claimed(spec)
+
+
+def spec_readings(spec: FamilySpec) -> list[FamilySpec]:
+    """``spec`` and the other readings of the same parts, the most common first, for the proof to choose from: a
+    rotary embedding's convention is in the forward, not the parts (rotate-half, as Llama's, or interleaved, as
+    GLM's and GLM-4's)."""
+    return [spec] if spec.rotary_module is None else [spec, replace(spec, rotary_interleaved=True)]
 
 
 def claimed(spec: FamilySpec) -> FamilySpec:

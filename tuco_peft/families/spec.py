@@ -102,6 +102,9 @@ class FamilySpec:
     # then holds each frequency once, for dims i and i + hd/2. Otherwise a table narrower than the head turns
     # its first dims only (partial rotary: Phi-3, GPT-NeoX).
     rotary_whole_head: bool = False
+    # Whether the rotary embedding turns adjacent dims together, (0, 1), (2, 3), ... (GLM, GLM-4), not dims i and
+    # i + rot_dim/2 (rotate-half, Llama's); either way each pair turns by the table's first half of frequencies.
+    rotary_interleaved: bool = False
     sinks: str | None = None  # the attention's per-head sink logits (gpt-oss): one more score in each softmax
     residual_multiplier: str | None = None  # the layer's scale of both updates before each residual add (Granite)
     window: WindowSource = WindowSource.ATTENTION
@@ -116,8 +119,8 @@ class FamilySpec:
             raise ValueError(f"the norms {norms} do not fit the {self.wiring.value} wiring")
         if (len(self.projections) == 3) != (self.qkv_layout is QKVLayout.SEPARATE):
             raise ValueError(f"{len(self.projections)} projections do not fit the {self.qkv_layout.value} layout")
-        if self.lean_cache and self.rotary_whole_head:
-            raise ValueError("a lean cache re-rotates past keys with tables as wide as the dims they turn")
+        if self.lean_cache and (self.rotary_whole_head or self.rotary_interleaved):
+            raise ValueError("a lean cache re-rotates past keys rotate-half, with tables as wide as the dims they turn")
         if self.lean_cache and self.qk_norm is not QKNorm.NONE and self.qkv_layout is not QKVLayout.SEPARATE:
             raise ValueError("a lean cache with a k-norm records the pre-norm keys of a separate key projection")
 

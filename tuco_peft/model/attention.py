@@ -9,22 +9,31 @@ import torch.nn.functional as F
 
 
 class RotaryTables(NamedTuple):
-    """cos and sin of a rotary embedding, rotate-half convention, ready for states [b, heads, seq, hd]: each
-    [b, 1, seq, rot_dim], sin with its first half negated. ``rotate_half(x) * sin`` is then
-    ``x.roll(rot_dim // 2) * signed_sin``, bit for bit (a negation is exact): a rotation costs four tensor
-    operations instead of about a dozen, which counts where every block rotates a few rows."""
+    """cos and sin of a rotary embedding, ready for states [b, heads, seq, hd]: each [b, 1, seq, rot_dim], sin
+    negated where a dim's partner enters with a minus. Rotate-half (dims i and i + rot_dim/2 turn together):
+    ``rotate_half(x) * sin`` is then ``x.roll(rot_dim // 2) * signed_sin``, bit for bit (a negation is exact),
+    four tensor operations instead of about a dozen, which counts where every block rotates a few rows.
+    Interleaved (``interleaved``: dims 2i and 2i + 1, GLM's): the partner is the pair's other dim."""
 
     cos: torch.Tensor
     signed_sin: torch.Tensor
+    interleaved: bool = False
 
     @classmethod
-    def of(cls, cos: torch.Tensor, sin: torch.Tensor, whole_head: int | None = None) -> RotaryTables:
+    def of(
+        cls, cos: torch.Tensor, sin: torch.Tensor, whole_head: int | None = None, interleaved: bool = False
+    ) -> RotaryTables:
         """From cos/sin [b, seq, rot_dim], as a model's rotary embedding returns them. ``whole_head``: the head
         width, where the embedding turns every dim of it; tables of half that width hold each frequency once
-        (gpt-oss: dims i and i + hd/2 turn together) and are doubled into the rotate-half layout."""
+        (gpt-oss: dims i and i + hd/2 turn together) and are doubled into the rotate-half layout.
+        ``interleaved``: the table's first half of frequencies, each for a pair of adjacent dims."""
         if whole_head is not None and 2 * cos.shape[-1] == whole_head:
             cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
         half = cos.shape[-1] // 2
+        if interleaved:
+            cos, sin = cos[..., :half], sin[..., :half]
+            pairs = torch.stack((cos, cos), dim=-1).flatten(-2), torch.stack((-sin, sin), dim=-1).flatten(-2)
+            return cls(pairs[0][:, None], pairs[1][:, None], interleaved=True)
         return cls(cos[:, None], torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)[:, None])
 
     def apply(self, states: torch.Tensor) -> torch.Tensor:
@@ -32,7 +41,11 @@ class RotaryTables(NamedTuple):
         remaining dims pass through."""
         rot_dim = self.cos.shape[-1]
         if rot_dim == states.shape[-1]:
-            return states * self.cos + states.roll(rot_dim // 2, dims=-1) * self.signed_sin
+            if self.interleaved:
+                partners = states.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+            else:
+                partners = states.roll(rot_dim // 2, dims=-1)
+            return states * self.cos + partners * self.signed_sin
         rotary, passthrough = states[..., :rot_dim], states[..., rot_dim:]
         return torch.cat((self.apply(rotary), passthrough), dim=-1)
 

@@ -84,6 +84,17 @@ def replaced_forward(module: nn.Module, forward: Callable[..., Any]) -> Abstract
 
 
 @contextmanager
+def class_forwards(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """The modules run their class's forward for a while, where something replaced it on the instance."""
+    replaced = [(module, module.__dict__.pop("forward")) for module in modules if forward_replaced(module)]
+    try:
+        yield
+    finally:
+        for module, forward in replaced:
+            module.__dict__["forward"] = forward
+
+
+@contextmanager
 def replaced_forwards(replacements: Sequence[tuple[nn.Module, Callable[..., Any]]]) -> Iterator[None]:
     """``replaced_forward`` of many modules at once, in one frame (a switch entered once per block and call);
     all undone if any is refused."""
