@@ -12,10 +12,12 @@ from dataclasses import replace
 import pytest
 import torch
 import transformers.models.smollm3.modeling_smollm3 as smollm3
+from helpers.lora_layers import as_linear_4bit
 from helpers.models import FAMILIES, VOCAB, base_model, padded_batch
 from helpers.oracle import decoder_blocks, tuco_at_last, two_pass
 from helpers.strategies import STRATEGIES, force, record_strategies
 from peft import LoraConfig, get_peft_model
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import tuco_peft
@@ -161,18 +163,46 @@ def test_rows_that_see_one_key_prove_nothing():
     assert all(p.proved_reach > 1 and p.candidate.spec.rotary_interleaved and not p.refuted for p in paths(model))
 
 
-def test_half_precision_batches_replay_until_an_fp32_one_proves_the_block():
-    pretrained, model = adapted_pair("smollm3")
+@pytest.mark.parametrize(("model_type", "dtype"), [("smollm3", torch.float16), ("glm", torch.bfloat16)])
+def test_a_half_precision_batch_proves_the_reading_on_a_float32_copy_of_the_block(model_type, dtype):
+    """Half precision rounds the one-pass path and the replay apart, so the proof runs both on a float32 copy of
+    the pre-trained block, its inputs cast; the model itself stays in its dtype, and every call gives the oracle's
+    TuCo (to half precision's rounding). GLM's first reading (rotate-half) fails there, its second proves."""
+    pretrained, model = adapted_pair(model_type)
+    pretrained.to(dtype)
+    model.to(dtype)
     ids, mask = padded_batch()
-    model.half()
-    with warnings.catch_warnings(record=True) as caught:
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        tuco_peft.tuco(model, ids, mask)
+        ptc, ftc, _, _ = two_pass(model, decoder_blocks(pretrained), ids, mask)
+        expected = tuco_at_last(ptc, ftc, mask)
+        calls = 3 if model_type == "glm" else 2
+        for _ in range(calls):
+            torch.testing.assert_close(tuco_peft.tuco(model, ids, mask), expected, atol=5e-3, rtol=0)
     assert not [w for w in caught if "read the layout" in str(w.message)]
-    assert all(p.proved_reach < 2 and not p.refuted for p in paths(model))
-    model.float()
-    assert tuco_against_the_oracle(pretrained, model, ids, mask) == []
-    assert all(p.proved_reach == 12 for p in paths(model))
+    proved = paths(model)
+    assert proved and all(p.proved_reach == 12 and not p.refuted for p in proved)
+    assert all(p.candidate.spec.rotary_interleaved is (model_type == "glm") for p in proved)
+    assert {param.dtype for param in model.parameters()} == {dtype}
+
+
+def test_a_quantized_block_has_no_float32_copy_and_replays_until_an_fp32_batch():
+    """A 4-bit base computing in bf16: its blocks cannot be copied to float32, so its batches replay, neither
+    proving nor refuting the reading."""
+    base = base_model_of("smollm3", intermediate_size=128).to(torch.bfloat16)
+    for module in list(base.model.layers.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Linear:
+                setattr(module, name, as_linear_4bit(child, "nf4", True, torch.bfloat16))
+    torch.manual_seed(1)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = get_peft_model(base, lora).eval()
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        tuco = tuco_peft.tuco(model, ids, mask)
+        proved = paths(model)
+        assert proved and all(p.proved_reach < 2 and not p.refuted and not p.copyable for p in proved)
+        assert torch.equal(tuco, tuco_peft.decompose(model, ids, mask, replay=True).tuco)
 
 
 def test_a_block_with_sinks_proved_in_fp32_computes_bfloat16_as_the_model_does():

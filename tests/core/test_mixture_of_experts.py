@@ -161,3 +161,17 @@ def test_rows_a_shared_call_cannot_compute_hand_the_block_to_separate_reads(monk
     paths = [p for key, p in model_parts(model)._derived.items() if key[0] == "pretrained path"]
     assert paths and all(type(p.candidate) is SharedProjectionBlock and p.proved_reach > 1 for p in paths)
     assert not [w for w in caught if "read the layout" in str(w.message)]
+
+
+def test_a_bfloat16_mixture_of_experts_is_proved_on_a_float32_copy_then_shares_its_reads():
+    """The proof's float32 copy of the block carries none of the forward's interceptions (the shared calls of the
+    output projection and the MoE), which would otherwise run in the copy on the original block."""
+    pretrained, model = (m.to(torch.bfloat16) for m in _moe_pair("qwen3_moe", "attention"))
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        ptc, ftc, _, _ = two_pass(model, decoder_blocks(pretrained), ids, mask)
+        expected = tuco_at_last(ptc, ftc, mask)
+        for _ in range(2):  # the proof on the copy, then the shared reads
+            torch.testing.assert_close(tuco_peft.tuco(model, ids, mask), expected, atol=5e-3, rtol=0)
+    paths = [p for key, p in model_parts(model)._derived.items() if key[0] == "pretrained path"]
+    assert paths and all(type(p.candidate) is SharedReadBlock and p.proved_reach > 1 for p in paths)

@@ -26,6 +26,7 @@ from disk.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
@@ -53,7 +54,7 @@ from ..lora.backend import LoraLinearBackend
 from ..model.attention import RotaryTables, attend_rows
 from ..model.block_args import hidden_states
 from ..model.inputs import Batch
-from ..model.interception import any_forward_replaced, class_forwards, hooked, replaced_forward
+from ..model.interception import any_forward_replaced, class_forwards, hooked, replaced_forward, submodules
 from ..model.inventory import is_switchable, outermost_switchable
 
 
@@ -489,11 +490,13 @@ class ProvedBlock:
     """The one-pass path of a spec read from the block's parts (``families.derive_spec``), trusted once it gave
     the generic path's update; until then, and for good where it did not, the block is replayed.
 
-    A proof counts only where it could fail. In fp32 (half precision rounds the two paths apart, so those
-    batches replay until an fp32 one proves the block), and where some row attends to at least two keys: with
-    one key, attention returns the value whatever its scores, so rotary embeddings, scaling, soft-capping and
-    q/k norms would pass unchecked. A later batch whose rows see more keys than the block's sliding window, where
-    the proofs so far did not reach it, is a new trial.
+    A proof counts only where it could fail. In fp32: half precision rounds the two paths apart, so a half
+    precision batch proves the candidate's reading on a float32 copy of the pre-trained block, its inputs cast
+    (the pre-trained rows computed from the copy's own projections); a quantized block, which has no float32
+    copy, replays until an fp32 batch proves it. And where some row attends to at least two keys: with one key,
+    attention returns the value whatever its scores, so rotary embeddings, scaling, soft-capping and q/k norms
+    would pass unchecked. A later batch whose rows see more keys than the block's sliding window, where the
+    proofs so far did not reach it, is a new trial.
 
     ``readings`` are the ways to read the parts (``families.spec_readings``), the most common first, each a list
     of paths in order of preference (sharing reads first, where that pays). A path that did not find the parts
@@ -503,9 +506,11 @@ class ProvedBlock:
     the MLP's output at a position depends on that position alone (no expert capacity shared between tokens).
     """
 
-    def __init__(self, readings: list[list[_RowwiseBlock]], model_type: str):
+    def __init__(self, readings: list[list[_RowwiseBlock]], model_type: str, config: PretrainedConfig):
         self.readings = readings
         self.model_type = model_type
+        self.config = config
+        self.copyable = True  # whether the block has a float32 copy to prove half precision batches on
         self.replay = ReplayBlock()
         self.proved_reach = 0  # the most keys a row saw in a batch the candidate matched the replay on
         self.refuted = False
@@ -537,17 +542,21 @@ class ProvedBlock:
         active = self.candidate  # whose capturing ran in this forward
         on_trial = self._on_trial(batch)
         update = None
-        if not on_trial or x.dtype in (torch.float32, torch.float64):  # half precision proves nothing
-            try:
-                update = active.pretrained_update(pretrained, x, args, kwargs, batch)
-            except LayoutMismatch as error:
-                self._drop_path(type(active), f"it raised LayoutMismatch: {error}")
-            except torch.OutOfMemoryError:
+        if on_trial and x.dtype not in (torch.float32, torch.float64):
+            with active.standing_by():
+                exact = replay()
+            self._prove_in_float32(pretrained, x, args, kwargs, batch)
+            return exact
+        try:
+            update = active.pretrained_update(pretrained, x, args, kwargs, batch)
+        except LayoutMismatch as error:
+            self._drop_path(type(active), f"it raised LayoutMismatch: {error}")
+        except torch.OutOfMemoryError:
+            raise
+        except CANDIDATE_ERRORS as error:
+            if not on_trial:
                 raise
-            except CANDIDATE_ERRORS as error:
-                if not on_trial:
-                    raise
-                self._drop_reading(f"it raised {type(error).__name__}: {error}")
+            self._drop_reading(f"it raised {type(error).__name__}: {error}")
         if update is not None and not on_trial:
             return update
         # After the candidate's own update, which reads what the forward captured: the replay runs the block's
@@ -555,12 +564,47 @@ class ProvedBlock:
         with active.standing_by():
             exact = replay()
         if update is not None:
-            reason = self._difference(exact, update, batch.row_is_real)
-            if reason is None:
-                self.proved_reach = max(self.proved_reach, _reach(batch))
-            else:
-                self._drop_reading(reason)
+            self._judge(exact, update, batch)
         return exact
+
+    def _judge(self, exact: torch.Tensor, update: torch.Tensor, batch: Batch) -> None:
+        reason = self._difference(exact, update, batch.row_is_real)
+        if reason is None:
+            self.proved_reach = max(self.proved_reach, _reach(batch))
+        else:
+            self._drop_reading(reason)
+
+    def _prove_in_float32(
+        self, pretrained: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict[str, Any], batch: Batch
+    ) -> None:
+        """The candidate's reading against the replay, both on a float32 copy of the pre-trained block (nothing of
+        this forward's hooks or interceptions on it), its floating inputs cast. A block that has no such copy (a
+        quantized one, one whose weights live elsewhere, one too large for the memory left) replays until an fp32
+        batch proves it."""
+        if not self.copyable or not all(param.is_floating_point() for param in pretrained.parameters()):
+            self.copyable = False
+            return
+        try:
+            copied = copy.deepcopy(pretrained)
+            for module in (copied, *submodules(copied)):
+                module._forward_hooks.clear()
+                module._forward_pre_hooks.clear()
+                module.__dict__.pop("forward", None)  # accelerate's hooks, this forward's interceptions
+            copied.float()
+            x, args, kwargs = _float32((x, args, kwargs))
+            exact = ReplayBlock().pretrained_update(copied, x, args, kwargs, batch)
+        except (torch.OutOfMemoryError, *CANDIDATE_ERRORS):
+            self.copyable = False
+            return
+        reading = OwnProjectionBlock(copied, self.candidate.spec, self.config)
+        try:
+            update = reading.pretrained_update(copied, x, args, kwargs, batch)
+        except torch.OutOfMemoryError:
+            raise
+        except CANDIDATE_ERRORS as error:
+            self._drop_reading(f"it raised {type(error).__name__}: {error}")
+            return
+        self._judge(exact, update, batch)
 
     def _drop_path(self, kind: type, reason: str) -> None:
         """A path of ``kind`` did not find the block's parts called as it needs, whatever the reading: every
@@ -600,6 +644,17 @@ class ProvedBlock:
             scale = exact.abs().amax(-1).clamp_min(torch.finfo(torch.float32).tiny)
             relative = ((update - exact).abs().amax(-1) / scale).max().item()
         return None if relative <= PROOF_TOLERANCE else f"largest difference {relative:.2g} of its row's largest entry"
+
+
+def _float32(value: Any) -> Any:
+    """``value`` with every floating tensor in it (in tuples, lists and dicts) cast to float32."""
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.is_floating_point() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_float32(item) for item in value)
+    if isinstance(value, dict):
+        return {key: _float32(item) for key, item in value.items()}
+    return value
 
 
 def _reach(batch: Batch) -> int:
@@ -660,4 +715,4 @@ def _derived_path(
         ]
     else:
         return ReplayBlock()
-    return ProvedBlock(readings, model_type)
+    return ProvedBlock(readings, model_type, config)
