@@ -283,3 +283,32 @@ def test_a_full_fine_tune_of_a_known_layout_is_proved_then_trusted(model_type):
     assert not [w for w in caught if "read the layout" in str(w.message)]
     proved = paths(finetuned)
     assert proved and all(isinstance(p, ProvedBlock) and p.proved_reach > 1 and not p.refuted for p in proved)
+
+
+class _Untouchable:
+    """A hook or instance forward that reaches the whole model (as an analysis' probes do): never to be copied."""
+
+    def __deepcopy__(self, memo):
+        raise AssertionError("the float32 copy of a block copied a hook or an instance forward")
+
+    def __call__(self, *args, **kwargs):
+        return None
+
+
+def test_the_float32_copy_of_a_block_holds_the_block_alone():
+    _, model = adapted_pair("smollm3")
+    model.to(torch.bfloat16)
+    block = decoder_blocks(model)[0]
+    handles = [block.register_forward_hook(_Untouchable()), block.mlp.register_forward_pre_hook(_Untouchable())]
+    block.self_attn.o_proj.__dict__["forward"] = _Untouchable()
+    copied = pretrained_path_module._float32_copy(block)
+    assert copied is not None and copied is not block
+    originals, copies = dict(block.named_parameters()), dict(copied.named_parameters())
+    assert copies.keys() == originals.keys()
+    for name, param in copies.items():
+        assert param.dtype == torch.float32 and not param.requires_grad
+        assert torch.equal(param, originals[name].float()) and originals[name].dtype == torch.bfloat16
+    assert not any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in copied.modules())
+    assert block._forward_hooks and block.mlp._forward_pre_hooks and "forward" in block.self_attn.o_proj.__dict__
+    for handle in handles:
+        handle.remove()

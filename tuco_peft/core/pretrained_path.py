@@ -577,33 +577,32 @@ class ProvedBlock:
     def _prove_in_float32(
         self, pretrained: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict[str, Any], batch: Batch
     ) -> None:
-        """The candidate's reading against the replay, both on a float32 copy of the pre-trained block (nothing of
-        this forward's hooks or interceptions on it), its floating inputs cast. A block that has no such copy (a
-        quantized one, one whose weights live elsewhere, one too large for the memory left) replays until an fp32
-        batch proves it."""
-        if not self.copyable or not all(param.is_floating_point() for param in pretrained.parameters()):
+        """The candidate's reading against the replay, both on a float32 copy of the pre-trained block, its floating
+        inputs cast. A block that has no such copy (a quantized one, one whose weights live elsewhere, one too
+        large for the memory left) replays until an fp32 batch proves it. In half precision the proof covers the
+        reading; the trusted path then takes the pre-trained q/k/v from the fine-tuned forward, as a registered
+        family's does."""
+        copied = _float32_copy(pretrained) if self.copyable else None
+        if copied is None:
             self.copyable = False
             return
-        try:
-            copied = copy.deepcopy(pretrained)
-            for module in (copied, *submodules(copied)):
-                module._forward_hooks.clear()
-                module._forward_pre_hooks.clear()
-                module.__dict__.pop("forward", None)  # accelerate's hooks, this forward's interceptions
-            copied.float()
-            x, args, kwargs = _float32((x, args, kwargs))
-            exact = ReplayBlock().pretrained_update(copied, x, args, kwargs, batch)
-        except (torch.OutOfMemoryError, *CANDIDATE_ERRORS):
-            self.copyable = False
-            return
-        reading = OwnProjectionBlock(copied, self.candidate.spec, self.config)
-        try:
-            update = reading.pretrained_update(copied, x, args, kwargs, batch)
-        except torch.OutOfMemoryError:
-            raise
-        except CANDIDATE_ERRORS as error:
-            self._drop_reading(f"it raised {type(error).__name__}: {error}")
-            return
+        x, args, kwargs = _float32((x, args, kwargs))
+        with torch.no_grad():
+            try:
+                exact = ReplayBlock().pretrained_update(copied, x, args, kwargs, batch)
+            except (torch.OutOfMemoryError, AssertionError, *CANDIDATE_ERRORS):  # the copy does not run as a block
+                self.copyable = False
+                return
+            try:
+                update = OwnProjectionBlock(copied, self.candidate.spec, self.config).pretrained_update(
+                    copied, x, args, kwargs, batch
+                )
+            except torch.OutOfMemoryError:  # the copy's own memory: no proof, and not the reading's fault
+                self.copyable = False
+                return
+            except CANDIDATE_ERRORS as error:
+                self._drop_reading(f"it raised {type(error).__name__}: {error}")
+                return
         self._judge(exact, update, batch)
 
     def _drop_path(self, kind: type, reason: str) -> None:
@@ -646,10 +645,45 @@ class ProvedBlock:
         return None if relative <= PROOF_TOLERANCE else f"largest difference {relative:.2g} of its row's largest entry"
 
 
+_HOOKS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+
+
+def _float32_copy(block: nn.Module) -> nn.Module | None:
+    """A float32 copy of ``block`` without its hooks and instance forwards (this forward's probes and
+    interceptions, which reach the whole model), its parameters detached; None where it has none (weights
+    quantized, offloaded by accelerate, too large for the memory left, or parts that cannot be copied)."""
+    modules = [block, *submodules(block)]
+    if any(not p.is_floating_point() or p.is_meta for p in block.parameters()) or any(
+        hasattr(m, "_hf_hook") for m in modules
+    ):
+        return None
+    # deepcopy takes what ``memo`` holds for an object instead of copying it
+    memo: dict[int, Any] = {id(getattr(m, name)): type(getattr(m, name))() for m in modules for name in _HOOKS}
+    memo.update((id(m.__dict__["forward"]), None) for m in modules if "forward" in m.__dict__)
+    try:
+        memo.update((id(p), nn.Parameter(p.detach().float(), requires_grad=False)) for p in block.parameters())
+        copied = copy.deepcopy(block, memo)
+    except (torch.OutOfMemoryError, *CANDIDATE_ERRORS):  # a part that cannot be copied (a non-leaf tensor, a lock)
+        return None
+    for module in (copied, *submodules(copied)):
+        module.__dict__.pop("forward", None)
+    return copied.float()
+
+
 def _float32(value: Any) -> Any:
     """``value`` with every floating tensor in it (in tuples, lists and dicts) cast to float32."""
     if isinstance(value, torch.Tensor):
         return value.float() if value.is_floating_point() else value
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
+        return type(value)(*(_float32(item) for item in value))
     if isinstance(value, (tuple, list)):
         return type(value)(_float32(item) for item in value)
     if isinstance(value, dict):

@@ -63,9 +63,10 @@ _NORM_LAYOUTS: dict[frozenset[str], tuple[Wiring, dict[str, str]]] = {
 def derive_spec(layer: nn.Module, config: PretrainedConfig) -> FamilySpec | None:
     """A candidate spec for the decoder block ``layer``, or None where its parts fit no known layout. Rotary
     embeddings are assumed, from the block's ``position_embeddings``, unless its attention says ``use_rope``
-    false (SmolLM3's NoPE layers) or it is a global layer of a sliding model (EXAONE 4), over the whole head unless the config gives a partial rotary factor; an
-    attention's ``sinks``, one per head, are read as gpt-oss's, and a layer's ``residual_multiplier`` as
-    Granite's."""
+    false (SmolLM3's NoPE layers) or it is a global layer of a sliding model (EXAONE 4), rotate-half
+    (``spec_readings`` gives the interleaved reading too), over the whole head unless the config gives a
+    partial rotary factor; an attention's ``sinks``, one per head, are read as gpt-oss's, and a layer's
+    ``residual_multiplier`` as Granite's."""
     children = dict(layer.named_children())
     attention = children.get(_ATTENTION)
     mlp = next((name for name in _MLPS if name in children), None)
