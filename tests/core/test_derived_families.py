@@ -15,7 +15,7 @@ import transformers.models.smollm3.modeling_smollm3 as smollm3
 from helpers.lora_layers import as_linear_4bit
 from helpers.models import FAMILIES, VOCAB, base_model, padded_batch
 from helpers.oracle import decoder_blocks, tuco_at_last, two_pass
-from helpers.strategies import STRATEGIES, force, record_strategies
+from helpers.strategies import STRATEGIES, force, pretrained_paths, record_strategies
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -25,7 +25,6 @@ from tuco_peft.core import pretrained_path as pretrained_path_module
 from tuco_peft.core.pretrained_path import ProvedBlock, SharedProjectionBlock
 from tuco_peft.families import QKNorm, Wiring, derive_spec, spec_for
 from tuco_peft.families.registry import _FAMILIES, RegisteredFamily
-from tuco_peft.model.parts import model_parts
 
 _SHAPE = dict(
     hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -93,12 +92,6 @@ def adapted_pair(model_type: str, **overrides):
     return pretrained, get_peft_model(base, lora).eval()
 
 
-def paths(model) -> list:
-    """The pre-trained path of each block, as the last calls left them."""
-    parts = model_parts(model)
-    return [path for key, path in parts._derived.items() if isinstance(key, tuple) and key[0] == "pretrained path"]
-
-
 def tuco_against_the_oracle(pretrained, model, ids, mask) -> list[str]:
     """TuCo of three calls against the oracle's; the warnings they gave."""
     with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
@@ -121,7 +114,7 @@ def test_a_known_layout_is_proved_then_trusted(model_type, device):
     assert spec is not None and (spec.wiring, spec.qk_norm) == (wiring, qk_norm)
     ids, mask = (t.to(device) for t in padded_batch())
     assert tuco_against_the_oracle(pretrained, model, ids, mask) == []
-    proved = paths(model)
+    proved = pretrained_paths(model)
     assert proved and all(isinstance(p, ProvedBlock) and not p.refuted and p.proved_reach > 1 for p in proved)
     interleaved = model_type in ("glm", "glm4")
     assert all(p.candidate.spec.rotary_interleaved is interleaved for p in proved)
@@ -135,7 +128,7 @@ def test_a_forward_no_reading_of_its_parts_describes_takes_the_generic_path_with
     assert derive_spec(decoder_blocks(model)[0], model.config) is not None  # the parts fit a layout
     messages = tuco_against_the_oracle(pretrained, model, *padded_batch())
     assert len(messages) == 1 and "'smollm3'" in messages[0] and "largest difference" in messages[0]
-    assert [p.refuted for p in paths(model)] == [True, True, True, False]  # the last block has no RoPE
+    assert [p.refuted for p in pretrained_paths(model)] == [True, True, True, False]  # the last block has no RoPE
 
 
 def test_a_batch_whose_rows_see_more_keys_than_the_window_is_proved_again():
@@ -145,7 +138,7 @@ def test_a_batch_whose_rows_see_more_keys_than_the_window_is_proved_again():
     ids, mask = padded_batch(lengths=(4, 5, 3), side="right")
     ids, mask = torch.cat([ids, torch.zeros_like(ids)], 1), torch.cat([mask, torch.zeros_like(mask)], 1)
     tuco_against_the_oracle(pretrained, model, ids, mask)
-    sliding = [p for p in paths(model) if p.candidate.sliding_window is not None]
+    sliding = [p for p in pretrained_paths(model) if p.candidate.sliding_window is not None]
     assert sliding and {p.proved_reach for p in sliding} == {5}  # 10 columns, 5 keys at most
     ids, mask = padded_batch()
     assert tuco_against_the_oracle(pretrained, model, ids, mask) == []
@@ -158,9 +151,9 @@ def test_rows_that_see_one_key_prove_nothing():
     pretrained, model = adapted_pair("glm")
     ids = torch.tensor([[5], [7]])
     assert tuco_against_the_oracle(pretrained, model, ids, torch.ones_like(ids)) == []
-    assert all(p.proved_reach < 2 and not p.candidate.spec.rotary_interleaved for p in paths(model))
+    assert all(p.proved_reach < 2 and not p.candidate.spec.rotary_interleaved for p in pretrained_paths(model))
     assert tuco_against_the_oracle(pretrained, model, *padded_batch()) == []
-    assert all(p.proved_reach > 1 and p.candidate.spec.rotary_interleaved and not p.refuted for p in paths(model))
+    assert all(p.proved_reach > 1 and p.candidate.spec.rotary_interleaved and not p.refuted for p in pretrained_paths(model))
 
 
 @pytest.mark.parametrize(("model_type", "dtype"), [("smollm3", torch.float16), ("glm", torch.bfloat16)])
@@ -180,7 +173,7 @@ def test_a_half_precision_batch_proves_the_reading_on_a_float32_copy_of_the_bloc
         for _ in range(calls):
             torch.testing.assert_close(tuco_peft.tuco(model, ids, mask), expected, atol=5e-3, rtol=0)
     assert not [w for w in caught if "read the layout" in str(w.message)]
-    proved = paths(model)
+    proved = pretrained_paths(model)
     assert proved and all(p.proved_reach == 12 and not p.refuted for p in proved)
     assert all(p.candidate.spec.rotary_interleaved is (model_type == "glm") for p in proved)
     assert {param.dtype for param in model.parameters()} == {dtype}
@@ -200,7 +193,7 @@ def test_a_quantized_block_has_no_float32_copy_and_replays_until_an_fp32_batch()
     ids, mask = padded_batch()
     with torch.no_grad():
         tuco = tuco_peft.tuco(model, ids, mask)
-        proved = paths(model)
+        proved = pretrained_paths(model)
         assert proved and all(p.proved_reach < 2 and not p.refuted and not p.copyable for p in proved)
         assert torch.equal(tuco, tuco_peft.decompose(model, ids, mask, replay=True).tuco)
 
@@ -260,7 +253,7 @@ def test_a_registered_family_is_not_put_on_probation(monkeypatch):
     force(monkeypatch, "separate reads")
     _, model = adapted_pair("llama")
     tuco_peft.tuco(model, *padded_batch())
-    taken = paths(model)
+    taken = pretrained_paths(model)
     assert taken and all(type(p) is SharedProjectionBlock for p in taken)
 
 
@@ -281,7 +274,7 @@ def test_a_full_fine_tune_of_a_known_layout_is_proved_then_trusted(model_type):
             tuco = tuco_peft.tuco(finetuned, ids, mask, base_model=pretrained)
             torch.testing.assert_close(tuco, tuco_at_last(ptc, ftc, mask), atol=1e-5, rtol=1e-5)
     assert not [w for w in caught if "read the layout" in str(w.message)]
-    proved = paths(finetuned)
+    proved = pretrained_paths(finetuned)
     assert proved and all(isinstance(p, ProvedBlock) and p.proved_reach > 1 and not p.refuted for p in proved)
 
 

@@ -21,6 +21,7 @@ from helpers.models import VOCAB, padded_batch
 from helpers.oracle import decoder_blocks, tuco_at_last, two_pass
 from helpers.steering import greedy_generate
 from helpers.steering_reference import greedy
+from helpers.strategies import pretrained_paths
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -73,7 +74,7 @@ def test_every_block_matches_the_two_model_oracle(model_type, adapters, device):
         tuco_peft.decompose(model, ids, mask, positions="all")  # proves each block's one-pass path
         ours = tuco_peft.decompose(model, ids, mask, positions="all")
         ptc, ftc, x0, xL = two_pass(model, decoder_blocks(pretrained), ids, mask)
-    proved = [p for key, p in model_parts(model)._derived.items() if key[0] == "pretrained path"]
+    proved = pretrained_paths(model)
     assert proved and all(isinstance(p, ProvedBlock) and not p.refuted for p in proved)
     real = mask.bool()[:, None, :, None]
     assert ftc[real.expand_as(ftc)].abs().max() > 1e-2  # the adapters change every batch's blocks
@@ -114,7 +115,7 @@ def test_a_mixture_of_experts_without_adapters_shares_its_reads_once_proved(mode
     with torch.no_grad():
         ptc, ftc, _, _ = two_pass(model, decoder_blocks(pretrained), ids, mask)
         results = [tuco_peft.decompose(model, ids, mask, positions="all") for _ in range(3)]
-    paths = [p for key, p in model_parts(model)._derived.items() if key[0] == "pretrained path"]
+    paths = pretrained_paths(model)
     taken = SharedProjectionBlock if model_type == "gpt_oss" else SharedReadBlock
     assert paths and all(isinstance(p, ProvedBlock) and not p.refuted and type(p.candidate) is taken for p in paths)
     real = mask.bool()[:, None, :, None]
@@ -158,7 +159,7 @@ def test_rows_a_shared_call_cannot_compute_hand_the_block_to_separate_reads(monk
         expected = tuco_at_last(ptc, ftc, mask)
         for _ in range(3):  # the shared call's fault, the proof of separate reads, the trusted path
             torch.testing.assert_close(tuco_peft.tuco(model, ids, mask), expected, atol=1e-6, rtol=1e-5)
-    paths = [p for key, p in model_parts(model)._derived.items() if key[0] == "pretrained path"]
+    paths = pretrained_paths(model)
     assert paths and all(type(p.candidate) is SharedProjectionBlock and p.proved_reach > 1 for p in paths)
     assert not [w for w in caught if "read the layout" in str(w.message)]
 
@@ -173,5 +174,5 @@ def test_a_bfloat16_mixture_of_experts_is_proved_on_a_float32_copy_then_shares_i
         expected = tuco_at_last(ptc, ftc, mask)
         for _ in range(2):  # the proof on the copy, then the shared reads
             torch.testing.assert_close(tuco_peft.tuco(model, ids, mask), expected, atol=5e-3, rtol=0)
-    paths = [p for key, p in model_parts(model)._derived.items() if key[0] == "pretrained path"]
+    paths = pretrained_paths(model)
     assert paths and all(type(p.candidate) is SharedReadBlock and p.proved_reach > 1 for p in paths)

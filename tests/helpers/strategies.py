@@ -3,6 +3,7 @@
 import importlib
 
 from tuco_peft.core.pretrained_path import SharedProjectionBlock, SharedReadBlock
+from tuco_peft.model.parts import model_parts
 
 decompose_module = importlib.import_module("tuco_peft.core.decompose")
 PAIRED = "paired"
@@ -29,3 +30,9 @@ def record_strategies(monkeypatch) -> list:
 
     monkeypatch.setattr(decompose_module, "_probe", spy)
     return chosen
+
+
+def pretrained_paths(model) -> list:
+    """The pre-trained path of each block of ``model``, as its last calls left them."""
+    derived = model_parts(model)._derived
+    return [path for key, path in derived.items() if isinstance(key, tuple) and key[0] == "pretrained path"]

@@ -272,8 +272,9 @@ CANDIDATE_ERRORS = (RuntimeError, KeyError, ValueError, TypeError, IndexError, A
 
 
 def holds_experts(mlp: nn.Module) -> bool:
-    """Whether ``mlp`` is a mixture of experts: it holds their weights stacked in a 3-D parameter (transformers 5
-    stores every MoE's experts so)."""
+    """Whether ``mlp`` is a mixture of experts: it holds their weights stacked in a 3-D parameter, as transformers
+    5's MoEs do (Qwen3-MoE, Mixtral, OLMoE, gpt-oss, Granite-MoE); experts kept as a list of linears are missed,
+    which costs speed only."""
     return any(parameter.ndim == 3 for parameter in mlp.parameters())
 
 
@@ -366,6 +367,16 @@ class SharedReadBlock(SharedProjectionBlock):
             self._fault = what
         self._n_pretrained_rows = None
 
+    @contextmanager
+    def _faults_noted(self) -> Iterator[None]:
+        """Pre-trained rows that raise as the spec computes them are a fault, not the forward's end."""
+        try:
+            yield
+        except torch.OutOfMemoryError:
+            raise
+        except CANDIDATE_ERRORS as error:
+            self._found_fault(f"raised {type(error).__name__} on the pre-trained rows ({error})")
+
     def _output_forward(self, backend: LoraLinearBackend, batch: Batch) -> Callable[..., torch.Tensor]:
         def forward(attended: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
             if args or kwargs or self._block_input is None or self._attn_update is not None:
@@ -373,16 +384,12 @@ class SharedReadBlock(SharedProjectionBlock):
             if self._fault is None:
                 assert self._block_input is not None, "no fault: the block's input was recorded"
                 x, block_kwargs = self._block_input
-                try:
+                with self._faults_noted():
                     query, key, value = self._projections(self.layer, x, batch)
                     attended_rows = self._attend(self.attention, query, key, value, block_kwargs, batch)
                     update_rows, update = _shared_call(self.output, attended_rows, attended, backend)
                     self._attn_update = self._update(self.layer, update_rows, self.spec.post_attention_norm)
                     return update
-                except torch.OutOfMemoryError:
-                    raise
-                except CANDIDATE_ERRORS as error:
-                    self._found_fault(f"raised {type(error).__name__} on the pre-trained rows ({error})")
             return type(self.output).forward(self.output, attended, *args, **kwargs)
 
         return forward
@@ -396,17 +403,12 @@ class SharedReadBlock(SharedProjectionBlock):
                 self._found_fault(f"called {mlp} before {output}")
             if self._fault is None:
                 assert self._block_input is not None, "no fault: the block's input was recorded"
-                try:
+                with self._faults_noted():
                     x_rows = batch.gather(self._block_input[0])
                     normed_rows = self._mlp_input(self.layer, x_rows, self._attn_update)
                     self._n_pretrained_rows = normed_rows.shape[1]
                     both = type(self.mlp).forward(self.mlp, torch.cat([normed_rows, normed], dim=1))
                     self._n_pretrained_rows = None
-                except torch.OutOfMemoryError:
-                    raise
-                except CANDIDATE_ERRORS as error:
-                    self._found_fault(f"raised {type(error).__name__} on the pre-trained rows ({error})")
-                else:
                     if isinstance(both, torch.Tensor):
                         self._mlp_out, out = both.split([normed_rows.shape[1], normed.shape[1]], dim=1)
                         return out
@@ -541,30 +543,29 @@ class ProvedBlock:
             return replay()
         active = self.candidate  # whose capturing ran in this forward
         on_trial = self._on_trial(batch)
+        full_precision = x.dtype in (torch.float32, torch.float64)
         update = None
-        if on_trial and x.dtype not in (torch.float32, torch.float64):
-            with active.standing_by():
-                exact = replay()
-            self._prove_in_float32(pretrained, x, args, kwargs, batch)
-            return exact
-        try:
-            update = active.pretrained_update(pretrained, x, args, kwargs, batch)
-        except LayoutMismatch as error:
-            self._drop_path(type(active), f"it raised LayoutMismatch: {error}")
-        except torch.OutOfMemoryError:
-            raise
-        except CANDIDATE_ERRORS as error:
-            if not on_trial:
+        if full_precision or not on_trial:  # a half precision trial proves on a float32 copy, below
+            try:
+                update = active.pretrained_update(pretrained, x, args, kwargs, batch)
+            except LayoutMismatch as error:
+                self._drop_path(type(active), f"it raised LayoutMismatch: {error}")
+            except torch.OutOfMemoryError:
                 raise
-            self._drop_reading(f"it raised {type(error).__name__}: {error}")
-        if update is not None and not on_trial:
-            return update
+            except CANDIDATE_ERRORS as error:
+                if not on_trial:
+                    raise
+                self._drop_reading(f"it raised {type(error).__name__}: {error}")
+            if update is not None and not on_trial:
+                return update
         # After the candidate's own update, which reads what the forward captured: the replay runs the block's
         # modules again, as the model does
         with active.standing_by():
             exact = replay()
         if update is not None:
             self._judge(exact, update, batch)
+        elif on_trial and not full_precision:
+            self._prove_in_float32(pretrained, x, args, kwargs, batch)
         return exact
 
     def _judge(self, exact: torch.Tensor, update: torch.Tensor, batch: Batch) -> None:

@@ -32,8 +32,9 @@ class RotaryTables(NamedTuple):
         half = cos.shape[-1] // 2
         if interleaved:
             cos, sin = cos[..., :half], sin[..., :half]
-            pairs = torch.stack((cos, cos), dim=-1).flatten(-2), torch.stack((-sin, sin), dim=-1).flatten(-2)
-            return cls(pairs[0][:, None], pairs[1][:, None], interleaved=True)
+            paired_cos = torch.stack((cos, cos), dim=-1).flatten(-2)
+            signed_sin = torch.stack((-sin, sin), dim=-1).flatten(-2)
+            return cls(paired_cos[:, None], signed_sin[:, None], interleaved=True)
         return cls(cos[:, None], torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)[:, None])
 
     def apply(self, states: torch.Tensor) -> torch.Tensor:
