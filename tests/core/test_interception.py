@@ -8,6 +8,7 @@ from torch import nn
 
 from tuco_peft.model.interception import (
     CacheView,
+    SlotView,
     any_forward_replaced,
     forward_replaced,
     hooked,
@@ -62,3 +63,37 @@ def test_a_cache_view_redirects_updates_and_passes_the_rest_through():
     view = CacheView(cache, lambda key, value, layer_idx: cache.update(key, value, layer_idx + 10))
     view.update(1, 2, 3)
     assert cache.writes == [13] and view.get_seq_length() == 7
+
+
+def test_a_slot_view_sends_every_call_that_names_a_layer_to_its_slot():
+    """Positional or keyword, keys/values or recurrent states: a named layer becomes the slot; a call that names
+    none (a default layer, ``None`` for "the last recurrent layer") and attributes pass through."""
+
+    class Cache:
+        def __init__(self):
+            self.layers = ["a", "b"]
+            self.calls = []
+
+        def update(self, key, value, layer_idx, *args, **kwargs):
+            self.calls.append(("update", layer_idx, args, kwargs))
+            return key, value
+
+        def update_recurrent_state(self, state, layer_idx, state_idx=0):
+            self.calls.append(("recurrent", layer_idx, state_idx))
+            return state
+
+        def get_seq_length(self, layer_idx=0):
+            return layer_idx
+
+        def has_previous_state(self, layer_idx=None):
+            return layer_idx
+
+    cache = Cache()
+    view = SlotView(cache, 9)
+    assert view.update(1, 2, 3, "extra", kwargs={}) == (1, 2)
+    view.update_recurrent_state("s", layer_idx=3, state_idx=1)
+    view.update_recurrent_state("s", 2)
+    assert cache.calls == [("update", 9, ("extra",), {"kwargs": {}}), ("recurrent", 9, 1), ("recurrent", 9, 0)]
+    assert view.get_seq_length(3) == 9 and view.get_seq_length() == 0
+    assert view.has_previous_state(None) is None and view.has_previous_state(layer_idx=1) == 9
+    assert view.layers == ["a", "b"]

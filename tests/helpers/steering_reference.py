@@ -23,7 +23,8 @@ def _run_steered(ft_model, pt_model, input_ids, attention_mask, alphas, on_block
             pt_out = pt_out[0] if isinstance(pt_out, tuple) else pt_out
             if on_block is not None:
                 on_block(index, args[0] if args else kwargs["hidden_states"], pt_out, ft_out)
-            return pt_out + alphas[index] * (ft_out - pt_out)
+            mixed = pt_out + alphas[index] * (ft_out - pt_out)
+            return (mixed, *output[1:]) if isinstance(output, tuple) else mixed  # as the block returns it
 
         return mix
 

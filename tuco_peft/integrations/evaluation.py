@@ -93,8 +93,8 @@ class FTCScaledLM(HFLM):
     def _model_call(
         self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """lm-eval's scoring forward, steered and without a cache (one forward reuses none, and a hybrid
-        decoder's cache cannot be steered)."""
+        """lm-eval's scoring forward, steered and without a cache (one forward reuses none, and on older
+        transformers releases a hybrid decoder's cache cannot be steered)."""
         with self._steered(), hooked(self.model, before=_without_cache, with_kwargs=True):
             return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
 

@@ -12,12 +12,16 @@ The rules every site follows:
   class, and removed again by deleting the instance attribute. A forward that something else replaced on
   an instance (accelerate's device hooks, another library's patch) is detected by ``forward_replaced`` and
   never stacked on: such a module takes a path that calls it as it is.
-- **Caches.** A block that must write its keys/values somewhere other than its own layer of the cache gets
-  a ``CacheView``: the model's cache with ``update`` redirected and everything else passed through.
+- **Caches.** A block that must keep its cache somewhere other than its own layer gets a view of the model's
+  cache: ``SlotView`` sends every call that names a layer to another slot (keys/values, and a hybrid
+  decoder's convolution and recurrent states); ``CacheView`` redirects ``update`` alone, as a function
+  chooses. Everything else passes through.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
@@ -124,3 +128,46 @@ class CacheView:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._cache, name)
+
+
+class SlotView:
+    """A transformers cache as a block whose state lives in another layer slot sees it.
+
+    Every call that names a layer (``update``; a hybrid decoder's ``get_conv_state``, ``update_recurrent_state``,
+    ``increase_count``, ``is_recording_past``, …) addresses ``slot`` instead, whatever index the block passes.
+    A call that names none (lengths and masks at their default layer, reordering) passes through. Found by the
+    ``layer_idx`` parameter, not by a list of names, so the methods a later transformers adds are covered too.
+    """
+
+    def __init__(self, cache: Any, slot: int):
+        self._cache = cache
+        self._cache_class: type = type(cache)
+        self._slot = slot
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._cache, name)
+        signature = _layer_indexed_signature(self._cache_class, name)
+        if signature is None:
+            return value
+
+        @functools.wraps(value)
+        def at_slot(*args: Any, **kwargs: Any) -> Any:
+            bound = signature.bind(*args, **kwargs)
+            if isinstance(bound.arguments.get("layer_idx"), int):
+                bound.arguments["layer_idx"] = self._slot
+            return value(*bound.args, **bound.kwargs)
+
+        return at_slot
+
+
+@functools.cache
+def _layer_indexed_signature(cache_class: type, name: str) -> inspect.Signature | None:
+    """The signature (without ``self``) of a cache method that takes ``layer_idx``, else None."""
+    method = inspect.getattr_static(cache_class, name, None)
+    if not inspect.isfunction(method):
+        return None
+    signature = inspect.signature(method)
+    if "layer_idx" not in signature.parameters:
+        return None
+    return signature.replace(parameters=list(signature.parameters.values())[1:])
+

@@ -9,7 +9,9 @@ KV cache. Inside the α-stream the pre-trained block attends to keys/values comp
 block from the *steered* states, which differ from the fine-tuned block's own keys/values. They are kept in
 the model's cache object itself, in extra layer slots ``n_layers + l``: whatever transformers does to the
 cache during ``generate`` (reset for a new generation, beam reorder, batch expansion, cropping) applies to
-those slots too, so beam search and sampling need no special handling. Where a block allows it (see
+those slots too, so beam search and sampling need no special handling. A hybrid decoder's convolution and
+recurrent states are kept the same way: every cache call of the pre-trained block that names a layer goes to
+its slot (``SlotView``). Where a block allows it (see
 ``steering.lean_cache``), the fine-tuned slot then shrinks to the rank-r LoRA inputs, since both blocks see the same
 state and their keys/values differ only by the low-rank delta (under a k-norm, before it: the pre-trained
 slot then stores pre-norm keys); static slots keep full keys/values in both (2× plain memory). Every block
@@ -48,7 +50,7 @@ from ..errors import InputError, UnsupportedModelError
 from ..io.block_sources import PretrainedBlocks, analysis_states, checked_pretrained_blocks
 from ..lora.backend import Backend, LoraLinearBackend, make_backend, resolve_backend
 from ..model.block_args import find_cache, hidden_states, replace_output, with_cache
-from ..model.interception import CacheView, hooked
+from ..model.interception import SlotView, hooked
 from ..model.parts import ModelParts, model_parts
 from .lean_cache import LowRankDelta, PastRotary, use_lean_slots
 
@@ -57,8 +59,14 @@ Alpha = float | Sequence[float] | torch.Tensor
 # Called after every steered block with (layer index, block input, pre-trained output, fine-tuned output).
 BlockObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
-# Cache layers of recurrent and convolution states (hybrid decoders), where this transformers has them.
-_LINEAR_ATTENTION_LAYERS = getattr(cache_utils, "LinearAttentionCacheLayerMixin", ())
+# Cache layers of a hybrid decoder's convolution and recurrent states, and the placeholder of a block that caches
+# nothing, where this transformers has them.
+_RECURRENT_LAYERS = tuple(kind for kind in (getattr(cache_utils, "LinearAttentionCacheLayerMixin", None),) if kind)
+_EMPTY_LAYERS = tuple(kind for kind in (getattr(cache_utils, "DummyLayer", None),) if kind)
+# Whether those recurrent layers count their tokens (transformers 5.25 does, 5.5 does not). Without a count, a
+# slot's progress cannot be checked, and those releases' decoders ask the last recurrent layer (a pre-trained
+# slot, which an unsteered block never fills) whether the cache holds a past.
+_RECURRENT_LAYERS_COUNT = any(hasattr(kind, "get_seq_length") for kind in _RECURRENT_LAYERS)
 
 _steered_models: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
@@ -86,42 +94,34 @@ def layer_alphas(alpha: Alpha, n_layers: int) -> tuple[float, ...]:
     return tuple(float(v) for v in values)
 
 
-def _pretrained_slot(cache: Any, slot: int) -> CacheView:
-    """The model's cache as seen by the pre-trained block of layer l: its keys/values go to slot ``n_layers + l``.
-
-    The slot is fixed by the block's position, not by the ``layer_idx`` its attention passes, so a base
-    model's block (loaded or streamed) lands in the right slot whatever index it was built with.
-    """
-
-    def write(
-        key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return cache.update(key_states, value_states, slot, *args, **kwargs)
-
-    return CacheView(cache, write)
-
-
-def _prepare_cache(cache: Any, n_layers: int, first_steered: int, deltas: dict[int, LowRankDelta]) -> None:
+def _prepare_cache(
+    cache: Any, n_layers: int, steered: list[int], deltas: dict[int, LowRankDelta], kv_shared: bool
+) -> None:
     """Give a fresh cache its pre-trained slots (and lean fine-tuned twins where ``deltas`` allow); refuse a
-    cache filled without them (outside ``ftc_scale``)."""
+    cache filled without them (outside ``ftc_scale``).
+
+    A hybrid decoder's convolution and recurrent states are slots like keys/values: each steered block's
+    pre-trained self keeps its own in slot ``n_layers + l`` (``SlotView``). ``kv_shared``: the model's blocks
+    reuse other blocks' keys/values, which the duplicate layers would not follow.
+    """
     if not hasattr(cache, "layers") or not hasattr(cache, "layer_class_to_replicate"):
         raise UnsupportedModelError(
             f"FTC_α steering keeps the pre-trained blocks' keys/values in extra layers of a transformers Cache; "
             f"{type(cache).__name__} is not one. Use the default DynamicCache (or StaticCache), or generate with "
             "use_cache=False."
         )
-    recurrent = next((layer for layer in cache.layers if not _holds_keys_values(layer)), None)
-    if recurrent is not None:
+    unknown = next((layer for layer in cache.layers if not _duplicable(layer, kv_shared)), None)
+    if unknown is not None:
         raise UnsupportedModelError(
-            "FTC_α steering keeps the pre-trained blocks' keys/values in extra layers of the cache, but this "
-            f"model's cache also holds layers of another kind ({type(recurrent).__name__}: a hybrid decoder's "
-            "recurrent or convolution states, or a layer that shares another's keys/values), which it does not "
-            "duplicate: generate with use_cache=False (exact; each step recomputes the prefix)."
+            "FTC_α steering keeps the pre-trained blocks' cache in extra layers of the model's cache, but this "
+            f"cache holds a layer it cannot duplicate ({type(unknown).__name__}: a placeholder for keys/values "
+            f"shared between blocks, or recurrent states that transformers {transformers.__version__} does not "
+            "count; newer releases do). Generate with use_cache=False (exact; each step recomputes the prefix)."
         )
     fixed_layout = cache.layer_class_to_replicate is None
     if cache.get_seq_length() == 0:
         if fixed_layout and len(cache.layers) == n_layers:
-            cache.layers.extend([copy.deepcopy(layer) for layer in cache.layers])
+            cache.layers.extend([_pretrained_twin(layer, i in steered) for i, layer in enumerate(cache.layers)])
         elif cache.layer_class_to_replicate is DynamicLayer and not cache.layers:
             cache.layers.extend(DynamicLayer() for _ in range(2 * n_layers))
         if len(cache.layers) == 2 * n_layers:
@@ -131,7 +131,7 @@ def _prepare_cache(cache: Any, n_layers: int, first_steered: int, deltas: dict[i
             f"the cache has {len(cache.layers)} layers, expected {n_layers} (or {2 * n_layers} with the "
             "pre-trained slots); pass a cache built for this model."
         )
-    if cache.get_seq_length(first_steered) != cache.get_seq_length(n_layers + first_steered):
+    if any(finetuned != pretrained for finetuned, pretrained in _cached_tokens(cache, n_layers, steered)):
         raise InputError(
             "past_key_values holds tokens processed outside ftc_scale (or at another α), so the pre-trained "
             "blocks have no keys/values for them; start from an empty cache inside the same ftc_scale block."
@@ -140,10 +140,32 @@ def _prepare_cache(cache: Any, n_layers: int, first_steered: int, deltas: dict[i
         delta.past_rotary.clear()  # this forward caches other positions than the last one
 
 
-def _holds_keys_values(layer: Any) -> bool:
-    """A cache layer of attention keys/values alone, which the pre-trained blocks' slots copy: not a hybrid
-    decoder's recurrent, convolution or placeholder layer."""
-    return isinstance(layer, CacheLayerMixin) and not isinstance(layer, _LINEAR_ATTENTION_LAYERS)
+def _pretrained_twin(layer: Any, steered: bool) -> Any:
+    """The empty pre-trained slot beside a block's cache layer: a copy, or for the recurrent states of a block
+    that is not steered, a placeholder. Never filled, such a recurrent layer would fail a rollback (assisted
+    generation crops every layer), where an empty key/value layer crops to nothing."""
+    if not steered and isinstance(layer, _RECURRENT_LAYERS) and _EMPTY_LAYERS:
+        return _EMPTY_LAYERS[0]()
+    return copy.deepcopy(layer)
+
+
+def _duplicable(layer: Any, kv_shared: bool) -> bool:
+    """A cache layer the pre-trained slots can copy and check: keys/values; convolution or recurrent states that
+    count their tokens; the placeholder of a block without attention (not where blocks share keys/values: a
+    placeholder then stands for another block's layer, which the pre-trained block would not find in its own
+    slots)."""
+    if isinstance(layer, _EMPTY_LAYERS):
+        return not kv_shared
+    if isinstance(layer, _RECURRENT_LAYERS):
+        return _RECURRENT_LAYERS_COUNT
+    return isinstance(layer, CacheLayerMixin)
+
+
+def _cached_tokens(cache: Cache, n_layers: int, steered: list[int]) -> list[tuple[int, int]]:
+    """(fine-tuned, pre-trained) tokens cached by each steered block, where its cache layer counts them (a
+    block without attention or recurrence caches nothing)."""
+    counting = [i for i in steered if not (i < len(cache.layers) and isinstance(cache.layers[i], _EMPTY_LAYERS))]
+    return [(int(cache.get_seq_length(i)), int(cache.get_seq_length(n_layers + i))) for i in counting]
 
 
 def _output_cache(output: Any) -> Cache | None:
@@ -153,18 +175,16 @@ def _output_cache(output: Any) -> Cache | None:
 
 
 def _check_slots(cache: Cache, n_layers: int, steered: list[int]) -> None:
-    """After a steered forward: the keys/values of every steered block reached both its slots, as many tokens in each.
+    """After a steered forward: the cache of every steered block reached both its slots, as many tokens in each.
 
     A length per slot, so cheap enough for every step, and independent of how transformers hands blocks the
     cache: had the pre-trained blocks written into the fine-tuned slots (as when a release renamed the cache
     argument), the lengths would differ, and the forward's output is refused rather than decoded from.
     """
-    if len(cache.layers) == 2 * n_layers and all(
-        cache.get_seq_length(index) == cache.get_seq_length(n_layers + index) for index in steered
-    ):
-        return
+    lengths = _cached_tokens(cache, n_layers, steered)
     slots = len(cache.layers)
-    lengths = [(cache.get_seq_length(i), cache.get_seq_length(n_layers + i)) for i in steered if n_layers + i < slots]
+    if slots == 2 * n_layers and all(finetuned == pretrained for finetuned, pretrained in lengths):
+        return
     raise UnsupportedModelError(
         f"FTC_α steering lost track of the KV cache under transformers {transformers.__version__}: the steered "
         f"blocks' pre-trained keys/values did not reach their own cache slots ({slots} cache layers for "
@@ -226,7 +246,7 @@ class _SteeredBlock:
         found = find_cache(args, kwargs)
         if found is not None:
             site, cache = found
-            args, kwargs = with_cache(args, kwargs, site, _pretrained_slot(cache, self.pretrained_slot))
+            args, kwargs = with_cache(args, kwargs, site, SlotView(cache, self.pretrained_slot))
         # ``forward``, not the module call: for an adapter fine-tune the block is the hooked block itself.
         with self.source.block(self.index) as block:
             pretrained = block_output(block.forward(*args, **kwargs))
@@ -275,11 +295,12 @@ def steered_forward(
         stack.callback(_steered_models.discard, parts.causal_lm)
         if steered:
             deltas = {} if source.separate_model else _lean_deltas(parts, steered, stack)
+            kv_shared = "reuse" in (getattr(parts.config, "kv_sharing_modes", None) or ())
 
             def prepare(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
                 found = find_cache(args, kwargs)
                 if found is not None:
-                    _prepare_cache(found[1], parts.n_layers, steered[0], deltas)
+                    _prepare_cache(found[1], parts.n_layers, steered, deltas, kv_shared)
 
             def check(module: nn.Module, args: tuple, output: Any) -> None:
                 cache = _output_cache(output)
