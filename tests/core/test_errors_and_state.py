@@ -7,8 +7,9 @@ import pytest
 import torch
 from helpers.models import base_model, lora_model, model_pair, padded_batch
 from helpers.oracle import decoder_blocks, tuco_at_last, two_pass
+from helpers.steering import model_snapshot
 from peft import LoraConfig, PromptTuningConfig, get_peft_model
-from transformers import BertConfig, BertForMaskedLM
+from transformers import AutoConfig, AutoModelForCausalLM, BertConfig, BertForMaskedLM
 
 import tuco_peft
 
@@ -206,6 +207,26 @@ def test_a_model_that_is_not_a_causal_decoder_is_refused():
     model = get_peft_model(bert, LoraConfig(target_modules=["query", "value"], init_lora_weights=False))
     with pytest.raises(tuco_peft.UnsupportedModelError, match="not a decoder-only causal LM"):
         tuco_peft.tuco(model, torch.ones(1, 4, dtype=torch.long))
+
+
+def test_a_model_whose_blocks_share_keys_values_is_refused_and_left_as_found():
+    """Gemma 4's last blocks reuse earlier blocks' keys/values from one store that the pre-trained blocks would
+    overwrite: decompose and steering refuse it rather than give wrong numbers (before, decompose and the
+    two-model oracle, which shares that store too, disagreed by up to 4.3 in a block's PTC on this model)."""
+    config = AutoConfig.for_model(
+        "gemma4_text", vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_kv_shared_layers=2, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"] * 2,
+    )
+    lora = LoraConfig(target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = get_peft_model(AutoModelForCausalLM.from_config(config), lora).eval()
+    ids = torch.ones(1, 4, dtype=torch.long)
+    before = model_snapshot(model)
+    with pytest.raises(tuco_peft.UnsupportedModelError, match="last 2 blocks reuse the keys/values"):
+        tuco_peft.decompose(model, ids)
+    with pytest.raises(tuco_peft.UnsupportedModelError, match="share keys/values"), tuco_peft.ftc_scale(model, 1.5):
+        pass
+    assert model_snapshot(model) == before
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, cache_utils
 
 import tuco_peft
-from tuco_peft.errors import UnsupportedModelError
+from tuco_peft.errors import InputError, UnsupportedModelError
 
 _SHAPE = dict(
     hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -44,7 +44,7 @@ HYBRIDS = {  # recurrent widths and expert counts cut to the 64-wide models' siz
         mamba_d_ssm=64, mamba_n_heads=8, mamba_d_head=8, mamba_d_state=16, mamba_n_groups=2
     ),
     "granitemoehybrid": dict(
-        layer_types=["linear_attention", "full_attention"] * 2, mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16,
+        layers_block_type=["mamba", "attention"] * 2, mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16,
         num_local_experts=4,
     ),
     "jamba": dict(  # Mamba-1
@@ -201,19 +201,24 @@ def test_assisted_generation_rolls_back_both_slots(model_type):
     assert (reference.amax(-1) - chosen).max() <= 1e-5
 
 
-@pytest.mark.skipif(
-    not hasattr(cache_utils, "DummyLayer"), reason="this transformers has no placeholder layers for shared keys/values"
-)
-def test_keys_values_shared_between_blocks_are_refused_and_the_model_left_as_found():
-    """A block that reuses another block's keys/values has a placeholder in the cache; its pre-trained self would
-    not find the pre-trained keys/values it should reuse, so cached steering refuses such a model."""
-    _, model = hybrid_pair("lfm2")
-    model.config.kv_sharing_modes = [None, "store", None, "reuse"]
+@counted
+def test_a_cache_reused_by_another_generation_fits_its_steered_blocks():
+    """A cache emptied by ``reset`` serves a generation that steers other blocks (the pre-trained slots beside
+    recurrent layers are fitted anew: a copy where a block is steered, a placeholder where it is not); a filled
+    one is refused by name, whichever blocks its slots were filled for."""
+    pretrained, model = hybrid_pair("lfm2")
     ids, mask = prompts("one prompt")
-    before = model_snapshot(model)
-    with pytest.raises(UnsupportedModelError, match="shared between blocks.*use_cache=False"):
-        tuco_peft.generate(model, ids, mask, alpha=1.5, max_new_tokens=3, do_sample=False)
-    assert model_snapshot(model) == before
+    cache = DynamicCache(config=model.config)
+    for alphas in (ALPHAS, [1.5] * 4, ALPHAS):  # block 2 (recurrent) unsteered, steered, unsteered
+        cache.reset()
+        with tuco_peft.ftc_scale(model, alphas):
+            out = greedy_generate(model, ids, mask, N_NEW, past_key_values=cache, output_logits=True,
+                                  return_dict_in_generate=True)
+        reference = reference_step_logits(pretrained, model, out.sequences, mask, alphas)
+        torch.testing.assert_close(torch.stack(out.logits, dim=1), reference, atol=1e-5, rtol=1e-5)
+        assert (type(cache.layers[4 + 2]).__name__ == "DummyLayer") == (alphas[2] == 1.0)
+    with pytest.raises(InputError, match="tokens processed outside ftc_scale"), tuco_peft.ftc_scale(model, 1.5):
+        greedy_generate(model, ids, mask, N_NEW, past_key_values=cache)
 
 
 @pytest.mark.skipif(

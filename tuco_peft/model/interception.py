@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any
@@ -133,10 +134,11 @@ class CacheView:
 class SlotView:
     """A transformers cache as a block whose state lives in another layer slot sees it.
 
-    Every call that names a layer (``update``; a hybrid decoder's ``get_conv_state``, ``update_recurrent_state``,
-    ``increase_count``, ``is_recording_past``, …) addresses ``slot`` instead, whatever index the block passes.
-    A call that names none (lengths and masks at their default layer, reordering) passes through. Found by the
-    ``layer_idx`` parameter, not by a list of names, so the methods a later transformers adds are covered too.
+    Every call that names a layer by ``layer_idx`` (``update``; a hybrid decoder's ``get_conv_state``,
+    ``update_recurrent_state``, ``increase_count``, ``is_recording_past``, …) addresses ``slot`` instead,
+    whatever index the block passes. Calls that name none (lengths and masks at their default layer,
+    reordering) pass through, and so does a block that reads ``cache.layers`` itself: transformers 5.25's
+    hybrid blocks reach their cache through the methods alone.
     """
 
     def __init__(self, cache: Any, slot: int):
@@ -146,28 +148,34 @@ class SlotView:
 
     def __getattr__(self, name: str) -> Any:
         value = getattr(self._cache, name)
-        signature = _layer_indexed_signature(self._cache_class, name)
-        if signature is None:
+        position = _layer_index_position(self._cache_class, name)
+        if position is None:
             return value
+        slot = self._slot
 
-        @functools.wraps(value)
         def at_slot(*args: Any, **kwargs: Any) -> Any:
-            bound = signature.bind(*args, **kwargs)
-            if isinstance(bound.arguments.get("layer_idx"), int):
-                bound.arguments["layer_idx"] = self._slot
-            return value(*bound.args, **bound.kwargs)
+            if len(args) > position:
+                if isinstance(args[position], int):
+                    args = (*args[:position], slot, *args[position + 1 :])
+            elif isinstance(kwargs.get("layer_idx"), int):
+                kwargs["layer_idx"] = slot
+            return value(*args, **kwargs)
 
+        self.__dict__[name] = at_slot  # found without ``__getattr__`` from now on
         return at_slot
 
 
 @functools.cache
-def _layer_indexed_signature(cache_class: type, name: str) -> inspect.Signature | None:
-    """The signature (without ``self``) of a cache method that takes ``layer_idx``, else None."""
+def _layer_index_position(cache_class: type, name: str) -> int | None:
+    """Where a cache method's ``layer_idx`` argument comes among the positional arguments of a call (``sys.maxsize``
+    where it is keyword-only), or None for an attribute that is no method taking ``layer_idx``."""
     method = inspect.getattr_static(cache_class, name, None)
     if not inspect.isfunction(method):
         return None
-    signature = inspect.signature(method)
-    if "layer_idx" not in signature.parameters:
+    parameters = list(inspect.signature(method).parameters.values())[1:]  # without ``self``
+    names = [parameter.name for parameter in parameters]
+    if "layer_idx" not in names:
         return None
-    return signature.replace(parameters=list(signature.parameters.values())[1:])
-
+    position = names.index("layer_idx")
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return position if parameters[position].kind in positional else sys.maxsize

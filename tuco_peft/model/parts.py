@@ -82,6 +82,12 @@ def _is_causal_lm(model: PreTrainedModel) -> bool:
     return name in _causal_lm_class_names() or name.endswith(("ForCausalLM", "LMHeadModel"))
 
 
+def _blocks_sharing_keys_values(config: PretrainedConfig) -> int:
+    """How many blocks reuse an earlier block's keys/values (Gemma 3n, Gemma 4 with ``num_kv_shared_layers``)."""
+    text_config = config.get_text_config(decoder=True)
+    return int(getattr(text_config, "num_kv_shared_layers", None) or 0)
+
+
 def _find_layers(decoder: nn.Module, config: PretrainedConfig) -> nn.ModuleList | None:
     for name in _LAYER_LIST_NAMES:
         candidate = getattr(decoder, name, None)
@@ -161,6 +167,14 @@ class _Survey:
             raise UnsupportedModelError(
                 f"{type(causal_lm).__name__} is not a decoder-only causal LM; TuCo decomposes the residual "
                 "stream of a causal decoder (load the model with AutoModelForCausalLM)."
+            )
+        shared = _blocks_sharing_keys_values(config)
+        if shared:
+            raise UnsupportedModelError(
+                f"{type(causal_lm).__name__}'s last {shared} blocks reuse the keys/values of earlier blocks "
+                "(num_kv_shared_layers): each pre-trained block would need the pre-trained keys/values of the "
+                "block it reuses, while the model keeps one store that the fine-tuned blocks read too, so the "
+                "numbers would be wrong. Models that share keys/values between blocks are not supported."
             )
         decoder = getattr(causal_lm, causal_lm.base_model_prefix, None)
         layers = _find_layers(decoder, config) if isinstance(decoder, nn.Module) else None

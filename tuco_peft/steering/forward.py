@@ -59,14 +59,14 @@ Alpha = float | Sequence[float] | torch.Tensor
 # Called after every steered block with (layer index, block input, pre-trained output, fine-tuned output).
 BlockObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
-# Cache layers of a hybrid decoder's convolution and recurrent states, and the placeholder of a block that caches
-# nothing, where this transformers has them.
-_RECURRENT_LAYERS = tuple(kind for kind in (getattr(cache_utils, "LinearAttentionCacheLayerMixin", None),) if kind)
-_EMPTY_LAYERS = tuple(kind for kind in (getattr(cache_utils, "DummyLayer", None),) if kind)
-# Whether those recurrent layers count their tokens (transformers 5.25 does, 5.5 does not). Without a count, a
-# slot's progress cannot be checked, and those releases' decoders ask the last recurrent layer (a pre-trained
-# slot, which an unsteered block never fills) whether the cache holds a past.
-_RECURRENT_LAYERS_COUNT = any(hasattr(kind, "get_seq_length") for kind in _RECURRENT_LAYERS)
+# A hybrid decoder's cache layer of convolution and recurrent states, and the placeholder of a block that caches
+# nothing, where this transformers has them. Steering follows recurrent layers only where they count their tokens
+# (transformers 5.25; 5.5 to 5.24 do not): without a count, a slot's progress cannot be checked, and the decoders
+# of those releases ask the last recurrent layer (a pre-trained slot) whether the cache holds a past, or read
+# their layers directly.
+_RECURRENT_LAYER: Any = getattr(cache_utils, "LinearAttentionCacheLayerMixin", None)
+_EMPTY_LAYER: Any = getattr(cache_utils, "DummyLayer", None)
+_FOLLOWS_RECURRENT_LAYERS = hasattr(_RECURRENT_LAYER, "get_seq_length") and _EMPTY_LAYER is not None
 
 _steered_models: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
@@ -94,103 +94,122 @@ def layer_alphas(alpha: Alpha, n_layers: int) -> tuple[float, ...]:
     return tuple(float(v) for v in values)
 
 
-def _prepare_cache(
-    cache: Any, n_layers: int, steered: list[int], deltas: dict[int, LowRankDelta], kv_shared: bool
-) -> None:
-    """Give a fresh cache its pre-trained slots (and lean fine-tuned twins where ``deltas`` allow); refuse a
-    cache filled without them (outside ``ftc_scale``).
+class _PretrainedSlots:
+    """The pre-trained blocks' layers in the model's cache during one ``ftc_scale``: slot ``n_layers + l`` for
+    block l, added to a fresh cache before its first forward and checked after every forward.
 
-    A hybrid decoder's convolution and recurrent states are slots like keys/values: each steered block's
-    pre-trained self keeps its own in slot ``n_layers + l`` (``SlotView``). ``kv_shared``: the model's blocks
-    reuse other blocks' keys/values, which the duplicate layers would not follow.
+    A hybrid decoder's convolution and recurrent states are slots like keys/values: a steered block's
+    pre-trained self keeps its own in its slot (``SlotView``).
     """
-    if not hasattr(cache, "layers") or not hasattr(cache, "layer_class_to_replicate"):
+
+    def __init__(self, n_layers: int, steered: list[int], deltas: dict[int, LowRankDelta]):
+        self.n_layers = n_layers
+        self.steered = steered
+        self.deltas = deltas
+        self._followed: weakref.WeakSet[Cache] = weakref.WeakSet()  # caches checked after a steered forward
+
+    def prepare(self, cache: Any) -> None:
+        """Give a fresh cache its pre-trained slots (and lean fine-tuned twins where ``deltas`` allow); refuse a
+        cache filled without them (outside ``ftc_scale``)."""
+        if not hasattr(cache, "layers") or not hasattr(cache, "layer_class_to_replicate"):
+            raise UnsupportedModelError(
+                f"FTC_α steering keeps the pre-trained blocks' cache in extra layers of a transformers Cache; "
+                f"{type(cache).__name__} is not one. Use the default DynamicCache (or StaticCache), or generate "
+                "with use_cache=False."
+            )
+        unknown = next((layer for layer in cache.layers if not _duplicable(layer)), None)
+        if unknown is not None:
+            raise UnsupportedModelError(
+                "FTC_α steering keeps the pre-trained blocks' cache in extra layers of the model's cache, but this "
+                f"cache holds a layer it cannot duplicate ({type(unknown).__name__}: recurrent states that "
+                f"transformers {transformers.__version__} does not count (5.25 does), or a kind it does not know). "
+                "Generate with use_cache=False (exact; each step recomputes the prefix)."
+            )
+        n_layers, layers = self.n_layers, cache.layers
+        fixed_layout = cache.layer_class_to_replicate is None
+        if cache.get_seq_length() == 0:
+            if fixed_layout and len(layers) == n_layers:
+                layers.extend([copy.deepcopy(layer) for layer in layers])
+            elif cache.layer_class_to_replicate is DynamicLayer and not layers:
+                layers.extend(DynamicLayer() for _ in range(2 * n_layers))
+            if len(layers) == 2 * n_layers:
+                self._fit_recurrent_slots(layers)
+                use_lean_slots(layers, n_layers, self.deltas)
+        if fixed_layout and len(layers) != 2 * n_layers:
+            raise UnsupportedModelError(
+                f"the cache has {len(layers)} layers, expected {n_layers} (or {2 * n_layers} with the "
+                "pre-trained slots); pass a cache built for this model."
+            )
+        if cache not in self._followed and any(ft != pt for ft, pt in self._cached_tokens(cache)):
+            raise InputError(
+                "past_key_values holds tokens processed outside ftc_scale (or at another α), so the pre-trained "
+                "blocks have no cache for them; start from an empty cache inside the same ftc_scale block."
+            )
+        for delta in self.deltas.values():
+            delta.past_rotary.clear()  # this forward caches other positions than the last one
+
+    def check(self, cache: Cache) -> None:
+        """After a steered forward: the cache of every steered block reached both its slots, as many tokens in each.
+
+        A length per slot, so cheap enough for every step, and independent of how transformers hands blocks the
+        cache: had the pre-trained blocks written into the fine-tuned slots (as when a release renamed the cache
+        argument), the lengths would differ, and the forward's output is refused rather than decoded from. A cache
+        that passed needs no check of what it holds before its next forward.
+        """
+        lengths = self._cached_tokens(cache)
+        slots = len(cache.layers)
+        if slots == 2 * self.n_layers and all(ft == pt for ft, pt in lengths):
+            self._followed.add(cache)
+            return
         raise UnsupportedModelError(
-            f"FTC_α steering keeps the pre-trained blocks' keys/values in extra layers of a transformers Cache; "
-            f"{type(cache).__name__} is not one. Use the default DynamicCache (or StaticCache), or generate with "
-            "use_cache=False."
+            f"FTC_α steering lost track of the cache under transformers {transformers.__version__}: the steered "
+            f"blocks' pre-trained states did not reach their own cache slots ({slots} cache layers for "
+            f"{self.n_layers} blocks; cached tokens per steered block, fine-tuned and pre-trained: "
+            f"{[(int(ft), int(pt)) for ft, pt in lengths]}). The output was discarded. Generate with use_cache=False "
+            "meanwhile, and report this with your transformers version."
         )
-    unknown = next((layer for layer in cache.layers if not _duplicable(layer, kv_shared)), None)
-    if unknown is not None:
-        raise UnsupportedModelError(
-            "FTC_α steering keeps the pre-trained blocks' cache in extra layers of the model's cache, but this "
-            f"cache holds a layer it cannot duplicate ({type(unknown).__name__}: a placeholder for keys/values "
-            f"shared between blocks, or recurrent states that transformers {transformers.__version__} does not "
-            "count; newer releases do). Generate with use_cache=False (exact; each step recomputes the prefix)."
-        )
-    fixed_layout = cache.layer_class_to_replicate is None
-    if cache.get_seq_length() == 0:
-        if fixed_layout and len(cache.layers) == n_layers:
-            cache.layers.extend([_pretrained_twin(layer, i in steered) for i, layer in enumerate(cache.layers)])
-        elif cache.layer_class_to_replicate is DynamicLayer and not cache.layers:
-            cache.layers.extend(DynamicLayer() for _ in range(2 * n_layers))
-        if len(cache.layers) == 2 * n_layers:
-            use_lean_slots(cache.layers, n_layers, deltas)
-    if fixed_layout and len(cache.layers) != 2 * n_layers:
-        raise UnsupportedModelError(
-            f"the cache has {len(cache.layers)} layers, expected {n_layers} (or {2 * n_layers} with the "
-            "pre-trained slots); pass a cache built for this model."
-        )
-    if any(finetuned != pretrained for finetuned, pretrained in _cached_tokens(cache, n_layers, steered)):
-        raise InputError(
-            "past_key_values holds tokens processed outside ftc_scale (or at another α), so the pre-trained "
-            "blocks have no keys/values for them; start from an empty cache inside the same ftc_scale block."
-        )
-    for delta in deltas.values():
-        delta.past_rotary.clear()  # this forward caches other positions than the last one
+
+    def _fit_recurrent_slots(self, layers: list[Any]) -> None:
+        """The empty pre-trained slots beside a fresh cache's recurrent layers, redone for every generation, whose
+        steered blocks may differ: a copy for a steered block, a placeholder for another. A recurrent layer never
+        filled would fail a rollback (assisted generation crops every layer); an empty key/value layer crops to
+        nothing."""
+        for index in range(self.n_layers):
+            if _is_recurrent(layers[index]):
+                twin = copy.deepcopy(layers[index]) if index in self.steered else _EMPTY_LAYER()
+                layers[self.n_layers + index] = twin
+
+    def _cached_tokens(self, cache: Cache) -> list[tuple[Any, Any]]:
+        """(fine-tuned, pre-trained) tokens cached by each steered block that caches anything (a block without
+        attention or recurrence does not); a placeholder slot holds none."""
+        def tokens(slot: int) -> Any:
+            return 0 if slot < len(cache.layers) and _is_empty(cache.layers[slot]) else cache.get_seq_length(slot)
+
+        counting = [i for i in self.steered if not (i < len(cache.layers) and _is_empty(cache.layers[i]))]
+        return [(tokens(i), tokens(self.n_layers + i)) for i in counting]
 
 
-def _pretrained_twin(layer: Any, steered: bool) -> Any:
-    """The empty pre-trained slot beside a block's cache layer: a copy, or for the recurrent states of a block
-    that is not steered, a placeholder. Never filled, such a recurrent layer would fail a rollback (assisted
-    generation crops every layer), where an empty key/value layer crops to nothing."""
-    if not steered and isinstance(layer, _RECURRENT_LAYERS) and _EMPTY_LAYERS:
-        return _EMPTY_LAYERS[0]()
-    return copy.deepcopy(layer)
-
-
-def _duplicable(layer: Any, kv_shared: bool) -> bool:
+def _duplicable(layer: Any) -> bool:
     """A cache layer the pre-trained slots can copy and check: keys/values; convolution or recurrent states that
-    count their tokens; the placeholder of a block without attention (not where blocks share keys/values: a
-    placeholder then stands for another block's layer, which the pre-trained block would not find in its own
-    slots)."""
-    if isinstance(layer, _EMPTY_LAYERS):
-        return not kv_shared
-    if isinstance(layer, _RECURRENT_LAYERS):
-        return _RECURRENT_LAYERS_COUNT
-    return isinstance(layer, CacheLayerMixin)
+    count their tokens; the placeholder of a block without attention or recurrence (models whose placeholders
+    stand for keys/values shared between blocks are refused by ``model_parts``)."""
+    if _is_recurrent(layer):
+        return _FOLLOWS_RECURRENT_LAYERS
+    return _is_empty(layer) or isinstance(layer, CacheLayerMixin)
 
 
-def _cached_tokens(cache: Cache, n_layers: int, steered: list[int]) -> list[tuple[int, int]]:
-    """(fine-tuned, pre-trained) tokens cached by each steered block, where its cache layer counts them (a
-    block without attention or recurrence caches nothing)."""
-    counting = [i for i in steered if not (i < len(cache.layers) and isinstance(cache.layers[i], _EMPTY_LAYERS))]
-    return [(int(cache.get_seq_length(i)), int(cache.get_seq_length(n_layers + i))) for i in counting]
+def _is_recurrent(layer: Any) -> bool:
+    return _RECURRENT_LAYER is not None and isinstance(layer, _RECURRENT_LAYER)
+
+
+def _is_empty(layer: Any) -> bool:
+    return _EMPTY_LAYER is not None and isinstance(layer, _EMPTY_LAYER)
 
 
 def _output_cache(output: Any) -> Cache | None:
     """The cache a decoder returns (in a ModelOutput, or a tuple with ``return_dict=False``), whatever its name."""
     values = output.values() if isinstance(output, Mapping) else output if isinstance(output, tuple) else ()
     return next((value for value in values if isinstance(value, Cache)), None)
-
-
-def _check_slots(cache: Cache, n_layers: int, steered: list[int]) -> None:
-    """After a steered forward: the cache of every steered block reached both its slots, as many tokens in each.
-
-    A length per slot, so cheap enough for every step, and independent of how transformers hands blocks the
-    cache: had the pre-trained blocks written into the fine-tuned slots (as when a release renamed the cache
-    argument), the lengths would differ, and the forward's output is refused rather than decoded from.
-    """
-    lengths = _cached_tokens(cache, n_layers, steered)
-    slots = len(cache.layers)
-    if slots == 2 * n_layers and all(finetuned == pretrained for finetuned, pretrained in lengths):
-        return
-    raise UnsupportedModelError(
-        f"FTC_α steering lost track of the KV cache under transformers {transformers.__version__}: the steered "
-        f"blocks' pre-trained keys/values did not reach their own cache slots ({slots} cache layers for "
-        f"{n_layers} blocks; cached tokens per steered block, fine-tuned and pre-trained: {lengths}). The output was "
-        "discarded. Generate with use_cache=False meanwhile, and report this with your transformers version."
-    )
 
 
 class _SteeredBlock:
@@ -295,17 +314,17 @@ def steered_forward(
         stack.callback(_steered_models.discard, parts.causal_lm)
         if steered:
             deltas = {} if source.separate_model else _lean_deltas(parts, steered, stack)
-            kv_shared = "reuse" in (getattr(parts.config, "kv_sharing_modes", None) or ())
+            slots = _PretrainedSlots(parts.n_layers, steered, deltas)
 
             def prepare(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
                 found = find_cache(args, kwargs)
                 if found is not None:
-                    _prepare_cache(found[1], parts.n_layers, steered, deltas, kv_shared)
+                    slots.prepare(found[1])
 
             def check(module: nn.Module, args: tuple, output: Any) -> None:
                 cache = _output_cache(output)
                 if cache is not None:
-                    _check_slots(cache, parts.n_layers, steered)
+                    slots.check(cache)
 
             stack.enter_context(hooked(parts.layers[0], before=prepare, with_kwargs=True))
             stack.enter_context(hooked(parts.decoder, after=check))
