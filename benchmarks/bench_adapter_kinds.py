@@ -70,7 +70,15 @@ def measure(model: torch.nn.Module, ids: torch.Tensor, repeats: int) -> dict:
                 times[name].append(timed(call, device))
     medians = {name: statistics.median(values) for name, values in times.items()}
     ratios = [ours / forward for ours, forward in zip(times["decompose_last"], times["decoder_forward"], strict=True)]
-    return {**medians, "ratio": statistics.median(ratios), "times": times}
+    return {**medians, "ratio": statistics.median(ratios), "ratio_quartiles": quartiles(ratios), "times": times}
+
+
+def quartiles(values: list[float]) -> tuple[float, float]:
+    """First and third quartile: how far this machine's noise spreads the rounds' ratios around their median."""
+    if len(values) < 2:
+        return values[0], values[0]
+    first, _, third = statistics.quantiles(values, n=4)
+    return first, third
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     ids = torch.randint(1, SHAPES["vocab_size"], (args.batch, args.tokens), generator=torch.Generator().manual_seed(0))
     results = []
-    print(f"{'family':<12} {'adapter':<6} {'decoder ms':>11} {'decompose ms':>13} {'ratio':>6}")
+    print(f"{'family':<12} {'adapter':<6} {'decoder ms':>11} {'decompose ms':>13} {'ratio':>6} {'quartiles':>11}")
     for family in args.families:
         for adapter in args.adapters:
             model = adapted_model(family, adapter, args.layers)
@@ -96,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append({"family": family, "adapter": adapter, **measured})
             print(
                 f"{family:<12} {adapter:<6} {measured['decoder_forward'] * 1e3:>11.1f} "
-                f"{measured['decompose_last'] * 1e3:>13.1f} {measured['ratio']:>5.2f}×",
+                f"{measured['decompose_last'] * 1e3:>13.1f} {measured['ratio']:>5.2f}× "
+                f"{measured['ratio_quartiles'][0]:>5.2f}–{measured['ratio_quartiles'][1]:.2f}",
                 flush=True,
             )
             del model

@@ -30,6 +30,7 @@ def test_the_adapter_kinds_benchmark_times_every_family_and_kind(tmp_path, monke
     assert [(r["family"], r["adapter"]) for r in results] == [(f, a) for f in FAMILIES for a in ADAPTERS]
     assert all(r["decoder_forward"] > 0 and r["decompose_last"] > 0 and len(r["times"]["decompose_last"]) == 1
                for r in results)
+    assert all(r["ratio_quartiles"] == [r["ratio"], r["ratio"]] for r in results)  # one round: no spread
     # every block of every family takes a one-pass path: none replayed with a warning
     assert not [w for w in caught if "no one-pass rule" in str(w.message) and "ParamWrapper" not in str(w.message)]
     assert not [w for w in caught if "read the layout" in str(w.message)]
