@@ -83,9 +83,11 @@ def _is_causal_lm(model: PreTrainedModel) -> bool:
 
 
 def _blocks_sharing_keys_values(config: PretrainedConfig) -> int:
-    """How many blocks reuse an earlier block's keys/values (Gemma 3n, Gemma 4 with ``num_kv_shared_layers``)."""
+    """How many blocks reuse an earlier block's keys/values: Gemma 3n and Gemma 4 count them
+    (``num_kv_shared_layers``), other families mark them ``"reuse"`` (``kv_sharing_modes``, e.g. Kolibri)."""
     text_config = config.get_text_config(decoder=True)
-    return int(getattr(text_config, "num_kv_shared_layers", None) or 0)
+    modes = getattr(text_config, "kv_sharing_modes", None) or ()
+    return max(int(getattr(text_config, "num_kv_shared_layers", None) or 0), list(modes).count("reuse"))
 
 
 def _find_layers(decoder: nn.Module, config: PretrainedConfig) -> nn.ModuleList | None:
@@ -171,8 +173,8 @@ class _Survey:
         shared = _blocks_sharing_keys_values(config)
         if shared:
             raise UnsupportedModelError(
-                f"{type(causal_lm).__name__}'s last {shared} blocks reuse the keys/values of earlier blocks "
-                "(num_kv_shared_layers): each pre-trained block would need the pre-trained keys/values of the "
+                f"{type(causal_lm).__name__} has blocks that reuse the keys/values of earlier blocks ({shared}: "
+                "num_kv_shared_layers, kv_sharing_modes): each pre-trained block would need the pre-trained keys/values of the "
                 "block it reuses, while the model keeps one store that the fine-tuned blocks read too, so the "
                 "numbers would be wrong. Models that share keys/values between blocks are not supported."
             )

@@ -106,7 +106,6 @@ class _PretrainedSlots:
         self.n_layers = n_layers
         self.steered = steered
         self.deltas = deltas
-        self._followed: weakref.WeakSet[Cache] = weakref.WeakSet()  # caches checked after a steered forward
 
     def prepare(self, cache: Any) -> None:
         """Give a fresh cache its pre-trained slots (and lean fine-tuned twins where ``deltas`` allow); refuse a
@@ -140,7 +139,7 @@ class _PretrainedSlots:
                 f"the cache has {len(layers)} layers, expected {n_layers} (or {2 * n_layers} with the "
                 "pre-trained slots); pass a cache built for this model."
             )
-        if cache not in self._followed and any(ft != pt for ft, pt in self._cached_tokens(cache)):
+        if not self._holds_the_same_past(cache):
             raise InputError(
                 "past_key_values holds tokens processed outside ftc_scale (or at another α), so the pre-trained "
                 "blocks have no cache for them; start from an empty cache inside the same ftc_scale block."
@@ -153,13 +152,11 @@ class _PretrainedSlots:
 
         A length per slot, so cheap enough for every step, and independent of how transformers hands blocks the
         cache: had the pre-trained blocks written into the fine-tuned slots (as when a release renamed the cache
-        argument), the lengths would differ, and the forward's output is refused rather than decoded from. A cache
-        that passed needs no check of what it holds before its next forward.
+        argument), the lengths would differ, and the forward's output is refused rather than decoded from.
         """
-        lengths = self._cached_tokens(cache)
+        lengths = self._cached_tokens(cache, self.steered)
         slots = len(cache.layers)
         if slots == 2 * self.n_layers and all(ft == pt for ft, pt in lengths):
-            self._followed.add(cache)
             return
         raise UnsupportedModelError(
             f"FTC_α steering lost track of the cache under transformers {transformers.__version__}: the steered "
@@ -179,14 +176,23 @@ class _PretrainedSlots:
                 twin = copy.deepcopy(layers[index]) if index in self.steered else _EMPTY_LAYER()
                 layers[self.n_layers + index] = twin
 
-    def _cached_tokens(self, cache: Cache) -> list[tuple[Any, Any]]:
-        """(fine-tuned, pre-trained) tokens cached by each steered block that caches anything (a block without
-        attention or recurrence does not); a placeholder slot holds none."""
-        def tokens(slot: int) -> Any:
-            return 0 if slot < len(cache.layers) and _is_empty(cache.layers[slot]) else cache.get_seq_length(slot)
+    def _holds_the_same_past(self, cache: Cache) -> bool:
+        """Before a forward: every steered block that caches anything has a pre-trained slot of its own (not a
+        placeholder left by a generation that did not steer it), and the first holds as many tokens in both
+        slots. One length compared, not one per block: each is a device sync on a static cache, and the check
+        after every forward compares them all."""
+        layers = cache.layers
+        caching = [i for i in self.steered if not (i < len(layers) and _is_empty(layers[i]))]
+        if any(self.n_layers + i < len(layers) and _is_empty(layers[self.n_layers + i]) for i in caching):
+            return False
+        return all(ft == pt for ft, pt in self._cached_tokens(cache, caching[:1]))
 
-        counting = [i for i in self.steered if not (i < len(cache.layers) and _is_empty(cache.layers[i]))]
-        return [(tokens(i), tokens(self.n_layers + i)) for i in counting]
+    def _cached_tokens(self, cache: Cache, blocks: list[int]) -> list[tuple[Any, Any]]:
+        """(fine-tuned, pre-trained) tokens cached by each of ``blocks`` that caches anything (a block without
+        attention or recurrence does not)."""
+        layers = cache.layers
+        caching = [i for i in blocks if not (i < len(layers) and _is_empty(layers[i]))]
+        return [(cache.get_seq_length(i), cache.get_seq_length(self.n_layers + i)) for i in caching]
 
 
 def _duplicable(layer: Any) -> bool:
