@@ -46,6 +46,23 @@ def steered_logits(ft_model, pt_model, input_ids, attention_mask, alphas):
     return _run_steered(ft_model, pt_model, input_ids, attention_mask, alphas)
 
 
+def step_logits(ft_model, pt_model, sequences, prompt_mask, alphas):
+    """Logits [batch, new tokens, vocab] before each token a generation appended to its prompts (teacher-forced)."""
+    width = prompt_mask.shape[1]
+    mask = torch.cat([prompt_mask, prompt_mask.new_ones(prompt_mask.shape[0], sequences.shape[1] - width)], dim=1)
+    with torch.no_grad():
+        return steered_logits(ft_model, pt_model, sequences, mask, alphas)[:, width - 1 : -1]
+
+
+def assert_greedy_choices(model, sequences, reference, width):
+    """Each new token is a largest logit of the reference (to 1e-5: tiny random models have near ties), end of
+    sequence excepted (``min_new_tokens`` forbids it)."""
+    end = torch.tensor(model.generation_config.eos_token_id or [], dtype=torch.long).flatten()
+    reference = reference.index_fill(-1, end[end < reference.shape[-1]], float("-inf"))
+    chosen = reference.gather(-1, sequences[:, width:, None])[..., 0]
+    assert (reference.amax(-1) - chosen).max() <= 1e-5
+
+
 def greedy(ft_model, pt_model, input_ids, attention_mask, alphas, n_new):
     """Greedy continuation of a left-padded batch, re-running the full prefix for every new token."""
     ids, mask = input_ids, attention_mask

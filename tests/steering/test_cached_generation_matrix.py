@@ -17,7 +17,7 @@ import transformers
 from helpers.models import FAMILIES, VOCAB, full_finetune_pair, model_pair, padded_batch
 from helpers.quantized_models import quantized_pair
 from helpers.steering import greedy_generate, model_snapshot, plain_logits
-from helpers.steering_reference import steered_logits
+from helpers.steering_reference import assert_greedy_choices, steered_logits, step_logits
 from transformers import DynamicCache
 from transformers.utils import is_flash_attn_2_available
 
@@ -49,21 +49,6 @@ def with_new_tokens(mask):
     return torch.cat([mask, mask.new_ones(mask.shape[0], N_NEW)], dim=1)
 
 
-def reference_step_logits(pretrained, model, sequences, mask, alphas):
-    """The reference's logits [batch, N_NEW, vocab] before each new token of ``sequences`` (teacher-forced)."""
-    full_mask = with_new_tokens(mask)
-    return steered_logits(model, pretrained, sequences, full_mask, alphas)[:, mask.shape[1] - 1 : -1]
-
-
-def assert_greedy_choices(model, sequences, reference, width):
-    """Each new token is a largest logit of the reference (to 1e-5: tiny random models have near ties), end of
-    sequence excepted (``min_new_tokens`` forbids it)."""
-    end = torch.tensor(model.generation_config.eos_token_id or [], dtype=torch.long).flatten()
-    reference = reference.index_fill(-1, end[end < reference.shape[-1]], float("-inf"))
-    chosen = reference.gather(-1, sequences[:, width:, None])[..., 0]
-    assert (reference.amax(-1) - chosen).max() <= 1e-5
-
-
 def assert_steered_generation_follows_the_reference(pretrained, model, ids, mask, alpha, base_model=None):
     """``ftc_scale`` + ``generate`` has the reference's logits at every step and picks their largest, and so does
     ``tuco_peft.generate``; the logits show that α mattered (cached α = 1 keys would fail the check).
@@ -71,7 +56,7 @@ def assert_steered_generation_follows_the_reference(pretrained, model, ids, mask
     alphas, width = per_block(alpha), ids.shape[1]
     with ftc_scale(model, alpha, base_model=base_model):
         out = greedy_generate(model, ids, mask, N_NEW, output_logits=True, return_dict_in_generate=True)
-    reference = reference_step_logits(pretrained, model, out.sequences, mask, alphas)
+    reference = step_logits(model, pretrained, out.sequences, mask, alphas)
     torch.testing.assert_close(torch.stack(out.logits, dim=1), reference, atol=1e-4, rtol=1e-4)
     assert_greedy_choices(model, out.sequences, reference, width)
     full_mask = with_new_tokens(mask)
@@ -79,7 +64,7 @@ def assert_steered_generation_follows_the_reference(pretrained, model, ids, mask
     steered = generate(model, ids, mask, alpha=alpha, base_model=base_model, max_new_tokens=N_NEW,
                        min_new_tokens=N_NEW, do_sample=False, pad_token_id=0)
     assert_greedy_choices(
-        model, steered.sequences, reference_step_logits(pretrained, model, steered.sequences, mask, alphas), width
+        model, steered.sequences, step_logits(model, pretrained, steered.sequences, mask, alphas), width
     )
 
 

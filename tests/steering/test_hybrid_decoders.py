@@ -17,7 +17,7 @@ import torch
 from helpers.models import VOCAB, padded_batch
 from helpers.oracle import decoder_blocks, tuco_at_last, two_pass
 from helpers.steering import greedy_generate, model_snapshot
-from helpers.steering_reference import steered_logits
+from helpers.steering_reference import assert_greedy_choices, steered_logits, step_logits
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, cache_utils
 
@@ -28,7 +28,9 @@ _SHAPE = dict(
     hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
     vocab_size=VOCAB, max_position_embeddings=64, eos_token_id=None, pad_token_id=0, bos_token_id=1,
 )
-_LINEAR_ATTENTION = dict(linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4)
+_LINEAR_ATTENTION = dict(
+    linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4
+)
 _EXPERTS = dict(num_experts_per_tok=2, moe_intermediate_size=32)
 HYBRIDS = {  # recurrent widths and expert counts cut to the 64-wide models' size
     "qwen3_next": dict(  # gated delta-net blocks, then attention; MoE MLPs
@@ -84,13 +86,6 @@ def prompts(kind: str):
     return ids, torch.ones_like(ids)
 
 
-def reference_step_logits(pretrained, model, sequences, mask, alphas):
-    """The reference's logits [batch, N_NEW, vocab] before each new token of ``sequences`` (teacher-forced)."""
-    full_mask = torch.cat([mask, mask.new_ones(mask.shape[0], sequences.shape[1] - mask.shape[1])], dim=1)
-    with torch.no_grad():
-        return steered_logits(model, pretrained, sequences, full_mask, alphas)[:, mask.shape[1] - 1 : -1]
-
-
 @pytest.mark.parametrize("model_type", HYBRIDS)
 def test_decompose_matches_the_oracle(model_type):
     pretrained, model = hybrid_pair(model_type)
@@ -113,7 +108,7 @@ def test_uncached_steered_generation_matches_the_reference(model_type):
     with torch.no_grad(), tuco_peft.ftc_scale(model, ALPHAS):
         out = greedy_generate(model, ids, mask, N_NEW, output_logits=True, return_dict_in_generate=True,
                               use_cache=False)
-    reference = reference_step_logits(pretrained, model, out.sequences, mask, ALPHAS)
+    reference = step_logits(model, pretrained, out.sequences, mask, ALPHAS)
     torch.testing.assert_close(torch.stack(out.logits, dim=1), reference, atol=1e-5, rtol=1e-5)
 
 
@@ -129,9 +124,9 @@ def test_cached_steered_generation_matches_the_reference(model_type, kind):
     with torch.no_grad(), tuco_peft.ftc_scale(model, ALPHAS):
         out = greedy_generate(model, ids, mask, N_NEW, output_logits=True, return_dict_in_generate=True)
     assert model_snapshot(model) == before
-    reference = reference_step_logits(pretrained, model, out.sequences, mask, ALPHAS)
+    reference = step_logits(model, pretrained, out.sequences, mask, ALPHAS)
     torch.testing.assert_close(torch.stack(out.logits, dim=1), reference, atol=1e-5, rtol=1e-5)
-    finetuned = reference_step_logits(pretrained, model, out.sequences, mask, [1.0] * 4)
+    finetuned = step_logits(model, pretrained, out.sequences, mask, [1.0] * 4)
     assert (reference - finetuned).abs().max() > 1e-3
     options = dict(alpha=ALPHAS, max_new_tokens=N_NEW, min_new_tokens=N_NEW, do_sample=False, pad_token_id=0)
     cached = tuco_peft.generate(model, ids, mask, **options)
@@ -164,7 +159,7 @@ def test_static_cache():
     with tuco_peft.ftc_scale(model, ALPHAS):
         out = greedy_generate(model, ids, mask, N_NEW, cache_implementation="static", output_logits=True,
                               return_dict_in_generate=True)
-    reference = reference_step_logits(pretrained, model, out.sequences, mask, ALPHAS)
+    reference = step_logits(model, pretrained, out.sequences, mask, ALPHAS)
     torch.testing.assert_close(torch.stack(out.logits, dim=1), reference, atol=1e-5, rtol=1e-5)
 
 
@@ -196,9 +191,7 @@ def test_assisted_generation_rolls_back_both_slots(model_type):
         out = greedy_generate(model, ids, mask, N_NEW, prompt_lookup_num_tokens=3, past_key_values=cache)
     assert any(removed < 0 for removed in cache.rollbacks)
     assert type(cache.layers[4 + 2]).__name__ == "DummyLayer"  # block 2 (α = 1) holds recurrent states
-    reference = reference_step_logits(pretrained, model, out, mask, ALPHAS)
-    chosen = reference.gather(-1, out[:, ids.shape[1]:, None])[..., 0]
-    assert (reference.amax(-1) - chosen).max() <= 1e-5
+    assert_greedy_choices(model, out, step_logits(model, pretrained, out, mask, ALPHAS), ids.shape[1])
 
 
 @counted
@@ -214,7 +207,7 @@ def test_a_cache_reused_by_another_generation_fits_its_steered_blocks():
         with tuco_peft.ftc_scale(model, alphas):
             out = greedy_generate(model, ids, mask, N_NEW, past_key_values=cache, output_logits=True,
                                   return_dict_in_generate=True)
-        reference = reference_step_logits(pretrained, model, out.sequences, mask, alphas)
+        reference = step_logits(model, pretrained, out.sequences, mask, alphas)
         torch.testing.assert_close(torch.stack(out.logits, dim=1), reference, atol=1e-5, rtol=1e-5)
         assert (type(cache.layers[4 + 2]).__name__ == "DummyLayer") == (alphas[2] == 1.0)
     with pytest.raises(InputError, match="tokens processed outside ftc_scale"), tuco_peft.ftc_scale(model, 1.5):

@@ -174,9 +174,10 @@ class _Survey:
         if shared:
             raise UnsupportedModelError(
                 f"{type(causal_lm).__name__} has blocks that reuse the keys/values of earlier blocks ({shared}: "
-                "num_kv_shared_layers, kv_sharing_modes): each pre-trained block would need the pre-trained keys/values of the "
-                "block it reuses, while the model keeps one store that the fine-tuned blocks read too, so the "
-                "numbers would be wrong. Models that share keys/values between blocks are not supported."
+                "num_kv_shared_layers, kv_sharing_modes): each pre-trained block would need the pre-trained "
+                "keys/values of the block it reuses, while the model keeps one store that the fine-tuned blocks "
+                "read too, so the numbers would be wrong. Models that share keys/values between blocks are not "
+                "supported."
             )
         decoder = getattr(causal_lm, causal_lm.base_model_prefix, None)
         layers = _find_layers(decoder, config) if isinstance(decoder, nn.Module) else None

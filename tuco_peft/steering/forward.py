@@ -154,7 +154,7 @@ class _PretrainedSlots:
         cache: had the pre-trained blocks written into the fine-tuned slots (as when a release renamed the cache
         argument), the lengths would differ, and the forward's output is refused rather than decoded from.
         """
-        lengths = self._cached_tokens(cache, self.steered)
+        lengths = self._cached_tokens(cache, self._caching(cache))
         slots = len(cache.layers)
         if slots == 2 * self.n_layers and all(ft == pt for ft, pt in lengths):
             return
@@ -181,18 +181,20 @@ class _PretrainedSlots:
         placeholder left by a generation that did not steer it), and the first holds as many tokens in both
         slots. One length compared, not one per block: each is a device sync on a static cache, and the check
         after every forward compares them all."""
-        layers = cache.layers
-        caching = [i for i in self.steered if not (i < len(layers) and _is_empty(layers[i]))]
-        if any(self.n_layers + i < len(layers) and _is_empty(layers[self.n_layers + i]) for i in caching):
+        caching = self._caching(cache)
+        slots = cache.layers[self.n_layers :]
+        if any(i < len(slots) and _is_empty(slots[i]) for i in caching):
             return False
         return all(ft == pt for ft, pt in self._cached_tokens(cache, caching[:1]))
 
-    def _cached_tokens(self, cache: Cache, blocks: list[int]) -> list[tuple[Any, Any]]:
-        """(fine-tuned, pre-trained) tokens cached by each of ``blocks`` that caches anything (a block without
-        attention or recurrence does not)."""
+    def _caching(self, cache: Cache) -> list[int]:
+        """The steered blocks that cache anything (a block without attention or recurrence does not)."""
         layers = cache.layers
-        caching = [i for i in blocks if not (i < len(layers) and _is_empty(layers[i]))]
-        return [(cache.get_seq_length(i), cache.get_seq_length(self.n_layers + i)) for i in caching]
+        return [i for i in self.steered if not (i < len(layers) and _is_empty(layers[i]))]
+
+    def _cached_tokens(self, cache: Cache, blocks: list[int]) -> list[tuple[Any, Any]]:
+        """(fine-tuned, pre-trained) tokens cached by each of ``blocks``."""
+        return [(cache.get_seq_length(i), cache.get_seq_length(self.n_layers + i)) for i in blocks]
 
 
 def _duplicable(layer: Any) -> bool:
