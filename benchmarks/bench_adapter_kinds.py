@@ -5,7 +5,8 @@ and as Qwen3-MoE (8 experts, 2 active, each half the dense MLP's width), random 
 attention (sdpa); LoRA, DoRA and LoHa of rank 16 on every linear (PEFT's "all-linear", which on Qwen3-MoE
 includes the fused experts for LoRA and LoHa; DoRA there takes the attention projections only). The yardstick is the decoder-only forward
 (the blocks and the final norm, no LM head: decompose does not run the head), timed in the same rounds,
-alternating, on the same batch. Qwen3-MoE has no registered family: its blocks take the generic replay.
+alternating, on the same batch. Qwen3-MoE has no registered family: its blocks' one-pass path is read from their
+parts and proved against the generic replay on the first batch (the warm-up call), then trusted.
 
     python benchmarks/bench_adapter_kinds.py --repeats 5 --out benchmarks/results/cpu-adapter-kinds.json
 """

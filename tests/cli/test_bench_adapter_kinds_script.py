@@ -32,5 +32,5 @@ def test_the_adapter_kinds_benchmark_times_every_family_and_kind(tmp_path, monke
                for r in results)
     assert all(r["ratio_quartiles"] == [r["ratio"], r["ratio"]] for r in results)  # one round: no spread
     # every block of every family takes a one-pass path: none replayed with a warning
-    assert not [w for w in caught if "no one-pass rule" in str(w.message) and "ParamWrapper" not in str(w.message)]
+    assert not [w for w in caught if "no one-pass rule" in str(w.message)]
     assert not [w for w in caught if "read the layout" in str(w.message)]

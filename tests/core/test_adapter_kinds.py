@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from helpers.assertions import assert_components_close
+from helpers.assertions import assert_close, assert_components_close
 from helpers.models import base_model, padded_batch
 from helpers.oracle import decoder_blocks, tuco_at_last, two_pass
 from helpers.steering import greedy_generate
@@ -54,6 +54,10 @@ KINDS = {
     "boft": lambda: BOFTConfig(boft_block_size=8, target_modules=["q_proj", "v_proj"], init_weights=False),
     "hra": lambda: HRAConfig(r=4, target_modules=ATTENTION + MLP, init_weights=False),
     "randlora": lambda: RandLoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"], init_weights=False),
+    "lora-on-parameters": lambda: LoraConfig(  # PEFT's ParamWrapper: the weight changes during the base call
+        r=4, target_modules=[], init_lora_weights=False,
+        target_parameters=["self_attn.q_proj.weight", "self_attn.v_proj.weight", "mlp.down_proj.weight"],
+    ),
     "bdlora": lambda: _bd_lora(),  # a LoRA variant that adds into its base output in place
     "adalora": lambda: AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=ATTENTION + MLP,
                                      init_lora_weights=False),
@@ -146,7 +150,7 @@ def test_a_tuner_of_no_registered_kind_takes_the_generic_path_with_a_warning(kin
     assert [m for m in messages if "no one-pass rule" in m and layer_class in m]
 
 
-@pytest.mark.parametrize("kind", ["dora", "loha", "ia3", "oft", "adalora"])
+@pytest.mark.parametrize("kind", ["dora", "loha", "ia3", "oft", "adalora", "lora-on-parameters"])
 def test_every_tuner_is_differentiable(kind):
     """With grad mode on, TuCo's gradient flows to the adapter's own weights."""
     _, model = tuner_pair(kind)
@@ -156,8 +160,29 @@ def test_every_tuner_is_differentiable(kind):
     assert grads and all(g is not None for g in grads) and any(g.abs().max() > 0 for g in grads)
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("kind", ["lora-on-parameters", "oft", "dora"])
+def test_gradients_match_the_oracle_for_every_strategy(kind, strategy, monkeypatch):
+    """A tuner whose pre-trained projection is one more call of its layer (``target_parameters``, OFT) or is
+    captured (DoRA). PEFT's ``target_parameters`` re-registers its parametrization at every fine-tuned call,
+    which bumps the wrapped weight's version: a pre-trained call that saved the weight before it would fail."""
+    force(monkeypatch, strategy)
+    pretrained, model = tuner_pair(kind)
+    ids, mask = padded_batch()
+    tuco_peft.tuco(model, ids, mask).sum().backward()
+    ours = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    ptc, ftc, _, _ = two_pass(model, decoder_blocks(pretrained), ids, mask)
+    tuco_at_last(ptc, ftc, mask).sum().backward()
+    expected = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert ours.keys() == expected.keys() and ours
+    for name, grad in ours.items():
+        assert_close(grad, expected[name], relative=1e-4)
+
+
 @pytest.mark.parametrize(
-    "kind", ["dora", "dora-on-mlp", "loha", "ia3", "oft", "vera", "adalora", "fourierft", "lora-under-oft"]
+    "kind",
+    ["dora", "dora-on-mlp", "loha", "ia3", "oft", "vera", "adalora", "lora-on-parameters", "fourierft", "lora-under-oft"],
 )
 def test_cached_steered_generation_with_every_tuner(kind):
     """With the default attention (sdpa) and one unpadded prompt, as users generate."""

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 import torch
-from helpers.assertions import assert_components_close
+from helpers.assertions import ORACLE_TOLERANCE, assert_components_close
 from helpers.models import FAMILIES, base_model, family_config, lora_model, model_pair, padded_batch
 from helpers.oracle import decoder_blocks, last_index, tuco_at_last, two_pass
 from peft.tuners.lora import Linear as LoraLinear
@@ -19,19 +19,6 @@ from tuco_peft.core.pretrained_path import ReplayBlock, SharedProjectionBlock, p
 def _oracle(pretrained, model, ids, mask):
     with torch.no_grad():
         return two_pass(model, decoder_blocks(pretrained), ids, mask)
-
-
-# Tolerances of decompose against the oracle run at the model's own precision, relative to the largest
-# |component| (TuCo: absolute). float32: reduction order only. Half precision: the one-pass path runs the
-# pre-trained block on one row per prompt where the oracle runs every row, and a GPU may pick other kernels
-# (and accumulation orders) for the two shapes, so each block output may round differently: a few units
-# of the format's rounding step (2^-8 for bfloat16, 2^-11 for float16), compounded over three blocks.
-ORACLE_TOLERANCE = {
-    torch.float32: (1e-4, 1e-5),
-    torch.bfloat16: (6e-2, 2e-2),
-    torch.float16: (8e-3, 3e-3),
-}
-
 
 @pytest.mark.device
 @pytest.mark.parametrize("dtype", list(ORACLE_TOLERANCE), ids=lambda dtype: str(dtype).removeprefix("torch."))

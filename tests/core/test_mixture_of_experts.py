@@ -17,6 +17,7 @@ import warnings
 
 import pytest
 import torch
+from helpers.assertions import assert_close
 from helpers.models import VOCAB, padded_batch
 from helpers.oracle import decoder_blocks, tuco_at_last, two_pass
 from helpers.steering import greedy_generate
@@ -70,10 +71,12 @@ def test_every_block_matches_the_two_model_oracle(model_type, adapters, device):
     pretrained, model = (m.to(device) for m in _moe_pair(model_type, adapters))
     assert type(pretrained_path(model_parts(model).layers[0], model.config)) is ProvedBlock
     ids, mask = (t.to(device) for t in padded_batch())
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         tuco_peft.decompose(model, ids, mask, positions="all")  # proves each block's one-pass path
         ours = tuco_peft.decompose(model, ids, mask, positions="all")
         ptc, ftc, x0, xL = two_pass(model, decoder_blocks(pretrained), ids, mask)
+    assert not [w for w in caught if "no one-pass rule" in str(w.message)]  # target_parameters is a known kind
     proved = pretrained_paths(model)
     assert proved and all(isinstance(p, ProvedBlock) and not p.refuted for p in proved)
     real = mask.bool()[:, None, :, None]
@@ -141,6 +144,24 @@ def test_hooks_on_a_shared_mixture_of_experts_see_the_fine_tuned_stream_alone():
     ((normed, out),) = seen
     torch.testing.assert_close(normed, expected[0], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(out, expected[1], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", _FAMILIES)
+def test_gradients_through_experts_and_router_match_the_two_model_oracle(model_type):
+    """The first call proves each block's path against the replay, in the same graph; the second trusts it."""
+    pretrained, model = _moe_pair(model_type, "experts and router")
+    ids, mask = padded_batch()
+    ptc, ftc, _, _ = two_pass(model, decoder_blocks(pretrained), ids, mask)
+    tuco_at_last(ptc, ftc, mask).sum().backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    assert any("experts" in name for name in expected)
+    for _ in range(2):
+        model.zero_grad()
+        tuco_peft.tuco(model, ids, mask).sum().backward()
+        ours = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+        assert ours.keys() == expected.keys()
+        for name, grad in ours.items():
+            assert_close(grad, expected[name], relative=1e-4)
 
 
 def test_rows_a_shared_call_cannot_compute_hand_the_block_to_separate_reads(monkeypatch):

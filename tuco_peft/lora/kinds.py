@@ -7,8 +7,9 @@ layer alone: that is the pre-trained projection. The one-pass paths need to know
   forward calls its base layer on its own input first and changes only that call's result (LoRA and its
   variants, LoHa, LoKr, VeRA, RandLoRA, AdaLoRA, IA3 outside feed-forward layers); the base layer's output is
   read as it passes. *Recomputed*: the forward changes the input or the weight before the base layer sees it
-  (IA3 on feed-forward layers, OFT, BOFT, HRA); the pre-trained projection is one more call of that one layer
-  with its adapters off, not a second pass through the block;
+  (IA3 on feed-forward layers, OFT, BOFT, HRA, LoRA on a parameter through ``target_parameters``); the
+  pre-trained projection is one more call of that one layer with its adapters off, not a second pass through
+  the block;
 - whether the forward adds into the base output in place (AdaLoRA, some LoRA variants), so that what is
   captured must be a copy;
 - whether its adapters add a plain low-rank term ``Σ scaling·B(A(x))`` (LoRA without a variant): the lean
@@ -73,6 +74,9 @@ RANDLORA = AdapterKind("RandLoRA", BaseOutput.CAPTURED)
 OFT = AdapterKind("OFT", BaseOutput.RECOMPUTED)
 BOFT = AdapterKind("BOFT", BaseOutput.RECOMPUTED)
 HRA = AdapterKind("HRA", BaseOutput.RECOMPUTED)
+# LoRA through ``target_parameters`` (a mixture of experts' fused 3-D weights, a router's) adds its delta to the
+# wrapped parameter for the duration of the base layer's call.
+LORA_ON_PARAMETERS = AdapterKind("LoRA on parameters (target_parameters)", BaseOutput.RECOMPUTED, off_is_base_call=True)
 
 KindOfLayer = Callable[[nn.Module], AdapterKind]
 
@@ -193,3 +197,4 @@ for _class in ("layer.Linear", "bnb.Linear4bit", "bnb.Linear8bitLt"):
 register_adapter_kind("peft.tuners.oft.layer.Linear", OFT)
 register_adapter_kind("peft.tuners.boft.layer.Linear", BOFT)
 register_adapter_kind("peft.tuners.hra.layer.HRALinear", HRA)
+register_adapter_kind("peft.tuners.lora.layer.ParamWrapper", LORA_ON_PARAMETERS)

@@ -1,0 +1,154 @@
+"""Every registered adapter kind on every registered family, against the two-model oracle: components at every
+position, TuCo, and TuCo's gradients with respect to the adapter's weights, with each block on a one-pass path;
+and in bfloat16 and float16 on Llama and Gemma 3, against the oracle at that precision.
+
+The kinds are those of ``tuco_peft.lora.kinds``, each on every linear of the block ("all-linear"); LoRA on
+parameters (``target_parameters``) on the weights of the attention's projections and the MLP's output. A kind
+PEFT itself cannot put on a family's layers (LoHa on GPT-2's ``Conv1D``, ...) is skipped, naming PEFT's reason.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from helpers.assertions import ORACLE_TOLERANCE, assert_close, assert_components_close
+from helpers.models import FAMILIES, base_model, padded_batch
+from helpers.oracle import decoder_blocks, last_index, tuco_at_last, two_pass
+from helpers.strategies import record_strategies
+from peft import (
+    AdaLoraConfig,
+    BOFTConfig,
+    HRAConfig,
+    IA3Config,
+    LoHaConfig,
+    LoKrConfig,
+    LoraConfig,
+    OFTConfig,
+    RandLoraConfig,
+    VeraConfig,
+    get_peft_model,
+)
+from torch import nn
+
+import tuco_peft
+from tuco_peft.core.pretrained_path import ReplayBlock
+from tuco_peft.families import spec_for
+from tuco_peft.lora.kinds import registered_adapter_kinds
+
+
+def _mlp_output(block: nn.Module, mlp: str) -> str:
+    """The name, within a block, of its MLP's last linear: the output projection, IA3's feed-forward layer."""
+    weight = "weight"
+    linears = [name for name, m in getattr(block, mlp).named_modules() if getattr(m, weight, None) is not None]
+    return f"{mlp}.{linears[-1]}"
+
+
+def _targets(model: nn.Module) -> tuple[list[str], str]:
+    """(the attention's projections and the MLP's output, within a block; the MLP's output)."""
+    block = decoder_blocks(model)[0]
+    spec = spec_for(block, model.config)
+    assert spec is not None
+    attention = [f"{spec.attention}.{name}" for name in dict.fromkeys(spec.projections)]
+    mlp_output = _mlp_output(block, spec.mlp)
+    return [*attention, mlp_output], mlp_output
+
+
+KINDS = {
+    "lora": lambda targets, mlp_output: LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False),
+    "dora": lambda targets, mlp_output: LoraConfig(
+        r=4, target_modules="all-linear", use_dora=True, init_lora_weights=False
+    ),
+    "adalora": lambda targets, mlp_output: AdaLoraConfig(  # its non-default init draws unit normals: fp16 overflows
+        init_r=4, target_r=2, total_step=10, target_modules="all-linear"
+    ),
+    "ia3": lambda targets, mlp_output: IA3Config(
+        target_modules=targets, feedforward_modules=[mlp_output], init_ia3_weights=False
+    ),
+    "loha": lambda targets, mlp_output: LoHaConfig(r=4, target_modules="all-linear", init_weights=False),
+    "lokr": lambda targets, mlp_output: LoKrConfig(r=4, target_modules="all-linear", init_weights=False),
+    "vera": lambda targets, mlp_output: VeraConfig(r=4, target_modules=targets[:1], init_weights=False),
+    "randlora": lambda targets, mlp_output: RandLoraConfig(r=4, target_modules=targets[:1], init_weights=False),
+    "oft": lambda targets, mlp_output: OFTConfig(
+        r=0, oft_block_size=8, target_modules="all-linear", init_weights=False
+    ),
+    "boft": lambda targets, mlp_output: BOFTConfig(boft_block_size=8, target_modules=targets, init_weights=False),
+    "hra": lambda targets, mlp_output: HRAConfig(r=4, target_modules="all-linear", init_weights=False),
+    "lora-on-parameters": lambda targets, mlp_output: LoraConfig(
+        r=4, target_modules=[], target_parameters=[f"{name}.weight" for name in targets], init_lora_weights=False
+    ),
+}
+
+
+def _pair(family: str, kind: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, nn.Module]:
+    base = base_model(family, intermediate_size=128)
+    pretrained = copy.deepcopy(base)
+    torch.manual_seed(1)
+    try:
+        model = get_peft_model(base, KINDS[kind](*_targets(base))).eval()
+    except (ValueError, TypeError, NotImplementedError) as error:
+        pytest.skip(f"PEFT puts no {kind} adapter on {family}'s layers: {error}")
+    with torch.no_grad():  # tuners whose random init is still the identity get trained-looking weights
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    return pretrained.to(dtype), model.to(dtype)
+
+
+def test_every_registered_kind_is_in_the_matrix():
+    names = {kind.name for registered in registered_adapter_kinds() for kind in registered.kinds}
+    covered = {
+        "LoRA", "LoRA variant (DoRA, aLoRA, ...)", "AdaLoRA", "IA3", "IA3 on a feed-forward layer", "LoHa", "LoKr",
+        "VeRA", "RandLoRA", "OFT", "BOFT", "HRA", "LoRA on parameters (target_parameters)",
+    }  # fmt: skip
+    assert names == covered, "a kind was registered: add it to KINDS"
+
+
+@pytest.mark.device
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_kind_on_each_family_matches_the_oracle_in_one_pass(family, kind, monkeypatch, device):
+    pretrained, model = (m.to(device) for m in _pair(family, kind))
+    chosen = record_strategies(monkeypatch)
+    ids, mask = (t.to(device) for t in padded_batch())
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ours = tuco_peft.decompose(model, ids, mask, positions="all")
+        ptc, ftc, _, _ = two_pass(model, decoder_blocks(pretrained), ids, mask)
+    assert chosen and ReplayBlock not in chosen
+    assert not [w for w in caught if "no one-pass rule" in str(w.message)]
+    real = mask.bool()[:, None, :, None]
+    assert ftc[real.expand_as(ftc)].abs().max() > 1e-3 * ptc.abs().max()  # the adapter changes every batch
+    assert_components_close(ours.ptc, ptc * real)
+    assert_components_close(ours.ftc, ftc * real)
+
+    tuco_peft.tuco(model, ids, mask).sum().backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    ptc, ftc, _, _ = two_pass(model, decoder_blocks(pretrained), ids, mask)
+    tuco_at_last(ptc, ftc, mask).sum().backward()
+    expected = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert grads and grads.keys() == expected.keys()
+    flat = [torch.cat([g.flatten() for g in gradients.values()]) for gradients in (grads, expected)]
+    # Of the largest gradient. Where it is small (AdaLoRA's and RandLoRA's on GPT-NeoX: 2e-5), fp32 rounding of
+    # the terms that cancel in it leaves errors of 1e-8, up to 4e-4 of it; a wrong path is off by the whole term.
+    assert_close(*flat, relative=1e-3)
+
+
+@pytest.mark.device
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_each_kind_in_half_precision_matches_the_oracle_at_that_precision(family, kind, dtype, device):
+    pretrained, model = (m.to(device) for m in _pair(family, kind, dtype))
+    ids, mask = (t.to(device) for t in padded_batch())
+    with torch.no_grad():
+        ours = tuco_peft.decompose(model, ids, mask)
+        ptc, ftc, _, _ = two_pass(model, decoder_blocks(pretrained), ids, mask)
+    t, rows = last_index(mask), torch.arange(ids.shape[0], device=device)
+    components, tuco = ORACLE_TOLERANCE[dtype]
+    assert_components_close(ours.ptc, ptc[rows, :, t], components)
+    assert_components_close(ours.ftc, ftc[rows, :, t], components)
+    assert (ours.tuco - tuco_at_last(ptc, ftc, mask)).abs().max() < tuco
