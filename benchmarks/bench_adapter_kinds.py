@@ -3,9 +3,9 @@
 SmolLM-135M's shapes (30 blocks of width 576, attention 9/3) as Llama, as Gemma 3 (local and global layers)
 and as Qwen3-MoE (8 experts, 2 active, each half the dense MLP's width), random weights, fp32, the default
 attention (sdpa); LoRA, DoRA and LoHa of rank 16 on every linear (PEFT's "all-linear", which on Qwen3-MoE
-includes the fused experts for LoRA and LoHa; DoRA there takes the attention projections only). The yardstick is the decoder-only forward
-(the blocks and the final norm, no LM head: decompose does not run the head), timed in the same rounds,
-alternating, on the same batch. Qwen3-MoE has no registered family: its blocks' one-pass path is read from their
+takes the fused experts through target_parameters for LoRA; LoHa finds no expert linear there, and DoRA takes the
+attention projections). The yardstick is the decoder-only forward (the blocks and the final norm, no LM head:
+decompose does not run the head), timed in the same rounds, alternating, on the same batch. Qwen3-MoE has no registered family: its blocks' one-pass path is read from their
 parts and proved against the generic replay on the first batch (the warm-up call), then trusted.
 
     python benchmarks/bench_adapter_kinds.py --repeats 5 --out benchmarks/results/cpu-adapter-kinds.json
@@ -25,7 +25,7 @@ from peft import LoHaConfig, LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import tuco_peft
-from tuco_peft.apps.benchmark import timed
+from tuco_peft.apps.benchmark import keep_freed_memory, timed
 
 SHAPES = {**MODELS["135m"], "head_dim": 64}  # Gemma 3 and Qwen3-MoE would take other head widths by default
 FAMILIES = {
@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    keep_freed_memory()
     ids = torch.randint(1, SHAPES["vocab_size"], (args.batch, args.tokens), generator=torch.Generator().manual_seed(0))
     results = []
     print(f"{'family':<12} {'adapter':<6} {'decoder ms':>11} {'decompose ms':>13} {'ratio':>6} {'quartiles':>11}")
@@ -119,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             "layers": args.layers,
             "batch": [args.batch, args.tokens],
             "repeats": args.repeats,
+            "allocator": "glibc keeps freed blocks of up to 32 MB (tuco_peft.apps.benchmark.keep_freed_memory)",
         }
         with open(args.out, "w") as file:
             json.dump({"environment": environment, "results": results}, file, indent=1)

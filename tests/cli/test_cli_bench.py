@@ -5,13 +5,21 @@ from __future__ import annotations
 
 import importlib
 import json
+import subprocess
+import sys
 import time
 
 import pytest
 import torch
 from helpers.cli_fixtures import CONTEXT, fails, write_lines
 
-from tuco_peft.apps.benchmark import COMPUTE_BOUND, OVERHEAD_BOUND, _measure, compare_workloads, token_windows
+from tuco_peft.apps.benchmark import (
+    COMPUTE_BOUND,
+    OVERHEAD_BOUND,
+    _measure,
+    compare_workloads,
+    token_windows,
+)
 from tuco_peft.cli import main
 
 PROMPTS = ["the quick brown fox", "how can I help you today?", "a small model reads", "the lazy dog"]
@@ -197,3 +205,32 @@ def test_the_report_warns_of_unsteady_times_and_of_a_large_workload_still_overhe
     bench._print_report(report)
     printed = [line.removeprefix("note: ") for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
     assert len(printed) == len(notes) and all(line.startswith(note) for line, note in zip(printed, notes))
+
+
+# A forward's pattern in small: blocks of several sizes up to 30 MB, allocated, touched and freed, cycle after
+# cycle. Prints the pages faulted in by the cycles after the first, and the pages they touched.
+_REUSE = """
+import resource, sys, torch
+from tuco_peft.apps import benchmark
+getattr(benchmark, sys.argv[1])()
+sizes = [(n << 20) for n in (30, 1, 12, 3, 24, 6)]
+def cycle():
+    blocks = [torch.empty(n, dtype=torch.uint8).fill_(1) for n in sizes[:3]]
+    blocks = [torch.empty(n, dtype=torch.uint8).fill_(1) for n in sizes[3:]]
+cycle()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+    cycle()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before, 4 * sum(sizes) // resource.getpagesize())
+"""
+
+
+@pytest.mark.parametrize(
+    ("setting", "faulted"), [("keep_freed_memory", False), ("_return_freed_memory_to_the_os", True)]
+)
+def test_timings_reuse_freed_memory_and_memory_measurements_return_it(setting, faulted):
+    """The timed calls do not fault their memory in again; the memory measurement, which must see resident memory
+    track live tensors, has every call fault it in. In a process of its own: glibc's settings last."""
+    run = subprocess.run([sys.executable, "-c", _REUSE, setting], capture_output=True, text=True, check=True)
+    faults, touched = map(int, run.stdout.split())
+    assert (faults > 0.9 * touched) if faulted else (faults < 0.1 * touched), (faults, touched)

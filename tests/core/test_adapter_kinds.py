@@ -180,9 +180,40 @@ def test_gradients_match_the_oracle_for_every_strategy(kind, strategy, monkeypat
         assert_close(grad, expected[name], relative=1e-4)
 
 
+def test_lora_on_parameters_back_propagates_after_later_calls_in_the_same_graph():
+    """Each adapters-on call of LoRA on parameters re-registers its parametrization, which bumps the wrapped
+    weight's version: the pre-trained calls, which saved that weight, must still back-propagate after a loss
+    computed after TuCo, or a second TuCo, ran the layers again. The gradients are those of each term alone."""
+    _, model = tuner_pair("lora-on-parameters")
+    ids, mask = padded_batch()
+
+    def loss() -> torch.Tensor:
+        return model(input_ids=ids, attention_mask=mask).logits.logsumexp(-1).mean()
+
+    def gradients(*terms) -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        sum(term() for term in terms).backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    def tuco() -> torch.Tensor:
+        return tuco_peft.tuco(model, ids, mask).sum()
+
+    alone = {"tuco": gradients(tuco), "loss": gradients(loss)}
+    for together, expected in [
+        (gradients(tuco, loss), {n: alone["tuco"][n] + alone["loss"][n] for n in alone["tuco"]}),
+        (gradients(tuco, tuco), {n: 2 * alone["tuco"][n] for n in alone["tuco"]}),
+    ]:
+        assert together.keys() == expected.keys()
+        for name, grad in together.items():
+            assert_close(grad, expected[name], relative=1e-5)
+
+
 @pytest.mark.parametrize(
     "kind",
-    ["dora", "dora-on-mlp", "loha", "ia3", "oft", "vera", "adalora", "lora-on-parameters", "fourierft", "lora-under-oft"],
+    [
+        "dora", "dora-on-mlp", "loha", "ia3", "oft", "vera", "adalora", "lora-on-parameters", "fourierft",
+        "lora-under-oft",
+    ],
 )
 def test_cached_steered_generation_with_every_tuner(kind):
     """With the default attention (sdpa) and one unpadded prompt, as users generate."""

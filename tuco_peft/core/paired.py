@@ -188,10 +188,9 @@ def _paired_forward(
                 return backend.stacked(x, module)
             if switchable.shared_input and kind.captured:  # the fused kernels compute plain LoRA only
                 return torch.cat(torch_backend.dual(x[half:], module))
-        finetuned = type(module).forward(module, x[half:], *args, **kwargs)
         with adapters_disabled(module.modules()):  # with the tuner layers nested in it (mixed models)
-            pretrained = type(module).forward(module, x[:half], *args, **kwargs)  # after: see ``_shared_call``
-        return torch.cat([pretrained, finetuned])
+            pretrained = type(module).forward(module, x[:half], *args, **kwargs)
+        return torch.cat([pretrained, type(module).forward(module, x[half:], *args, **kwargs)])
 
     return forward
 

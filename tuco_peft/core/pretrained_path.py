@@ -457,13 +457,10 @@ def _shared_call(
     if is_additive_lora(module):
         return backend.two_stream(x_rows, x, module)
     forward = type(module).forward
-    if is_switchable(module):  # another tuner: its own forward, adapters on, then off
-        # In that order: LoRA on a parameter (``target_parameters``) re-registers its parametrization at every
-        # call with adapters on, which bumps the weight's version; a call with them off before it would have
-        # saved the weight for backward at the old version.
-        finetuned = forward(module, x)
+    if is_switchable(module):  # another tuner: its own forward, adapters off then on
         with adapters_disabled(module.modules()):
-            return forward(module, x_rows), finetuned
+            pretrained = forward(module, x_rows)
+        return pretrained, forward(module, x)
     both = forward(module, torch.cat([x_rows, x], dim=1))
     return tuple(both.split([x_rows.shape[1], x.shape[1]], dim=1))
 

@@ -21,6 +21,7 @@ from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any, TypeGuard
 
 from peft.tuners.lora import LoraLayer
+from peft.tuners.lora.layer import ParamWrapper
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
@@ -28,7 +29,7 @@ from torch import nn
 from ..errors import InputError, UnsupportedModelError
 from ..model.interception import forward_replaced, hooked, replaced_forwards
 from ..model.inventory import ModuleInventory, is_switchable
-from .kinds import ADALORA, adapter_kind, holds_tuner_layer, stacked_kinds
+from .kinds import ADALORA, LORA_ON_PARAMETERS, adapter_kind, holds_tuner_layer, stacked_kinds
 
 if TYPE_CHECKING:
     from ..model.inventory import LoraModule, TunerModule
@@ -100,14 +101,45 @@ def adapters_disabled(modules: Iterable[nn.Module]) -> Iterator[None]:
     """Run the pre-trained path of ``modules``: their adapters off, restored exactly afterwards.
 
     A tuner layer whose forward, adapters off, is exactly its base layer's call (``AdapterKind.off_is_base_call``)
-    meanwhile calls exactly that: its instance forward is its base layer's call (hooks on either still run),
-    without PEFT's per-call Python, which costs several times a small projection. Not where something else
-    replaced its forward already.
+    meanwhile calls exactly that: its instance forward is its innermost base layer's call (hooks on the layer and
+    on that base layer still run; a mixed model's intermediate tuner layers are skipped), without PEFT's
+    per-call Python, which costs several times a small projection. Not where something else replaced its
+    forward already.
     """
     switched = [m for m in modules if is_switchable(m)]
     base_calls = [(m, m.get_base_layer().__call__) for m in switched if _off_is_base_call(m) and not forward_replaced(m)]
-    with _instance_values(switched, "_disable_adapters", True), replaced_forwards(base_calls):  # flags undone last
+    wrappers = [m for m in switched if isinstance(m, ParamWrapper)]
+    with (
+        _instance_values(switched, "_disable_adapters", True),  # flags undone last
+        replaced_forwards(base_calls),
+        _own_version_counters(wrappers),
+    ):
         yield
+
+
+@contextmanager
+def _own_version_counters(wrappers: Sequence[ParamWrapper]) -> Iterator[None]:
+    """The frozen parameters that LoRA on parameters (``target_parameters``) wraps, each replaced by an alias with
+    a version counter of its own while the adapters are off.
+
+    Every adapters-on call of such a layer registers its parametrization again, which ``set_``s the parameter and
+    so bumps its version. A call with the adapters off that saved the parameter for backward would otherwise
+    fail backward once the layer ran with them on again in the same graph: the paired half after it, the next
+    adapter of ``decompose_adapters``, a loss computed after TuCo. A trainable wrapped parameter is left as it
+    is (its gradient must reach it).
+    """
+    swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
+    try:
+        for wrapper in wrappers:
+            base, name = wrapper.get_base_layer(), wrapper.parameter_name
+            parameter = base._parameters.get(name)
+            if parameter is not None and not parameter.requires_grad:
+                base._parameters[name] = nn.Parameter(parameter.data, requires_grad=False)
+                swapped.append((base, name, parameter))
+        yield
+    finally:
+        for base, name, parameter in reversed(swapped):
+            base._parameters[name] = parameter
 
 
 def _off_is_base_call(module: nn.Module) -> TypeGuard[TunerModule]:
@@ -172,9 +204,10 @@ def why_not_mixable(modules: ModuleInventory, names: Iterable[str]) -> str | Non
         return f"PEFT mixes LoRA adapters only, and {name} is a {type(module).__name__}"
     wanted = set(names)
     for name, module in modules.lora_layers:
-        if type(module).__name__ == "ParamWrapper":
+        kinds = stacked_kinds(module) or ()
+        if LORA_ON_PARAMETERS in kinds:
             return f"PEFT does not mix adapters on target_parameters, as on {name}"
-        if ADALORA in (stacked_kinds(module) or ()):
+        if ADALORA in kinds:
             return f"PEFT does not mix AdaLoRA adapters, as on {name}"
         dora = sorted(adapter for adapter in wanted if module.use_dora.get(adapter, False))
         if dora:
