@@ -18,6 +18,8 @@ import gc
 import json
 import platform
 import statistics
+import subprocess
+from pathlib import Path
 
 import torch
 from bench_overhead import MODELS
@@ -74,6 +76,21 @@ def measure(model: torch.nn.Module, ids: torch.Tensor, repeats: int) -> dict:
     return {**medians, "ratio": statistics.median(ratios), "ratio_quartiles": quartiles(ratios), "times": times}
 
 
+def source_commit() -> str | None:
+    """The checkout's commit, marked where the tree holds changes beside it; None outside a git checkout."""
+
+    def git(*args: str) -> str:
+        where = Path(__file__).parent
+        return subprocess.run(["git", *args], cwd=where, capture_output=True, text=True, check=False).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no")
+    except OSError:  # no git
+        return None
+    return (commit + (" with changes" if changed else "")) or None
+
+
 def quartiles(values: list[float]) -> tuple[float, float]:
     """First and third quartile: how far this machine's noise spreads the rounds' ratios around their median."""
     if len(values) < 2:
@@ -117,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "machine": platform.machine(),
+            "commit": source_commit(),
             "layers": args.layers,
             "batch": [args.batch, args.tokens],
             "repeats": args.repeats,

@@ -4,6 +4,7 @@ is written, so that the script a quiet machine is needed for does not break unno
 from __future__ import annotations
 
 import json
+import subprocess
 import warnings
 
 import pytest
@@ -26,7 +27,10 @@ def test_the_adapter_kinds_benchmark_times_every_family_and_kind(tmp_path, monke
     finally:
         torch.set_num_threads(threads)
     assert code == 0
-    results = json.loads(out.read_text())["results"]
+    written = json.loads(out.read_text())
+    results = written["results"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    assert written["environment"]["commit"].startswith(head.stdout.strip())  # which code the figures are of
     assert [(r["family"], r["adapter"]) for r in results] == [(f, a) for f in FAMILIES for a in ADAPTERS]
     assert all(r["decoder_forward"] > 0 and r["decompose_last"] > 0 and len(r["times"]["decompose_last"]) == 1
                for r in results)

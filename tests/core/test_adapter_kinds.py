@@ -180,11 +180,16 @@ def test_gradients_match_the_oracle_for_every_strategy(kind, strategy, monkeypat
         assert_close(grad, expected[name], relative=1e-4)
 
 
-def test_lora_on_parameters_back_propagates_after_later_calls_in_the_same_graph():
+@pytest.mark.parametrize("trainable_base", [False, True], ids=["frozen-base", "trainable-base"])
+def test_lora_on_parameters_back_propagates_after_later_calls_in_the_same_graph(trainable_base):
     """Each adapters-on call of LoRA on parameters re-registers its parametrization, which bumps the wrapped
     weight's version: the pre-trained calls, which saved that weight, must still back-propagate after a loss
-    computed after TuCo, or a second TuCo, ran the layers again. The gradients are those of each term alone."""
+    computed after TuCo, or a second TuCo, ran the layers again. The gradients are those of each term alone,
+    the wrapped weights' own too where they are trained."""
     _, model = tuner_pair("lora-on-parameters")
+    wrapped = [m.get_base_layer().weight for m in model.modules() if type(m).__name__ == "ParamWrapper"]
+    for weight in wrapped:
+        weight.requires_grad_(trainable_base)
     ids, mask = padded_batch()
 
     def loss() -> torch.Tensor:
@@ -199,6 +204,7 @@ def test_lora_on_parameters_back_propagates_after_later_calls_in_the_same_graph(
         return tuco_peft.tuco(model, ids, mask).sum()
 
     alone = {"tuco": gradients(tuco), "loss": gradients(loss)}
+    assert all(weight.grad is not None for weight in wrapped) == trainable_base
     for together, expected in [
         (gradients(tuco, loss), {n: alone["tuco"][n] + alone["loss"][n] for n in alone["tuco"]}),
         (gradients(tuco, tuco), {n: 2 * alone["tuco"][n] for n in alone["tuco"]}),

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any, TypeGuard
 
+import torch
 from peft.tuners.lora import LoraLayer
 from peft.tuners.lora.layer import ParamWrapper
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -29,7 +30,7 @@ from torch import nn
 from ..errors import InputError, UnsupportedModelError
 from ..model.interception import forward_replaced, hooked, replaced_forwards
 from ..model.inventory import ModuleInventory, is_switchable
-from .kinds import ADALORA, LORA_ON_PARAMETERS, adapter_kind, holds_tuner_layer, stacked_kinds
+from .kinds import ADALORA, adapter_kind, holds_tuner_layer, stacked_kinds
 
 if TYPE_CHECKING:
     from ..model.inventory import LoraModule, TunerModule
@@ -108,7 +109,7 @@ def adapters_disabled(modules: Iterable[nn.Module]) -> Iterator[None]:
     """
     switched = [m for m in modules if is_switchable(m)]
     base_calls = [(m, m.get_base_layer().__call__) for m in switched if _off_is_base_call(m) and not forward_replaced(m)]
-    wrappers = [m for m in switched if isinstance(m, ParamWrapper)]
+    wrappers = [m for m in switched if isinstance(m, ParamWrapper)] if torch.is_grad_enabled() else []
     with (
         _instance_values(switched, "_disable_adapters", True),  # flags undone last
         replaced_forwards(base_calls),
@@ -119,27 +120,40 @@ def adapters_disabled(modules: Iterable[nn.Module]) -> Iterator[None]:
 
 @contextmanager
 def _own_version_counters(wrappers: Sequence[ParamWrapper]) -> Iterator[None]:
-    """The frozen parameters that LoRA on parameters (``target_parameters``) wraps, each replaced by an alias with
-    a version counter of its own while the adapters are off.
+    """The parameters that LoRA on parameters (``target_parameters``) wraps, each replaced by an alias with a
+    version counter of its own while the adapters are off (with grad mode on: without it nothing is saved).
 
     Every adapters-on call of such a layer registers its parametrization again, which ``set_``s the parameter and
     so bumps its version. A call with the adapters off that saved the parameter for backward would otherwise
     fail backward once the layer ran with them on again in the same graph: the paired half after it, the next
-    adapter of ``decompose_adapters``, a loss computed after TuCo. A trainable wrapped parameter is left as it
-    is (its gradient must reach it).
+    adapter of ``decompose_adapters``, a loss computed after TuCo. A parameter of a subclass (a quantized one) is
+    left as it is: the alias would lose what the subclass holds.
     """
     swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
     try:
         for wrapper in wrappers:
             base, name = wrapper.get_base_layer(), wrapper.parameter_name
             parameter = base._parameters.get(name)
-            if parameter is not None and not parameter.requires_grad:
-                base._parameters[name] = nn.Parameter(parameter.data, requires_grad=False)
+            if type(parameter) is nn.Parameter:
+                base._parameters[name] = _Alias.apply(parameter)
                 swapped.append((base, name, parameter))
         yield
     finally:
         for base, name, parameter in reversed(swapped):
             base._parameters[name] = parameter
+
+
+class _Alias(torch.autograd.Function):
+    """The identity, as a tensor that shares its input's storage but not its version counter; the gradient passes
+    through to the input where it requires one."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.data
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad
 
 
 def _off_is_base_call(module: nn.Module) -> TypeGuard[TunerModule]:
@@ -204,10 +218,9 @@ def why_not_mixable(modules: ModuleInventory, names: Iterable[str]) -> str | Non
         return f"PEFT mixes LoRA adapters only, and {name} is a {type(module).__name__}"
     wanted = set(names)
     for name, module in modules.lora_layers:
-        kinds = stacked_kinds(module) or ()
-        if LORA_ON_PARAMETERS in kinds:
+        if any(isinstance(layer, ParamWrapper) for layer in module.modules()):  # also where a stack holds one
             return f"PEFT does not mix adapters on target_parameters, as on {name}"
-        if ADALORA in kinds:
+        if ADALORA in (stacked_kinds(module) or ()):
             return f"PEFT does not mix AdaLoRA adapters, as on {name}"
         dora = sorted(adapter for adapter in wanted if module.use_dora.get(adapter, False))
         if dora:
