@@ -16,6 +16,7 @@ import warnings
 import pytest
 import torch
 from helpers.assertions import ORACLE_TOLERANCE, assert_components_close
+from helpers.gradients import tuco_gradients
 from helpers.models import FAMILIES, VOCAB, base_model, padded_batch
 from helpers.oracle import decoder_blocks, last_index, tuco_at_last, two_pass
 from helpers.strategies import pretrained_paths, record_strategies
@@ -150,12 +151,7 @@ def test_each_kind_on_each_family_matches_the_oracle_in_one_pass(family, kind, m
     assert_components_close(ours.ptc, ptc * real)
     assert_components_close(ours.ftc, ftc * real)
 
-    tuco_peft.tuco(model, ids, mask).sum().backward()
-    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    ptc, ftc, _, _ = two_pass(model, decoder_blocks(pretrained), ids, mask)
-    tuco_at_last(ptc, ftc, mask).sum().backward()
-    expected = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    grads, expected = tuco_gradients(model, pretrained, ids, mask)
     assert grads and grads.keys() == expected.keys()
     # Each tensor to 1e-3 of its own largest entry (fp32 rounding left at most 1.3e-4: RandLoRA on GPT-NeoX),
     # with a floor of 1e-6 of the largest gradient of all for tensors whose gradients are nearly zero.

@@ -18,6 +18,7 @@ import warnings
 import pytest
 import torch
 from helpers.assertions import assert_close
+from helpers.gradients import tuco_gradients
 from helpers.models import VOCAB, padded_batch
 from helpers.oracle import decoder_blocks, tuco_at_last, two_pass
 from helpers.steering import greedy_generate
@@ -150,16 +151,9 @@ def test_hooks_on_a_shared_mixture_of_experts_see_the_fine_tuned_stream_alone():
 def test_gradients_through_experts_and_router_match_the_two_model_oracle(model_type):
     """The first call proves each block's path against the replay, in the same graph; the second trusts it."""
     pretrained, model = _moe_pair(model_type, "experts and router")
-    ids, mask = padded_batch()
-    ptc, ftc, _, _ = two_pass(model, decoder_blocks(pretrained), ids, mask)
-    tuco_at_last(ptc, ftc, mask).sum().backward()
-    expected = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-    assert any("experts" in name for name in expected)
     for _ in range(2):
-        model.zero_grad()
-        tuco_peft.tuco(model, ids, mask).sum().backward()
-        ours = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
-        assert ours.keys() == expected.keys()
+        ours, expected = tuco_gradients(model, pretrained, *padded_batch())
+        assert any("experts" in name for name in expected) and ours.keys() == expected.keys()
         for name, grad in ours.items():
             assert_close(grad, expected[name], relative=1e-4)
 
