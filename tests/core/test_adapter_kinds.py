@@ -33,6 +33,7 @@ from peft import (
     get_peft_model,
 )
 from peft.tuners.lora import config as lora_config
+from peft.tuners.lora.layer import ParamWrapper
 
 import tuco_peft
 from tuco_peft.core.pretrained_path import ReplayBlock, SharedProjectionBlock, SharedReadBlock
@@ -182,7 +183,7 @@ def test_lora_on_parameters_back_propagates_after_later_calls_in_the_same_graph(
     computed after TuCo, or a second TuCo, ran the layers again. The gradients are those of each term alone,
     the wrapped weights' own too where they are trained."""
     _, model = tuner_pair("lora-on-parameters")
-    wrapped = [m.get_base_layer().weight for m in model.modules() if type(m).__name__ == "ParamWrapper"]
+    wrapped = [m.get_base_layer().weight for m in model.modules() if isinstance(m, ParamWrapper)]
     for weight in wrapped:
         weight.requires_grad_(trainable_base)
     ids, mask = padded_batch()
