@@ -19,8 +19,11 @@ def decoder_blocks(model):
     return stack.h if hasattr(stack, "h") else stack.layers
 
 
-def two_pass(ft_model, pt_blocks, input_ids, attention_mask, pt_context=nullcontext):
-    """Per-layer PTC/FTC at every position, [batch, n_layers, seq, d] float32, plus x0 and xL [batch, seq, d]."""
+def two_pass(ft_model, pt_blocks, input_ids, attention_mask, pt_context=nullcontext, pt_reads_ft_keys_values=False):
+    """Per-layer PTC/FTC at every position, [batch, n_layers, seq, d] float32, plus x0 and xL [batch, seq, d].
+
+    Where blocks reuse earlier blocks' keys/values (Gemma 4), the pre-trained blocks store and read their own;
+    ``pt_reads_ft_keys_values``: they read the fine-tuned blocks' instead (a wrong choice, for contrast)."""
     records = []
 
     def before(module, args, kwargs):
@@ -40,11 +43,17 @@ def two_pass(ft_model, pt_blocks, input_ids, attention_mask, pt_context=nullcont
             h.remove()
 
     ptc, ftc = [], []
+    pretrained_keys_values: dict = {}
     with pt_context():
         for block, record in zip(pt_blocks, records):
             x = record["args"][0] if record["args"] else record["kwargs"]["hidden_states"]
             args = (x, *record["args"][1:]) if record["args"] else ()
-            out_pt = block(*args, **record["kwargs"])
+            kwargs = record["kwargs"]
+            if "shared_kv_states" in kwargs:
+                finetuned_store = dict(kwargs["shared_kv_states"])
+                store = finetuned_store if pt_reads_ft_keys_values else pretrained_keys_values
+                kwargs = {**kwargs, "shared_kv_states": store}
+            out_pt = block(*args, **kwargs)
             out_pt = out_pt[0] if isinstance(out_pt, tuple) else out_pt
             ptc_l = out_pt.float() - x.float()
             ptc.append(ptc_l)

@@ -15,10 +15,13 @@ from helpers.oracle import decoder_blocks
 def _run_steered(ft_model, pt_model, input_ids, attention_mask, alphas, on_block=None):
     """Logits of the steered model; ``on_block(l, x_l, f_PT output, f_FT output)`` sees every block."""
     pt_blocks = decoder_blocks(pt_model)
+    pretrained_keys_values: dict = {}  # what pre-trained blocks store for later ones to reuse (Gemma 4)
 
     def make_hook(index):
         def mix(module, args, kwargs, output):
             ft_out = output[0] if isinstance(output, tuple) else output
+            if "shared_kv_states" in kwargs:
+                kwargs = {**kwargs, "shared_kv_states": pretrained_keys_values}
             pt_out = pt_blocks[index](*args, **kwargs)
             pt_out = pt_out[0] if isinstance(pt_out, tuple) else pt_out
             if on_block is not None:

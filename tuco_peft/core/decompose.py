@@ -19,6 +19,7 @@ from ..model.block_args import hidden_states
 from ..model.inputs import Batch, Positions, prepare_batch
 from ..model.interception import hooked
 from ..model.parts import ModelParts, model_parts
+from ..model.shared_keys_values import PretrainedStore
 from .accumulators import AllComponents, Components, RunningSums
 from .contributions import Decomposition, DecompositionSums
 from .paired import PairedBlock, StackedArguments, paired_block
@@ -36,6 +37,7 @@ class _BlockProbe:
         source: PretrainedBlocks,
         components: Components,
         lora_backend: LoraLinearBackend,
+        store: PretrainedStore,
     ):
         self.index = index
         self.components = components
@@ -44,6 +46,7 @@ class _BlockProbe:
         self.layer = layer
         self.path = path
         self.source = source
+        self.store = store
         self._input: tuple[torch.Tensor, tuple, dict[str, Any]] | None = None
 
     @contextmanager
@@ -71,7 +74,7 @@ class _BlockProbe:
         out_rows = self.components.rows_of(out, batch)
         block = self.source.block(self.index) if self.path.needs_pretrained_block else nullcontext(self.layer)
         with block as pretrained:
-            ptc = self.path.pretrained_update(pretrained, x, args, kwargs, batch)
+            ptc = self.path.pretrained_update(pretrained, x, args, self.store.call_arguments(kwargs), batch)
         home = self.batch.input_ids.device
         if out.device != home:
             x_rows, out_rows, ptc = x_rows.to(home), out_rows.to(home), ptc.to(home)
@@ -140,12 +143,14 @@ def _probe(
     lora_backend: LoraLinearBackend,
     replay: bool,
     arguments: StackedArguments,
+    store: PretrainedStore,
 ) -> Probe:
     """The cheapest exact probe: paired where every row is wanted on a backend that ``pairs_prefill``, else the
     block's pre-trained path (rows only, inside the fine-tuned forward's calls on a small batch, or a replay).
     A batch of mixed adapters calls its LoRA layers only as the model does (with each row's adapter), not
-    stacked or with rows appended."""
+    stacked or with rows appended; blocks that share keys/values replay (``model.shared_keys_values``)."""
     batch = components.batch
+    replay = replay or parts.shares_keys_values
     mixed_adapters = batch.adapter_names is not None
     every_row = batch.rows.shape[1] == batch.input_ids.shape[1]
     # A paired block reports its outputs inside its forward, before the block's forward hooks run: a hook that
@@ -165,7 +170,7 @@ def _probe(
             layer, parts.config, separate_model=source.separate_model, replay_only=replay, shared_reads=shared_reads
         ),
     )
-    return _BlockProbe(index, layer, path, source, components, lora_backend)
+    return _BlockProbe(index, layer, path, source, components, lora_backend, store)
 
 
 def _op_bound(batch: Batch, parts: ModelParts) -> bool:
@@ -267,9 +272,9 @@ def decompose(
         batch = replace(batch, adapter_names=_checked_adapter_names(adapter_names, batch, parts, source))
     lora_backend = make_backend(resolve_backend(backend, batch.input_ids.device))
     components = (AllComponents if keep == "all" else RunningSums)(len(parts.layers), batch)
-    arguments = StackedArguments()
+    arguments, store = StackedArguments(), PretrainedStore(required=parts.shares_keys_values)
     probes = [
-        _probe(i, layer, parts, source, components, lora_backend, replay, arguments)
+        _probe(i, layer, parts, source, components, lora_backend, replay, arguments, store)
         for i, layer in enumerate(parts.layers)
     ]
     if _op_bound(batch, parts) and all(isinstance(probe, _PairedProbe) for probe in probes):

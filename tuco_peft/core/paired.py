@@ -202,13 +202,14 @@ def paired_block(
 
     Every backend reads each base weight once for both halves of a paired block (where nothing hooks the base
     layer, whose observers must see each half on its own). Pairing applies only to an
-    adapter fine-tune (a ``separate_model`` has pre-trained blocks of its own) whose block
+    adapter fine-tune (a ``separate_model`` has pre-trained blocks of its own) whose blocks share no keys/values
+    (``model.shared_keys_values``) and whose block
     ``PairedBlock.supports`` (known family, batch-wise attention, no accelerate-offloaded forwards). A
     ``prefill`` (decompose at every position) pairs only on a backend that ``pairs_prefill``: stacking
     doubles the block's activations, which a compute-bound matmul does not repay. What the block supports is
     kept with the model's survey (``ModelParts.derived``), so a call costs no walk of the block.
     """
-    if separate_model or (prefill and not backend.pairs_prefill):
+    if separate_model or parts.shares_keys_values or (prefill and not backend.pairs_prefill):
         return None
     layer = parts.layers[index]
     return parts.derived(

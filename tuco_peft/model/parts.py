@@ -11,6 +11,7 @@ from it (``ModelParts.derived``).
 from __future__ import annotations
 
 import copy
+import inspect
 import weakref
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -26,8 +27,11 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from ..errors import UnsupportedModelError
 from .interception import forward_replaced, submodules
 from .inventory import ModuleInventory, take_inventory
+from .shared_keys_values import passes_store
 
 _LAYER_LIST_NAMES = ("layers", "h", "blocks")
+# The block argument under which Kolibri 1.1 hands later blocks the key pool an indexer block selected.
+_CARRIED_KEY_POOL = "index_pool"
 T = TypeVar("T")
 
 
@@ -44,6 +48,9 @@ class ModelParts:
     layers: nn.ModuleList
     config: PretrainedConfig
     modules: ModuleInventory  # what the checks and switches of an analysis need, from one walk
+    # Blocks reuse earlier blocks' keys/values (``model.shared_keys_values``): every pre-trained block then runs in
+    # full, with a store of its own.
+    shares_keys_values: bool
     _derived: dict[Hashable, Any]
 
     def derived(self, key: Hashable, make: Callable[[], T]) -> T:
@@ -90,6 +97,11 @@ def _blocks_sharing_keys_values(config: PretrainedConfig) -> int:
     return max(int(getattr(text_config, "num_kv_shared_layers", None) or 0), list(modes).count("reuse"))
 
 
+def _residual_streams(config: PretrainedConfig) -> int:
+    """How many residual streams the blocks carry side by side: Gemma 3n's AltUp keeps several."""
+    return int(getattr(config.get_text_config(decoder=True), "altup_num_inputs", None) or 1)
+
+
 def _find_layers(decoder: nn.Module, config: PretrainedConfig) -> nn.ModuleList | None:
     for name in _LAYER_LIST_NAMES:
         candidate = getattr(decoder, name, None)
@@ -134,7 +146,15 @@ def model_parts(model: nn.Module) -> ModelParts:
     survey = _SURVEYS.get(causal_lm)
     if survey is None or not survey.holds_for(causal_lm):
         survey = _SURVEYS[causal_lm] = _Survey.of(causal_lm)
-    return ModelParts(causal_lm, survey.decoder, survey.layers, survey.config, survey.inventory, survey.derived)
+    return ModelParts(
+        causal_lm,
+        survey.decoder,
+        survey.layers,
+        survey.config,
+        survey.inventory,
+        survey.shares_keys_values,
+        survey.derived,
+    )
 
 
 def _active_adapters(inventory: ModuleInventory) -> list[tuple[str, ...]]:
@@ -153,6 +173,7 @@ class _Survey:
     layers: nn.ModuleList
     config: PretrainedConfig
     inventory: ModuleInventory
+    shares_keys_values: bool
     structure: list[nn.Module]
     root_children: dict[str, nn.Module | None]  # the LM's own submodules by name
     children: list[dict[str, nn.Module | None]]  # those of each module of ``structure``, as surveyed
@@ -170,14 +191,12 @@ class _Survey:
                 f"{type(causal_lm).__name__} is not a decoder-only causal LM; TuCo decomposes the residual "
                 "stream of a causal decoder (load the model with AutoModelForCausalLM)."
             )
-        shared = _blocks_sharing_keys_values(config)
-        if shared:
+        streams = _residual_streams(config)
+        if streams > 1:
             raise UnsupportedModelError(
-                f"{type(causal_lm).__name__} has blocks that reuse the keys/values of earlier blocks ({shared}: "
-                "num_kv_shared_layers, kv_sharing_modes): each pre-trained block would need the pre-trained "
-                "keys/values of the block it reuses, while the model keeps one store that the fine-tuned blocks "
-                "read too, so the numbers would be wrong. Models that share keys/values between blocks are not "
-                "supported."
+                f"{type(causal_lm).__name__} carries {streams} residual streams through its blocks (AltUp, as Gemma "
+                "3n), while TuCo splits one residual stream into the blocks' updates; models with several streams "
+                "are not supported."
             )
         decoder = getattr(causal_lm, causal_lm.base_model_prefix, None)
         layers = _find_layers(decoder, config) if isinstance(decoder, nn.Module) else None
@@ -186,6 +205,21 @@ class _Survey:
                 f"could not find the decoder blocks of {type(causal_lm).__name__} "
                 f"(looked for {', '.join(_LAYER_LIST_NAMES)} under .{causal_lm.base_model_prefix})."
             )
+        if _CARRIED_KEY_POOL in inspect.signature(type(layers[0]).forward).parameters:
+            raise UnsupportedModelError(
+                f"{type(causal_lm).__name__}'s blocks hand later blocks the pool of keys their indexer selected "
+                f"({_CARRIED_KEY_POOL}, Kolibri 1.1), chosen from the fine-tuned queries and keys: the pre-trained blocks "
+                "would need a pool of their own, so the numbers would be wrong once a prompt is longer than the "
+                "pool. Models whose blocks carry a key pool are not supported."
+            )
+        shares_keys_values = _blocks_sharing_keys_values(config) > 0
+        if shares_keys_values and not passes_store(layers[0]):
+            raise UnsupportedModelError(
+                f"{type(causal_lm).__name__} has blocks that reuse the keys/values of earlier blocks, but its blocks "
+                "are not handed them as an argument (shared_kv_states), where the pre-trained blocks could be given "
+                "keys/values of their own (transformers 5.5 kept them on the cache), so the numbers would be wrong. "
+                "Upgrade transformers: from 5.6 on, the decoder hands them to each block, which tuco-peft follows."
+            )
         inventory = take_inventory(causal_lm, layers)
         structure = submodules(causal_lm)
         return cls(
@@ -193,6 +227,7 @@ class _Survey:
             layers=layers,
             config=config,
             inventory=inventory,
+            shares_keys_values=shares_keys_values,
             structure=structure,
             root_children=dict(causal_lm._modules),
             children=[dict(children) for children in map(_children, structure)],

@@ -11,7 +11,10 @@ the model's cache object itself, in extra layer slots ``n_layers + l``: whatever
 cache during ``generate`` (reset for a new generation, beam reorder, batch expansion, cropping) applies to
 those slots too, so beam search and sampling need no special handling. A hybrid decoder's convolution and
 recurrent states are kept the same way: every cache call of the pre-trained block that names a layer goes to
-its slot (``SlotView``). Where a block allows it (see
+its slot (``SlotView``). Blocks that reuse earlier blocks' keys/values (Gemma 4) cache nothing; their
+pre-trained selves read what the pre-trained storing blocks computed on the steered stream, from a store of their
+own (``model.shared_keys_values``), so that once any block is steered, every block runs its pre-trained path.
+Where a block allows it (see
 ``steering.lean_cache``), the fine-tuned slot then shrinks to the rank-r LoRA inputs, since both blocks see the same
 state and their keys/values differ only by the low-rank delta (under a k-norm, before it: the pre-trained
 slot then stores pre-norm keys); static slots keep full keys/values in both (2× plain memory). Every block
@@ -52,6 +55,7 @@ from ..lora.backend import Backend, LoraLinearBackend, make_backend, resolve_bac
 from ..model.block_args import find_cache, hidden_states, replace_output, with_cache
 from ..model.interception import SlotView, hooked
 from ..model.parts import ModelParts, model_parts
+from ..model.shared_keys_values import PretrainedStore
 from .lean_cache import LowRankDelta, PastRotary, use_lean_slots
 
 Alpha = float | Sequence[float] | torch.Tensor
@@ -102,10 +106,11 @@ class _PretrainedSlots:
     pre-trained self keeps its own in its slot (``SlotView``).
     """
 
-    def __init__(self, n_layers: int, steered: list[int], deltas: dict[int, LowRankDelta]):
+    def __init__(self, n_layers: int, steered: list[int], deltas: dict[int, LowRankDelta], shares_keys_values: bool):
         self.n_layers = n_layers
         self.steered = steered
         self.deltas = deltas
+        self.shares_keys_values = shares_keys_values
 
     def prepare(self, cache: Any) -> None:
         """Give a fresh cache its pre-trained slots (and lean fine-tuned twins where ``deltas`` allow); refuse a
@@ -127,6 +132,10 @@ class _PretrainedSlots:
         n_layers, layers = self.n_layers, cache.layers
         fixed_layout = cache.layer_class_to_replicate is None
         if cache.get_seq_length() == 0:
+            if fixed_layout and self.shares_keys_values and len(layers) < n_layers:
+                # Before transformers 5.24, a cache has no layer for the last blocks, which reuse earlier blocks'
+                # keys/values and cache nothing: an empty one each, so that slot n_layers + l is block l's.
+                layers.extend(DynamicLayer() for _ in range(n_layers - len(layers)))
             if fixed_layout and len(layers) == n_layers:
                 layers.extend([copy.deepcopy(layer) for layer in layers])
             elif cache.layer_class_to_replicate is DynamicLayer and not layers:
@@ -199,8 +208,8 @@ class _PretrainedSlots:
 
 def _duplicable(layer: Any) -> bool:
     """A cache layer the pre-trained slots can copy and check: keys/values; convolution or recurrent states that
-    count their tokens; the placeholder of a block without attention or recurrence (models whose placeholders
-    stand for keys/values shared between blocks are refused by ``model_parts``)."""
+    count their tokens; the placeholder of a block without attention or recurrence, or of one that reuses another
+    block's keys/values (``model.shared_keys_values``)."""
     if _is_recurrent(layer):
         return _FOLLOWS_RECURRENT_LAYERS
     return _is_empty(layer) or isinstance(layer, CacheLayerMixin)
@@ -239,6 +248,7 @@ class _SteeredBlock:
         paired: PairedBlock | None,
         backend: LoraLinearBackend,
         arguments: StackedArguments,
+        store: PretrainedStore,
     ):
         self.index = index
         self.layer = layer
@@ -248,6 +258,7 @@ class _SteeredBlock:
         self.paired = paired
         self.backend = backend
         self.arguments = arguments
+        self.store = store
         self.pretrained_slot = n_layers + index
 
     @contextmanager
@@ -276,7 +287,7 @@ class _SteeredBlock:
             args, kwargs = with_cache(args, kwargs, site, SlotView(cache, self.pretrained_slot))
         # ``forward``, not the module call: for an adapter fine-tune the block is the hooked block itself.
         with self.source.block(self.index) as block:
-            pretrained = block_output(block.forward(*args, **kwargs))
+            pretrained = block_output(block.forward(*args, **self.store.call_arguments(kwargs)))
         return replace_output(output, self.mix(x, pretrained, block_output(output)))
 
 
@@ -316,13 +327,17 @@ def steered_forward(
             "outer block first, or pass per-layer α values to a single ftc_scale."
         )
     steered = [i for i, a in enumerate(alphas) if a != 1.0 or observer is not None]
+    if steered and parts.shares_keys_values:
+        # A steered block that reuses keys/values needs those of the pre-trained block that stores them, computed
+        # on its way: every pre-trained block runs (at α = 1 its output is the fine-tuned one, unchanged).
+        steered = list(range(parts.n_layers))
     with ExitStack() as stack:
         stack.enter_context(analysis_states(parts, source))
         _steered_models.add(parts.causal_lm)
         stack.callback(_steered_models.discard, parts.causal_lm)
         if steered:
             deltas = {} if source.separate_model else _lean_deltas(parts, steered, stack)
-            slots = _PretrainedSlots(parts.n_layers, steered, deltas)
+            slots = _PretrainedSlots(parts.n_layers, steered, deltas, parts.shares_keys_values)
 
             def prepare(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
                 found = find_cache(args, kwargs)
@@ -336,12 +351,12 @@ def steered_forward(
 
             stack.enter_context(hooked(parts.layers[0], before=prepare, with_kwargs=True))
             stack.enter_context(hooked(parts.decoder, after=check))
-        arguments = StackedArguments()
+        arguments, store = StackedArguments(), PretrainedStore(required=parts.shares_keys_values)
         for index in steered:
             layer = parts.layers[index]
             paired = paired_block(parts, index, lora_backend, source.separate_model)
             block = _SteeredBlock(
-                index, layer, source, alphas[index], parts.n_layers, observer, paired, lora_backend, arguments
+                index, layer, source, alphas[index], parts.n_layers, observer, paired, lora_backend, arguments, store
             )
             stack.enter_context(block.attached())
         yield parts
