@@ -16,6 +16,7 @@ def decoder_blocks(model):
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     stack = getattr(inner, inner.base_model_prefix)  # .model, .transformer, .gpt_neox, ...
     stack = getattr(stack, "decoder", stack)  # OPT keeps its blocks one level down
+    stack = getattr(stack, "language_model", stack)  # a multimodal model's text decoder (Gemma 3, Gemma 4)
     return stack.h if hasattr(stack, "h") else stack.layers
 
 

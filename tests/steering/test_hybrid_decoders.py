@@ -14,8 +14,8 @@ import warnings
 
 import pytest
 import torch
+from helpers.assertions import assert_decomposition_matches_the_oracle
 from helpers.models import VOCAB, padded_batch
-from helpers.oracle import decoder_blocks, tuco_at_last, two_pass
 from helpers.steering import greedy_generate, model_snapshot
 from helpers.steering_reference import assert_greedy_choices, steered_logits, step_logits
 from peft import LoraConfig, get_peft_model
@@ -89,16 +89,7 @@ def prompts(kind: str):
 @pytest.mark.parametrize("model_type", HYBRIDS)
 def test_decompose_matches_the_oracle(model_type):
     pretrained, model = hybrid_pair(model_type)
-    ids, mask = padded_batch()
-    with torch.no_grad():
-        ptc, ftc, _, _ = two_pass(model, decoder_blocks(pretrained), ids, mask)
-        decomposition = tuco_peft.decompose(model, ids, mask, positions="all")
-        tuco = tuco_peft.tuco(model, ids, mask)
-    real = mask.bool()[:, None, :, None]
-    torch.testing.assert_close(decomposition.ptc, ptc * real, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(decomposition.ftc, ftc * real, atol=1e-5, rtol=1e-5)
-    assert (ftc * real).abs().max() > 1e-3
-    torch.testing.assert_close(tuco, tuco_at_last(ptc, ftc, mask), atol=1e-5, rtol=1e-5)
+    assert_decomposition_matches_the_oracle(model, pretrained, *padded_batch())
 
 
 @pytest.mark.parametrize("model_type", HYBRIDS)

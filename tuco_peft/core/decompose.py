@@ -195,6 +195,26 @@ def _check_vocabulary(batch: Batch, parts: ModelParts) -> None:
         )
 
 
+# The token ids a multimodal model's config reserves for the media it puts in their place.
+_MEDIA_PLACEHOLDERS = ("image_token_id", "video_token_id", "audio_token_id")
+
+
+def _check_text_only(batch: Batch, parts: ModelParts) -> None:
+    """No media placeholders in the prompts of a multimodal model: ``decompose`` runs its text decoder alone, where
+    the model's own forward would put media in their place (Gemma 4 puts padding there when none is given)."""
+    config = parts.causal_lm.config
+    if parts.config is config:
+        return
+    reserved = [value for name in _MEDIA_PLACEHOLDERS if isinstance(value := getattr(config, name, None), int)]
+    found = batch.input_ids[torch.isin(batch.input_ids, batch.input_ids.new_tensor(reserved))]
+    if found.numel():
+        raise InputError(
+            f"input_ids holds the media placeholder token {int(found[0])}: tuco-peft decomposes the text decoder of "
+            f"{type(parts.causal_lm).__name__}, on text prompts. Leave images, video and audio out of the prompt "
+            "(a chat template without them)."
+        )
+
+
 def _checked_adapter_names(
     adapter_names: Sequence[str], batch: Batch, parts: ModelParts, source: PretrainedBlocks
 ) -> tuple[str, ...]:
@@ -268,6 +288,7 @@ def decompose(
     source = checked_pretrained_blocks(parts, base_model)
     batch = prepare_batch(input_ids, attention_mask, positions, parts.input_device)
     _check_vocabulary(batch, parts)
+    _check_text_only(batch, parts)
     if adapter_names is not None:
         batch = replace(batch, adapter_names=_checked_adapter_names(adapter_names, batch, parts, source))
     lora_backend = make_backend(resolve_backend(backend, batch.input_ids.device))

@@ -79,25 +79,36 @@ class StreamedBlocks:
                 parts, *_checkpoint_architecture(config_file), str(checkpoint), compare_type=parts.config.model_type
             )
 
-    def _block_tensors(self, index: int) -> dict[str, torch.Tensor]:
+    def _block_tensors(self, index: int, names: set[str]) -> dict[str, torch.Tensor]:
         """Read one block's tensors; each file is mapped only while it is read, so no page stays resident."""
-        full_prefix = self.prefixes[index]
-        legacy_prefix = full_prefix.removeprefix(self.parts.causal_lm.base_model_prefix + ".")  # e.g. GPT-2's "h.0."
-        for prefix in (full_prefix, legacy_prefix):
-            keys = [key for key in self.file_of_key if key.startswith(prefix)]
-            if keys:
-                break
-        else:
-            raise UnsupportedModelError(
-                f"the base checkpoint has no tensors for block {index} (looked for '{full_prefix}*'); "
-                "is it a checkpoint of the same architecture?"
-            )
+        prefix = self._checkpoint_prefix(index, names)
+        keys = [key for key in self.file_of_key if key.startswith(prefix)]
         tensors: dict[str, torch.Tensor] = {}
         for file in {self.file_of_key[key] for key in keys}:
             with safe_open(file, framework="pt", device="cpu") as handle:
                 in_file = [key for key in keys if self.file_of_key[key] == file]
                 tensors.update((key[len(prefix) :], handle.get_tensor(key)) for key in in_file)
         return tensors
+
+    def _checkpoint_prefix(self, index: int, names: set[str]) -> str:
+        """Where block ``index``'s tensors are in the checkpoint: under the block's name in the model, or that name
+        without the base model's prefix (GPT-2's "h.0."), or else under the one prefix that ends as the block's
+        name does and holds exactly the block's tensors ``names`` (a multimodal checkpoint in the layout it is
+        saved in: "language_model.model.layers.0." for the model's "model.language_model.layers.0.")."""
+        full = self.prefixes[index]
+        legacy = full.removeprefix(self.parts.causal_lm.base_model_prefix + ".")
+        for prefix in (full, legacy):
+            if any(key.startswith(prefix) for key in self.file_of_key):
+                return prefix
+        tail = "." + ".".join(full.split(".")[-3:])  # ".layers.0."
+        candidates = {key[: at + len(tail) - 1] for key in self.file_of_key if (at := ("." + key).find(tail)) >= 0}
+        fitting = [p for p in candidates if {k[len(p) :] for k in self.file_of_key if k.startswith(p)} == names]
+        if len(fitting) != 1:
+            raise UnsupportedModelError(
+                f"the base checkpoint has no tensors for block {index} (looked for '{full}*', and for one prefix "
+                f"ending in '{tail[1:]}' with this block's tensors); is it a checkpoint of the same architecture?"
+            )
+        return fitting[0]
 
     @contextmanager
     def block(self, index: int) -> Iterator[nn.Module]:
@@ -106,7 +117,7 @@ class StreamedBlocks:
         with torch.device("meta"):
             block = type(twin)(self.parts.config, layer_idx=index)
         expected = {k: tuple(v.shape) for k, v in block.state_dict().items()}
-        tensors = self._block_tensors(index)
+        tensors = self._block_tensors(index, set(expected))
         found = {k: tuple(v.shape) for k, v in tensors.items()}
         if found != expected:
             mismatch = sorted(set(found.items()) ^ set(expected.items()))[:3]
@@ -144,14 +155,15 @@ def _block_prefix(parts: ModelParts, index: int) -> str:
 
 
 def _checkpoint_architecture(config_file: Path) -> tuple[str, int | None, int | None]:
-    """(model_type, blocks, width) of a checkpoint's config.json, read through its family's transformers config
-    class, which knows the family's own field names (GPT-2's ``n_layer``, ``n_embd``)."""
+    """(model_type, blocks, width) of a checkpoint's text decoder (a multimodal model's text config), from its
+    config.json read through its family's transformers config class, which knows the family's own field names
+    (GPT-2's ``n_layer``, ``n_embd``)."""
     fields = json.loads(config_file.read_text())
     kind = fields.get("model_type", "?")
     if kind not in CONFIG_MAPPING:
         return kind, None, None
-    config = CONFIG_MAPPING[kind].from_dict(fields)
-    return kind, config.num_hidden_layers, config.hidden_size
+    config = CONFIG_MAPPING[kind].from_dict(fields).get_text_config(decoder=True)
+    return config.model_type, config.num_hidden_layers, config.hidden_size
 
 
 def _check_same_architecture(

@@ -40,13 +40,13 @@ class ModelParts:
     """A causal LM split into the pieces TuCo talks about.
 
     ``decoder`` runs the embeddings, the blocks and the final norm (never the LM head: TuCo needs no
-    logits); ``layers`` are the decoder blocks in order, each one TuCo "layer".
+    logits; a multimodal model's text decoder); ``layers`` are the decoder blocks in order, each one TuCo "layer".
     """
 
     causal_lm: PreTrainedModel
     decoder: nn.Module
     layers: nn.ModuleList
-    config: PretrainedConfig
+    config: PretrainedConfig  # the decoder's: a multimodal model's text config
     modules: ModuleInventory  # what the checks and switches of an analysis need, from one walk
     # Blocks reuse earlier blocks' keys/values (``model.shared_keys_values``): every pre-trained block then runs in
     # full, with a store of its own.
@@ -150,7 +150,7 @@ def model_parts(model: nn.Module) -> ModelParts:
         causal_lm,
         survey.decoder,
         survey.layers,
-        survey.config,
+        survey.text_config,
         survey.inventory,
         survey.shares_keys_values,
         survey.derived,
@@ -172,6 +172,7 @@ class _Survey:
     decoder: nn.Module
     layers: nn.ModuleList
     config: PretrainedConfig
+    text_config: PretrainedConfig  # the decoder's (``config`` itself, but for a multimodal model)
     inventory: ModuleInventory
     shares_keys_values: bool
     structure: list[nn.Module]
@@ -198,8 +199,12 @@ class _Survey:
                 "3n), while TuCo splits one residual stream into the blocks' updates; models with several streams "
                 "are not supported."
             )
+        # A multimodal model (Gemma 3 and 4 as AutoModelForCausalLM loads them): its text decoder, which text
+        # prompts go through alone.
         decoder = getattr(causal_lm, causal_lm.base_model_prefix, None)
-        layers = _find_layers(decoder, config) if isinstance(decoder, nn.Module) else None
+        decoder = getattr(decoder, "language_model", decoder)
+        text_config = config.get_text_config(decoder=True)
+        layers = _find_layers(decoder, text_config) if isinstance(decoder, nn.Module) else None
         if not isinstance(decoder, nn.Module) or layers is None:
             raise UnsupportedModelError(
                 f"could not find the decoder blocks of {type(causal_lm).__name__} "
@@ -226,6 +231,7 @@ class _Survey:
             decoder=decoder,
             layers=layers,
             config=config,
+            text_config=text_config,
             inventory=inventory,
             shares_keys_values=shares_keys_values,
             structure=structure,
