@@ -66,12 +66,14 @@ def test_a_cache_view_redirects_updates_and_passes_the_rest_through():
 
 
 def test_a_slot_view_sends_every_call_that_names_a_layer_to_its_slot():
-    """Positional or keyword, keys/values or recurrent states: a named layer becomes the slot; a call that names
-    none (a default layer, ``None`` for "the last recurrent layer") and attributes pass through."""
+    """Positional or keyword, keys/values or recurrent states: a named layer becomes the slot, and so does a layer
+    taken from ``layers`` by index (hybrid blocks before transformers 5.25 read them there); a call that names
+    none (a default layer, ``None`` for "the last recurrent layer"), other attributes, and the list's length,
+    iteration and slices pass through."""
 
     class Cache:
         def __init__(self):
-            self.layers = ["a", "b"]
+            self.layers = list("abcdefghij")
             self.calls = []
 
         def update(self, key, value, layer_idx, *args, **kwargs):
@@ -96,4 +98,5 @@ def test_a_slot_view_sends_every_call_that_names_a_layer_to_its_slot():
     assert cache.calls == [("update", 9, ("extra",), {"kwargs": {}}), ("recurrent", 9, 1), ("recurrent", 9, 0)]
     assert view.get_seq_length(3) == 9 and view.get_seq_length() == 0
     assert view.has_previous_state(None) is None and view.has_previous_state(layer_idx=1) == 9
-    assert view.layers == ["a", "b"]
+    assert view.layers[3] == view.layers[0] == "j"
+    assert len(view.layers) == 10 and list(view.layers) == cache.layers and view.layers[:2] == ["a", "b"]

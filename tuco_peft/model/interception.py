@@ -136,15 +136,19 @@ class SlotView:
 
     Every call that names a layer by ``layer_idx`` (``update``; a hybrid decoder's ``get_conv_state``,
     ``update_recurrent_state``, ``increase_count``, ``is_recording_past``, …) addresses ``slot`` instead,
-    whatever index the block passes. Calls that name none (lengths and masks at their default layer,
-    reordering) pass through, and so does a block that reads ``cache.layers`` itself: transformers 5.25's
-    hybrid blocks reach their cache through the methods alone.
+    whatever index the block passes, and so does a layer read from ``cache.layers`` by index (hybrid blocks
+    before transformers 5.25 read their convolution and recurrent states there). Calls that name none
+    (lengths and masks at their default layer, reordering) pass through.
     """
 
     def __init__(self, cache: Any, slot: int):
         self._cache = cache
         self._cache_class: type = type(cache)
         self._slot = slot
+
+    @property
+    def layers(self) -> _SlotLayers:
+        return _SlotLayers(self._cache.layers, self._slot)
 
     def __getattr__(self, name: str) -> Any:
         value = getattr(self._cache, name)
@@ -163,6 +167,24 @@ class SlotView:
 
         self.__dict__[name] = at_slot  # found without ``__getattr__`` from now on
         return at_slot
+
+
+class _SlotLayers(Sequence[Any]):
+    """A cache's list of layers as a block whose state lives in ``slot`` sees it: whichever layer it takes by
+    index is the slot's; its length and a slice are the list's own."""
+
+    def __init__(self, layers: list[Any], slot: int):
+        self._layers = layers
+        self._slot = slot
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._layers[self._slot] if isinstance(index, int) else self._layers[index]
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._layers)
 
 
 @functools.cache

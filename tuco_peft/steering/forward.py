@@ -45,7 +45,7 @@ import torch
 import transformers
 from torch import nn
 from transformers import cache_utils
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
 
 from ..core.paired import PairedBlock, StackedArguments, paired_block
 from ..core.pretrained_path import block_output
@@ -64,13 +64,13 @@ Alpha = float | Sequence[float] | torch.Tensor
 BlockObserver = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 # A hybrid decoder's cache layer of convolution and recurrent states, and the placeholder of a block that caches
-# nothing, where this transformers has them. Steering follows recurrent layers only where they count their tokens
-# (transformers 5.25; 5.5 to 5.24 do not): without a count, a slot's progress cannot be checked, and the decoders
-# of those releases ask the last recurrent layer (a pre-trained slot) whether the cache holds a past, or read
-# their layers directly.
+# nothing, where this transformers has them. Recurrent layers count their tokens from transformers 5.25 on. Before,
+# a slot's progress is whether it holds a state, and the decoders ask the last recurrent layer of the cache (a
+# pre-trained slot) whether a past is cached: every recurrent block then runs its pre-trained path, so that each
+# pre-trained slot holds a state where its fine-tuned twin does.
 _RECURRENT_LAYER: Any = getattr(cache_utils, "LinearAttentionCacheLayerMixin", None)
 _EMPTY_LAYER: Any = getattr(cache_utils, "DummyLayer", None)
-_FOLLOWS_RECURRENT_LAYERS = hasattr(_RECURRENT_LAYER, "get_seq_length") and _EMPTY_LAYER is not None
+_RECURRENT_LAYERS_COUNT = hasattr(_RECURRENT_LAYER, "get_seq_length") and _EMPTY_LAYER is not None
 
 _steered_models: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
@@ -125,9 +125,8 @@ class _PretrainedSlots:
         if unknown is not None:
             raise UnsupportedModelError(
                 "FTC_α steering keeps the pre-trained blocks' cache in extra layers of the model's cache, but this "
-                f"cache holds a layer it cannot duplicate ({type(unknown).__name__}: recurrent states that "
-                f"transformers {transformers.__version__} does not count (5.25 does), or a kind it does not know). "
-                "Generate with use_cache=False (exact; each step recomputes the prefix)."
+                f"cache holds a layer of a kind it does not know ({type(unknown).__name__}). Generate with "
+                "use_cache=False (exact; each step recomputes the prefix)."
             )
         n_layers, layers = self.n_layers, cache.layers
         fixed_layout = cache.layer_class_to_replicate is None
@@ -170,7 +169,8 @@ class _PretrainedSlots:
         raise UnsupportedModelError(
             f"FTC_α steering lost track of the cache under transformers {transformers.__version__}: the steered "
             f"blocks' pre-trained states did not reach their own cache slots ({slots} cache layers for "
-            f"{self.n_layers} blocks; cached tokens per steered block, fine-tuned and pre-trained: "
+            f"{self.n_layers} blocks; cached tokens per steered block, fine-tuned and pre-trained, or 1 where a "
+            f"recurrent layer that counts none holds a state: "
             f"{[(int(ft), int(pt)) for ft, pt in lengths]}). The output was discarded. Generate with use_cache=False "
             "meanwhile, and report this with your transformers version."
         )
@@ -202,17 +202,26 @@ class _PretrainedSlots:
         return [i for i in self.steered if not (i < len(layers) and _is_empty(layers[i]))]
 
     def _cached_tokens(self, cache: Cache, blocks: list[int]) -> list[tuple[Any, Any]]:
-        """(fine-tuned, pre-trained) tokens cached by each of ``blocks``."""
-        return [(cache.get_seq_length(i), cache.get_seq_length(self.n_layers + i)) for i in blocks]
+        """(fine-tuned, pre-trained) tokens cached by each of ``blocks`` (before transformers 5.25, whether a
+        recurrent layer holds a state)."""
+        return [(_progress(cache, i), _progress(cache, self.n_layers + i)) for i in blocks]
+
+
+def _progress(cache: Cache, index: int) -> Any:
+    """Tokens cached in layer ``index``, or, for a recurrent layer that counts none, 1 where it holds a state
+    (transformers 5.5 says so with one flag, later releases with one per state)."""
+    layer: Any = cache.layers[index] if index < len(cache.layers) else None
+    if _is_recurrent(layer) and not isinstance(layer, CacheLayerMixin) and not _RECURRENT_LAYERS_COUNT:
+        state = layer.has_previous_state
+        return int(all(state.values()) if isinstance(state, dict) else state)
+    return cache.get_seq_length(index)
 
 
 def _duplicable(layer: Any) -> bool:
-    """A cache layer the pre-trained slots can copy and check: keys/values; convolution or recurrent states that
-    count their tokens; the placeholder of a block without attention or recurrence, or of one that reuses another
-    block's keys/values (``model.shared_keys_values``)."""
-    if _is_recurrent(layer):
-        return _FOLLOWS_RECURRENT_LAYERS
-    return _is_empty(layer) or isinstance(layer, CacheLayerMixin)
+    """A cache layer the pre-trained slots can copy and check: keys/values; convolution or recurrent states; the
+    placeholder of a block without attention or recurrence, or of one that reuses another block's keys/values
+    (``model.shared_keys_values``)."""
+    return _is_recurrent(layer) or _is_empty(layer) or isinstance(layer, CacheLayerMixin)
 
 
 def _is_recurrent(layer: Any) -> bool:
@@ -291,6 +300,11 @@ class _SteeredBlock:
         return replace_output(output, self.mix(x, pretrained, block_output(output)))
 
 
+def _has_recurrent_layers(parts: ModelParts) -> bool:
+    """Whether the model's cache holds convolution or recurrent states (a hybrid decoder), as it builds it."""
+    return _RECURRENT_LAYER is not None and any(map(_is_recurrent, DynamicCache(config=parts.causal_lm.config).layers))
+
+
 def _lean_deltas(parts: ModelParts, steered: list[int], stack: ExitStack) -> dict[int, LowRankDelta]:
     """Low-rank k/v deltas of the steered blocks that allow a lean cache slot, recording while ``stack`` lives."""
     past_rotary = PastRotary()  # one for all: the lean slots of a forward hold the same positions
@@ -327,9 +341,10 @@ def steered_forward(
             "outer block first, or pass per-layer α values to a single ftc_scale."
         )
     steered = [i for i, a in enumerate(alphas) if a != 1.0 or observer is not None]
-    if steered and parts.shares_keys_values:
+    if steered and (parts.shares_keys_values or (not _RECURRENT_LAYERS_COUNT and _has_recurrent_layers(parts))):
         # A steered block that reuses keys/values needs those of the pre-trained block that stores them, computed
-        # on its way: every pre-trained block runs (at α = 1 its output is the fine-tuned one, unchanged).
+        # on its way; before transformers 5.25, every recurrent block's pre-trained slot must hold a state where
+        # its fine-tuned one does. Every pre-trained block runs (at α = 1 its output is the fine-tuned one).
         steered = list(range(parts.n_layers))
     with ExitStack() as stack:
         stack.enter_context(analysis_states(parts, source))
