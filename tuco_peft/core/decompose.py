@@ -37,7 +37,7 @@ class _BlockProbe:
         source: PretrainedBlocks,
         components: Components,
         lora_backend: LoraLinearBackend,
-        store: PretrainedStore,
+        store: PretrainedStore | None,
     ):
         self.index = index
         self.components = components
@@ -73,8 +73,10 @@ class _BlockProbe:
         x_rows = self.components.rows_of(x, batch)
         out_rows = self.components.rows_of(out, batch)
         block = self.source.block(self.index) if self.path.needs_pretrained_block else nullcontext(self.layer)
+        if self.store is not None:
+            kwargs = self.store.call_arguments(kwargs)
         with block as pretrained:
-            ptc = self.path.pretrained_update(pretrained, x, args, self.store.call_arguments(kwargs), batch)
+            ptc = self.path.pretrained_update(pretrained, x, args, kwargs, batch)
         home = self.batch.input_ids.device
         if out.device != home:
             x_rows, out_rows, ptc = x_rows.to(home), out_rows.to(home), ptc.to(home)
@@ -143,7 +145,7 @@ def _probe(
     lora_backend: LoraLinearBackend,
     replay: bool,
     arguments: StackedArguments,
-    store: PretrainedStore,
+    store: PretrainedStore | None,
 ) -> Probe:
     """The cheapest exact probe: paired where every row is wanted on a backend that ``pairs_prefill``, else the
     block's pre-trained path (rows only, inside the fine-tuned forward's calls on a small batch, or a replay).
@@ -293,7 +295,7 @@ def decompose(
         batch = replace(batch, adapter_names=_checked_adapter_names(adapter_names, batch, parts, source))
     lora_backend = make_backend(resolve_backend(backend, batch.input_ids.device))
     components = (AllComponents if keep == "all" else RunningSums)(len(parts.layers), batch)
-    arguments, store = StackedArguments(), PretrainedStore(required=parts.shares_keys_values)
+    arguments, store = StackedArguments(), PretrainedStore() if parts.shares_keys_values else None
     probes = [
         _probe(i, layer, parts, source, components, lora_backend, replay, arguments, store)
         for i, layer in enumerate(parts.layers)

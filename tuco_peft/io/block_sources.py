@@ -81,8 +81,7 @@ class StreamedBlocks:
 
     def _block_tensors(self, index: int, names: set[str]) -> dict[str, torch.Tensor]:
         """Read one block's tensors; each file is mapped only while it is read, so no page stays resident."""
-        prefix = self._checkpoint_prefix(index, names)
-        keys = [key for key in self.file_of_key if key.startswith(prefix)]
+        prefix, keys = self._checkpoint_keys(index, names)
         tensors: dict[str, torch.Tensor] = {}
         for file in {self.file_of_key[key] for key in keys}:
             with safe_open(file, framework="pt", device="cpu") as handle:
@@ -90,25 +89,29 @@ class StreamedBlocks:
                 tensors.update((key[len(prefix) :], handle.get_tensor(key)) for key in in_file)
         return tensors
 
-    def _checkpoint_prefix(self, index: int, names: set[str]) -> str:
-        """Where block ``index``'s tensors are in the checkpoint: under the block's name in the model, or that name
-        without the base model's prefix (GPT-2's "h.0."), or else under the one prefix that ends as the block's
-        name does and holds exactly the block's tensors ``names`` (a multimodal checkpoint in the layout it is
-        saved in: "language_model.model.layers.0." for the model's "model.language_model.layers.0.")."""
+    def _checkpoint_keys(self, index: int, names: set[str]) -> tuple[str, list[str]]:
+        """Where block ``index``'s tensors are in the checkpoint, and their keys: under the block's name in the
+        model, or that name without the base model's prefix (GPT-2's "h.0."), or else under the one prefix that
+        ends as the block's name does and holds exactly the block's tensors ``names`` (a multimodal checkpoint in
+        the layout it is saved in: "language_model.model.layers.0." for "model.language_model.layers.0.")."""
         full = self.prefixes[index]
         legacy = full.removeprefix(self.parts.causal_lm.base_model_prefix + ".")
         for prefix in (full, legacy):
-            if any(key.startswith(prefix) for key in self.file_of_key):
-                return prefix
+            if keys := self._keys_under(prefix):
+                return prefix, keys
         tail = "." + ".".join(full.split(".")[-3:])  # ".layers.0."
         candidates = {key[: at + len(tail) - 1] for key in self.file_of_key if (at := ("." + key).find(tail)) >= 0}
-        fitting = [p for p in candidates if {k[len(p) :] for k in self.file_of_key if k.startswith(p)} == names]
+        under = {prefix: self._keys_under(prefix) for prefix in candidates}
+        fitting = [(p, keys) for p, keys in under.items() if {key[len(p) :] for key in keys} == names]
         if len(fitting) != 1:
             raise UnsupportedModelError(
                 f"the base checkpoint has no tensors for block {index} (looked for '{full}*', and for one prefix "
                 f"ending in '{tail[1:]}' with this block's tensors); is it a checkpoint of the same architecture?"
             )
         return fitting[0]
+
+    def _keys_under(self, prefix: str) -> list[str]:
+        return [key for key in self.file_of_key if key.startswith(prefix)]
 
     @contextmanager
     def block(self, index: int) -> Iterator[nn.Module]:

@@ -89,17 +89,16 @@ def _is_causal_lm(model: PreTrainedModel) -> bool:
     return name in _causal_lm_class_names() or name.endswith(("ForCausalLM", "LMHeadModel"))
 
 
-def _blocks_sharing_keys_values(config: PretrainedConfig) -> int:
+def _blocks_sharing_keys_values(text_config: PretrainedConfig) -> int:
     """How many blocks reuse an earlier block's keys/values: Gemma 3n and Gemma 4 count them
     (``num_kv_shared_layers``), other families mark them ``"reuse"`` (``kv_sharing_modes``, e.g. Kolibri)."""
-    text_config = config.get_text_config(decoder=True)
     modes = getattr(text_config, "kv_sharing_modes", None) or ()
     return max(int(getattr(text_config, "num_kv_shared_layers", None) or 0), list(modes).count("reuse"))
 
 
-def _residual_streams(config: PretrainedConfig) -> int:
+def _residual_streams(text_config: PretrainedConfig) -> int:
     """How many residual streams the blocks carry side by side: Gemma 3n's AltUp keeps several."""
-    return int(getattr(config.get_text_config(decoder=True), "altup_num_inputs", None) or 1)
+    return int(getattr(text_config, "altup_num_inputs", None) or 1)
 
 
 def _find_layers(decoder: nn.Module, config: PretrainedConfig) -> nn.ModuleList | None:
@@ -192,7 +191,8 @@ class _Survey:
                 f"{type(causal_lm).__name__} is not a decoder-only causal LM; TuCo decomposes the residual "
                 "stream of a causal decoder (load the model with AutoModelForCausalLM)."
             )
-        streams = _residual_streams(config)
+        text_config = config.get_text_config(decoder=True)
+        streams = _residual_streams(text_config)
         if streams > 1:
             raise UnsupportedModelError(
                 f"{type(causal_lm).__name__} carries {streams} residual streams through its blocks (AltUp, as Gemma "
@@ -203,7 +203,6 @@ class _Survey:
         # prompts go through alone.
         decoder = getattr(causal_lm, causal_lm.base_model_prefix, None)
         decoder = getattr(decoder, "language_model", decoder)
-        text_config = config.get_text_config(decoder=True)
         layers = _find_layers(decoder, text_config) if isinstance(decoder, nn.Module) else None
         if not isinstance(decoder, nn.Module) or layers is None:
             raise UnsupportedModelError(
@@ -217,7 +216,7 @@ class _Survey:
                 "would need a pool of their own, so the numbers would be wrong once a prompt is longer than the "
                 "pool. Models whose blocks carry a key pool are not supported."
             )
-        shares_keys_values = _blocks_sharing_keys_values(config) > 0
+        shares_keys_values = _blocks_sharing_keys_values(text_config) > 0
         if shares_keys_values and not passes_store(layers[0]):
             raise UnsupportedModelError(
                 f"{type(causal_lm).__name__} has blocks that reuse the keys/values of earlier blocks, but its blocks "

@@ -30,13 +30,12 @@ class PretrainedStore:
     """The pre-trained blocks' store of shared keys/values, a fresh one for every forward of the model.
 
     A forward is recognised by its fine-tuned store: the decoder makes a new one each time. Both are held until
-    the next forward or until this object goes (the end of the analysis or of ``ftc_scale``). ``required``: the
-    model shares keys/values, so a block call without the store by keyword is refused (it would hand the
-    pre-trained block the fine-tuned store).
+    the next forward or until this object goes (the end of the analysis or of ``ftc_scale``). Made only for a
+    model whose blocks share keys/values, so a block call without the store by keyword is refused (it would
+    hand the pre-trained block the fine-tuned store).
     """
 
-    def __init__(self, required: bool) -> None:
-        self._required = required
+    def __init__(self) -> None:
         self._finetuned: Any = None
         self._pretrained: Any = None
 
@@ -44,13 +43,11 @@ class PretrainedStore:
         """A pre-trained block's keyword arguments: the fine-tuned block's, with this forward's pre-trained store."""
         finetuned = kwargs.get(STORE_ARGUMENT)
         if finetuned is None:
-            if self._required:
-                raise UnsupportedModelError(
-                    f"the decoder called a block without {STORE_ARGUMENT} by keyword, so its pre-trained block could "
-                    "not be given keys/values of its own and the numbers would be wrong. Report this with your "
-                    "transformers version."
-                )
-            return kwargs
+            raise UnsupportedModelError(
+                f"the decoder called a block without {STORE_ARGUMENT} by keyword, so its pre-trained block could not "
+                "be given keys/values of its own and the numbers would be wrong. Report this with your transformers "
+                "version."
+            )
         if finetuned is not self._finetuned:
             self._finetuned, self._pretrained = finetuned, type(finetuned)()
         return {**kwargs, STORE_ARGUMENT: self._pretrained}

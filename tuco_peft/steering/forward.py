@@ -257,7 +257,7 @@ class _SteeredBlock:
         paired: PairedBlock | None,
         backend: LoraLinearBackend,
         arguments: StackedArguments,
-        store: PretrainedStore,
+        store: PretrainedStore | None,
     ):
         self.index = index
         self.layer = layer
@@ -294,9 +294,11 @@ class _SteeredBlock:
         if found is not None:
             site, cache = found
             args, kwargs = with_cache(args, kwargs, site, SlotView(cache, self.pretrained_slot))
+        if self.store is not None:
+            kwargs = self.store.call_arguments(kwargs)
         # ``forward``, not the module call: for an adapter fine-tune the block is the hooked block itself.
         with self.source.block(self.index) as block:
-            pretrained = block_output(block.forward(*args, **self.store.call_arguments(kwargs)))
+            pretrained = block_output(block.forward(*args, **kwargs))
         return replace_output(output, self.mix(x, pretrained, block_output(output)))
 
 
@@ -366,7 +368,7 @@ def steered_forward(
 
             stack.enter_context(hooked(parts.layers[0], before=prepare, with_kwargs=True))
             stack.enter_context(hooked(parts.decoder, after=check))
-        arguments, store = StackedArguments(), PretrainedStore(required=parts.shares_keys_values)
+        arguments, store = StackedArguments(), PretrainedStore() if parts.shares_keys_values else None
         for index in steered:
             layer = parts.layers[index]
             paired = paired_block(parts, index, lora_backend, source.separate_model)
